@@ -1,0 +1,40 @@
+"""Grouped-query attention with masks derived from positions and valid lengths.
+
+One helper builds every mask: a query at absolute position p sees cache/key slot s iff
+``s <= p`` (causal) and ``s < kv_len`` (padding / cache-valid) and, with a sliding window W,
+``p - s < W``. Key slot index == absolute position, because every row's cache starts at 0.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30  # finite, so fully-masked (padding) query rows give a uniform softmax, not NaN
+
+
+def attention_mask(q_pos: jax.Array, kv_len: jax.Array, num_keys: int, window: int | None) -> jax.Array:
+    """q_pos [B, T] int, kv_len [B] int -> bool [B, T, S] (True = may attend)."""
+    s = jnp.arange(num_keys, dtype=jnp.int32)[None, None, :]
+    p = q_pos[:, :, None]
+    mask = (s <= p) & (s < kv_len[:, None, None])
+    if window is not None:
+        mask &= (p - s) < window
+    return mask
+
+
+def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Reference einsum attention.
+
+    q [B, T, N, H]; k, v [B, S, K, H]; mask [B, T, S] -> [B, T, N, H] in q.dtype.
+    Scores and softmax in float32; probabilities cast to v.dtype for the value product.
+    """
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, t, kh, n // kh, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (h ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(q.dtype)

@@ -1,0 +1,2 @@
+"""Built-in model names (placeholder until the GGUF loader lands)."""
+BUILTIN_MODELS = {}

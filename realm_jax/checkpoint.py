@@ -1,0 +1,192 @@
+"""HF safetensors checkpoints: read a directory into our params pytree, write one back.
+
+Reading is tensor by tensor (each stacked leaf is built from its L per-layer tensors, then the
+per-layer pieces are dropped), so the weights are never held twice. Every name and shape is
+checked against ``model.param_shapes`` and a problem is a ``CheckpointError`` naming the tensor
+and file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig
+from .errors import CheckpointError
+from .model import param_shapes
+
+# our leaf -> (HF name template, transpose?)
+_LAYER_NAMES = {
+    "attn_norm": ("model.layers.{i}.input_layernorm.weight", False),
+    "wq": ("model.layers.{i}.self_attn.q_proj.weight", True),
+    "wk": ("model.layers.{i}.self_attn.k_proj.weight", True),
+    "wv": ("model.layers.{i}.self_attn.v_proj.weight", True),
+    "wo": ("model.layers.{i}.self_attn.o_proj.weight", True),
+    "bq": ("model.layers.{i}.self_attn.q_proj.bias", False),
+    "bk": ("model.layers.{i}.self_attn.k_proj.bias", False),
+    "bv": ("model.layers.{i}.self_attn.v_proj.bias", False),
+    "bo": ("model.layers.{i}.self_attn.o_proj.bias", False),
+    "q_norm": ("model.layers.{i}.self_attn.q_norm.weight", False),
+    "k_norm": ("model.layers.{i}.self_attn.k_norm.weight", False),
+    "mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", False),
+    "w_gate": ("model.layers.{i}.mlp.gate_proj.weight", True),
+    "w_up": ("model.layers.{i}.mlp.up_proj.weight", True),
+    "w_down": ("model.layers.{i}.mlp.down_proj.weight", True),
+}
+_TOP_NAMES = {
+    "embed": ("model.embed_tokens.weight", False),
+    "final_norm": ("model.norm.weight", False),
+    "lm_head": ("lm_head.weight", True),
+}
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def hf_names(cfg: ModelConfig) -> dict[str, tuple]:
+    """Every HF tensor name this config needs -> (leaf path, layer index or None, transpose)."""
+    shapes = param_shapes(cfg)
+    out = {}
+    for leaf in shapes["layers"]:
+        tmpl, tr = _LAYER_NAMES[leaf]
+        for i in range(cfg.num_layers):
+            out[tmpl.format(i=i)] = (("layers", leaf), i, tr)
+    for leaf in shapes:
+        if leaf != "layers":
+            name, tr = _TOP_NAMES[leaf]
+            out[name] = ((leaf,), None, tr)
+    return out
+
+
+class _TensorIndex:
+    """Maps tensor name -> open safetensors file; opens each shard once."""
+
+    def __init__(self, directory: Path):
+        from safetensors import safe_open
+
+        index = directory / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: malformed index ({e})") from None
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in directory.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{directory}: no *.safetensors files and no model.safetensors.index.json")
+            weight_map = None
+        self.handles = {}
+        self.where: dict[str, str] = {}
+        for fname in files:
+            path = directory / fname
+            if not path.exists():
+                raise CheckpointError(f"{path}: listed in the index but missing")
+            try:
+                h = safe_open(str(path), framework="flax")
+                keys = list(h.keys())
+            except Exception as e:  # safetensors raises its own error type
+                raise CheckpointError(f"{path}: unreadable or truncated safetensors file ({e})") from None
+            self.handles[fname] = h
+            for k in keys:
+                self.where[k] = fname
+        if weight_map is not None:
+            for k, f in weight_map.items():
+                if self.where.get(k) != f:
+                    raise CheckpointError(f"tensor {k!r}: index says {f}, but that file does not hold it")
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.handles[self.where[name]].get_slice(name).get_shape())
+
+    def get(self, name: str) -> jax.Array:
+        fname = self.where[name]
+        try:
+            return self.handles[fname].get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"tensor {name!r} in {fname}: cannot be read ({e})") from None
+
+
+def read_hf_params(directory: str | os.PathLike, cfg: ModelConfig, dtype=jnp.float32,
+                   place=None) -> dict:
+    """Read ``*.safetensors`` under ``directory`` into a params pytree of ``dtype``.
+
+    ``place(path, array) -> array`` may put each finished leaf on devices (sharding); default:
+    the default device. Raises ``CheckpointError`` for missing, unexpected or mis-shaped tensors.
+    """
+    directory = Path(directory)
+    idx = _TensorIndex(directory)
+    needed = hf_names(cfg)
+    missing = [n for n in needed if n not in idx.where]
+    if missing:
+        raise CheckpointError(f"{directory}: missing tensor {missing[0]!r}" +
+                              (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    extra = [n for n in idx.where if n not in needed and not n.endswith(_IGNORED_SUFFIXES)
+             and not (n == "lm_head.weight" and cfg.tie_word_embeddings)]
+    if extra:
+        raise CheckpointError(f"{directory}: unexpected tensor {extra[0]!r} for a {cfg.arch} model "
+                              f"(the config does not describe this checkpoint)")
+    shapes = param_shapes(cfg)
+    by_leaf: dict[tuple, list] = {}
+    for name, (leaf, i, tr) in needed.items():
+        by_leaf.setdefault(leaf, []).append((i, name, tr))
+    place = place or (lambda path, a: a)
+    params: dict = {"layers": {}}
+    for leaf, items in by_leaf.items():
+        full = shapes[leaf[0]] if len(leaf) == 1 else shapes["layers"][leaf[1]]
+        want = full[1:] if leaf[0] == "layers" else full
+        pieces = []
+        for i, name, tr in sorted(items, key=lambda x: (x[0] is not None, x[0] or 0)):
+            got = idx.shape(name)
+            expect = tuple(reversed(want)) if tr else tuple(want)
+            if got != expect:
+                raise CheckpointError(f"tensor {name!r} in {idx.where[name]} has shape {got}, expected {expect}")
+            t = idx.get(name).astype(dtype)
+            pieces.append(t.T if tr else t)
+        arr = jnp.stack(pieces) if leaf[0] == "layers" else pieces[0]
+        del pieces
+        arr = place(leaf, arr)
+        if leaf[0] == "layers":
+            params["layers"][leaf[1]] = arr
+        else:
+            params[leaf[0]] = arr
+    return params
+
+
+def write_hf_checkpoint(directory: str | os.PathLike, cfg: ModelConfig, params: dict,
+                        extra_files: dict[str, str | bytes] | None = None, dtype=None) -> Path:
+    """Write config.json + model.safetensors (+ ``extra_files``, e.g. tokenizer.json) atomically:
+    everything goes to a temporary folder beside ``directory`` which is renamed at the end."""
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    if directory.exists():
+        raise FileExistsError(f"output directory {directory} already exists")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-" + directory.name, dir=directory.parent))
+    try:
+        tensors = {}
+        for name, (leaf, i, tr) in hf_names(cfg).items():
+            a = params[leaf[0]] if len(leaf) == 1 else params["layers"][leaf[1]]
+            a = a[i] if i is not None else a
+            a = jnp.asarray(a, dtype=dtype) if dtype is not None else a
+            a = np.asarray(a)
+            tensors[name] = np.ascontiguousarray(a.T if tr else a)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        hf = cfg.to_hf_dict()
+        if dtype is not None:
+            hf["torch_dtype"] = jnp.dtype(dtype).name
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        for fname, content in (extra_files or {}).items():
+            mode = "wb" if isinstance(content, bytes) else "w"
+            with open(tmp / fname, mode) as f:
+                f.write(content)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory

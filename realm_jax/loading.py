@@ -1,0 +1,80 @@
+"""``load(source)``: one entry point for HF checkpoint directories, GGUF files and built-in names."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .config import ModelConfig
+from .errors import CheckpointError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded model: static ``config``, ``params`` pytree, and its ``tokenizer`` (may be None)."""
+
+    config: ModelConfig
+    params: dict
+    tokenizer: Any = None
+    source: str = ""
+
+    @property
+    def dtype(self):
+        return self.params["embed"].dtype
+
+
+def resolve_dtype(dtype) -> jnp.dtype:
+    """'auto' -> float32 on CPU, bfloat16 on accelerators; else the named dtype."""
+    if dtype in (None, "auto"):
+        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    return jnp.dtype(dtype)
+
+
+def load(source: str | os.PathLike = DEFAULT_MODEL, dtype="auto", *, mesh=None) -> Model:
+    """Load a model.
+
+    source: an HF checkpoint directory (config.json + *.safetensors [+ index] + tokenizer.json),
+    a ``.gguf`` file, or a built-in name (``smollm2-135m-instruct``).
+    dtype: params dtype ('auto': float32 on CPU, bfloat16 on GPU/TPU).
+    mesh: a ``jax.sharding.Mesh``; each tensor is placed in its sharded layout as it is read.
+    """
+    dt = resolve_dtype(dtype)
+    place = None
+    if mesh is not None:
+        from .sharding import param_placer
+
+        place = param_placer(mesh)
+    src = str(source)
+    from . import builtin
+
+    if src in builtin.BUILTIN_MODELS:
+        src = str(builtin.ensure_builtin(src))
+    path = Path(src)
+    if path.is_dir():
+        from .checkpoint import read_hf_params
+        from .tokenizer import Tokenizer
+
+        cfg_path = path / "config.json"
+        if not cfg_path.exists():
+            raise CheckpointError(f"{path}: no config.json (not an HF checkpoint directory)")
+        cfg = ModelConfig.from_json_file(cfg_path)
+        params = read_hf_params(path, cfg, dt, place=place)
+        tok = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").exists() else None
+        return Model(cfg, params, tok, src)
+    if path.is_file() and path.suffix == ".gguf":
+        from .gguf import load_gguf
+
+        cfg, params, tok = load_gguf(path, dt, place=place)
+        return Model(cfg, params, tok, src)
+    if path.exists():
+        raise CheckpointError(f"source {src!r}: not a checkpoint directory or a .gguf file")
+    raise CheckpointError(
+        f"source {src!r}: no such file or directory, and not a built-in model "
+        f"(built-in: {', '.join(builtin.BUILTIN_MODELS)})")

@@ -1,0 +1,95 @@
+"""Tiny random HF transformers models of each supported architecture, saved with
+``save_pretrained`` — the outside reference for numerics tests.
+
+Sizes are mutually prime where possible (V=97, D=30, F=56, N=6, K=2, H=8 ...) so transposed
+axes cannot line up by accident.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ARCH_CASES = {
+    # name: (model_type, config overrides)
+    "llama_gqa_llama3_untied": ("llama", dict(
+        num_attention_heads=6, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8})),
+    "llama_tied_linear": ("llama", dict(
+        num_attention_heads=5, num_key_value_heads=5, head_dim=8, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "mistral_window": ("mistral", dict(
+        num_attention_heads=6, num_key_value_heads=3, head_dim=8, sliding_window=5)),
+    "qwen2_bias": ("qwen2", dict(num_attention_heads=3, num_key_value_heads=1, tie_word_embeddings=True)),
+    "qwen3_qknorm": ("qwen3", dict(num_attention_heads=6, num_key_value_heads=3, head_dim=16)),
+}
+
+BASE = dict(vocab_size=97, hidden_size=30, intermediate_size=56, num_hidden_layers=3,
+            max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def hf_config(model_type: str, **overrides):
+    import transformers
+
+    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+           "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[model_type]
+    kw = dict(BASE)
+    kw.update(overrides)
+    return cls(**kw)
+
+
+def make_hf_model(case: str, directory: Path, seed: int = 0, classic_dialect: bool = False):
+    """Build the case's HF model with large-ish random weights, save it, return (dir, model).
+
+    ``classic_dialect`` rewrites config.json with the pre-v5 keys (rope_theta / rope_scaling /
+    torch_dtype), the form most published checkpoints have.
+    """
+    import transformers
+
+    model_type, over = ARCH_CASES[case]
+    cfg = hf_config(model_type, **over)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.3 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    if classic_dialect:
+        d = json.loads((directory / "config.json").read_text())
+        rp = d.pop("rope_parameters", None) or {}
+        d["rope_theta"] = rp.pop("rope_theta", 10000.0)
+        if rp.get("rope_type", "default") != "default":
+            d["rope_scaling"] = rp
+        d["torch_dtype"] = d.pop("dtype", "float32")
+        (directory / "config.json").write_text(json.dumps(d))
+    return directory, model
+
+
+def hf_logits(model, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """HF logits for a right-padded batch [B, T] (attention_mask from lengths), float32 numpy."""
+    t = tokens.shape[1]
+    mask = (np.arange(t)[None, :] < lengths[:, None]).astype(np.int64)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                    attention_mask=torch.tensor(mask)).logits
+    return out.float().numpy()
+
+
+def random_batch(rng: np.random.Generator, vocab: int, lengths, pad_id: int = 0):
+    """Right-padded int32 tokens [B, max(lengths)] and lengths [B]."""
+    lengths = np.asarray(lengths, np.int32)
+    tokens = np.full((len(lengths), lengths.max()), pad_id, np.int32)
+    for b, n in enumerate(lengths):
+        tokens[b, :n] = rng.integers(3, vocab, n)
+    return tokens, lengths
