@@ -1,0 +1,1 @@
+"""Subcommands of ``realm-jax`` (see ``realm_jax/cli.py``)."""
