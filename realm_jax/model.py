@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from .attention import attention_mask, gqa_attention
 from .config import ModelConfig
-from .kv_cache import KVCache, write_layer
+from .kv_cache import KVCache, write_layer, write_rows
 from .layers import apply_rope, linear, rms_norm, rope_cos_sin
 
 Params = dict
@@ -72,9 +72,8 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _proj(x, lp, name, lora_l, adapter_ids):
-    """x @ W (+ bias) (+ per-row LoRA delta)."""
-    y = linear(x, lp[name])
+def _lora_add(y, x, name, lora_l, adapter_ids):
+    """y + the per-row LoRA delta of projection ``name`` (if an adapter targets it)."""
     if lora_l is not None and name in lora_l:
         from .lora import lora_delta
 
@@ -82,16 +81,40 @@ def _proj(x, lp, name, lora_l, adapter_ids):
     return y
 
 
+def _proj(x, lp, name, lora_l, adapter_ids):
+    """x @ W (+ per-row LoRA delta)."""
+    return _lora_add(linear(x, lp[name]), x, name, lora_l, adapter_ids)
+
+
+def _qkv(cfg: ModelConfig, h, lp, lora_l, adapter_ids):
+    """Projections q [.., N*H], k, v [.., K*H] (+ biases), from separate or fused weights."""
+    nh, kh = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    if "wqkv" in lp:  # decode layout: one matmul
+        qkv = linear(h, lp["wqkv"])
+        if cfg.qkv_bias:
+            qkv = qkv + lp["bqkv"].astype(qkv.dtype)
+        q, k, v = jnp.split(qkv, [nh, nh + kh], axis=-1)
+        return (_lora_add(q, h, "wq", lora_l, adapter_ids), _lora_add(k, h, "wk", lora_l, adapter_ids),
+                _lora_add(v, h, "wv", lora_l, adapter_ids))
+    q, k, v = (_proj(h, lp, n, lora_l, adapter_ids) for n in ("wq", "wk", "wv"))
+    if cfg.qkv_bias:
+        q, k, v = q + lp["bq"].astype(q.dtype), k + lp["bk"].astype(k.dtype), v + lp["bv"].astype(v.dtype)
+    return q, k, v
+
+
+def _gate_up(h, lp, lora_l, adapter_ids):
+    if "w_gate_up" in lp:  # decode layout: one matmul
+        g, u = jnp.split(linear(h, lp["w_gate_up"]), 2, axis=-1)
+        return _lora_add(g, h, "w_gate", lora_l, adapter_ids), _lora_add(u, h, "w_up", lora_l, adapter_ids)
+    return _proj(h, lp, "w_gate", lora_l, adapter_ids), _proj(h, lp, "w_up", lora_l, adapter_ids)
+
+
 def _layer(cfg: ModelConfig, x, lp, cos, sin, attend, lora_l, adapter_ids):
     """One decoder layer. x [B, T, D]; ``attend(q, k, v) -> o`` hides cache vs no cache."""
     b, t, _ = x.shape
     H = cfg.head_dim
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    q = _proj(h, lp, "wq", lora_l, adapter_ids)
-    k = _proj(h, lp, "wk", lora_l, adapter_ids)
-    v = _proj(h, lp, "wv", lora_l, adapter_ids)
-    if cfg.qkv_bias:
-        q, k, v = q + lp["bq"].astype(q.dtype), k + lp["bk"].astype(k.dtype), v + lp["bv"].astype(v.dtype)
+    q, k, v = _qkv(cfg, h, lp, lora_l, adapter_ids)
     q = q.reshape(b, t, cfg.num_heads, H)
     k = k.reshape(b, t, cfg.num_kv_heads, H)
     v = v.reshape(b, t, cfg.num_kv_heads, H)
@@ -105,8 +128,8 @@ def _layer(cfg: ModelConfig, x, lp, cos, sin, attend, lora_l, adapter_ids):
         o = o + lp["bo"].astype(o.dtype)
     x = x + o
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    g = jax.nn.silu(_proj(h, lp, "w_gate", lora_l, adapter_ids)) * _proj(h, lp, "w_up", lora_l, adapter_ids)
-    return x + _proj(g, lp, "w_down", lora_l, adapter_ids)
+    g, u = _gate_up(h, lp, lora_l, adapter_ids)
+    return x + _proj(jax.nn.silu(g) * u, lp, "w_down", lora_l, adapter_ids)
 
 
 def _lm_head(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
@@ -127,6 +150,44 @@ def _embed(params: Params, tokens: jax.Array) -> jax.Array:
 
 def _lora_layers(adapters):
     return None if adapters is None else adapters["layers"]
+
+
+def _lora_slice(lora_layers, i: int):
+    return None if lora_layers is None else jax.tree_util.tree_map(lambda a: a[i], lora_layers)
+
+
+def is_unstacked(layers) -> bool:
+    """True for the decode layout (a tuple of per-layer dicts), False for stacked [L, ...] leaves."""
+    return isinstance(layers, (tuple, list))
+
+
+def _concat_last(leaves):
+    """Concatenate weights on the output axis; quantized weights concatenate q and scale alike."""
+    if isinstance(leaves[0], dict):
+        return {k: jnp.concatenate([w[k] for w in leaves], axis=-1) for k in leaves[0]}
+    return jnp.concatenate(leaves, axis=-1)
+
+
+def decode_layout(params: Params) -> Params:
+    """The fast layout for small-batch decoding on GPU: q|k|v fused into ``wqkv`` [D, (N+2K)*H]
+    (biases into ``bqkv``), gate|up into ``w_gate_up`` [D, 2F], and the layers unstacked into a
+    tuple of L dicts, so each layer's weights are their own buffers (a scan over stacked weights
+    makes XLA copy weight slices every step). ``forward``/``forward_cached`` run either layout
+    and give the same numbers; LoRA adapters (unmerged) and int8 weights work in both. Use
+    ``init_cache(..., per_layer=True)`` with it so each layer's KV cache is its own buffer too.
+    """
+    layers = params["layers"]
+    if is_unstacked(layers):
+        return params
+    fused = {k: v for k, v in layers.items() if k not in ("wq", "wk", "wv", "bq", "bk", "bv", "w_gate", "w_up")}
+    fused["wqkv"] = _concat_last([layers["wq"], layers["wk"], layers["wv"]])
+    if "bq" in layers:
+        fused["bqkv"] = jnp.concatenate([layers["bq"], layers["bk"], layers["bv"]], axis=-1)
+    fused["w_gate_up"] = _concat_last([layers["w_gate"], layers["w_up"]])
+    n = layers["attn_norm"].shape[0]
+    out = dict(params)
+    out["layers"] = tuple(jax.tree_util.tree_map(lambda a: a[i], fused) for i in range(n))
+    return out
 
 
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array,
@@ -151,22 +212,39 @@ def forward_hidden(params: Params, cfg: ModelConfig, tokens: jax.Array, lengths:
     def attend(q, k, v):
         return gqa_attention(q, k, v, mask)
 
+    layers, lora_layers = params["layers"], _lora_layers(adapters)
+    x = _embed(params, tokens)
+    if is_unstacked(layers):
+        for i, lp in enumerate(layers):
+            x = _layer(cfg, x, lp, cos, sin, attend, _lora_slice(lora_layers, i), adapter_ids)
+        return x
+
     def body(x, xs):
         lp, lora_l = xs
         return _layer(cfg, x, lp, cos, sin, attend, lora_l, adapter_ids), None
 
-    x, _ = jax.lax.scan(body, _embed(params, tokens), (params["layers"], _lora_layers(adapters)))
+    x, _ = jax.lax.scan(body, x, (layers, lora_layers))
     return x
 
 
 def forward_cached(params: Params, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array,
                    cache: KVCache, *, adapters=None, adapter_ids=None,
                    num_layers: int | None = None) -> tuple[jax.Array, KVCache]:
-    """Append tokens to the cache and return their logits.
+    """Append tokens to the cache and return their logits (see ``forward_cached_hidden``)."""
+    x, cache = forward_cached_hidden(params, cfg, tokens, lengths, cache, adapters=adapters,
+                                     adapter_ids=adapter_ids, num_layers=num_layers)
+    return _lm_head(params, cfg, x), cache
+
+
+def forward_cached_hidden(params: Params, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array,
+                          cache: KVCache, *, adapters=None, adapter_ids=None,
+                          num_layers: int | None = None) -> tuple[jax.Array, KVCache]:
+    """Append tokens to the cache and return their hidden states [B, T, D] before the final norm
+    (``lm_head`` turns chosen positions into logits, e.g. only each row's last prompt token).
 
     tokens [B, T] int32 (right-padded), lengths [B] int32: how many of the T tokens are real
     (0 = the row does not advance). Token t of row b sits at position ``cache.lengths[b] + t``.
-    Returns logits [B, T, V] float32 and the cache with ``lengths += lengths``.
+    Returns hidden [B, T, D] and the cache with ``lengths += lengths``.
     ``num_layers`` runs only the first layers (self-speculative draft); the cache must have
     that many layers.
     """
@@ -177,12 +255,37 @@ def forward_cached(params: Params, cfg: ModelConfig, tokens: jax.Array, lengths:
     cos, sin = rope_cos_sin(cfg, positions)
     kv_len = start + lengths
     mask = attention_mask(positions, kv_len, cache.max_len, cfg.sliding_window)
-    layers = params["layers"]
-    lora_layers = _lora_layers(adapters)
+    layers, lora_layers = params["layers"], _lora_layers(adapters)
     if num_layers is not None:
-        layers = jax.tree_util.tree_map(lambda a: a[:num_layers], layers)
+        layers = layers[:num_layers] if is_unstacked(layers) else jax.tree_util.tree_map(lambda a: a[:num_layers], layers)
         if lora_layers is not None:
             lora_layers = jax.tree_util.tree_map(lambda a: a[:num_layers], lora_layers)
+    x = _embed(params, tokens)
+
+    if is_unstacked(layers):  # decode layout: a Python loop, each layer's weights its own buffer
+        ks, vs = cache.k, cache.v
+        per_layer = isinstance(ks, (tuple, list))
+        ks, vs = (list(ks), list(vs)) if per_layer else (ks, vs)
+        for i, lp in enumerate(layers):
+            box = {}
+
+            def attend(q, k, v, i=i):
+                if per_layer:
+                    ks[i], vs[i] = write_rows(ks[i], k, start), write_rows(vs[i], v, start)
+                    return gqa_attention(q, ks[i], vs[i], mask)
+                box["k"], box["v"] = write_layer(ks, i, k, start), write_layer(vs, i, v, start)
+                return gqa_attention(q, box["k"][i], box["v"][i], mask)
+
+            x = _layer(cfg, x, lp, cos, sin, attend, _lora_slice(lora_layers, i), adapter_ids)
+            if not per_layer:
+                ks, vs = box["k"], box["v"]
+        if per_layer:
+            ks, vs = tuple(ks), tuple(vs)
+        return x, KVCache(ks, vs, kv_len)
+
+    if isinstance(cache.k, (tuple, list)):
+        raise ValueError("a per-layer KV cache needs params in the decode layout (model.decode_layout); "
+                         "stacked params need a stacked cache (init_cache(..., per_layer=False))")
 
     def body(carry, xs):
         x, ck, cv, i = carry
@@ -198,10 +301,11 @@ def forward_cached(params: Params, cfg: ModelConfig, tokens: jax.Array, lengths:
         x = _layer(cfg, x, lp, cos, sin, attend, lora_l, adapter_ids)
         return (x, box["k"], box["v"], i + 1), None
 
-    init = (_embed(params, tokens), cache.k, cache.v, jnp.int32(0))
-    (x, ck, cv, _), _ = jax.lax.scan(body, init, (layers, lora_layers))
-    return _lm_head(params, cfg, x), KVCache(ck, cv, kv_len)
+    (x, ck, cv, _), _ = jax.lax.scan(body, (x, cache.k, cache.v, jnp.int32(0)), (layers, lora_layers))
+    return x, KVCache(ck, cv, kv_len)
 
+
+lm_head = _lm_head  # public: final norm + vocab projection, [B, T, D] -> f32 [B, T, V]
 
 forward_jit = jax.jit(forward, static_argnums=1)
 forward_cached_jit = jax.jit(forward_cached, static_argnums=1, static_argnames=("num_layers",), donate_argnums=4)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from .errors import RealmError
 
-QUANTIZABLE = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+QUANTIZABLE = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "wqkv", "w_gate_up")
 SCHEMES = ("int8",)
 
 
@@ -38,18 +38,21 @@ def dequantize_weight(w: dict, dtype=jnp.float32) -> jax.Array:
 
 
 def quantize(params: dict, scheme: str = "int8") -> dict:
-    """Return params with every projection (and an untied ``lm_head``) int8-quantized.
+    """Return params with every projection (and an untied ``lm_head``) int8-quantized
+    (either layout: stacked, or the fused/unstacked ``model.decode_layout``).
 
     Pure and jittable; the input is not modified. Already-quantized leaves are kept.
     """
     if scheme not in SCHEMES:
         raise RealmError(f"quantize: scheme {scheme!r} is not supported; supported: {', '.join(SCHEMES)}")
+    def quantize_layer(layer: dict) -> dict:
+        return {k: quantize_weight(v) if k in QUANTIZABLE and not is_quantized(v) else v
+                for k, v in layer.items()}
+
     out = dict(params)
-    layers = dict(params["layers"])
-    for name in QUANTIZABLE:
-        if name in layers and not is_quantized(layers[name]):
-            layers[name] = quantize_weight(layers[name])
-    out["layers"] = layers
+    layers = params["layers"]
+    out["layers"] = (tuple(quantize_layer(lp) for lp in layers) if isinstance(layers, (tuple, list))
+                     else quantize_layer(layers))
     if "lm_head" in params and not is_quantized(params["lm_head"]):
         out["lm_head"] = quantize_weight(params["lm_head"])
     return out
@@ -57,9 +60,13 @@ def quantize(params: dict, scheme: str = "int8") -> dict:
 
 def dequantize(params: dict, dtype=jnp.float32) -> dict:
     """Replace every quantized leaf by its dequantized float weight."""
+    def dequantize_layer(layer: dict) -> dict:
+        return {k: dequantize_weight(v, dtype) if is_quantized(v) else v for k, v in layer.items()}
+
     out = dict(params)
-    out["layers"] = {k: dequantize_weight(v, dtype) if is_quantized(v) else v
-                     for k, v in params["layers"].items()}
+    layers = params["layers"]
+    out["layers"] = (tuple(dequantize_layer(lp) for lp in layers) if isinstance(layers, (tuple, list))
+                     else dequantize_layer(layers))
     if "lm_head" in params and is_quantized(params["lm_head"]):
         out["lm_head"] = dequantize_weight(params["lm_head"], dtype)
     return out

@@ -56,3 +56,29 @@ def test_rollback_then_rewrite_matches():
     cache = rollback(cache, np.array([0, 0], np.int32))
     logits, cache = forward_cached_jit(params, cfg, seq, np.array([9, 9], np.int32), cache)
     np.testing.assert_allclose(np.asarray(logits), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("per_layer", [True, False])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_decode_layout_matches_stacked(per_layer, quantized):
+    """The fused/unstacked decode layout gives the stacked layout's logits, cached and not."""
+    import jax
+    from realm_jax.model import decode_layout
+
+    cfg = realm_jax.ModelConfig(arch="qwen2", vocab_size=61, hidden_size=24, intermediate_size=40,
+                                num_layers=3, num_heads=6, num_kv_heads=2, head_dim=8, qkv_bias=True)
+    params = realm_jax.init_params(cfg, jax.random.PRNGKey(3))
+    if quantized:
+        params = realm_jax.quantize(params)
+    fast = decode_layout(params)
+    assert isinstance(fast["layers"], tuple) and "wqkv" in fast["layers"][0]
+    rng = np.random.default_rng(3)
+    tokens, lengths = random_batch(rng, cfg.vocab_size, [6, 3])
+    np.testing.assert_allclose(np.asarray(forward_jit(fast, cfg, tokens, lengths)),
+                               np.asarray(forward_jit(params, cfg, tokens, lengths)), atol=1e-5)
+    caches = [init_cache(cfg, 2, 16, jnp.float32), init_cache(cfg, 2, 16, jnp.float32, per_layer=per_layer)]
+    for step in [tokens, tokens[:, :1]]:
+        n = np.full(2, step.shape[1], np.int32)
+        a, caches[0] = forward_cached_jit(params, cfg, step, n, caches[0])
+        b, caches[1] = forward_cached_jit(fast, cfg, step, n, caches[1])
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
