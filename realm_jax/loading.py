@@ -65,6 +65,7 @@ def load(source: str | os.PathLike = DEFAULT_MODEL, dtype="auto", *, mesh=None) 
         if not cfg_path.exists():
             raise CheckpointError(f"{path}: no config.json (not an HF checkpoint directory)")
         cfg = ModelConfig.from_json_file(cfg_path)
+        place = place and param_placer(mesh, cfg)  # with cfg: the mesh is checked before reading
         params = read_hf_params(path, cfg, dt, place=place)
         tok = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").exists() else None
         return Model(cfg, params, tok, src)
@@ -72,6 +73,10 @@ def load(source: str | os.PathLike = DEFAULT_MODEL, dtype="auto", *, mesh=None) 
         from .gguf import load_gguf
 
         cfg, params, tok = load_gguf(path, dt, place=place)
+        if mesh is not None:  # leaves whose layout needs cfg (KV heads); the others stay put
+            from .sharding import shard_params
+
+            params = shard_params(params, cfg, mesh)
         return Model(cfg, params, tok, src)
     if path.exists():
         raise CheckpointError(f"source {src!r}: not a checkpoint directory or a .gguf file")

@@ -90,7 +90,7 @@ def _qkv(cfg: ModelConfig, h, lp, lora_l, adapter_ids):
     """Projections q [.., N*H], k, v [.., K*H] (+ biases), from separate or fused weights."""
     nh, kh = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     if "wqkv" in lp:  # decode layout: one matmul
-        qkv = linear(h, lp["wqkv"])
+        qkv = _lora_add(linear(h, lp["wqkv"]), h, "wqkv", lora_l, adapter_ids)  # fused adapters
         if cfg.qkv_bias:
             qkv = qkv + lp["bqkv"].astype(qkv.dtype)
         q, k, v = jnp.split(qkv, [nh, nh + kh], axis=-1)
@@ -104,7 +104,7 @@ def _qkv(cfg: ModelConfig, h, lp, lora_l, adapter_ids):
 
 def _gate_up(h, lp, lora_l, adapter_ids):
     if "w_gate_up" in lp:  # decode layout: one matmul
-        g, u = jnp.split(linear(h, lp["w_gate_up"]), 2, axis=-1)
+        g, u = jnp.split(_lora_add(linear(h, lp["w_gate_up"]), h, "w_gate_up", lora_l, adapter_ids), 2, axis=-1)
         return _lora_add(g, h, "w_gate", lora_l, adapter_ids), _lora_add(u, h, "w_up", lora_l, adapter_ids)
     return _proj(h, lp, "w_gate", lora_l, adapter_ids), _proj(h, lp, "w_up", lora_l, adapter_ids)
 
@@ -148,12 +148,16 @@ def _embed(params: Params, tokens: jax.Array) -> jax.Array:
     return jnp.take(params["embed"], tokens, axis=0)
 
 
-def _lora_layers(adapters):
+def _lora_layers(adapters, layers=None):
+    if adapters is not None and is_unstacked(adapters["layers"]) and not is_unstacked(layers):
+        raise ValueError("adapters in the decode layout (lora.decode_layout) need params in the decode layout")
     return None if adapters is None else adapters["layers"]
 
 
 def _lora_slice(lora_layers, i: int):
-    return None if lora_layers is None else jax.tree_util.tree_map(lambda a: a[i], lora_layers)
+    if lora_layers is None or is_unstacked(lora_layers):
+        return None if lora_layers is None else lora_layers[i]
+    return jax.tree_util.tree_map(lambda a: a[i], lora_layers)
 
 
 def is_unstacked(layers) -> bool:
@@ -212,7 +216,8 @@ def forward_hidden(params: Params, cfg: ModelConfig, tokens: jax.Array, lengths:
     def attend(q, k, v):
         return gqa_attention(q, k, v, mask)
 
-    layers, lora_layers = params["layers"], _lora_layers(adapters)
+    layers = params["layers"]
+    lora_layers = _lora_layers(adapters, layers)
     x = _embed(params, tokens)
     if is_unstacked(layers):
         for i, lp in enumerate(layers):
@@ -255,11 +260,13 @@ def forward_cached_hidden(params: Params, cfg: ModelConfig, tokens: jax.Array, l
     cos, sin = rope_cos_sin(cfg, positions)
     kv_len = start + lengths
     mask = attention_mask(positions, kv_len, cache.max_len, cfg.sliding_window)
-    layers, lora_layers = params["layers"], _lora_layers(adapters)
+    layers = params["layers"]
+    lora_layers = _lora_layers(adapters, layers)
     if num_layers is not None:
         layers = layers[:num_layers] if is_unstacked(layers) else jax.tree_util.tree_map(lambda a: a[:num_layers], layers)
         if lora_layers is not None:
-            lora_layers = jax.tree_util.tree_map(lambda a: a[:num_layers], lora_layers)
+            lora_layers = lora_layers[:num_layers] if is_unstacked(lora_layers) else \
+                jax.tree_util.tree_map(lambda a: a[:num_layers], lora_layers)
     x = _embed(params, tokens)
 
     if is_unstacked(layers):  # decode layout: a Python loop, each layer's weights its own buffer

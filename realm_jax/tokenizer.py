@@ -1,16 +1,39 @@
 """Tokenizer wrapper over the ``tokenizers`` library, with the chat template (jinja2).
 
 Built from an HF directory (tokenizer.json + tokenizer_config.json) or from GGUF metadata
-(see ``gguf.py``).
+(``Tokenizer.from_gguf``), and written back as an HF directory's files (``to_hf_files``).
+
+GGUF tokenizers: only ``tokenizer.ggml.model == "gpt2"`` (byte-level BPE) is supported. The text is
+split before BPE the way llama.cpp splits it for the file's ``tokenizer.ggml.pre``
+(``PRE_TOKENIZER_SPLITS``); tokens the file marks CONTROL become special added tokens and
+USER_DEFINED ones plain added tokens, each keeping its id.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
-from .errors import CheckpointError
+from .errors import CheckpointError, UnsupportedModelError
+
+# Pre-tokenizer regexes (applied in order, each match isolated) per GGUF ``tokenizer.ggml.pre``.
+# None stands for GPT-2's own split, which the byte-level pre-tokenizer applies itself.
+_GPT2 = None
+_DIGIT = r"\p{N}"
+_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+          r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZER_SPLITS = {
+    "default": (_GPT2,), "gpt2": (_GPT2,), "gpt-2": (_GPT2,),
+    "smollm": (_DIGIT, _GPT2), "starcoder": (_DIGIT, _GPT2), "refact": (_DIGIT, _GPT2),
+    "codeshell": (_DIGIT, _GPT2),
+    "llama-bpe": (_LLAMA3,), "llama3": (_LLAMA3,), "llama-v3": (_LLAMA3,), "smaug-bpe": (_LLAMA3,),
+    "dbrx": (_LLAMA3,), "falcon3": (_LLAMA3,),
+    "qwen2": (_QWEN2,), "deepseek-r1-qwen": (_QWEN2,), "stablelm2": (_QWEN2,),
+}
+_CONTROL, _USER_DEFINED = 3, 4  # GGUF token types
 
 
 class Tokenizer:
@@ -18,8 +41,9 @@ class Tokenizer:
 
     def __init__(self, tok, *, bos_token: str | None = None, eos_token: str | None = None,
                  chat_template: str | None = None, add_bos: bool | None = None,
-                 extra_eos_ids: Sequence[int] = ()):
+                 extra_eos_ids: Sequence[int] = (), pad_token: str | None = None):
         self._tok = tok
+        self.pad_token = pad_token
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.chat_template = chat_template
@@ -85,4 +109,95 @@ class Tokenizer:
         if isinstance(template, list):  # named templates: take "default"
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         return cls(tok, bos_token=tok_str(conf.get("bos_token")), eos_token=tok_str(conf.get("eos_token")),
-                   chat_template=template, add_bos=conf.get("add_bos_token"))
+                   chat_template=template, add_bos=conf.get("add_bos_token"),
+                   pad_token=tok_str(conf.get("pad_token")))
+
+    # ------------------------------------------------------------------ GGUF
+    @classmethod
+    def from_gguf(cls, reader_or_metadata: Any) -> "Tokenizer":
+        """Build from GGUF metadata: a ``realm_jax.gguf.GGUFFile``, a ``gguf.GGUFReader``, or a
+        {key: value} dict (``GGUFFile.metadata``)."""
+        meta = reader_or_metadata
+        if hasattr(meta, "metadata"):  # GGUFFile
+            meta = meta.metadata
+        elif hasattr(meta, "fields"):  # gguf.GGUFReader
+            meta = {k: f.contents() for k, f in meta.fields.items() if k.startswith("tokenizer.")}
+        if not isinstance(meta, Mapping):
+            raise TypeError(f"from_gguf expects a GGUFFile, a gguf.GGUFReader or a dict, got {type(meta).__name__}")
+        model = meta.get("tokenizer.ggml.model")
+        if model != "gpt2":
+            raise UnsupportedModelError(
+                f"GGUF tokenizer.ggml.model {model!r} is not supported; supported: 'gpt2' (byte-level BPE)")
+        pre = meta.get("tokenizer.ggml.pre", "default")
+        if pre not in PRE_TOKENIZER_SPLITS:
+            raise UnsupportedModelError(
+                f"GGUF tokenizer.ggml.pre {pre!r} is not supported; supported: {', '.join(sorted(PRE_TOKENIZER_SPLITS))}")
+        tokens = list(meta["tokenizer.ggml.tokens"])
+        merges = meta.get("tokenizer.ggml.merges")
+        if not merges:
+            raise CheckpointError("GGUF tokenizer has no tokenizer.ggml.merges (needed for byte-level BPE)")
+        types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+        tok = _byte_level_bpe(tokens, merges, types, PRE_TOKENIZER_SPLITS[pre])
+
+        def token(key):
+            i = meta.get(f"tokenizer.ggml.{key}_token_id")
+            if i is None:
+                return None
+            if not 0 <= int(i) < len(tokens):
+                raise CheckpointError(f"GGUF tokenizer.ggml.{key}_token_id={i} is outside the vocabulary (0..{len(tokens) - 1})")
+            return tokens[int(i)]
+
+        bos, add_bos = token("bos"), bool(meta.get("tokenizer.ggml.add_bos_token", False))
+        if meta.get("tokenizer.ggml.add_eos_token"):
+            raise UnsupportedModelError("GGUF tokenizer.ggml.add_eos_token=True is not supported")
+        if add_bos and bos is not None:
+            from tokenizers import processors
+
+            bid = int(meta["tokenizer.ggml.bos_token_id"])
+            tok.post_processor = processors.TemplateProcessing(
+                single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bid)])
+        extra = [int(meta[k]) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in meta]
+        return cls(tok, bos_token=bos, eos_token=token("eos"), pad_token=token("padding"),
+                   chat_template=meta.get("tokenizer.chat_template"), add_bos=add_bos, extra_eos_ids=extra)
+
+    def to_hf_files(self) -> dict[str, str]:
+        """``tokenizer.json`` and ``tokenizer_config.json`` contents for an HF checkpoint directory."""
+        conf = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
+            "add_bos_token": bool(self.add_bos), "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+        }
+        if self.chat_template:
+            conf["chat_template"] = self.chat_template
+        return {"tokenizer.json": self._tok.to_str(pretty=True),
+                "tokenizer_config.json": json.dumps(conf, indent=2, ensure_ascii=False)}
+
+
+def _byte_level_bpe(tokens: list[str], merges: Sequence[str], types: Sequence[int], splits):
+    """A ``tokenizers`` byte-level BPE over the GGUF vocabulary, ids unchanged."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    pairs = []
+    for m in merges:
+        a, sep, b = m.partition(" ")
+        if not sep:
+            raise CheckpointError(f"GGUF merge {m!r} is not two tokens separated by a space")
+        pairs.append((a, b))
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+    steps = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits if r is not None]
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=splits[-1] is None))
+    tok.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
+    tok.decoder = decoders.ByteLevel()
+    special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL]
+    plain = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
+    tok.add_special_tokens(special)
+    tok.add_tokens(plain)
+    for t in special + plain:
+        if tok.token_to_id(t.content) != vocab[t.content]:
+            raise CheckpointError(f"GGUF token {t.content!r} could not keep its id {vocab[t.content]}")
+    return tok

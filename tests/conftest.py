@@ -7,3 +7,41 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# ---------------------------------------------------------------- the real model (session-wide)
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """Path to SmolLM2-135M-Instruct.Q4_1.gguf (fetched into the user cache on first use)."""
+    from realm_jax import builtin
+
+    return builtin.gguf_path("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    """realm_jax Model loaded from the GGUF, float32."""
+    import realm_jax
+
+    return realm_jax.load(smollm2_gguf, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf):
+    """HF transformers model loaded from the same GGUF, float32, eval mode."""
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_tokenizer(smollm2_gguf):
+    """HF transformers tokenizer built from the same GGUF."""
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)

@@ -1,0 +1,155 @@
+"""LoRA serving benchmark: decode tokens/s with no adapter, one merged, and several unmerged
+adapters in one batch (one per row), on the same base model.
+
+    python benchmarks/lora.py                   # Llama-3.2-1B shape, bf16, rank 16, batch 4 and 16
+    python benchmarks/lora.py --tiny            # a tiny config: a CPU smoke test
+
+Rows (same random base weights, same prompts, greedy, no stop ids):
+- ``base``: no adapter.
+- ``merged``: one adapter folded into the weights (``lora.merge``); should equal ``base``.
+- ``unmerged x1``: one adapter applied unmerged to every row.
+- ``unmerged x4``: a stack of 4 adapters (``lora.stack_adapters``), row b uses adapter b mod 4.
+- ``unmerged x4 fused`` (decode layout only): the same stack in ``lora.decode_layout`` (per-layer
+  buffers, q|k|v and gate|up factors fused: two small matmuls per fused projection).
+Adapters target all seven projections at ``--rank``.
+
+Method: prefill (``generation.start_jit``, untimed) then ``generation.decode_loop_jit`` for
+``--new-tokens`` - 1 steps in one call, timed (warm-up first, median of ``--repeats``);
+tokens/s = B * steps / time. ``overhead`` = base tokens/s / row tokens/s - 1.
+
+Prints a markdown table (device, date, versions) and writes all numbers to ``--out`` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import common  # noqa: E402
+import decode  # noqa: E402  (the decode benchmark: model shapes and random weights)
+from realm_jax import generation as gen  # noqa: E402
+from realm_jax import lora as lora_lib  # noqa: E402
+from realm_jax.config import ModelConfig  # noqa: E402
+from realm_jax.model import decode_layout  # noqa: E402
+from realm_jax.sampling import SamplingParams  # noqa: E402
+
+
+def bench_decode(cfg, params, batch, prompt_len, new_tokens, warmup, repeats, adapters=None, seed=0) -> dict:
+    """Decode-loop timing for one (params, adapters) setting; rows use adapter ``b % A``."""
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(3, cfg.vocab_size, (batch, prompt_len)).tolist()
+    ids = None
+    if adapters is not None:
+        num = lora_lib.check_adapter(adapters, lora_lib.projection_dims(cfg), cfg.num_layers) or 1
+        ids = [b % num for b in range(batch)]
+    req = gen.validate_request(cfg, prompts, new_tokens, stop_ids=[], adapters=adapters, adapter_ids=ids)
+    pad = gen.pad_request(req)
+    bp, s = pad.tokens.shape[0], pad.cache_len
+    ctl = gen.Controls(SamplingParams(*(jnp.asarray(x) for x in pad.sampling)), jnp.asarray(pad.limits),
+                       jnp.asarray(pad.stop_ids))
+    tokens, lengths = jnp.asarray(pad.tokens), jnp.asarray(pad.lengths)
+    aid = None if pad.adapter_ids is None else jnp.asarray(pad.adapter_ids)
+
+    def prefilled():
+        cache = gen.new_cache(cfg, params, bp, s)
+        return (gen.start_jit(params, cfg, tokens, lengths, cache, ctl, out_len=s, adapters=adapters,
+                              adapter_ids=aid),)
+
+    def run(state):
+        return gen.decode_loop_jit(params, cfg, state, ctl, adapters=adapters, adapter_ids=aid)
+
+    t = common.time_call(run, prefilled, warmup=warmup, repeats=repeats)
+    final = run(*prefilled())
+    got = np.asarray(final.num_new)[:batch]
+    assert (got == new_tokens).all(), f"rows produced {got.tolist()} tokens, expected {new_tokens}"
+    out = np.asarray(final.out)[:batch, :new_tokens]
+    del final
+    steps = new_tokens - 1
+    return {"batch": batch, "cache_len": s, "decode_ms_per_step": t["median_s"] / steps * 1e3,
+            "tokens_per_s": batch * steps / t["median_s"], "timings": t, "tokens": out}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default=None, choices=["llama-1b", "llama-8b", "tiny"],
+                    help="model shape (default llama-1b; tiny with --tiny)")
+    ap.add_argument("--tiny", action="store_true", help="the tiny config with short lengths (CPU smoke test)")
+    ap.add_argument("--batch", type=int, nargs="+", default=None, help="default 4 16 (4 with --tiny)")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--adapters", type=int, default=4, help="adapters in the unmerged stack")
+    ap.add_argument("--prompt-len", type=int, default=None, help="default 128 (16 with --tiny)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="default 256 (16 with --tiny)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--layout", default="decode", choices=["decode", "stacked"],
+                    help="params layout: 'decode' (model.decode_layout) or 'stacked'")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=None, help="JSON results path (default benchmarks/results/lora-<device>.json)")
+    args = ap.parse_args(argv)
+
+    name = args.config or ("tiny" if args.tiny else "llama-1b")
+    batches = args.batch or ([4] if args.tiny else [4, 16])
+    plen = args.prompt_len or (16 if args.tiny else 128)
+    ntok = args.new_tokens or (16 if args.tiny else 256)
+    if ntok < 2:
+        ap.error("--new-tokens must be >= 2 (decode steps = new tokens - 1)")
+    dtype = jnp.dtype(args.dtype)
+    env = common.environment()
+    print(f"# LoRA serving benchmark\n\n{common.environment_line(env)}\n", flush=True)
+
+    cfg = ModelConfig(**decode.SHAPES[name])
+    stacked = decode.random_params(cfg, dtype)
+    adapters = [lora_lib.init_adapter(cfg, 100 + i, rank=args.rank, b_std=0.02, dtype=dtype)
+                for i in range(args.adapters)]
+    stack = lora_lib.stack_adapters(adapters)
+    merged = lora_lib.merge(stacked, adapters[0])
+    fast = args.layout == "decode"
+    base = decode_layout(stacked) if fast else stacked
+    merged = decode_layout(merged) if fast else merged
+    del stacked
+    gc.collect()
+    settings = [("base", base, None), ("merged", merged, None), ("unmerged x1", base, adapters[0]),
+                (f"unmerged x{args.adapters}", base, stack)]
+    if fast:
+        settings.append((f"unmerged x{args.adapters} fused", base, lora_lib.decode_layout(stack, cfg)))
+
+    rows = []
+    for b in batches:
+        ref = None
+        for label, params, ads in settings:
+            r = {"config": name, "layout": args.layout, "dtype": args.dtype, "rank": args.rank, "setting": label}
+            r.update(bench_decode(cfg, params, b, plen, ntok, args.warmup, args.repeats, adapters=ads))
+            toks = r.pop("tokens")
+            if label == "base":
+                ref = r["tokens_per_s"]
+            elif label == f"unmerged x{args.adapters} fused":  # same math as the sliced stack
+                r["same_tokens_as_unfused"] = bool((toks == prev_tokens).mean() > 0.9)
+            prev_tokens = toks
+            r["overhead"] = ref / r["tokens_per_s"] - 1
+            rows.append(r)
+            print(f"B={b} {label}: {r['decode_ms_per_step']:.3f} ms/step, {r['tokens_per_s']:.0f} tok/s, "
+                  f"overhead {r['overhead']:+.1%}", flush=True)
+
+    cols = [("config", "config"), ("layout", "layout"), ("batch", "B"), ("rank", "R"), ("setting", "adapters"),
+            ("decode_ms_per_step", "ms/step"), ("tokens_per_s", "tok/s"), ("overhead", "overhead vs base")]
+    print()
+    print(common.markdown_table(rows, cols))
+    print(f"\n{common.environment_line(env)}; prompt {plen}, {ntok} new tokens")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"lora-{env['device'].replace(' ', '_')}.json")
+    common.write_json(out, {"environment": env, "args": vars(args), "rows": rows})
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""``realm-jax generate``: prompts in, text out (streamed for a single prompt)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+HELP = "generate text from one or more prompts"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="HF checkpoint directory, .gguf file or built-in name (default: smollm2-135m-instruct)")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeat for a batch)")
+    p.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
+                   help="a prompt given as comma-separated token ids (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="params dtype (auto: float32 on CPU, bfloat16 on GPU/TPU)")
+    p.add_argument("--max-len", type=int, default=None, help="KV cache length (default: what the request needs)")
+    p.add_argument("--lora", action="append", default=[], metavar="[NAME=]DIR",
+                   help="a PEFT LoRA adapter directory (repeatable; NAME defaults to the directory name)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME",
+                   help="adapter per prompt, in prompt order ('base' = none; once = all prompts)")
+    p.add_argument("--draft", default=None, metavar="SOURCE|self:N|lookup|paired",
+                   help="speculative decoding with this draft (paired: from configs/drafts.json); prints statistics")
+    p.add_argument("--k", default=None, metavar="K|auto", help="tokens drafted per round (default 4 or the pairing's)")
+
+
+def _parse_ids(text: str, i: int) -> list[int]:
+    from ..errors import RealmError
+
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise RealmError(f"--prompt-ids #{i}: expected comma-separated integers, got {text!r}") from None
+
+
+def run(args) -> int:
+    from .. import lora
+    from ..errors import RealmError
+    from ..generation import generate, generate_stream
+    from ..loading import DEFAULT_MODEL, load
+
+    prompts: list = list(args.prompt) + [_parse_ids(t, i) for i, t in enumerate(args.prompt_ids)]
+    if not prompts:
+        raise RealmError("give at least one --prompt TEXT (or --prompt-ids IDS)")
+    plan = lora.plan_adapters(args.lora, args.adapter, len(prompts))  # checked before loading anything
+    model = load(args.model or DEFAULT_MODEL, dtype=args.dtype)
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+              max_len=args.max_len, chat=args.chat)
+    if plan is not None:
+        kw.update(adapters=lora.load_adapters(plan.dirs, model), adapter_ids=plan.ids)
+    labels = list(args.prompt) + list(args.prompt_ids)
+
+    if len(prompts) == 1 and not args.json and model.tokenizer is not None and not args.draft:
+        for chunk in generate_stream(model, prompts, args.max_new_tokens, **kw):
+            sys.stdout.write(chunk.texts[0])
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+
+    if args.draft:
+        from ..speculative import speculative_from_cli
+
+        res = speculative_from_cli(model, prompts, args.max_new_tokens, draft=args.draft, k=args.k, **kw)
+        print(f"speculative: {res.stats.summary()}", file=sys.stderr)
+    else:
+        res = generate(model, prompts, args.max_new_tokens, **kw)
+    for i in range(len(res)):
+        if args.json:
+            print(json.dumps({"prompt": labels[i], "prompt_tokens": res.prompt_lengths[i], "tokens": res.tokens[i],
+                              "text": res.texts[i], "finish_reason": res.finish_reasons[i]}, ensure_ascii=False))
+        else:
+            body = res.texts[i] if res.texts[i] is not None else " ".join(map(str, res.tokens[i]))
+            if len(res) > 1:
+                print(f"--- [{i}] {labels[i]}")
+            print(body)
+    return 0

@@ -1,0 +1,209 @@
+"""``realm-jax score``: log-likelihood of (context, continuation) pairs from a JSONL file.
+
+Input, one JSON object a line (blank lines are skipped)::
+
+    {"context": "The capital of France is", "continuation": " Paris"}
+    {"context_ids": [1, 415, 5565], "continuation_ids": [3681]}
+
+(an optional "id" is copied to the output). Output, one line per request in input order::
+
+    {"index": 0, "logprob": -1.23, "is_greedy": true, "num_tokens": 1, "token_logprobs": [-1.23],
+     "digest": "..."}
+
+With ``--out`` the results are appended chunk by chunk (flushed and fsynced), and a rerun with
+the same arguments resumes after the last complete line: it recomputes the chunk that was cut
+short (same grouping, so the same numbers) and writes only what is missing, so the final file is
+the same as an uninterrupted run's. ``digest`` ties each line to its input line, so a rerun on
+different data refuses to mix them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+
+HELP = "score (context, continuation) pairs from a JSONL file: summed and per-token log-probs"
+
+FORMAT = ('{"context": str, "continuation": str} or {"context_ids": [int, ...], "continuation_ids": [int, ...]}')
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="HF checkpoint directory, .gguf file or built-in name (default: smollm2-135m-instruct)")
+    p.add_argument("--data", required=True, metavar="FILE.jsonl", help=f"one request a line: {FORMAT}")
+    p.add_argument("--out", default=None, metavar="FILE.jsonl",
+                   help="results file, written incrementally; a rerun resumes it (default: stdout)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="rows per device batch (default 8)")
+    p.add_argument("--chunk-size", type=int, default=None, metavar="N",
+                   help="requests per written chunk, sorted by length within it (default 16 x batch size)")
+    p.add_argument("--max-length", type=int, default=None, metavar="T",
+                   help="longest model input; longer requests lose context from the left (default: no limit)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="params dtype (auto: float32 on CPU, bfloat16 on GPU/TPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def read_requests(path: str) -> tuple[list[tuple], list[int], list[str], list]:
+    """Parse and check the JSONL file -> (requests, line numbers, digests, ids). Every error names
+    the line."""
+    from ..errors import RealmError
+
+    with open(path, "rb") as f:
+        raw = f.read()
+    requests, lines, digests, ids = [], [], [], []
+    for n, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}: line {n}"
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RealmError(f"{where}: not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})") from None
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RealmError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); expected {FORMAT}") from None
+        if not isinstance(obj, dict):
+            raise RealmError(f"{where}: expected a JSON object {FORMAT}, got {type(obj).__name__}")
+        if "context_ids" in obj or "continuation_ids" in obj:
+            keys, kind = ("context_ids", "continuation_ids"), "a list of token ids"
+            ok = lambda v: isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)  # noqa: E731
+        else:
+            keys, kind = ("context", "continuation"), "a string"
+            ok = lambda v: isinstance(v, str)  # noqa: E731
+        for k in keys:
+            if k not in obj:
+                raise RealmError(f"{where}: missing key {k!r}; expected {FORMAT}")
+            if not ok(obj[k]):
+                raise RealmError(f"{where}: {k!r} must be {kind}, got {json.dumps(obj[k])[:60]}")
+        if len(obj[keys[1]]) == 0:
+            raise RealmError(f"{where}: {keys[1]!r} is empty (nothing to score)")
+        requests.append((obj[keys[0]], obj[keys[1]]))
+        lines.append(n)
+        digests.append(hashlib.sha256(line.strip()).hexdigest()[:16])
+        ids.append(obj.get("id"))
+    if not requests:
+        raise RealmError(f"{path}: no requests (the file is empty); expected one {FORMAT} a line")
+    return requests, lines, digests, ids
+
+
+def resume_point(out: str, digests: list[str]) -> int:
+    """How many results ``out`` already holds (0 if absent). A trailing partial line (cut short
+    by an interruption) is removed; any other mismatch with the data is an error."""
+    from ..errors import RealmError
+
+    if not os.path.exists(out):
+        return 0
+    with open(out, "rb") as f:
+        raw = f.read()
+    complete = raw[:raw.rfind(b"\n") + 1]
+    lines = complete.split(b"\n")[:-1]
+    if len(lines) > len(digests):
+        raise RealmError(f"--out {out}: holds {len(lines)} results but the data has {len(digests)} requests "
+                         "(a different data file?); remove it or choose another --out")
+    for i, line in enumerate(lines):
+        try:
+            obj = json.loads(line)
+            good = obj.get("index") == i and obj.get("digest") == digests[i]
+        except (ValueError, AttributeError):
+            good = False
+        if not good:
+            raise RealmError(f"--out {out}: line {i + 1} is not the result of request {i} of this data file "
+                             "(different data or a damaged file); remove it or choose another --out")
+    if len(complete) != len(raw):
+        with open(out, "r+b") as f:
+            f.truncate(len(complete))
+    return len(lines)
+
+
+class Progress:
+    """Plain progress on stderr: requests done, tokens per second, time left."""
+
+    def __init__(self, total: int, total_tokens: int, done: int, quiet: bool):
+        self.total, self.total_tokens, self.done, self.quiet = total, total_tokens, done, quiet
+        self.tokens = 0
+        self.start = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, requests: int, tokens: int, final: bool = False) -> None:
+        self.done += requests
+        self.tokens += tokens
+        if self.quiet:
+            return
+        dt = max(time.perf_counter() - self.start, 1e-9)
+        rate = self.tokens / dt
+        left = self.total_tokens - self.tokens
+        eta = f", {left / rate:.0f}s left" if rate > 0 and left > 0 else ""
+        msg = (f"score: {self.done}/{self.total} requests ({100 * self.done / self.total:.0f}%), "
+               f"{rate:.0f} tokens/s{eta}")
+        if self.tty:
+            sys.stderr.write("\r" + msg + ("\n" if final else ""))
+        elif final or requests:
+            sys.stderr.write(msg + "\n")
+        sys.stderr.flush()
+
+
+def result_line(i: int, s, digest: str, rid) -> str:
+    obj = {"index": i}
+    if rid is not None:
+        obj["id"] = rid
+    obj.update(logprob=s.logprob, is_greedy=s.is_greedy, num_tokens=s.num_tokens,
+               token_logprobs=list(s.token_logprobs), digest=digest)
+    return json.dumps(obj, ensure_ascii=False) + "\n"
+
+
+def run(args) -> int:
+    from ..errors import RealmError
+    from ..loading import DEFAULT_MODEL, load
+    from ..scoring import iter_scores, tokenize_requests
+
+    if args.batch_size < 1:
+        raise RealmError(f"--batch-size: expected a positive int, got {args.batch_size}")
+    chunk = args.chunk_size if args.chunk_size is not None else 16 * args.batch_size
+    if chunk < 1:
+        raise RealmError(f"--chunk-size: expected a positive int, got {chunk}")
+    if args.max_length is not None and args.max_length < 1:
+        raise RealmError(f"--max-length: expected a positive int, got {args.max_length}")
+    requests, lines, digests, rids = read_requests(args.data)
+    done = resume_point(args.out, digests) if args.out else 0
+    n = len(requests)
+    if done == n:
+        if not args.quiet:
+            print(f"score: {args.out} already holds all {n} results", file=sys.stderr)
+        return 0
+
+    model = load(args.model or DEFAULT_MODEL, dtype=args.dtype)
+    pairs = []
+    for i, r in enumerate(requests):  # tokenize (and check) everything before any device work
+        try:
+            pairs.append(tuple(tokenize_requests(model, [r])[0]))
+        except RealmError as e:
+            detail = re.sub(r"^requests\[0\]:? ?", "", str(e))
+            raise RealmError(f"{args.data}: line {lines[i]}: {detail}") from None
+    first = (done // chunk) * chunk  # recompute a chunk cut short with the same grouping
+    progress = Progress(n, sum(len(c) + len(k) for c, k in pairs[first:]), first, args.quiet)
+    out = open(args.out, "a", encoding="utf-8") if args.out else sys.stdout
+    try:
+        for start in range(first, n, chunk):
+            part = pairs[start:start + chunk]
+            results = [None] * len(part)
+            for idx, scores in iter_scores(model, part, batch_size=args.batch_size, max_length=args.max_length):
+                for j, s in zip(idx, scores):
+                    results[j] = s
+                progress.update(len(idx), sum(len(part[j][0]) + len(part[j][1]) for j in idx))
+            text = "".join(result_line(start + j, s, digests[start + j], rids[start + j])
+                           for j, s in enumerate(results) if start + j >= done)
+            out.write(text)
+            out.flush()
+            if out is not sys.stdout:
+                os.fsync(out.fileno())
+        progress.update(0, 0, final=True)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0

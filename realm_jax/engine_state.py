@@ -1,0 +1,185 @@
+"""The continuous-batching engine's device side: fixed-shape slot state and its two jitted steps.
+
+B = the engine's slots, S = its cache length, P = rows per prefill call, T = a prompt bucket,
+E = the stop-id table width, W = tokens a decode call can hand back per slot.
+
+``admit``  prefill P right-padded prompts [P, T] (generation's ``prefill``: a fresh [P, T] cache,
+           logits at each row's last prompt token), sample each row's first token (``emit``),
+           then scatter the rows (cache, last token, counts, flags, sampling settings, stop ids,
+           adapter ids) into their slots [P]. A slot index of B marks a padding row: dropped.
+``decode`` up to ``steps`` decode steps over all B slots in a ``lax.while_loop`` (generation's
+           ``decode_step``; or, with a draft, speculative's ``speculative_round``, each committing
+           1..k+1 tokens per slot), finished and empty slots idle (``done``), then hand back the
+           tokens each slot produced since the previous call.
+
+Both donate the state, so the cache is updated in place; every shape is fixed by the engine's
+settings (one ``admit`` program per prompt bucket, one ``decode`` program), so a warm engine
+never recompiles whatever requests come.
+
+Sampling is per row and batch-invariant: a slot's t-th token uses ``fold_in(key(seed), t)``
+exactly as ``generate`` does (speculative rounds use speculative's per-row keys), so a request's
+tokens do not depend on the other slots.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from .config import ModelConfig
+from .generation import Controls, DecodeState, decode_step, emit, init_state, new_cache, prefill
+from .kv_cache import KVCache, insert_rows
+from .sampling import SamplingParams
+
+
+class EngineState(NamedTuple):
+    """All slots' state (device arrays, leading axis B).
+
+    ``dec``: generation's decode carry (cache [B, S], last token, tokens so far, done, stopped,
+    out [B, S] tokens). ``ctl``: per-slot sampling settings, token limits and stop ids [B, E].
+    ``adapter_ids`` [B] int32 (-1 = base); ``prompt_len`` [B]; ``reported`` [B]: tokens already
+    handed to the host. With a draft: ``seq`` [B, S + 1] committed text, ``draft`` (the draft's
+    state, e.g. its own KV cache over B slots), and per-slot counts ``passes``/``drafted``/
+    ``accepted`` (None without a draft).
+    """
+
+    dec: DecodeState
+    ctl: Controls
+    adapter_ids: jax.Array
+    prompt_len: jax.Array
+    reported: jax.Array
+    seq: Any = None
+    draft: Any = None
+    passes: Any = None
+    drafted: Any = None
+    accepted: Any = None
+
+
+class AdmitOut(NamedTuple):
+    """Per prefill row [P]: the first token, and whether the row already ended (and by a stop id)."""
+
+    first: jax.Array
+    done: jax.Array
+    stopped: jax.Array
+
+
+class DecodeOut(NamedTuple):
+    """tokens [B, W] (the first ``count`` of each row are new), count [B], done [B], stopped [B],
+    and this call's totals over slots: target passes, drafted and accepted tokens (0 without a draft)."""
+
+    tokens: jax.Array
+    count: jax.Array
+    done: jax.Array
+    stopped: jax.Array
+    passes: jax.Array
+    drafted: jax.Array
+    accepted: jax.Array
+
+
+def empty_state(params, cfg: ModelConfig, slots: int, max_len: int, stop_width: int, *,
+                spec=None, dparams=None) -> EngineState:
+    """Every slot empty (done, limit 0); the cache [B, S] in the params dtype and layout."""
+    b = slots
+    zi = jnp.zeros((b,), jnp.int32)
+    dec = DecodeState(new_cache(cfg, params, b, max_len), zi, zi, jnp.ones((b,), bool), jnp.zeros((b,), bool),
+                      jnp.zeros((b, max_len), jnp.int32))
+    sp = SamplingParams(jnp.zeros((b,), jnp.float32), zi, jnp.ones((b,), jnp.float32), jnp.zeros((b,), jnp.uint32))
+    ctl = Controls(sp, zi, jnp.full((b, stop_width), -1, jnp.int32))
+    state = EngineState(dec, ctl, jnp.full((b,), -1, jnp.int32), zi, zi)
+    if spec is None:
+        return state
+    draft = spec.init(dparams, jnp.zeros((b, 1), jnp.int32), zi, max_len)
+    return state._replace(seq=jnp.zeros((b, max_len + 1), jnp.int32), draft=draft, passes=zi, drafted=zi,
+                          accepted=zi)
+
+
+def _put(dst: jax.Array, src: jax.Array, slots: jax.Array) -> jax.Array:
+    return dst.at[slots].set(src.astype(dst.dtype), mode="drop")
+
+
+def _insert_draft(dst, src, slots):
+    """Insert a draft's per-row state: a KVCache (model drafts) or None (prompt lookup)."""
+    if dst is None:
+        return None
+    if isinstance(dst, KVCache):
+        return insert_rows(dst, src, slots)
+    raise TypeError(f"the engine cannot insert a draft state of type {type(dst).__name__}")
+
+
+def admit(params, cfg: ModelConfig, state: EngineState, tokens: jax.Array, lengths: jax.Array,
+          ctl: Controls, adapter_ids: jax.Array, slots: jax.Array, *, adapters=None, dparams=None,
+          spec=None) -> tuple[EngineState, AdmitOut]:
+    """Prefill tokens [P, T] (lengths [P], 0 = padding row), sample the first tokens with the rows'
+    settings ``ctl`` [P] and insert everything into ``slots`` [P] (B = drop)."""
+    p, t = tokens.shape
+    lengths = lengths.astype(jnp.int32)
+    aid = adapter_ids if adapters is not None else None
+    logits, cache = prefill(params, cfg, tokens, lengths, new_cache(cfg, params, p, t),
+                            adapters=adapters, adapter_ids=aid)
+    rows = emit(init_state(cache, ctl.limits, 1), logits, ctl)
+    d = state.dec
+    dec = DecodeState(insert_rows(d.cache, rows.cache, slots), _put(d.last, rows.last, slots),
+                      _put(d.num_new, rows.num_new, slots), _put(d.done, rows.done, slots),
+                      _put(d.stopped, rows.stopped, slots), d.out.at[slots, 0].set(rows.last, mode="drop"))
+    new = EngineState(
+        dec, jax.tree_util.tree_map(lambda a, b: _put(a, b, slots), state.ctl, ctl),
+        _put(state.adapter_ids, adapter_ids, slots), _put(state.prompt_len, lengths, slots),
+        _put(state.reported, rows.num_new, slots))
+    if spec is not None:
+        seq = state.seq.at[slots, :t].set(tokens, mode="drop")
+        seq = seq.at[slots, lengths].set(rows.last, mode="drop")
+        draft = _insert_draft(state.draft, spec.init(dparams, tokens, lengths, t), slots)
+        zero = jnp.zeros((p,), jnp.int32)
+        new = new._replace(seq=seq, draft=draft, passes=_put(state.passes, zero, slots),
+                           drafted=_put(state.drafted, zero, slots), accepted=_put(state.accepted, zero, slots))
+    return new, AdmitOut(rows.last, rows.done, rows.stopped)
+
+
+def decode(params, cfg: ModelConfig, state: EngineState, kill: jax.Array, *, steps: int, window: int,
+           adapters=None, dparams=None, spec=None, k: int = 0) -> tuple[EngineState, DecodeOut]:
+    """Mark ``kill`` [B] slots done (cancelled), run up to ``steps`` steps (rounds, with a draft)
+    while any slot is live, and return the tokens each slot made since the last call [B, W]."""
+    from .speculative import SpecState, speculative_round
+
+    dec = state.dec._replace(done=state.dec.done | kill)
+    ctl = state.ctl
+    aid = state.adapter_ids if adapters is not None else None
+
+    def cond(carry):
+        s, i = carry
+        return jnp.any(~(s.done if spec is None else s.dec.done)) & (i < steps)
+
+    if spec is None:
+        def body(carry):
+            s, i = carry
+            return decode_step(params, cfg, s, ctl, adapters=adapters, adapter_ids=aid), i + 1
+
+        dec, _ = jax.lax.while_loop(cond, body, (dec, jnp.int32(0)))
+        new = state._replace(dec=dec)
+        zero = jnp.int32(0)
+        totals = (zero, zero, zero)
+    else:
+        def body(carry):
+            s, i = carry
+            return speculative_round(params, dparams, cfg, spec, k, state.prompt_len, ctl, s), i + 1
+
+        start = SpecState(dec, state.seq, state.draft, state.passes, state.drafted, state.accepted)
+        ss, _ = jax.lax.while_loop(cond, body, (start, jnp.int32(0)))
+        dec = ss.dec
+        new = state._replace(dec=dec, seq=ss.seq, draft=ss.draft, passes=ss.passes, drafted=ss.drafted,
+                             accepted=ss.accepted)
+        totals = tuple(jnp.sum(a - b) for a, b in ((ss.passes, state.passes), (ss.drafted, state.drafted),
+                                                   (ss.accepted, state.accepted)))
+    m = dec.out.shape[1]
+    idx = jnp.clip(state.reported[:, None] + jnp.arange(window, dtype=jnp.int32)[None, :], 0, m - 1)
+    tokens = jnp.take_along_axis(dec.out, idx, axis=1)
+    count = dec.num_new - state.reported
+    new = new._replace(reported=dec.num_new)
+    return new, DecodeOut(tokens, count, dec.done, dec.stopped, *totals)
+
+
+empty_state_jit = jax.jit(empty_state, static_argnames=("cfg", "slots", "max_len", "stop_width", "spec"))
+admit_jit = jax.jit(admit, static_argnames=("cfg", "spec"), donate_argnames=("state",))
+decode_jit = jax.jit(decode, static_argnames=("cfg", "steps", "window", "spec", "k"), donate_argnames=("state",))

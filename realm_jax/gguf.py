@@ -1,0 +1,362 @@
+"""GGUF files (llama.cpp's format): metadata -> ``ModelConfig``, tensors -> params, tokenizer.
+
+Tensors are read one at a time from the memory-mapped file, dequantized with the ``gguf``
+package, converted to the target dtype and written into their slot of the stacked leaf, so the
+weights are never held twice. Every tensor's name, type and shape is checked before any
+dequantizing; problems are ``CheckpointError`` / ``UnsupportedModelError`` naming the tensor.
+
+Layout notes:
+- GGUF lists dimensions innermost first, so a tensor GGUF calls ``[in, out]`` is the numpy /
+  HF array ``[out, in]``; our projections are ``[in, out]`` (``x @ W``), hence one transpose.
+- llama.cpp's converter reorders the rows of Q and K (weights and biases) of ``llama``-arch
+  models, within each head, from HF's half-split rotary layout to its interleaved one:
+  HF row ``j * H/2 + i`` (half ``j``, pair ``i``) is stored at row ``2 * i + j``.
+  ``unpermute_rope_rows`` undoes it. ``qwen2``/``qwen3`` files are stored in HF order.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import CheckpointError, UnsupportedModelError
+from .gguf_file import GGUFFile, GGUFTensor, open_gguf
+from .model import param_shapes
+
+__all__ = ["GGUFFile", "GGUFTensor", "open_gguf", "config_from_gguf", "read_gguf_params", "load_gguf",
+           "gguf_to_hf", "unpermute_rope_rows", "SUPPORTED_GGUF_ARCHITECTURES", "SUPPORTED_QUANT_TYPES"]
+
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")  # Mistral files say "llama"
+SUPPORTED_QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+                         "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+# our leaf -> GGUF tensor name (template)
+_LAYER_TENSORS = {
+    "attn_norm": "blk.{i}.attn_norm.weight",
+    "wq": "blk.{i}.attn_q.weight",
+    "wk": "blk.{i}.attn_k.weight",
+    "wv": "blk.{i}.attn_v.weight",
+    "wo": "blk.{i}.attn_output.weight",
+    "bq": "blk.{i}.attn_q.bias",
+    "bk": "blk.{i}.attn_k.bias",
+    "bv": "blk.{i}.attn_v.bias",
+    "bo": "blk.{i}.attn_output.bias",
+    "q_norm": "blk.{i}.attn_q_norm.weight",
+    "k_norm": "blk.{i}.attn_k_norm.weight",
+    "mlp_norm": "blk.{i}.ffn_norm.weight",
+    "w_gate": "blk.{i}.ffn_gate.weight",
+    "w_up": "blk.{i}.ffn_up.weight",
+    "w_down": "blk.{i}.ffn_down.weight",
+}
+_TOP_TENSORS = {"embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight"}
+_TRANSPOSED = {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head"}
+_IGNORED_TENSORS = ("rope_freqs.weight",)  # folded into the config (llama3 rope scaling)
+_LLAMA3_CANDIDATE_ORIGINAL_CONTEXTS = (8192, 4096, 2048, 16384, 32768, 65536, 131072)  # when the band is empty
+
+
+# ---------------------------------------------------------------------------- permutation
+def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row order. w [n_heads*H, ...] (rows = output features) -> same shape,
+    rows in HF's half-split rotary order."""
+    h = w.shape[0] // n_heads
+    return w.reshape(n_heads, h // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# ---------------------------------------------------------------------------- config
+def config_from_gguf(meta: Mapping[str, Any], tensors: Mapping[str, GGUFTensor] | None = None) -> ModelConfig:
+    """``ModelConfig`` from GGUF metadata (and the tensor table, for tied embeddings, biases and
+    llama3 rope factors). Raises ``UnsupportedModelError`` naming anything we cannot honour."""
+    tensors = tensors or {}
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"GGUF general.architecture {arch!r} is not supported; supported: "
+            f"{', '.join(SUPPORTED_GGUF_ARCHITECTURES)} (Mistral files use 'llama')")
+    if int(meta.get("split.count", 1) or 1) > 1:
+        raise UnsupportedModelError(
+            f"GGUF split.count={meta['split.count']}: split (multi-file) GGUFs are not supported; "
+            f"merge them into one file first")
+
+    def key(name, default=None, required=False):
+        k = f"{arch}.{name}"
+        if k not in meta:
+            if required:
+                raise CheckpointError(f"GGUF metadata is missing {k!r}")
+            return default
+        return meta[k]
+
+    def scalar(name, v):
+        if isinstance(v, list):
+            if len(set(v)) != 1:
+                raise UnsupportedModelError(f"GGUF {arch}.{name} varies per layer ({v}); not supported")
+            return v[0]
+        return v
+
+    if int(key("expert_count", 0) or 0) > 0:
+        raise UnsupportedModelError(
+            f"GGUF {arch}.expert_count={key('expert_count')}: mixture-of-experts models are not supported")
+
+    num_heads = int(scalar("attention.head_count", key("attention.head_count", required=True)))
+    num_kv = int(scalar("attention.head_count_kv", key("attention.head_count_kv", num_heads)))
+    hidden = int(key("embedding_length", required=True))
+    head_dim = int(key("attention.key_length", hidden // num_heads))
+    value_dim = int(key("attention.value_length", head_dim))
+    if value_dim != head_dim:
+        raise UnsupportedModelError(f"GGUF {arch}.attention.value_length={value_dim} != key_length={head_dim}: not supported")
+    rope_dims = key("rope.dimension_count")
+    if rope_dims is not None and int(rope_dims) != head_dim:
+        raise UnsupportedModelError(
+            f"GGUF {arch}.rope.dimension_count={rope_dims} != head dim {head_dim}: partial rotary is not supported")
+
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if tokens is not None:
+        vocab = len(tokens)
+    elif "token_embd.weight" in tensors:
+        vocab = tensors["token_embd.weight"].shape[0]
+    else:
+        vocab = int(key("vocab_size", required=True))
+
+    theta = _f32(key("rope.freq_base", 10000.0))
+    rope = _rope_from_gguf(arch, key, theta, head_dim, tensors)
+
+    qkv_bias = "blk.0.attn_q.bias" in tensors
+    o_bias = "blk.0.attn_output.bias" in tensors
+    if arch == "qwen2":
+        qkv_bias = True
+    if arch in ("qwen2", "qwen3") and o_bias:
+        raise UnsupportedModelError(f"GGUF {arch} file has attn_output.bias, which {arch} does not use")
+    if arch == "llama" and qkv_bias != o_bias:
+        raise UnsupportedModelError("GGUF llama file has q/k/v biases without an output bias (or the reverse): not supported")
+
+    def opt_int(k):
+        v = meta.get(k)
+        return None if v is None else int(v)
+
+    eos = [opt_int(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    file_type = int(meta.get("general.file_type", -1))
+    return ModelConfig(
+        arch=arch,
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(scalar("feed_forward_length", key("feed_forward_length", required=True))),
+        num_layers=int(key("block_count", required=True)),
+        num_heads=num_heads,
+        num_kv_heads=num_kv,
+        head_dim=head_dim,
+        rms_norm_eps=_f32(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        max_position_embeddings=int(key("context_length", 4096)),
+        tie_word_embeddings="output.weight" not in tensors,
+        qkv_bias=qkv_bias,
+        o_bias=o_bias and arch == "llama",
+        qk_norm=arch == "qwen3",
+        bos_token_id=opt_int("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=tuple(dict.fromkeys(i for i in eos if i is not None)),
+        pad_token_id=opt_int("tokenizer.ggml.padding_token_id"),
+        dtype={0: "float32", 1: "float16", 32: "bfloat16"}.get(file_type, "float32"),
+        **rope,
+    )
+
+
+def _f32(v) -> float:
+    """A float32 metadata value as the shortest decimal that round-trips (1e-05, not 9.99e-06)."""
+    return float(str(np.float32(v)))
+
+
+def _rope_from_gguf(arch, key, theta, head_dim, tensors) -> dict:
+    out: dict = {"rope_theta": theta}
+    # as llama.cpp reads it: the type defaults to linear; the factor falls back to rope.scale_linear
+    stype = key("rope.scaling.type", "linear")
+    factor = _f32(key("rope.scaling.factor", key("rope.scale_linear", 0.0)) or 0.0)
+    if stype not in ("none", "linear"):
+        raise UnsupportedModelError(
+            f"GGUF {arch}.rope.scaling.type={stype!r} is not supported; supported: none, linear "
+            f"(and llama3 via rope_freqs.weight)")
+    if stype == "linear" and factor not in (0.0, 1.0):
+        out.update(rope_type="linear", rope_factor=factor)
+    if "rope_freqs.weight" in tensors:
+        if "rope_type" in out:
+            raise UnsupportedModelError("GGUF has both linear rope scaling and rope_freqs.weight: not supported")
+        out.update(_llama3_rope_from_factors(tensors["rope_freqs.weight"], theta, head_dim))
+    return out
+
+
+def _llama3_rope_from_factors(t, theta: float, head_dim: int) -> dict:
+    """llama.cpp stores llama3 rope scaling as per-frequency divisors (``rope_freqs.weight``,
+    [H/2]). Recover llama3 parameters that reproduce them, and refuse anything else.
+
+    In the smooth band the llama3 rule is ``1/f = (1 - s)/factor + s`` with ``s`` linear in
+    ``1/wavelength``: ``s = (orig/wavelength - low) / (high - low)``. Only ``low/orig`` and
+    ``high/orig`` matter, so we fit that line with ``low = 1``. Every candidate is checked by
+    recomputing the frequencies."""
+    from gguf.quants import dequantize
+
+    from .layers import rope_inv_freq
+
+    want = np.asarray(dequantize(t.data, t.qtype), np.float64).reshape(-1)
+    if want.shape != (head_dim // 2,):
+        raise CheckpointError(f"tensor 'rope_freqs.weight' has {want.size} values, expected {head_dim // 2}")
+    base = dict(arch="llama", vocab_size=1, hidden_size=head_dim, intermediate_size=1, num_layers=1,
+                num_heads=1, num_kv_heads=1, head_dim=head_dim, rope_theta=theta)
+    plain = rope_inv_freq(ModelConfig(**base)).astype(np.float64)
+    factor = float(want.max())
+    if np.allclose(want, 1.0, rtol=0, atol=1e-6):
+        return {}
+    candidates = []
+    if factor > 1.0:
+        s = (1.0 / want - 1.0 / factor) / (1.0 - 1.0 / factor)
+        band = (s > 1e-4) & (s < 1 - 1e-4)
+        u = plain / (2 * np.pi)  # 1 / wavelength
+        if band.sum() >= 2:
+            slope, icept = np.polyfit(u[band], s[band], 1)
+            if slope > 0 and icept < 0:
+                orig = max(1, int(round(-slope / icept)))
+                candidates.append((1.0, orig * (1.0 - icept) / slope, orig))
+        if band.sum() >= 1:  # one point fixes orig once high is chosen
+            i = int(np.argmax(band))
+            candidates += [(1.0, hi, max(1, int(round((1 + (hi - 1) * s[i]) / u[i])))) for hi in (4.0, 2.0, 8.0)]
+        candidates += [(1.0, 4.0, o) for o in _LLAMA3_CANDIDATE_ORIGINAL_CONTEXTS]
+    for lo, hi, orig in candidates:
+        cand = dict(rope_type="llama3", rope_factor=float(str(np.float32(factor))), rope_low_freq_factor=lo,
+                    rope_high_freq_factor=float(f"{hi:.6g}"), rope_original_max_positions=orig)
+        got = plain / rope_inv_freq(ModelConfig(**base, **cand)).astype(np.float64)
+        if np.allclose(got, want, rtol=1e-4, atol=1e-6):
+            return cand
+    raise UnsupportedModelError(
+        "GGUF rope_freqs.weight does not follow llama3 rope scaling; other rope frequency factors "
+        "are not supported")
+
+
+# ---------------------------------------------------------------------------- params
+def _expected_tensors(cfg: ModelConfig) -> dict[str, tuple]:
+    """GGUF tensor name -> (leaf path, layer index or None)."""
+    shapes = param_shapes(cfg)
+    out = {}
+    for leaf in shapes["layers"]:
+        for i in range(cfg.num_layers):
+            out[_LAYER_TENSORS[leaf].format(i=i)] = (("layers", leaf), i)
+    for leaf in shapes:
+        if leaf != "layers":
+            out[_TOP_TENSORS[leaf]] = ((leaf,), None)
+    return out
+
+
+def _check_tensors(path, cfg: ModelConfig, table: Mapping[str, GGUFTensor]) -> dict[str, tuple]:
+    expected = _expected_tensors(cfg)
+    missing = [n for n in expected if n not in table]
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor {missing[0]!r}" +
+                              (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    extra = [n for n in table if n not in expected and n not in _IGNORED_TENSORS]
+    if extra:
+        raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r} for a {cfg.arch} model")
+    shapes = param_shapes(cfg)
+    for name, (leaf, i) in expected.items():
+        t = table[name]
+        qname = t.qtype.name
+        if qname not in SUPPORTED_QUANT_TYPES:
+            raise UnsupportedModelError(
+                f"{path}: tensor {name!r} has quantization type {qname}, which is not supported; "
+                f"supported: {', '.join(SUPPORTED_QUANT_TYPES)}")
+        full = shapes[leaf[0]] if len(leaf) == 1 else shapes["layers"][leaf[1]]
+        want = tuple(full[1:] if leaf[0] == "layers" else full)
+        if leaf[-1] in _TRANSPOSED:
+            want = tuple(reversed(want))
+        got = t.shape
+        if got != want:
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {got} (numpy order), expected {want}")
+    return expected
+
+
+def read_gguf_params(gf: GGUFFile, cfg: ModelConfig, dtype=np.float32,
+                     place: Callable[[tuple, np.ndarray], Any] | None = None) -> dict:
+    """Dequantize every tensor of the GGUF file into a params pytree of ``dtype``.
+
+    Each leaf is built in a numpy buffer of its final shape, one tensor at a time, then handed
+    to ``place(leaf_path, array)`` (default: ``jax.numpy.asarray``, the default device).
+    """
+    from gguf.quants import dequantize
+
+    table, path = gf.tensors, gf.path
+    expected = _check_tensors(path, cfg, table)
+    if place is None:
+        import jax.numpy as jnp
+
+        def place(leaf_path, a):
+            return jnp.asarray(a)
+
+    np_dtype = np.dtype(dtype)
+    shapes = param_shapes(cfg)
+    by_leaf: dict[tuple, list] = {}
+    for name, (leaf, i) in expected.items():
+        by_leaf.setdefault(leaf, []).append((i, name))
+    permuted = cfg.arch == "llama"
+    heads_of = {"wq": cfg.num_heads, "bq": cfg.num_heads, "wk": cfg.num_kv_heads, "bk": cfg.num_kv_heads}
+    params: dict = {"layers": {}}
+    for leaf, items in by_leaf.items():
+        full = shapes[leaf[0]] if len(leaf) == 1 else shapes["layers"][leaf[1]]
+        buf = np.empty(full, np_dtype)
+        for i, name in items:
+            t = table[name]
+            try:
+                w = dequantize(t.data, t.qtype).reshape(t.shape)
+            except Exception as e:
+                raise CheckpointError(f"{path}: tensor {name!r} cannot be read ({type(e).__name__}: {e})") from None
+            if permuted and leaf[-1] in heads_of:
+                w = unpermute_rope_rows(w, heads_of[leaf[-1]])
+            if leaf[-1] in _TRANSPOSED:
+                w = w.T
+            if i is None:
+                buf[...] = w
+            else:
+                buf[i] = w
+            del w
+        arr = place(leaf, buf)
+        del buf
+        if leaf[0] == "layers":
+            params["layers"][leaf[1]] = arr
+        else:
+            params[leaf[0]] = arr
+    return params
+
+
+def load_gguf(path: str | os.PathLike, dtype=np.float32, place=None):
+    """Load a GGUF file: ``(ModelConfig, params, Tokenizer or None)``.
+
+    ``dtype``: params dtype (numpy/jax dtype or name). ``place(leaf_path, array)`` may put each
+    finished leaf on devices (sharding); default: the default device.
+    The tokenizer is built from the file's metadata (None if the file has none).
+    """
+    from .tokenizer import Tokenizer
+
+    gf = open_gguf(path)
+    cfg = config_from_gguf(gf.metadata, gf.tensors)
+    tok = Tokenizer.from_gguf(gf) if "tokenizer.ggml.model" in gf.metadata else None
+    if tok is not None and tok.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}")
+    params = read_gguf_params(gf, cfg, _np_dtype(dtype), place=place)
+    return cfg, params, tok
+
+
+def _np_dtype(dtype) -> np.dtype:
+    import jax.numpy as jnp
+
+    return np.dtype(jnp.dtype(dtype))
+
+
+def gguf_to_hf(path: str | os.PathLike, out_dir: str | os.PathLike, dtype="float32") -> Path:
+    """Convert a GGUF file to an HF checkpoint directory (config.json, model.safetensors,
+    tokenizer.json, tokenizer_config.json), written atomically. Returns ``out_dir``."""
+    from .checkpoint import write_hf_checkpoint
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"output directory {out_dir} already exists")
+    np_dtype = _np_dtype(dtype)
+    cfg, params, tok = load_gguf(path, np_dtype, place=lambda leaf, a: a)
+    cfg = cfg.replace(dtype=np_dtype.name)
+    extra = tok.to_hf_files() if tok is not None else {}
+    return write_hf_checkpoint(out_dir, cfg, params, extra_files=extra, dtype=np_dtype)

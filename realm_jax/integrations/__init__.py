@@ -1,0 +1,1 @@
+"""Bridges to other tools. Each module imports its tool lazily; the tools are optional."""

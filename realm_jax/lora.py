@@ -1,0 +1,730 @@
+"""LoRA as a params-tree transform: adapters, merge / unmerge, PEFT adapters, many adapters per batch.
+
+An **adapter** mirrors ``params["layers"]``: for each targeted projection (any of ``wq wk wv wo
+w_gate w_up w_down``) it holds low-rank factors stacked over layers, and a per-layer scale::
+
+    {"layers": {"wq": {"a": [L, D_in, R], "b": [R, D_out] per layer -> [L, R, D_out],
+                       "scale": [L] float32}, ...}}
+
+so that ``W' = W + scale * A @ B``. The scale is ``alpha / r`` (``alpha / sqrt(r)`` for rsLoRA),
+per layer because PEFT's ``rank_pattern``/``alpha_pattern`` can differ between layers. A layer
+an adapter does not touch has zero factors and scale 0. Ranks that differ between layers are
+zero-padded to the largest, which is exact.
+
+A **stack** of A adapters (``stack_adapters``) adds an adapter axis after L::
+
+    {"layers": {"wq": {"a": [L, A, D_in, R], "b": [L, A, R, D_out], "scale": [L, A]}, ...}}
+
+``forward``/``forward_cached`` take ``adapters=`` (a stack, or a single adapter = a stack of
+one) and ``adapter_ids [B]`` int32 (-1 = base model; ids outside ``[0, A)`` also get the base)
+and add ``scale[id] * (x @ A[id]) @ B[id]`` per row (``lora_delta``), so one batch serves many
+adapters. ``merge`` folds one adapter into the weights for the fastest single-adapter serving.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from functools import partial
+from pathlib import Path
+from typing import Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .checkpoint import _LAYER_NAMES
+from .config import ModelConfig
+from .errors import CheckpointError, RealmError, UnsupportedModelError
+from .model import PROJECTIONS, param_shapes
+
+Adapter = dict
+
+# PEFT / HF module name (last component) <-> our projection leaf, from the checkpoint name map.
+PEFT_MODULES = {_LAYER_NAMES[p][0].split(".")[-2]: p for p in PROJECTIONS}  # "q_proj" -> "wq"
+_PEFT_NAME = {v: k for k, v in PEFT_MODULES.items()}
+_MODULE_PATH = {p: _LAYER_NAMES[p][0][: -len(".weight")] for p in PROJECTIONS}  # with "{i}"
+
+
+# ----------------------------------------------------------------------------- adapter pytree
+def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """PEFT's scaling: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    return float(alpha) / (math.sqrt(r) if use_rslora else r)
+
+
+def projection_dims(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """{projection: (D_in, D_out)} for this model."""
+    return {p: param_shapes(cfg)["layers"][p][1:] for p in PROJECTIONS}
+
+
+def init_adapter(cfg: ModelConfig, key, rank: int = 8, targets: Sequence[str] = PROJECTIONS,
+                 alpha: float | None = None, use_rslora: bool = False, layers: Sequence[int] | None = None,
+                 b_std: float = 0.02, dtype=jnp.float32) -> Adapter:
+    """A random adapter (for tests, benchmarks, examples): A ~ N(0, 1/D_in), B ~ N(0, b_std²).
+
+    Unlike a fresh PEFT adapter (B = 0) it changes the model. ``key``: a PRNG key or an int
+    seed (drawn on the host with numpy: no compilation). ``layers``: the layer indices it
+    touches (default all); other layers get zeros and scale 0. ``alpha`` defaults to ``rank``.
+    """
+    _check_targets(targets, "targets")
+    if not isinstance(rank, int) or rank <= 0:
+        raise RealmError(f"rank must be a positive int, got {rank!r}")
+    L = cfg.num_layers
+    on = np.zeros((L,), np.float32)
+    for i in (range(L) if layers is None else layers):
+        if not 0 <= int(i) < L:
+            raise RealmError(f"layers: index {i} out of range [0, {L})")
+        on[int(i)] = 1.0
+    seed = key if isinstance(key, int) else np.asarray(jax.random.key_data(key)).ravel().tolist()
+    rng = np.random.default_rng(seed)
+    s = lora_scale(rank, rank if alpha is None else alpha, use_rslora)
+    dims = projection_dims(cfg)
+    out = {}
+    for p in targets:
+        din, dout = dims[p]
+        a = rng.standard_normal((L, din, rank), np.float32) / np.float32(math.sqrt(din))
+        b = np.float32(b_std) * rng.standard_normal((L, rank, dout), np.float32)
+        m = on[:, None, None]
+        out[p] = {"a": jnp.asarray(a * m, dtype), "b": jnp.asarray(b * m, dtype), "scale": jnp.asarray(on * s)}
+    return {"layers": out}
+
+
+def _check_targets(targets, what):
+    bad = [t for t in targets if t not in PROJECTIONS]
+    if bad or not len(targets):
+        raise RealmError(f"{what}: expected a non-empty subset of {PROJECTIONS}, got {list(targets)!r}")
+
+
+def check_adapter(adapter, dims: Mapping[str, tuple], num_layers: int, what: str = "adapter",
+                  stacked: bool | None = None) -> int | None:
+    """Validate structure and shapes (static: works on tracers), in the stacked layout or the
+    ``decode_layout``. Returns A for a stack, None for a single adapter.
+    ``dims``: {projection: (D_in, D_out)}; ``stacked``: require one form."""
+    layers = adapter.get("layers") if isinstance(adapter, Mapping) else None
+    if not isinstance(layers, (Mapping, tuple, list)) or not layers:
+        raise RealmError(f"{what}: expected {{'layers': {{projection: {{'a', 'b', 'scale'}}}}}}, "
+                         f"got {type(adapter).__name__} {_keys(adapter)}")
+    counts = []
+    if isinstance(layers, Mapping):  # stacked: leaves [L, (A,) ...]
+        order = [n for n in layers if n not in PROJECTIONS] + [p for p in PROJECTIONS if p in layers]
+        for name in order:
+            counts.append(_check_leaf(layers[name], f"{what}['layers'][{name!r}]", name, dims, (num_layers,)))
+    else:  # decode layout: a tuple of L per-layer dicts, leaves [(A,) ...]
+        if len(layers) != num_layers:
+            raise RealmError(f"{what}['layers']: expected {num_layers} per-layer dicts (decode layout), "
+                             f"got {len(layers)}")
+        fused_dims = dict(dims)
+        for f, parts in FUSED.items():
+            fused_dims[f] = (dims[parts[0]][0], sum(dims[p][1] for p in parts))
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Mapping) or not layer:
+                raise RealmError(f"{what}['layers'][{i}]: expected a dict of projections, got {type(layer).__name__}")
+            for name, leaf in layer.items():
+                counts.append(_check_leaf(leaf, f"{what}['layers'][{i}][{name!r}]", name, fused_dims, ()))
+    count = counts[0]
+    if any(c != count for c in counts):
+        raise RealmError(f"{what}: projections disagree on the number of adapters: {sorted(set(map(str, counts)))}")
+    if stacked is True and count is None:
+        raise RealmError(f"{what}: expected a stack of adapters (see stack_adapters), got a single adapter")
+    if stacked is False and count is not None:
+        raise RealmError(f"{what}: expected a single adapter, got a stack of {count}")
+    return count
+
+
+def _check_leaf(leaf, where: str, name: str, dims: Mapping, lead: tuple) -> int | None:
+    """One projection's {'a', 'b', 'scale'}: a [*lead, (A,) D_in, R], b [*lead, (A,) R, D_out],
+    scale [*lead, (A,)] (or [.., R] in the decode layout's fused leaves). Returns A or None."""
+    if name not in dims:
+        raise RealmError(f"{where}: unknown projection; expected one of {tuple(dims)}")
+    if not isinstance(leaf, Mapping) or set(leaf) != {"a", "b", "scale"}:
+        raise RealmError(f"{where}: expected keys {{'a', 'b', 'scale'}}, got {_keys(leaf)}")
+    a, b, s = (tuple(jnp.shape(leaf[k])) for k in ("a", "b", "scale"))
+    din, dout = dims[name]
+    n = len(lead)
+    A = a[n] if len(a) == n + 3 else None
+    head = lead + (() if A is None else (A,))
+    r = a[-1] if len(a) in (n + 2, n + 3) else -1
+    want = {"a": head + (din, r), "b": head + (r, dout), "scale": head}
+    ok_scale = (head, head + (r,)) if not lead else (head,)
+    for k, shape in (("a", a), ("b", b), ("scale", s)):
+        if r <= 0 or (shape not in ok_scale if k == "scale" else shape != want[k]):
+            form = ("[L, " if lead else "[") + ("A, " if A is not None else "") + "D_in, R]"
+            raise RealmError(f"{where}['{k}']: expected shape {want[k] if r > 0 else form} "
+                             f"(D_in={din}, D_out={dout}{', L=%d' % lead[0] if lead else ''}), got {shape}")
+    return A
+
+
+def _keys(x):
+    return sorted(map(str, x)) if isinstance(x, Mapping) else ""
+
+
+def _params_dims(params) -> tuple[dict, int]:
+    """({projection: (D_in, D_out)}, L) from params in either layout (plain or quantized weights)."""
+    def shape(w):
+        return tuple(jnp.shape(w["q"] if isinstance(w, Mapping) else w))
+
+    layers = params["layers"]
+    if isinstance(layers, (tuple, list)):  # decode layout: fused, per-layer
+        nh, d = shape(layers[0]["wo"])
+        f = shape(layers[0]["w_down"])[0]
+        kh = (shape(layers[0]["wqkv"])[1] - nh) // 2
+        return {"wq": (d, nh), "wk": (d, kh), "wv": (d, kh), "wo": (nh, d),
+                "w_gate": (d, f), "w_up": (d, f), "w_down": (f, d)}, len(layers)
+    return {p: shape(layers[p])[1:] for p in PROJECTIONS}, shape(layers["attn_norm"])[0]
+
+
+def stack_adapters(adapters: Sequence[Adapter], dtype=None) -> Adapter:
+    """Stack A single adapters for the multi-adapter forward: row ``i`` of ``adapter_ids`` = ``i``.
+
+    Targets are the union (an adapter lacking one gets zeros); ranks are zero-padded to the
+    largest per projection (exact). ``dtype``: of the factors (default: their common dtype).
+    """
+    if isinstance(adapters, Mapping) or not len(adapters):
+        raise RealmError(f"adapters: expected a non-empty list of single adapters, got {type(adapters).__name__}")
+    ref_dims, L = {}, None
+    for i, ad in enumerate(adapters):
+        if not isinstance(ad, Mapping) or not isinstance(ad.get("layers"), Mapping):
+            raise RealmError(f"adapters[{i}]: expected an adapter dict with 'layers', got {type(ad).__name__}")
+        for name, leaf in ad["layers"].items():
+            a, b = (jnp.shape(leaf[k]) if isinstance(leaf, Mapping) and k in leaf else () for k in ("a", "b"))
+            if len(a) != 3 or len(b) != 3:
+                raise RealmError(f"adapters[{i}]['layers'][{name!r}]: expected a [L, D_in, R] and b [L, R, D_out] "
+                                 f"(a single adapter), got a {a}, b {b}")
+            ref_dims.setdefault(name, (a[1], b[2]))
+            L = a[0] if L is None else L
+    for i, ad in enumerate(adapters):
+        check_adapter(ad, ref_dims, L, f"adapters[{i}]", stacked=False)
+    if dtype is None:
+        dtype = jnp.result_type(*[leaf["a"] for ad in adapters for leaf in ad["layers"].values()])
+    return _stack_jit([ad["layers"] for ad in adapters], jnp.dtype(dtype))
+
+
+@partial(jax.jit, static_argnums=1)
+def _stack_jit(layers: list, dtype) -> Adapter:
+    names = [p for p in PROJECTIONS if any(p in ad for ad in layers)]
+    out = {}
+    for name in names:
+        present = [ad[name] for ad in layers if name in ad]
+        (L, din, _), dout = present[0]["a"].shape, present[0]["b"].shape[-1]
+        R = max(leaf["a"].shape[-1] for leaf in present)
+        As, Bs, Ss = [], [], []
+        for ad in layers:
+            leaf = ad.get(name)
+            if leaf is None:
+                As.append(jnp.zeros((L, din, R), dtype))
+                Bs.append(jnp.zeros((L, R, dout), dtype))
+                Ss.append(jnp.zeros((L,), jnp.float32))
+                continue
+            pad = R - leaf["a"].shape[-1]
+            As.append(jnp.pad(leaf["a"].astype(dtype), ((0, 0), (0, 0), (0, pad))))
+            Bs.append(jnp.pad(leaf["b"].astype(dtype), ((0, 0), (0, pad), (0, 0))))
+            Ss.append(leaf["scale"].astype(jnp.float32))
+        out[name] = {"a": jnp.stack(As, 1), "b": jnp.stack(Bs, 1), "scale": jnp.stack(Ss, 1)}
+    return {"layers": out}
+
+
+def check_adapter_ids(adapter_ids, num_adapters: int | None, batch: int) -> np.ndarray:
+    """Host-side check of ``adapter_ids [B]`` (each in ``[-1, A)``); returns them as int32."""
+    ids = np.asarray(adapter_ids)
+    A = 1 if num_adapters is None else num_adapters
+    if ids.shape != (batch,) or not np.issubdtype(ids.dtype, np.integer):
+        raise RealmError(f"adapter_ids: expected int [{batch}] (one per row), got {ids.dtype} {ids.shape}")
+    bad = ids[(ids < -1) | (ids >= A)]
+    if bad.size:
+        raise RealmError(f"adapter_ids: expected values in [-1, {A}) (-1 = base model), got {bad.tolist()}")
+    return ids.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- per-row delta
+def lora_delta(x: jax.Array, leaf: Mapping, adapter_ids: jax.Array | None = None,
+               method: str | None = None) -> jax.Array:
+    """The unmerged LoRA term of one projection in one layer, per row.
+
+    x [B, T, D_in]; ``leaf`` is one layer's slice: a single adapter (a [D_in, R], b [R, D_out],
+    scale [] or [R]) or a stack (a [A, D_in, R], b [A, R, D_out], scale [A] or [A, R]; a
+    per-rank scale comes from ``decode_layout``'s fused projections); adapter_ids [B] int
+    (-1 = none; optional for a single adapter, which is then applied to every row).
+    Returns ``((x @ a[id]) * scale[id]) @ b[id]`` [B, T, D_out] float32 (0 for id -1).
+
+    ``method`` (a stack only): "dense" computes all A adapters' ``x @ a`` in one matmul with
+    inner size A*R and masks per row (no gathers; best when A <= B); "gather" takes each row's
+    factors (best when A > B). Default: by that rule.
+    """
+    a, b, scale = leaf["a"], leaf["b"], jnp.asarray(leaf["scale"], jnp.float32)
+    f32 = jnp.float32
+    bsz = x.shape[0]
+    if adapter_ids is not None and adapter_ids.shape != (bsz,):
+        raise RealmError(f"adapter_ids: expected shape ({bsz},) (one per row), got {adapter_ids.shape}")
+    if a.ndim == 2:  # single adapter
+        s = scale.reshape(1, 1, -1)  # [1, 1, 1 or R]
+        if adapter_ids is not None:
+            s = jnp.where((adapter_ids == 0)[:, None, None], s, 0.0)
+        xa = jnp.matmul(x, a, preferred_element_type=f32) * s
+        return jnp.matmul(xa.astype(b.dtype), b, preferred_element_type=f32)
+    if adapter_ids is None:
+        raise RealmError("adapter_ids: required (int [B], -1 = base) with a stack of adapters")
+    A = a.shape[0]
+    scale = scale.reshape(A, -1)  # [A, 1 or R]
+    method = method or ("dense" if A <= bsz else "gather")
+    ids = adapter_ids.astype(jnp.int32)
+    if method == "dense":
+        hit = ids[:, None] == jnp.arange(A, dtype=jnp.int32)[None, :]  # [B, A]
+        w = jnp.where(hit[:, :, None], scale[None], 0.0)  # [B, A, 1 or R]
+        xa = jnp.einsum("btd,adr->btar", x, a, preferred_element_type=f32) * w[:, None]
+        return jnp.einsum("btar,aro->bto", xa.astype(b.dtype), b, preferred_element_type=f32)
+    if method == "gather":
+        idx = jnp.clip(ids, 0, A - 1)
+        s = jnp.where(((ids >= 0) & (ids < A))[:, None], scale[idx], 0.0)  # [B, 1 or R]
+        xa = jnp.einsum("btd,bdr->btr", x, a[idx], preferred_element_type=f32) * s[:, None, :]
+        return jnp.einsum("btr,bro->bto", xa.astype(b.dtype), b[idx], preferred_element_type=f32)
+    raise RealmError(f"method: expected 'dense' or 'gather', got {method!r}")
+
+
+# ----------------------------------------------------------------------------- decode layout
+FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}  # as in model.decode_layout
+
+
+def decode_layout(adapters: Adapter, cfg: ModelConfig) -> Adapter:
+    """The adapter (or stack) for params in ``model.decode_layout``: a tuple of L per-layer dicts
+    (each layer's factors their own buffers) with q|k|v fused into ``wqkv`` and gate|up into
+    ``w_gate_up``, so each fused projection costs two small matmuls instead of four or six.
+
+    A fused leaf concatenates the factors on the rank axis: a [(A,) D, Rq+Rk+Rv], b block-diagonal
+    [(A,) Rq+Rk+Rv, (N+2K)*H] (zeros elsewhere: exact), scale per rank column [(A,) Rq+Rk+Rv].
+    ``wo``/``w_down`` are just sliced per layer. Serve with ``forward``/``generate`` on
+    decode-layout params; ``merge`` takes the stacked form.
+    """
+    if isinstance(adapters, Mapping) and isinstance(adapters.get("layers"), (tuple, list)):
+        return adapters
+    dims = projection_dims(cfg)
+    check_adapter(adapters, dims, cfg.num_layers)
+    return {"layers": _decode_layout_jit(adapters["layers"], tuple(sorted(dims.items())), cfg.num_layers)}
+
+
+@partial(jax.jit, static_argnums=(1, 2))
+def _decode_layout_jit(leaves: dict, dims: tuple, num_layers: int) -> tuple:
+    dims = dict(dims)
+    out = []
+    for i in range(num_layers):
+        layer = {}
+        for name in ("wo", "w_down"):
+            if name in leaves:
+                layer[name] = {k: v[i] for k, v in leaves[name].items()}
+        for fused, parts in FUSED.items():
+            present = [p for p in parts if p in leaves]
+            if not present:
+                continue
+            width = sum(dims[p][1] for p in parts)
+            As, Bs, Ss = [], [], []
+            for p in present:
+                a, b, sc = (leaves[p][k][i] for k in ("a", "b", "scale"))
+                col = sum(dims[q][1] for q in parts[:parts.index(p)])
+                pad = [(0, 0)] * (b.ndim - 1) + [(col, width - col - b.shape[-1])]
+                As.append(a)
+                Bs.append(jnp.pad(b, pad))
+                Ss.append(jnp.broadcast_to(sc[..., None], sc.shape + (a.shape[-1],)))
+            layer[fused] = {"a": jnp.concatenate(As, -1), "b": jnp.concatenate(Bs, -2),
+                            "scale": jnp.concatenate(Ss, -1)}
+        out.append(layer)
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------- merge / unmerge
+def merge(params: dict, adapter: Adapter) -> dict:
+    """``W' = W + scale * A @ B`` for every targeted projection (float32, cast back to W's dtype).
+
+    Pure and jittable (a new adapter of the same shapes does not retrace). A quantized base
+    weight is refused: serve the adapter unmerged instead.
+    """
+    return _fold(params, adapter, 1.0, "merge")
+
+
+def unmerge(params: dict, adapter: Adapter) -> dict:
+    """The inverse of ``merge``: ``W - scale * A @ B`` (equal to the original up to rounding)."""
+    return _fold(params, adapter, -1.0, "unmerge")
+
+
+def _fold(params, adapter, sign, fn):
+    layers = params["layers"]
+    unstacked = isinstance(layers, (tuple, list))
+    if isinstance(adapter, Mapping) and isinstance(adapter.get("layers"), (tuple, list)):
+        raise RealmError(f"{fn}: the adapter is in the decode layout; {fn} takes the stacked adapter "
+                         f"(as load_peft / init_adapter return it), for params in either layout")
+    names = list(adapter["layers"]) if isinstance(adapter, Mapping) and isinstance(adapter.get("layers"), Mapping) else []
+    if unstacked:
+        names = [f for f, parts in FUSED.items() if any(p in names for p in parts)] + \
+            [n for n in names if n in ("wo", "w_down")]
+    for name in names:
+        w = (layers[0] if unstacked else layers).get(name)
+        if isinstance(w, Mapping):
+            raise UnsupportedModelError(
+                f"{fn}: params['layers'][{name!r}] is quantized ({_keys(w)}); merging into a quantized base "
+                f"is not supported. Serve the adapter unmerged (forward(..., adapters=, adapter_ids=)) "
+                f"or merge before quantizing")
+    dims, L = _params_dims(params)
+    check_adapter(adapter, dims, L, f"{fn}: adapter", stacked=False)
+    if unstacked:
+        fused = _decode_layout_jit(adapter["layers"], tuple(sorted(dims.items())), L)
+        new = _fold_layers_jit(tuple({n: lp[n] for n in fl} for lp, fl in zip(layers, fused)), fused, sign)
+        return {**params, "layers": tuple({**lp, **nl} for lp, nl in zip(layers, new))}
+    new = _fold_jit({n: layers[n] for n in adapter["layers"]}, adapter["layers"], sign)
+    return {**params, "layers": {**layers, **new}}
+
+
+@partial(jax.jit, static_argnums=2)
+def _fold_jit(weights: dict, leaves: dict, sign: float) -> dict:
+    """Stacked layout: W [L, D_in, D_out] +- scale[l] * a[l] @ b[l]."""
+    out = {}
+    for name, leaf in leaves.items():
+        w = weights[name]
+        delta = jnp.einsum("ldr,lro->ldo", leaf["a"].astype(jnp.float32), leaf["b"].astype(jnp.float32),
+                           precision=jax.lax.Precision.HIGHEST)
+        delta = delta * leaf["scale"].astype(jnp.float32)[:, None, None]
+        out[name] = (w.astype(jnp.float32) + sign * delta).astype(w.dtype)
+    return out
+
+
+@partial(jax.jit, static_argnums=2)
+def _fold_layers_jit(weights: tuple, fused: tuple, sign: float) -> tuple:
+    """Decode layout: per layer, W [D_in, D_out] +- (a * scale) @ b (scale scalar or per rank)."""
+    out = []
+    for w_l, f_l in zip(weights, fused):
+        new = {}
+        for name, leaf in f_l.items():
+            a = leaf["a"].astype(jnp.float32) * leaf["scale"].astype(jnp.float32)
+            delta = jnp.matmul(a, leaf["b"].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+            new[name] = (w_l[name].astype(jnp.float32) + sign * delta).astype(w_l[name].dtype)
+        out.append(new)
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------- PEFT format
+# adapter_config.json fields with no effect on inference.
+_PEFT_HARMLESS = {
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out",
+    "bias", "use_rslora", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
+    "alpha_pattern", "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+    "qalora_group_size", "runtime_config", "ensure_weight_tying",
+}
+# Fields naming a feature we do not implement: an error when set to anything but off.
+_PEFT_REFUSED = {
+    "use_dora": "DoRA (use_dora)", "lora_bias": "trained LoRA biases (lora_bias)",
+    "modules_to_save": "fully trained extra modules (modules_to_save)",
+    "trainable_token_indices": "trainable token embeddings (trainable_token_indices)",
+    "layer_replication": "layer replication", "target_parameters": "LoRA on parameters (target_parameters)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)", "use_qalora": "QA-LoRA",
+    "megatron_config": "Megatron parallel LoRA", "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA",
+    "use_bdlora": "block-diagonal LoRA", "arrow_config": "Arrow routing", "kasa_config": "KaSA",
+}
+# Initialisations that rewrite the base weights (the adapter only works with that modified base).
+_BASE_MODIFYING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga", "mica")
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+
+
+def _hf_modules(cfg: ModelConfig) -> list[tuple[str, str | None, int | None]]:
+    """The HF module names of this model (as ``named_modules`` lists them) -> (key, projection, layer)."""
+    out = [("model", None, None), ("model.embed_tokens", None, None), ("model.layers", None, None)]
+    for i in range(cfg.num_layers):
+        pre = f"model.layers.{i}"
+        out += [(pre, None, None), (f"{pre}.self_attn", None, None)]
+        out += [(_MODULE_PATH[p].format(i=i), p, i) for p in ("wq", "wk", "wv", "wo")]
+        if cfg.qk_norm:
+            out += [(f"{pre}.self_attn.q_norm", None, None), (f"{pre}.self_attn.k_norm", None, None)]
+        out += [(f"{pre}.mlp", None, None)]
+        out += [(_MODULE_PATH[p].format(i=i), p, i) for p in ("w_gate", "w_up", "w_down")]
+        out += [(f"{pre}.mlp.act_fn", None, None), (f"{pre}.input_layernorm", None, None),
+                (f"{pre}.post_attention_layernorm", None, None)]
+    out += [("model.norm", None, None), ("model.rotary_emb", None, None), ("lm_head", None, None)]
+    return out
+
+
+def _peft_is_target(c: Mapping, key: str) -> bool:
+    """PEFT's rule for whether module ``key`` gets LoRA (target_modules, exclude_modules,
+    layers_to_transform / layers_pattern)."""
+    excl = c.get("exclude_modules")
+    if excl:
+        if isinstance(excl, str):
+            if re.fullmatch(excl, key):
+                return False
+        elif key in excl or any(key.endswith(f".{e}") for e in excl):
+            return False
+    tm = c["target_modules"]
+    if isinstance(tm, str):
+        return re.fullmatch(tm, key) is not None
+    if not (key in tm or any(key.endswith(f".{t}") for t in tm)):
+        return False
+    idxs = c.get("layers_to_transform")
+    if idxs is None or (isinstance(idxs, list) and not idxs):
+        return True
+    pattern = c.get("layers_pattern")
+    m = None
+    if not pattern:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        for pat in [pattern] if isinstance(pattern, str) else pattern:
+            m = re.match(rf"(?:^|.*?\.){pat}\.(?P<idx>\d+)\.", key)
+            if m:
+                break
+    if not m:
+        return False
+    i = int(m.group("idx"))
+    return i == idxs if isinstance(idxs, int) else i in idxs
+
+
+def _pattern_value(patterns: Mapping, key: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first pattern matching the end of ``key``."""
+    for pat, value in patterns.items():
+        if re.match(rf"(.*\.)?({pat})$", key):
+            return value
+    return default
+
+
+def read_peft_config(path: str | os.PathLike) -> dict:
+    """``adapter_config.json`` of a PEFT directory, with everything we cannot honour refused."""
+    f = Path(path) / "adapter_config.json"
+    if not f.is_file():
+        raise CheckpointError(f"{path}: not a PEFT adapter directory (no adapter_config.json)")
+    try:
+        c = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(c, dict):
+        raise CheckpointError(f"{f}: expected a JSON object, got {type(c).__name__}")
+    if c.get("peft_type", "LORA") != "LORA":
+        raise UnsupportedModelError(f"{f}: peft_type {c.get('peft_type')!r} is not supported; supported: 'LORA'")
+    for k, what in _PEFT_REFUSED.items():
+        if c.get(k) not in (None, False, [], {}, ""):
+            raise UnsupportedModelError(f"{f}: {what} is not supported ({k}={c[k]!r})")
+    if c.get("bias", "none") != "none":
+        raise UnsupportedModelError(f"{f}: bias={c['bias']!r} (trained biases) is not supported; supported: 'none'")
+    init = c.get("init_lora_weights", True)
+    if init not in _PLAIN_INITS:
+        if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
+            raise UnsupportedModelError(
+                f"{f}: init_lora_weights={init!r} modifies the base weights, so this adapter only works with "
+                f"that modified base; re-save it converted to a plain LoRA (PEFT save_pretrained with "
+                f"path_initial_model_for_weight_conversion)")
+        raise UnsupportedModelError(f"{f}: init_lora_weights={init!r} is not supported; "
+                                    f"supported: {list(_PLAIN_INITS)}")
+    for k, v in c.items():
+        if k not in _PEFT_HARMLESS and k not in _PEFT_REFUSED and v not in (None, False, [], {}, ""):
+            raise UnsupportedModelError(f"{f}: unknown adapter_config.json setting {k}={v!r}; not supported")
+    if isinstance(c.get("target_modules"), str) and c.get("layers_to_transform") is not None:
+        raise UnsupportedModelError(f"{f}: layers_to_transform cannot be combined with a regex target_modules")
+    r = c.get("r", 8)
+    if not isinstance(r, int) or r <= 0:
+        raise CheckpointError(f"{f}: r must be a positive int, got {r!r}")
+    return c
+
+
+def peft_targets(c: Mapping, cfg: ModelConfig) -> dict[tuple[str, int], tuple[str, int, float]]:
+    """Which (projection, layer) a PEFT config targets on this model -> (module key, rank, scale)."""
+    c = dict(c)
+    tm = c.get("target_modules")
+    if tm is None:  # PEFT's default for Llama-family models
+        tm = ["q_proj", "v_proj"]
+    if isinstance(tm, str) and tm.lower() == "all-linear":
+        tm = list(PEFT_MODULES)
+    if not isinstance(tm, (str, list)):
+        raise CheckpointError(f"target_modules: expected a list or a regex string, got {tm!r}")
+    c["target_modules"] = tm
+    rank_pat, alpha_pat = c.get("rank_pattern") or {}, c.get("alpha_pattern") or {}
+    r0, alpha0, rs = c.get("r", 8), c.get("lora_alpha", 8), bool(c.get("use_rslora", False))
+    out, hit = {}, set()
+    for key, proj, layer in _hf_modules(cfg):
+        if not _peft_is_target(c, key):
+            continue
+        if proj is None:
+            if key == "model.embed_tokens":
+                raise UnsupportedModelError(f"target module {key!r}: embedding LoRA is not supported")
+            if key == "lm_head":
+                raise UnsupportedModelError(f"target module {key!r}: LoRA on lm_head is not supported")
+            raise UnsupportedModelError(f"target module {key!r} is not a linear projection; LoRA applies to "
+                                        f"{', '.join(PEFT_MODULES)}")
+        r = _pattern_value(rank_pat, key, r0)
+        alpha = _pattern_value(alpha_pat, key, alpha0)
+        if not isinstance(r, int) or r <= 0:
+            raise CheckpointError(f"rank_pattern: rank for {key!r} must be a positive int, got {r!r}")
+        out[(proj, layer)] = (key, r, lora_scale(r, alpha, rs))
+        hit.add(key)
+    if isinstance(tm, str):
+        if not hit:
+            raise UnsupportedModelError(f"target_modules regex {tm!r} matches no module of this model")
+    else:
+        for t in tm:
+            if not any(k == t or k.endswith(f".{t}") for k, _, _ in _hf_modules(cfg)):
+                raise UnsupportedModelError(
+                    f"target_modules: unknown module {t!r}; this model has {', '.join(PEFT_MODULES)}")
+        if not out:
+            raise UnsupportedModelError(f"target_modules {tm} (with layers_to_transform="
+                                        f"{c.get('layers_to_transform')}) select no module of this model")
+    return out
+
+
+def load_peft(path: str | os.PathLike, config: ModelConfig, dtype=jnp.float32) -> Adapter:
+    """Read a PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``) into an
+    adapter for a model of ``config``; factors in ``dtype``, scales float32.
+
+    Honours r, lora_alpha, use_rslora, target_modules (list or regex; "all-linear"),
+    exclude_modules, rank_pattern / alpha_pattern, layers_to_transform / layers_pattern.
+    Anything else that changes the model (DoRA, biases, embedding / lm_head LoRA, ...) is an
+    error naming it; so is every tensor that is missing, unexpected or mis-shaped (an adapter
+    for another model), before any tensor is read.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    c = read_peft_config(path)
+    wfile = path / "adapter_model.safetensors"
+    if not wfile.is_file():
+        extra = " (adapter_model.bin, a pickle, is not read: re-save with safetensors)" \
+            if (path / "adapter_model.bin").exists() else ""
+        raise CheckpointError(f"{path}: no adapter_model.safetensors{extra}")
+    targets = peft_targets(c, config)
+    try:
+        h = safe_open(str(wfile), framework="flax")
+        names = list(h.keys())
+    except Exception as e:  # safetensors raises its own error type
+        raise CheckpointError(f"{wfile}: unreadable or truncated safetensors file ({e})") from None
+    prefix = "base_model.model."
+    by_key = {(n[len(prefix):] if n.startswith(prefix) else n): n for n in names}
+    dims = projection_dims(config)
+    wanted = []
+    for (proj, layer), (key, r, _) in sorted(targets.items(), key=lambda kv: (kv[0][1], PROJECTIONS.index(kv[0][0]))):
+        din, dout = dims[proj]
+        for part, shape in (("lora_A", (r, din)), ("lora_B", (dout, r))):
+            name = f"{key}.{part}.weight"
+            if name not in by_key:
+                raise CheckpointError(f"{wfile}: missing tensor {name!r} (target {key}, r={r})")
+            got = tuple(h.get_slice(by_key[name]).get_shape())
+            if got != shape:
+                raise CheckpointError(
+                    f"{wfile}: tensor {by_key[name]!r} has shape {got}, expected {shape} (r={r}, "
+                    f"D_in={din}, D_out={dout}); is this an adapter for another model?")
+            wanted.append(name)
+    for n in set(by_key) - set(wanted):
+        what = ("embedding LoRA" if "lora_embedding" in n else "DoRA magnitude" if "magnitude" in n
+                else "a bias" if n.endswith(".bias") else "not a LoRA factor of a targeted module")
+        raise UnsupportedModelError(f"{wfile}: unexpected tensor {by_key[n]!r} ({what}); not supported")
+    L = config.num_layers
+    ranks = {}
+    for (proj, _), (_, r, _) in targets.items():
+        ranks[proj] = max(ranks.get(proj, 0), r)
+    out = {}
+    for proj in (p for p in PROJECTIONS if p in ranks):
+        din, dout = dims[proj]
+        R = ranks[proj]
+        a = np.zeros((L, din, R), np.float32)
+        b = np.zeros((L, R, dout), np.float32)
+        s = np.zeros((L,), np.float32)
+        for layer in range(L):
+            if (proj, layer) not in targets:
+                continue
+            key, r, scale = targets[(proj, layer)]
+            a[layer, :, :r] = np.asarray(h.get_tensor(by_key[f"{key}.lora_A.weight"]), np.float32).T
+            b[layer, :r, :] = np.asarray(h.get_tensor(by_key[f"{key}.lora_B.weight"]), np.float32).T
+            s[layer] = scale
+        out[proj] = {"a": jnp.asarray(a, dtype), "b": jnp.asarray(b, dtype), "scale": jnp.asarray(s)}
+    return {"layers": out}
+
+
+def save_peft(path: str | os.PathLike, adapter: Adapter, config: ModelConfig,
+              base_model_name_or_path: str | None = None) -> Path:
+    """Write a single adapter as a PEFT LoRA directory that PEFT and ``load_peft`` read back.
+
+    Every targeted module of every layer is written at its padded rank R with ``alpha_pattern``
+    entries reproducing the per-layer scale (so the result is exact, not minimal). The
+    directory must not exist; it appears complete or not at all.
+    """
+    from safetensors.numpy import save_file
+
+    check_adapter(adapter, projection_dims(config), config.num_layers, "adapter", stacked=False)
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path}: already exists; refusing to overwrite")
+    tensors, rank_pattern, alpha_pattern = {}, {}, {}
+    R0 = max(int(leaf["a"].shape[-1]) for leaf in adapter["layers"].values())
+    for proj, leaf in adapter["layers"].items():
+        a, b = np.asarray(leaf["a"], np.float32), np.asarray(leaf["b"], np.float32)
+        scale = np.asarray(leaf["scale"], np.float64)
+        R = a.shape[-1]
+        if R != R0:
+            rank_pattern[_PEFT_NAME[proj]] = R
+        for i in range(config.num_layers):
+            key = _MODULE_PATH[proj].format(i=i)
+            tensors[f"base_model.model.{key}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
+            tensors[f"base_model.model.{key}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
+            alpha_pattern["^" + re.escape(key)] = float(scale[i]) * R
+    cfg = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": R0, "lora_alpha": R0, "use_rslora": False, "bias": "none", "lora_dropout": 0.0,
+        "target_modules": sorted(_PEFT_NAME[p] for p in adapter["layers"]), "init_lora_weights": True,
+        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "inference_mode": True,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"))
+        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+# ----------------------------------------------------------------------------- command line
+class AdapterPlan(NamedTuple):
+    """``--lora``/``--adapter`` choices, checked on the host: adapter dirs by name, id per prompt."""
+
+    dirs: dict  # name -> directory (in stacking order)
+    ids: list  # [B] index into dirs (-1 = base model)
+
+
+def plan_adapters(specs: Sequence[str], choices: Sequence[str], num_prompts: int) -> AdapterPlan | None:
+    """Parse ``--lora [NAME=]DIR`` (repeatable; NAME defaults to the directory's name) and
+    ``--adapter NAME`` (one per prompt, in prompt order, or one for all; 'base' = no adapter;
+    default with a single ``--lora``: it, for every prompt). None without ``--lora``."""
+    dirs: dict[str, str] = {}
+    for spec in specs:
+        name, sep, d = spec.partition("=")
+        if not sep:
+            name, d = Path(spec.rstrip("/\\")).name, spec
+        if not name or not d:
+            raise RealmError(f"--lora: expected DIR or NAME=DIR, got {spec!r}")
+        if name == "base":
+            raise RealmError("--lora: the name 'base' is reserved for the base model; pick another NAME=DIR")
+        if name in dirs:
+            raise RealmError(f"--lora: the name {name!r} is given twice ({dirs[name]!r}, {d!r}); use NAME=DIR")
+        dirs[name] = d
+    if not dirs:
+        if choices:
+            raise RealmError(f"--adapter {choices[0]!r} given without any --lora [NAME=]DIR")
+        return None
+    if not choices:
+        if len(dirs) > 1:
+            raise RealmError(f"{len(dirs)} --lora adapters ({', '.join(dirs)}): choose one per prompt with "
+                             f"--adapter NAME (or 'base'), repeated {num_prompts} times")
+        choices = [next(iter(dirs))]
+    if len(choices) == 1:
+        choices = list(choices) * num_prompts
+    if len(choices) != num_prompts:
+        raise RealmError(f"--adapter: expected one per prompt ({num_prompts}) or one for all, got {len(choices)}")
+    names = list(dirs)
+    for c in choices:
+        if c != "base" and c not in dirs:
+            raise RealmError(f"--adapter: unknown name {c!r}; expected one of {names + ['base']}")
+    return AdapterPlan(dirs, [-1 if c == "base" else names.index(c) for c in choices])
+
+
+def load_adapters(dirs: Mapping[str, str], model) -> Adapter:
+    """Load PEFT directories for ``model`` (a ``Model``) and stack them in order, in the params
+    dtype and layout (``decode_layout`` when the params are in the decode layout)."""
+    dtype = model.params["embed"].dtype
+    stack = stack_adapters([load_peft(d, model.config, dtype=dtype) for d in dirs.values()])
+    return decode_layout(stack, model.config) if isinstance(model.params["layers"], (tuple, list)) else stack

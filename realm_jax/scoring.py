@@ -1,0 +1,411 @@
+"""Batch evaluation: log-likelihood of continuations (``score``) and rolling perplexity.
+
+A request is ``(context, continuation)``: two strings, or two lists of token ids. Strings follow
+the evaluation-harness convention (``encode_pair``): trailing whitespace of the context moves to
+the continuation, the whole text is encoded once and split after the context's own tokens, so
+the continuation tokens are exactly those of the joint encoding; an empty context becomes the
+prefix token (BOS, else EOS).
+
+How a batch runs: requests are sorted by length (longest first) and packed into batches of a
+fixed ``batch_size`` rows (padding rows fill the last one). The model input length T is
+rounded up to a bucket (powers of two from 16 to 512, then multiples of 512) and the scored
+span C to a power of two, so the number of compilations is bounded by the number of
+(T, C) buckets. On device, only the C positions that predict continuation tokens go through
+the LM head, in float32, and only their log-probs [B, C] and greedy flags [B, C] come back to
+the host, never the [B, T, V] logits. Results are returned in input order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .errors import RealmError
+from .model import forward_hidden, lm_head
+
+# Upper bound on the float32 logits materialised at once: B * c * V elements (512 MiB).
+LOGITS_BUDGET = 2 ** 27
+
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+    """The log-likelihood of one continuation.
+
+    logprob: sum of ``token_logprobs`` (natural log).
+    token_logprobs: log p(token | everything before it), one per continuation token.
+    is_greedy: every continuation token is the argmax of the model's next-token distribution.
+    token_ids: the continuation's token ids (after tokenization).
+    """
+
+    logprob: float
+    token_logprobs: tuple[float, ...]
+    is_greedy: bool
+    token_ids: tuple[int, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class Perplexity:
+    """Rolling-window result over one or more documents.
+
+    nll: total negative log-likelihood (nats) over ``num_tokens`` scored tokens.
+    documents: ``(nll, num_tokens)`` for each document, in input order.
+    """
+
+    nll: float
+    num_tokens: int
+    documents: tuple[tuple[float, int], ...]
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll / self.num_tokens)
+
+
+# ----------------------------------------------------------------------------- tokenization
+def prefix_token_id(tokenizer) -> int:
+    """The token standing in for an empty context: BOS, else EOS (as the harness does)."""
+    for tid in (getattr(tokenizer, "bos_id", None), getattr(tokenizer, "eos_id", None)):
+        if tid is not None:
+            return int(tid)
+    raise RealmError("context: an empty context needs a BOS or EOS token to stand in for it, "
+                     "but the tokenizer has neither")
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Harness tokenization of a string request -> (context_ids, continuation_ids).
+
+    Trailing whitespace of ``context`` is moved to the front of ``continuation``; then
+    ``context + continuation`` is encoded whole and split after ``len(encode(context))`` tokens.
+    An empty context gives ``[prefix token]`` and the continuation encoded without special
+    tokens (unless it already starts with the prefix token, which then becomes the context).
+    """
+    if context == "":
+        cont = tokenizer.encode(continuation, add_special_tokens=False)
+        prefix = prefix_token_id(tokenizer)
+        if cont and cont[0] == prefix:
+            return cont[:1], cont[1:]
+        return [prefix], cont
+    n_ws = len(context) - len(context.rstrip())
+    if n_ws:
+        context, continuation = context[:-n_ws], context[-n_ws:] + continuation
+    whole = tokenizer.encode(context + continuation)
+    ctx = tokenizer.encode(context)
+    return ctx, whole[len(ctx):]
+
+
+def _as_ids(x, vocab: int, what: str) -> list[int] | None:
+    """A list of ints in [0, vocab) from a list/tuple/ndarray, or None if ``x`` is not one."""
+    if isinstance(x, np.ndarray):
+        if x.ndim != 1 or not np.issubdtype(x.dtype, np.integer):
+            raise RealmError(f"{what}: expected a 1-D integer array of token ids, got {x.dtype} {x.shape}")
+        x = x.tolist()
+    if not isinstance(x, (list, tuple)):
+        return None
+    if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in x):
+        bad = next(t for t in x if not isinstance(t, (int, np.integer)) or isinstance(t, bool))
+        raise RealmError(f"{what}: expected token ids (ints), got an element {bad!r}")
+    out = [int(t) for t in x]
+    bad = [t for t in out if not 0 <= t < vocab]
+    if bad:
+        raise RealmError(f"{what}: token ids must be in [0, {vocab}) (vocab size), got {bad[0]}")
+    return out
+
+
+def tokenize_requests(model, requests: Sequence) -> list[tuple[list[int], list[int]]]:
+    """Validate requests and turn each into ``(context_ids, continuation_ids)``.
+
+    Every problem is reported (naming the request index) before any device work.
+    """
+    if isinstance(requests, (str, bytes)) or not isinstance(requests, Sequence):
+        raise RealmError(f"requests: expected a list of (context, continuation) pairs, got {type(requests).__name__}")
+    vocab = model.config.vocab_size
+    out = []
+    for i, req in enumerate(requests):
+        if not isinstance(req, (tuple, list)) or len(req) != 2:
+            raise RealmError(f"requests[{i}]: expected a (context, continuation) pair, got {req!r:.80}")
+        context, continuation = req
+        if isinstance(context, str) and isinstance(continuation, str):
+            if continuation == "":
+                raise RealmError(f"requests[{i}]: continuation is empty (nothing to score)")
+            if model.tokenizer is None:
+                raise RealmError(f"requests[{i}]: string requests need a tokenizer, but the model has none; "
+                                 "pass token ids instead")
+            ctx, cont = encode_pair(model.tokenizer, context, continuation)
+            if not cont:
+                raise RealmError(f"requests[{i}]: continuation {continuation!r} tokenizes to no tokens "
+                                 "after the context (nothing to score)")
+            _as_ids(ctx + cont, vocab, f"requests[{i}] (tokenized)")
+        else:
+            ctx = _as_ids(context, vocab, f"requests[{i}] context")
+            cont = _as_ids(continuation, vocab, f"requests[{i}] continuation")
+            if ctx is None or cont is None:
+                raise RealmError(f"requests[{i}]: context and continuation must both be strings or both be "
+                                 f"token id lists, got {type(context).__name__} and {type(continuation).__name__}")
+            if not cont:
+                raise RealmError(f"requests[{i}]: continuation is empty (nothing to score)")
+            if not ctx:
+                raise RealmError(f"requests[{i}]: context ids are empty; the first continuation token needs "
+                                 "at least one context token (e.g. the BOS id)")
+        out.append((ctx, cont))
+    return out
+
+
+# ----------------------------------------------------------------------------- shapes
+def bucket_length(n: int) -> int:
+    """Model input length bucket: powers of two from 16 to 512, then multiples of 512."""
+    if n <= 512:
+        return max(16, 1 << (max(n, 1) - 1).bit_length())
+    return -(-n // 512) * 512
+
+
+def bucket_span(n: int, t: int) -> int:
+    """Scored span bucket: the next power of two >= n (at least 4), at most t."""
+    return min(t, max(4, 1 << (max(n, 1) - 1).bit_length()))
+
+
+def _logits_chunk(b: int, c: int, v: int) -> int:
+    """Largest power of two dividing c with b * chunk * v <= LOGITS_BUDGET (at least 1)."""
+    chunk = c & -c
+    while chunk > 1 and b * chunk * v > LOGITS_BUDGET:
+        chunk //= 2
+    return chunk
+
+
+# ----------------------------------------------------------------------------- device part
+@partial(jax.jit, static_argnames=("cfg", "chunk"))
+def continuation_logprobs(params, cfg, tokens, lengths, starts, targets, adapters=None, adapter_ids=None,
+                          *, chunk: int):
+    """Log-probs of target tokens over a span of each row.
+
+    tokens [B, T] int32 right-padded, lengths [B] int32; starts [B] int32: the position whose
+    next-token distribution predicts targets[:, 0]; targets [B, C] int32.
+    Returns logprobs [B, C] float32 (``log_softmax(logits[b, starts[b] + c])[targets[b, c]]``)
+    and greedy [B, C] bool (that target is the argmax). Positions past T - 1 are clamped
+    (the caller ignores them). The LM head runs on C positions only, ``chunk`` at a time.
+    """
+    hidden = forward_hidden(params, cfg, tokens, lengths, adapters=adapters, adapter_ids=adapter_ids)
+    b, t, d = hidden.shape
+    c = targets.shape[1]
+    pos = jnp.minimum(starts[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :], t - 1)
+    h = jnp.take_along_axis(hidden, pos[:, :, None], axis=1)  # [B, C, D]
+
+    def head(xs):
+        hc, tc = xs  # [B, c, D], [B, c]
+        logits = lm_head(params, cfg, hc)  # [B, c, V] float32
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, tc[:, :, None], axis=-1)[:, :, 0]
+        return picked - lse, jnp.argmax(logits, axis=-1).astype(jnp.int32) == tc
+
+    n = c // chunk
+    hs = h.reshape(b, n, chunk, d).swapaxes(0, 1)
+    ts = targets.reshape(b, n, chunk).swapaxes(0, 1)
+    lp, greedy = jax.lax.map(head, (hs, ts))  # [n, B, chunk]
+    return lp.swapaxes(0, 1).reshape(b, c), greedy.swapaxes(0, 1).reshape(b, c)
+
+
+# ----------------------------------------------------------------------------- host part
+def _adapter_ids_per_request(cfg, adapters, adapter_ids, n: int) -> np.ndarray | None:
+    """Validate adapters (as ``generate`` does) and give one adapter id per request (or None)."""
+    if adapters is None:
+        if adapter_ids is not None:
+            raise RealmError("adapter_ids: given without adapters (pass adapters=..., or drop adapter_ids)")
+        return None
+    from .lora import check_adapter, check_adapter_ids, projection_dims
+
+    count = check_adapter(adapters, projection_dims(cfg), cfg.num_layers, "adapters")
+    if adapter_ids is None:
+        if count is not None:
+            raise RealmError(f"adapter_ids: required with a stack of {count} adapters "
+                             "(one id per request or one for all, -1 = base model)")
+        return None
+    if np.ndim(adapter_ids) == 0:
+        adapter_ids = np.full(n, int(adapter_ids))
+    return check_adapter_ids(adapter_ids, count, n)
+
+
+def _truncate(ctx: list[int], cont: list[int], max_length: int | None, i: int) -> list[int]:
+    """context + continuation, left-truncated so the model input (all but the last) fits."""
+    full = ctx + cont
+    if max_length is not None and len(full) - 1 > max_length:
+        if len(cont) > max_length:
+            raise RealmError(f"requests[{i}]: continuation has {len(cont)} tokens, more than "
+                             f"max_length={max_length}")
+        full = full[-(max_length + 1):]
+    return full
+
+
+def iter_scores(model, requests: Sequence, *, batch_size: int = 8, max_length: int | None = None,
+                adapters=None, adapter_ids=None) -> Iterator[tuple[list[int], list[Score]]]:
+    """Score requests batch by batch: yields ``(request indices, scores)`` per batch.
+
+    Batches come longest first (not in input order); every request appears exactly once.
+    All validation happens before the first batch is dispatched. While the host unpacks one
+    batch, the next is already running on the device.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise RealmError(f"batch_size: expected a positive int, got {batch_size!r}")
+    if max_length is not None and (not isinstance(max_length, (int, np.integer)) or max_length < 1):
+        raise RealmError(f"max_length: expected a positive int or None, got {max_length!r}")
+    pairs = tokenize_requests(model, requests)
+    ids_per_req = _adapter_ids_per_request(model.config, adapters, adapter_ids, len(pairs))
+    fulls = [_truncate(ctx, cont, max_length, i) for i, (ctx, cont) in enumerate(pairs)]
+    conts = [cont for _, cont in pairs]
+    order = sorted(range(len(pairs)), key=lambda i: (-len(fulls[i]), -len(conts[i]), i))
+    cfg = model.config
+
+    def dispatch(idx):
+        t = bucket_length(max(len(fulls[i]) - 1 for i in idx))
+        c = bucket_span(max(len(conts[i]) for i in idx), t)
+        tokens = np.zeros((batch_size, t), np.int32)
+        lengths = np.ones(batch_size, np.int32)
+        starts = np.zeros(batch_size, np.int32)
+        targets = np.zeros((batch_size, c), np.int32)
+        for r, i in enumerate(idx):
+            full, k = fulls[i], len(conts[i])
+            tokens[r, :len(full) - 1] = full[:-1]
+            lengths[r] = len(full) - 1
+            starts[r] = len(full) - 1 - k
+            targets[r, :k] = full[-k:]
+        aids = None
+        if ids_per_req is not None:
+            aids = np.full(batch_size, -1, np.int32)
+            aids[:len(idx)] = ids_per_req[idx]
+        elif adapters is not None:  # a single adapter applies to every row, as in forward
+            aids = np.zeros(batch_size, np.int32)
+        chunk = _logits_chunk(batch_size, c, cfg.vocab_size)
+        return idx, continuation_logprobs(model.params, cfg, tokens, lengths, starts, targets,
+                                          adapters, aids, chunk=chunk)
+
+    def collect(idx, out):
+        lp, greedy = (np.asarray(a) for a in out)
+        scores = []
+        for r, i in enumerate(idx):
+            k = len(conts[i])
+            tok_lp = tuple(float(x) for x in lp[r, :k])
+            scores.append(Score(math.fsum(tok_lp), tok_lp, bool(greedy[r, :k].all()), tuple(conts[i])))
+        return list(idx), scores
+
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    pending = None
+    for idx in batches:
+        nxt = dispatch(idx)
+        if pending is not None:
+            yield collect(*pending)
+        pending = nxt
+    if pending is not None:
+        yield collect(*pending)
+
+
+def score(model, requests: Sequence, *, batch_size: int = 8, max_length: int | None = None,
+          adapters=None, adapter_ids=None) -> list[Score]:
+    """Log-likelihood of each continuation given its context, in input order.
+
+    model: a loaded ``Model`` (config, params, tokenizer).
+    requests: ``(context, continuation)`` pairs, both strings (harness tokenization, see
+    ``encode_pair``) or both token id lists (context non-empty).
+    batch_size: rows per device batch (fixed; the last batch is padded).
+    max_length: longest model input; longer requests lose context tokens from the left
+    (default: no truncation).
+    adapters / adapter_ids: stacked LoRA adapters and one adapter index per request
+    (or one for all; -1 = base model), as in ``forward``.
+    """
+    results: list[Score | None] = [None] * len(requests)
+    for idx, scores in iter_scores(model, requests, batch_size=batch_size, max_length=max_length,
+                                   adapters=adapters, adapter_ids=adapter_ids):
+        for i, s in zip(idx, scores):
+            results[i] = s
+    return results  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- perplexity
+def rolling_windows(n: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows ``(begin, target_start, end)`` over a document of n tokens (HF's stride method).
+
+    Window k covers tokens [k * stride, min(k * stride + max_length, n)); it scores the tokens
+    in [target_start, end) that no earlier window scored, each with every earlier token of the
+    window as context. With 1 <= stride < max_length every token but the first is scored once,
+    with at most max_length - 1 tokens of context.
+    """
+    out = []
+    prev_end = 0
+    begin = 0
+    while prev_end < n:
+        end = min(begin + max_length, n)
+        start = max(prev_end, begin + 1)
+        if start < end:
+            out.append((begin, start, end))
+        prev_end = end
+        begin += stride
+    return out
+
+
+def _documents(model, texts_or_ids) -> list[list[int]]:
+    if isinstance(texts_or_ids, str) or (isinstance(texts_or_ids, np.ndarray) and texts_or_ids.ndim == 1):
+        texts_or_ids = [texts_or_ids]
+    elif isinstance(texts_or_ids, (list, tuple)) and texts_or_ids and isinstance(texts_or_ids[0], (int, np.integer)):
+        texts_or_ids = [texts_or_ids]
+    if not isinstance(texts_or_ids, Sequence) or not texts_or_ids:
+        raise RealmError(f"texts_or_ids: expected a non-empty list of strings or token id lists, got {texts_or_ids!r:.80}")
+    docs = []
+    for i, doc in enumerate(texts_or_ids):
+        if isinstance(doc, str):
+            if model.tokenizer is None:
+                raise RealmError(f"texts_or_ids[{i}]: text needs a tokenizer, but the model has none")
+            ids = model.tokenizer.encode(doc)
+            prefix = prefix_token_id(model.tokenizer)
+            if not ids or ids[0] != prefix:
+                ids = [prefix] + ids
+        else:
+            ids = _as_ids(doc, model.config.vocab_size, f"texts_or_ids[{i}]")
+            if ids is None:
+                raise RealmError(f"texts_or_ids[{i}]: expected a string or a list of token ids, got {type(doc).__name__}")
+        if len(ids) < 2:
+            raise RealmError(f"texts_or_ids[{i}]: needs at least 2 tokens (the first is only context), got {len(ids)}")
+        docs.append(ids)
+    return docs
+
+
+def perplexity(model, texts_or_ids, *, max_length: int | None = None, stride: int | None = None,
+               batch_size: int = 8, adapters=None, adapter_id: int | None = None) -> Perplexity:
+    """Rolling-window perplexity over documents.
+
+    texts_or_ids: a string, a list of token ids, or a list of either (one per document).
+    A text is encoded with the tokenizer's special tokens and gets the prefix token (BOS, else
+    EOS) in front if it does not start with it, so every text token is scored; a list of ids
+    is taken as is (its first token is context only).
+    max_length: window length in tokens (default: the model's max_position_embeddings, at
+    most 1024: attention is [T, T] per head, so longer windows cost quadratic memory);
+    stride: how far each window moves, 1 <= stride < max_length (default max_length // 2).
+    Each token is scored once, with up to max_length - 1 tokens of context (``rolling_windows``).
+    """
+    if max_length is None:
+        max_length = min(int(model.config.max_position_embeddings), 1024)
+    if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 2:
+        raise RealmError(f"max_length: expected an int >= 2, got {max_length!r}")
+    if stride is None:
+        stride = max(1, max_length // 2)
+    if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or not 1 <= stride < max_length:
+        raise RealmError(f"stride: expected an int with 1 <= stride < max_length={max_length} "
+                         f"(so every token is scored), got {stride!r}")
+    docs = _documents(model, texts_or_ids)
+    requests, owner = [], []
+    for d, ids in enumerate(docs):
+        for begin, start, end in rolling_windows(len(ids), max_length, stride):
+            requests.append((ids[begin:start], ids[start:end]))
+            owner.append(d)
+    scores = score(model, requests, batch_size=batch_size, adapters=adapters,
+                   adapter_ids=None if adapter_id is None else adapter_id)
+    token_lps: list[list[float]] = [[] for _ in docs]
+    for d, s in zip(owner, scores):
+        token_lps[d].extend(s.token_logprobs)
+    per_doc = tuple((-math.fsum(lps), len(lps)) for lps in token_lps)
+    return Perplexity(math.fsum(nll for nll, _ in per_doc), sum(n for _, n in per_doc), per_doc)

