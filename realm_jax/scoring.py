@@ -375,7 +375,7 @@ def _documents(model, texts_or_ids) -> list[list[int]]:
 
 
 def perplexity(model, texts_or_ids, *, max_length: int | None = None, stride: int | None = None,
-               batch_size: int = 8, adapters=None, adapter_id: int | None = None) -> Perplexity:
+               batch_size: int = 8, adapters=None, adapter_ids=None) -> Perplexity:
     """Rolling-window perplexity over documents.
 
     texts_or_ids: a string, a list of token ids, or a list of either (one per document).
@@ -386,6 +386,7 @@ def perplexity(model, texts_or_ids, *, max_length: int | None = None, stride: in
     most 1024: attention is [T, T] per head, so longer windows cost quadratic memory);
     stride: how far each window moves, 1 <= stride < max_length (default max_length // 2).
     Each token is scored once, with up to max_length - 1 tokens of context (``rolling_windows``).
+    adapters / adapter_ids: as in ``score``, with one adapter id per document (or one for all).
     """
     if max_length is None:
         max_length = min(int(model.config.max_position_embeddings), 1024)
@@ -397,13 +398,14 @@ def perplexity(model, texts_or_ids, *, max_length: int | None = None, stride: in
         raise RealmError(f"stride: expected an int with 1 <= stride < max_length={max_length} "
                          f"(so every token is scored), got {stride!r}")
     docs = _documents(model, texts_or_ids)
+    doc_adapters = _adapter_ids_per_request(model.config, adapters, adapter_ids, len(docs))
     requests, owner = [], []
     for d, ids in enumerate(docs):
         for begin, start, end in rolling_windows(len(ids), max_length, stride):
             requests.append((ids[begin:start], ids[start:end]))
             owner.append(d)
     scores = score(model, requests, batch_size=batch_size, adapters=adapters,
-                   adapter_ids=None if adapter_id is None else adapter_id)
+                   adapter_ids=None if doc_adapters is None else doc_adapters[owner])
     token_lps: list[list[float]] = [[] for _ in docs]
     for d, s in zip(owner, scores):
         token_lps[d].extend(s.token_logprobs)

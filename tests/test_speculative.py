@@ -328,13 +328,13 @@ def test_cli_generate_with_draft(tmp_path, capsys):
     directory, _ = make_hf_model("llama_gqa_llama3_untied", tmp_path / "tiny")
     model = realm_jax.load(directory, dtype="float32")
     prompts = [[5, 17, 33, 8, 5, 17], [60, 61]]
-    ref = generate(model, prompts, 9)
+    ref = speculative_generate(model, "self:2", prompts, 9, k=3)  # (greedy == generate: tested above)
     base = ["generate", "--model", str(directory), "--max-new-tokens", "9", "--json", "--dtype", "float32"]
     base += [a for p in prompts for a in ("--prompt-ids", ",".join(map(str, p)))]
     assert cli.main(base + ["--draft", "self:2", "--k", "3"]) == 0
     out = capsys.readouterr()
     assert [json.loads(line)["tokens"] for line in out.out.splitlines()] == ref.tokens
-    assert "draft=self:2 k=3" in out.err and "acceptance=" in out.err
+    assert f"speculative: {ref.stats.summary()}" in out.err
     # a target with no pairing in configs/drafts.json, and a bad k: clean errors, exit code 2
     assert cli.main(base + ["--draft", "paired"]) == 2
     assert "pairing for target" in capsys.readouterr().err

@@ -127,24 +127,23 @@ class Progress:
     def __init__(self, total: int, total_tokens: int, done: int, quiet: bool):
         self.total, self.total_tokens, self.done, self.quiet = total, total_tokens, done, quiet
         self.tokens = 0
-        self.start = time.perf_counter()
+        self.start = self.shown = time.perf_counter()
         self.tty = sys.stderr.isatty()
 
     def update(self, requests: int, tokens: int, final: bool = False) -> None:
         self.done += requests
         self.tokens += tokens
-        if self.quiet:
+        now = time.perf_counter()
+        if self.quiet or not (final or now - self.shown >= (0.2 if self.tty else 10.0)):
             return
-        dt = max(time.perf_counter() - self.start, 1e-9)
+        self.shown = now
+        dt = max(now - self.start, 1e-9)
         rate = self.tokens / dt
         left = self.total_tokens - self.tokens
         eta = f", {left / rate:.0f}s left" if rate > 0 and left > 0 else ""
         msg = (f"score: {self.done}/{self.total} requests ({100 * self.done / self.total:.0f}%), "
                f"{rate:.0f} tokens/s{eta}")
-        if self.tty:
-            sys.stderr.write("\r" + msg + ("\n" if final else ""))
-        elif final or requests:
-            sys.stderr.write(msg + "\n")
+        sys.stderr.write(("\r" + msg + ("\n" if final else "")) if self.tty else msg + "\n")
         sys.stderr.flush()
 
 
