@@ -185,8 +185,18 @@ def write_hf_checkpoint(directory: str | os.PathLike, cfg: ModelConfig, params: 
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / fname, mode) as f:
                 f.write(content)
+        _default_permissions(tmp)
         os.replace(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _default_permissions(folder: Path) -> None:
+    """mkdtemp makes 0700 folders; give the finished output the usual umask-based modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for p in folder.iterdir():
+        os.chmod(p, 0o666 & ~umask)

@@ -450,12 +450,18 @@ def generate_stream(model, prompts, max_new_tokens: int | Sequence[int], *, temp
                     adapter_ids=None, chat: bool = False, chunk: int = 8) -> Iterator[StreamChunk]:
     """Like ``generate`` but yields a ``StreamChunk`` after prefill and after every ``chunk``
     decode steps (each a jitted call with the same shapes). Concatenating the chunks gives
-    ``generate``'s tokens. Text deltas hold back an incomplete multi-byte character."""
+    ``generate``'s tokens. Text deltas hold back an incomplete multi-byte character.
+    Bad input raises here, at the call, not at the first iteration."""
     if not _is_int(chunk) or chunk < 1:
         raise RealmError(f"chunk must be an integer >= 1, got {chunk!r}")
     req, pad, ctl, cache, aid = _setup(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
                                        top_p=top_p, seed=seed, stop_ids=stop_ids, max_len=max_len,
                                        adapters=adapters, adapter_ids=adapter_ids, chat=chat)
+    return _stream(model, req, pad, ctl, cache, aid, adapters, chunk)
+
+
+def _stream(model, req: Request, pad: Padded, ctl: Controls, cache: KVCache, aid, adapters,
+            chunk: int) -> Iterator[StreamChunk]:
     tok = getattr(model, "tokenizer", None)
     b = req.batch
     state = start_jit(model.params, model.config, jnp.asarray(pad.tokens), jnp.asarray(pad.lengths), cache, ctl,
@@ -476,9 +482,9 @@ def generate_stream(model, prompts, max_new_tokens: int | Sequence[int], *, temp
             delta = None
             if tok is not None:
                 full = _row_text(tok, out[i, :n].tolist(), bool(stopped[i]))
-                if full.endswith("\ufffd") and finished[i] is None:
-                    full = full[:-1]  # an incomplete character: wait for its other bytes
-                delta = full[len(texts[i]):] if full.startswith(texts[i]) else full
+                if finished[i] is None:
+                    full = full.rstrip("\ufffd")  # an incomplete character: wait for its other bytes
+                delta = full[len(texts[i]):]  # decoding more ids extends the text
                 texts[i] = full
             deltas.append(delta)
         yield StreamChunk(new_tokens, deltas, list(finished))

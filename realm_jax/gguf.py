@@ -106,7 +106,8 @@ def config_from_gguf(meta: Mapping[str, Any], tensors: Mapping[str, GGUFTensor] 
     head_dim = int(key("attention.key_length", hidden // num_heads))
     value_dim = int(key("attention.value_length", head_dim))
     if value_dim != head_dim:
-        raise UnsupportedModelError(f"GGUF {arch}.attention.value_length={value_dim} != key_length={head_dim}: not supported")
+        raise UnsupportedModelError(
+            f"GGUF {arch}.attention.value_length={value_dim} != key_length={head_dim}: not supported")
     rope_dims = key("rope.dimension_count")
     if rope_dims is not None and int(rope_dims) != head_dim:
         raise UnsupportedModelError(
@@ -130,7 +131,8 @@ def config_from_gguf(meta: Mapping[str, Any], tensors: Mapping[str, GGUFTensor] 
     if arch in ("qwen2", "qwen3") and o_bias:
         raise UnsupportedModelError(f"GGUF {arch} file has attn_output.bias, which {arch} does not use")
     if arch == "llama" and qkv_bias != o_bias:
-        raise UnsupportedModelError("GGUF llama file has q/k/v biases without an output bias (or the reverse): not supported")
+        raise UnsupportedModelError(
+            "GGUF llama file has q/k/v biases without an output bias (or the reverse): not supported")
 
     def opt_int(k):
         v = meta.get(k)

@@ -1,10 +1,9 @@
 """LoRA as a params-tree transform: adapters, merge / unmerge, PEFT adapters, many adapters per batch.
 
 An **adapter** mirrors ``params["layers"]``: for each targeted projection (any of ``wq wk wv wo
-w_gate w_up w_down``) it holds low-rank factors stacked over layers, and a per-layer scale::
+w_gate w_up w_down``) low-rank factors stacked over layers, and a per-layer scale::
 
-    {"layers": {"wq": {"a": [L, D_in, R], "b": [R, D_out] per layer -> [L, R, D_out],
-                       "scale": [L] float32}, ...}}
+    {"layers": {"wq": {"a": [L, D_in, R], "b": [L, R, D_out], "scale": [L] float32}, ...}}
 
 so that ``W' = W + scale * A @ B``. The scale is ``alpha / r`` (``alpha / sqrt(r)`` for rsLoRA),
 per layer because PEFT's ``rank_pattern``/``alpha_pattern`` can differ between layers. A layer
@@ -15,10 +14,12 @@ A **stack** of A adapters (``stack_adapters``) adds an adapter axis after L::
 
     {"layers": {"wq": {"a": [L, A, D_in, R], "b": [L, A, R, D_out], "scale": [L, A]}, ...}}
 
-``forward``/``forward_cached`` take ``adapters=`` (a stack, or a single adapter = a stack of
-one) and ``adapter_ids [B]`` int32 (-1 = base model; ids outside ``[0, A)`` also get the base)
-and add ``scale[id] * (x @ A[id]) @ B[id]`` per row (``lora_delta``), so one batch serves many
-adapters. ``merge`` folds one adapter into the weights for the fastest single-adapter serving.
+``forward``/``forward_cached``/``generate`` take ``adapters=`` (a stack, or a single adapter =
+a stack of one) and ``adapter_ids [B]`` int32 (-1 = base model; ids outside ``[0, A)`` also get
+the base) and add ``scale[id] * (x @ A[id]) @ B[id]`` per row (``lora_delta``), so one batch
+serves many adapters. For params in ``model.decode_layout``, ``decode_layout(adapters, cfg)``
+gives the matching per-layer, q|k|v- and gate|up-fused form. ``merge`` folds one adapter into
+the weights (either params layout) for the fastest single-adapter serving.
 """
 
 from __future__ import annotations

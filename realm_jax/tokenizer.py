@@ -131,7 +131,8 @@ class Tokenizer:
         pre = meta.get("tokenizer.ggml.pre", "default")
         if pre not in PRE_TOKENIZER_SPLITS:
             raise UnsupportedModelError(
-                f"GGUF tokenizer.ggml.pre {pre!r} is not supported; supported: {', '.join(sorted(PRE_TOKENIZER_SPLITS))}")
+                f"GGUF tokenizer.ggml.pre {pre!r} is not supported; "
+                f"supported: {', '.join(sorted(PRE_TOKENIZER_SPLITS))}")
         tokens = list(meta["tokenizer.ggml.tokens"])
         merges = meta.get("tokenizer.ggml.merges")
         if not merges:
@@ -144,7 +145,8 @@ class Tokenizer:
             if i is None:
                 return None
             if not 0 <= int(i) < len(tokens):
-                raise CheckpointError(f"GGUF tokenizer.ggml.{key}_token_id={i} is outside the vocabulary (0..{len(tokens) - 1})")
+                raise CheckpointError(f"GGUF tokenizer.ggml.{key}_token_id={i} is outside the vocabulary "
+                                      f"(0..{len(tokens) - 1})")
             return tokens[int(i)]
 
         bos, add_bos = token("bos"), bool(meta.get("tokenizer.ggml.add_bos_token", False))

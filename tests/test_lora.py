@@ -252,17 +252,29 @@ def test_init_adapter_untouched_layers_are_zero():
 
 
 # ----------------------------------------------------------------------------------- bad input
-def test_merge_refuses_a_quantized_base(params):
-    q = dict(params)
-    q["layers"] = dict(params["layers"])
-    w = params["layers"]["wq"]
-    q["layers"]["wq"] = {"q": jnp.zeros(w.shape, jnp.int8), "scale": jnp.ones(w.shape[:1] + w.shape[2:])}
-    ad = lora.init_adapter(CFG, jax.random.PRNGKey(0), rank=2, targets=("wq",))
-    with pytest.raises(RealmError, match=r"merge: params\['layers'\]\['wq'\] is quantized"):
-        lora.merge(q, ad)
-    # the unmerged path works on a quantized base
-    out = forward_jit(q, CFG, jnp.ones((1, 3), jnp.int32), jnp.array([3]), adapters=ad)
-    assert np.isfinite(np.asarray(out)).all()
+@pytest.mark.parametrize("layout", ["stacked", "decode"])
+def test_quantized_base_refuses_merge_and_serves_unmerged(params, layout):
+    """merge refuses an int8 base; the unmerged path on it equals the unmerged path on the
+    dequantized weights (the same numbers, computed as (x @ q) * scale)."""
+    from realm_jax.model import decode_layout
+    from realm_jax.quantization import dequantize, quantize
+
+    p = decode_layout(params) if layout == "decode" else params
+    q = quantize(p)
+    ads = three_adapters()
+    with pytest.raises(RealmError, match=r"merge: params\['layers'\]\['(wq|wqkv)'\] is quantized"):
+        lora.merge(q, ads[0])
+    stack = lora.stack_adapters(ads)
+    if layout == "decode":
+        stack = lora.decode_layout(stack, CFG)
+    tokens = np.random.default_rng(7).integers(3, 97, (3, 6)).astype(np.int32)
+    lengths = np.array([6, 4, 5], np.int32)
+    ids = jnp.array([1, 0, 2])
+    got = np.asarray(forward_jit(q, CFG, tokens, lengths, adapters=stack, adapter_ids=ids))
+    want = np.asarray(forward_jit(dequantize(q), CFG, tokens, lengths, adapters=stack, adapter_ids=ids))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    base = np.asarray(forward_jit(q, CFG, tokens, lengths))
+    assert np.abs(got - base).max() > 1e-2
 
 
 def test_merge_refuses_another_models_adapter(params):

@@ -290,6 +290,11 @@ def test_cli_generate_with_named_adapters_per_prompt(tmp_path, capsys):
     assert len({tuple(r["tokens"]) for r in rows}) == 3
 
 
+@pytest.fixture(scope="module")
+def tiny_base_dir(tmp_path_factory):
+    return make_hf_model("llama_gqa_llama3_untied", tmp_path_factory.mktemp("cli") / "base")[0]
+
+
 @pytest.mark.parametrize("argv, pattern", [
     (["--lora", "x=d1", "--lora", "y=d2"], r"2 --lora adapters \(x, y\): choose one per prompt"),
     (["--lora", "x=d1", "--adapter", "z"], r"--adapter: unknown name 'z'; expected one of \['x', 'base'\]"),
@@ -298,13 +303,12 @@ def test_cli_generate_with_named_adapters_per_prompt(tmp_path, capsys):
     (["--lora", "x=d1", "--adapter", "x", "--adapter", "x", "--adapter", "x"], r"expected one per prompt \(2\)"),
     (["--lora", "x=/no/such/dir"], r"no adapter_config.json"),
 ])
-def test_cli_adapter_errors(tmp_path, capsys, argv, pattern):
+def test_cli_adapter_errors(tiny_base_dir, capsys, argv, pattern):
     import re
 
     from realm_jax import cli
 
-    base_dir, _ = make_hf_model("llama_gqa_llama3_untied", tmp_path / "base")
-    code = cli.main(["generate", "--model", str(base_dir), "--prompt-ids", "5,6", "--prompt-ids", "7",
+    code = cli.main(["generate", "--model", str(tiny_base_dir), "--prompt-ids", "5,6", "--prompt-ids", "7",
                      "--max-new-tokens", "2", "--dtype", "float32"] + argv)
     assert code == 2
     assert re.search(pattern, capsys.readouterr().err)

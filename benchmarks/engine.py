@@ -1,0 +1,172 @@
+"""Continuous batching benchmark: the slot engine vs static batching with ``generate``, same batch
+size, on a mixed-length workload.
+
+    python benchmarks/engine.py                 # GPU: Llama-3.2-1B shape (random bf16), 256 requests, 32 slots
+    python benchmarks/engine.py --tiny          # the tiny config, 48 requests, 8 slots (CPU smoke test)
+
+Workload (seeded): ``--requests`` requests, all submitted at t = 0, prompt lengths uniform in
+``[--prompt-min, --prompt-max]`` (random ids), new-token budgets long-tailed: 1 + an exponential
+of mean ``--new-mean``, clipped to ``--new-max``; no stop ids, so every request runs to its own
+budget (random weights would hit eos by chance only). Greedy.
+
+- **static**: requests in arrival order, ``--slots`` at a time, each batch one ``generate`` call
+  with per-row budgets (a batch lasts as long as its longest row) and the engine's cache length
+  (``--static-cache tight``: each batch's own bucketed length instead). A request's latency is
+  its batch's end (``generate`` returns all rows together).
+- **engine**: ``Engine(max_slots=--slots, max_seq_len, prefill buckets, --prefill-batch,
+  --steps-per-call)``; submit everything, ``run_until_idle``. TTFT = submit to the first token
+  on the host.
+
+Both are warm: the engine's ``warmup()`` compiles its programs; the static pass runs the whole
+workload once untimed (compiling every batch's shapes) before the timed pass. Throughput =
+generated tokens / wall time (prefill included). ``slot_use`` = useful decode steps / (slots x
+steps run): for static, sum of budgets / sum over batches of (slots x longest budget).
+
+Prints a markdown table (device, date, versions) and writes JSON to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import common  # noqa: E402
+from decode import SHAPES, random_params  # noqa: E402
+from realm_jax import model as model_lib  # noqa: E402
+from realm_jax.config import ModelConfig  # noqa: E402
+from realm_jax.engine import Engine  # noqa: E402
+from realm_jax.generation import bucket_cache, generate  # noqa: E402
+from realm_jax.loading import Model  # noqa: E402
+
+
+def workload(n: int, vocab: int, pmin: int, pmax: int, new_mean: float, new_max: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(pmin, pmax + 1, n)
+    news = np.clip(1 + rng.exponential(new_mean - 1, n).astype(int), 1, new_max)
+    return [rng.integers(3, vocab, int(p)).tolist() for p in lens], [int(x) for x in news]
+
+
+def run_static(model, prompts, news, slots: int, max_len: int | None) -> dict:
+    t0 = time.perf_counter()
+    latencies, tokens, steps = [], 0, 0
+    for i in range(0, len(prompts), slots):
+        ps, ns = prompts[i:i + slots], news[i:i + slots]
+        res = generate(model, ps, ns, stop_ids=[], max_len=max_len)
+        done = time.perf_counter() - t0
+        latencies += [done] * len(ps)
+        tokens += sum(len(t) for t in res.tokens)
+        steps += max(ns)
+    wall = time.perf_counter() - t0
+    assert tokens == sum(news)
+    return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall, "slot_use": sum(news) / (slots * steps),
+            "latency_p50_s": float(np.percentile(latencies, 50)), "latency_p90_s": float(np.percentile(latencies, 90)),
+            "ttft_p50_s": None}
+
+
+def run_engine(eng: Engine, prompts, news) -> dict:
+    before = eng.stats()
+    t0 = time.perf_counter()
+    handles = [eng.submit(p, n, stop_ids=[]) for p, n in zip(prompts, news)]
+    eng.run_until_idle()
+    wall = time.perf_counter() - t0
+    tokens = sum(len(h.result().tokens) for h in handles)
+    assert tokens == sum(news)
+    st = eng.stats()
+    lat = [h.latency for h in handles]
+    ttft = [h.ttft for h in handles]
+    return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
+            "slot_use": None, "mean_occupancy": st.mean_occupancy,
+            "decode_calls": st.decode_calls - before.decode_calls, "prefill_calls": st.prefill_calls - before.prefill_calls,
+            "latency_p50_s": float(np.percentile(lat, 50)), "latency_p90_s": float(np.percentile(lat, 90)),
+            "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p90_s": float(np.percentile(ttft, 90))}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default=None, choices=["llama-1b", "llama-8b", "tiny"])
+    ap.add_argument("--tiny", action="store_true", help="tiny config and small workload (CPU smoke test)")
+    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="default bf16 (f32 with --tiny)")
+    ap.add_argument("--layout", default="decode", choices=["decode", "stacked"])
+    ap.add_argument("--requests", type=int, default=None, help="default 256 (48 with --tiny)")
+    ap.add_argument("--slots", type=int, default=None, help="engine slots = static batch size; default 32 (8 tiny)")
+    ap.add_argument("--prompt-min", type=int, default=None, help="default 32 (4 tiny)")
+    ap.add_argument("--prompt-max", type=int, default=None, help="default 512 (48 tiny)")
+    ap.add_argument("--new-mean", type=float, default=None, help="default 128 (24 tiny)")
+    ap.add_argument("--new-max", type=int, default=None, help="default 512 (96 tiny)")
+    ap.add_argument("--steps-per-call", type=int, default=8)
+    ap.add_argument("--prefill-batch", type=int, default=None, help="default 8 (4 tiny)")
+    ap.add_argument("--static-cache", default="same", choices=["same", "tight"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    tiny = args.tiny or args.config == "tiny"
+    name = args.config or ("tiny" if tiny else "llama-1b")
+    d = (lambda v, big, small: v if v is not None else (small if tiny else big))  # noqa: E731
+    n, slots = d(args.requests, 256, 48), d(args.slots, 32, 8)
+    pmin, pmax = d(args.prompt_min, 32, 4), d(args.prompt_max, 512, 48)
+    new_mean, new_max = d(args.new_mean, 128.0, 24.0), d(args.new_max, 512, 96)
+    pbatch = d(args.prefill_batch, 8, 4)
+    dtype = jnp.dtype(d(args.dtype, "bfloat16", "float32"))
+
+    cfg = ModelConfig(**SHAPES[name])
+    params = random_params(cfg, dtype)
+    if args.layout == "decode":
+        params = model_lib.decode_layout(params)
+    model = Model(cfg, params, None)
+    prompts, news = workload(n, cfg.vocab_size, pmin, pmax, new_mean, new_max, args.seed)
+    max_seq_len = bucket_cache(pmax + new_max)
+    buckets = [max(16, 1 << (pmin - 1).bit_length())]  # powers of two covering pmin..pmax
+    while buckets[-1] < pmax:
+        buckets.append(min(2 * buckets[-1], max_seq_len))
+
+    env = common.environment()
+    print(f"# engine benchmark\n\n{common.environment_line(env)}\n", flush=True)
+    print(f"{name} {args.layout} {dtype.name}: {n} requests, prompts {pmin}..{pmax}, new tokens mean "
+          f"{np.mean(news):.0f} max {max(news)}; {slots} slots, max_seq_len {max_seq_len}, buckets {buckets}",
+          flush=True)
+
+    eng = Engine(model, max_slots=slots, max_seq_len=max_seq_len, prefill_buckets=buckets, prefill_batch=pbatch,
+                 decode_steps_per_call=args.steps_per_call)
+    t = time.perf_counter()
+    eng.warmup()
+    print(f"engine warm-up (compile): {time.perf_counter() - t:.1f} s", flush=True)
+    rows = [{"method": "engine", **run_engine(eng, prompts, news)}]
+    print(f"engine: {rows[-1]['tokens_per_s']:.0f} tok/s", flush=True)
+    del eng
+
+    static_len = max_seq_len if args.static_cache == "same" else None
+    t = time.perf_counter()
+    run_static(model, prompts, news, slots, static_len)  # compiles every batch's shapes
+    print(f"static warm-up pass: {time.perf_counter() - t:.1f} s", flush=True)
+    rows.append({"method": f"static generate (cache {args.static_cache})",
+                 **run_static(model, prompts, news, slots, static_len)})
+    print(f"static: {rows[-1]['tokens_per_s']:.0f} tok/s", flush=True)
+    for r in rows:
+        r["speedup"] = r["tokens_per_s"] / rows[-1]["tokens_per_s"]
+
+    cols = [("method", "method"), ("tokens", "tokens"), ("wall_s", "wall s"), ("tokens_per_s", "tok/s"),
+            ("speedup", "x static"), ("slot_use", "slot use"), ("mean_occupancy", "occupancy"),
+            ("ttft_p50_s", "TTFT p50 s"), ("latency_p50_s", "latency p50 s"), ("latency_p90_s", "latency p90 s")]
+    print()
+    print(common.markdown_table(rows, cols))
+    print(f"\n{common.environment_line(env)}; {name}, {n} requests, {slots} slots")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"engine-{name}-{env['device'].replace(' ', '_')}.json")
+    common.write_json(out, {"environment": env, "args": vars(args), "config": name, "slots": slots,
+                            "max_seq_len": max_seq_len, "buckets": buckets, "rows": rows})
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
