@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-mean", type=float, default=None, help="default 128 (24 tiny)")
     ap.add_argument("--new-max", type=int, default=None, help="default 512 (96 tiny)")
     ap.add_argument("--steps-per-call", type=int, default=8)
-    ap.add_argument("--prefill-batch", type=int, default=None, help="default 8 (4 tiny)")
+    ap.add_argument("--prefill-batch", type=int, nargs="+", default=None,
+                    help="prefill call sizes (rows); default 1 8 (1 4 tiny)")
     ap.add_argument("--static-cache", default="same", choices=["same", "tight"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
     n, slots = d(args.requests, 256, 48), d(args.slots, 32, 8)
     pmin, pmax = d(args.prompt_min, 32, 4), d(args.prompt_max, 512, 48)
     new_mean, new_max = d(args.new_mean, 128.0, 24.0), d(args.new_max, 512, 96)
-    pbatch = d(args.prefill_batch, 8, 4)
+    pbatch = tuple(d(args.prefill_batch, (1, 8), (1, 4)))
     dtype = jnp.dtype(d(args.dtype, "bfloat16", "float32"))
 
     cfg = ModelConfig(**SHAPES[name])

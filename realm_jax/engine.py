@@ -263,7 +263,10 @@ class Engine:
     max_slots (B): sequences decoded together. max_seq_len (S): prompt + new tokens of any one
     request (default: min(1024, the model's max_position_embeddings)). prefill_buckets: prompt
     lengths compiled for (default: powers of two from 16, and S; the largest bounds prompts).
-    prefill_batch (P): prompts per prefill call (default min(B, 4)). decode_steps_per_call:
+    prefill_batch: rows per prefill call (P), an int or several sizes (default (1, min(B, 8))):
+    each admission uses the smallest size that holds the free slots' worth of waiting prompts
+    with at most half of its rows padding (else smaller calls); every (rows, bucket) pair is one
+    compiled program. decode_steps_per_call:
     decode steps (or speculative rounds) per device call. max_stop_ids (E): stop ids per request.
     adapters: {name: single LoRA adapter}, stacked once; requests pick one by name.
     draft: a draft for speculative decoding (a loaded Model, "self:N", "lookup" or a
@@ -290,8 +293,13 @@ class Engine:
                              f"{self.max_seq_len}], got {buckets!r}")
         self.prefill_buckets = tuple(sorted(set(int(b) for b in buckets)))
         self.max_prompt_len = min(self.prefill_buckets[-1], self.max_seq_len - 1)
-        self.prefill_batch = _check_pos_int("prefill_batch", min(self.max_slots, 4) if prefill_batch is None
-                                            else prefill_batch)
+        if prefill_batch is None:
+            prefill_batch = tuple(sorted({1, min(self.max_slots, 8)}))
+        sizes = prefill_batch if isinstance(prefill_batch, (list, tuple)) else (prefill_batch,)
+        if not sizes or not all(_is_int(r) and 1 <= r <= self.max_slots for r in sizes):
+            raise RealmError(f"prefill_batch: expected an int or a list of ints in [1, max_slots={self.max_slots}], "
+                             f"got {prefill_batch!r}")
+        self.prefill_rows = tuple(sorted(set(int(r) for r in sizes)))
         self.decode_steps_per_call = _check_pos_int("decode_steps_per_call", decode_steps_per_call)
         self.max_stop_ids = _check_pos_int("max_stop_ids", max_stop_ids)
         self.stop_width = max(4, next_pow2(self.max_stop_ids))
@@ -483,20 +491,29 @@ class Engine:
         groups = []
         free = [s for s, h in enumerate(self._slots) if h is None]
         while self._queue and free:
-            n = min(self.prefill_batch, len(free), len(self._queue))
+            rows = self._rows_for(min(len(free), len(self._queue)))
+            n = min(rows, len(free), len(self._queue))
             hs = [self._queue.popleft() for _ in range(n)]
             slots = [free.pop(0) for _ in range(n)]
             for s, h in zip(slots, hs):
                 self._slots[s] = h
                 self._kill[s] = False  # the insert overwrites a cancelled row
-            groups.append((slots, hs))
+            groups.append((rows, slots, hs))
         kill = self._kill.copy()
         self._kill[:] = False
         return groups, kill, list(self._slots)
 
-    def _admit_args(self, slots: list[int], hs: list[RequestHandle]):
-        p = self.prefill_batch
-        longest = max(h.prompt_length for h in hs)
+    def _rows_for(self, g: int) -> int:
+        """The prefill size for ``g`` waiting prompts: the smallest size >= g unless more than
+        half of it would be padding, else the largest size <= g (then more calls follow)."""
+        up = [r for r in self.prefill_rows if r >= g]
+        down = [r for r in self.prefill_rows if r <= g]
+        if up and (not down or up[0] <= 2 * g):
+            return up[0]
+        return down[-1] if down else self.prefill_rows[-1]
+
+    def _admit_args(self, p: int, slots: list[int], hs: list[RequestHandle]):
+        longest = max((h.prompt_length for h in hs), default=1)
         t = next(b for b in self.prefill_buckets if b >= longest)
         tokens = np.zeros((p, t), np.int32)
         lengths = np.zeros((p,), np.int32)
@@ -525,8 +542,8 @@ class Engine:
             groups, kill, owners = self._plan()
         try:
             admitted = []
-            for slots, hs in groups:
-                tokens, lengths, ctl, aid, where = self._admit_args(slots, hs)
+            for rows, slots, hs in groups:
+                tokens, lengths, ctl, aid, where = self._admit_args(rows, slots, hs)
                 self._state, out = es.admit_jit(self.model.params, self.model.config, self._state, tokens, lengths,
                                                 ctl, aid, where, adapters=self._adapters, dparams=self._dparams,
                                                 spec=self._spec)
@@ -551,7 +568,7 @@ class Engine:
         with self._lock:
             self._n["prefill_calls"] += len(groups)
             self._n["decode_calls"] += 1
-            self._n["generated_tokens"] += int(d.count.sum()) + sum(len(g[0]) for g in groups)
+            self._n["generated_tokens"] += int(d.count.sum()) + sum(len(g[1]) for g in groups)
             self._n["target_passes"] += int(d.passes)
             self._n["drafted"] += int(d.drafted)
             self._n["accepted"] += int(d.accepted)
@@ -650,15 +667,11 @@ class Engine:
             with self._lock:
                 if self._has_work_locked():
                     raise RealmError("warmup: the engine is busy; call it before submitting requests")
-            p = self.prefill_batch
-            no = np.full((p,), self.max_slots, np.int32)
-            sp = SamplingParams(np.zeros((p,), np.float32), np.zeros((p,), np.int32), np.ones((p,), np.float32),
-                                np.zeros((p,), np.uint32))
-            ctl = Controls(sp, np.zeros((p,), np.int32), np.full((p, self.stop_width), -1, np.int32))
-            for t in self.prefill_buckets:
+            for p, t in itertools.product(self.prefill_rows, self.prefill_buckets):
+                tokens, lengths, ctl, aid, no = self._admit_args(p, [], [])
+                tokens = np.zeros((p, t), np.int32)
                 self._state, out = es.admit_jit(self.model.params, self.model.config, self._state,
-                                                np.zeros((p, t), np.int32), np.zeros((p,), np.int32), ctl,
-                                                np.full((p,), -1, np.int32), no, adapters=self._adapters,
+                                                tokens, lengths, ctl, aid, no, adapters=self._adapters,
                                                 dparams=self._dparams, spec=self._spec)
             self._state, dout = es.decode_jit(self.model.params, self.model.config, self._state,
                                               np.zeros((self.max_slots,), bool), steps=self.decode_steps_per_call,

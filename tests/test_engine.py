@@ -74,7 +74,7 @@ def adapters():
 
 @pytest.fixture(scope="module")
 def engine(model, adapters):
-    eng = Engine(model, max_slots=4, max_seq_len=SEQ, prefill_buckets=(8, 16), prefill_batch=2,
+    eng = Engine(model, max_slots=4, max_seq_len=SEQ, prefill_buckets=(8, 16), prefill_batch=(1, 3),
                  decode_steps_per_call=3, max_stop_ids=4, adapters=adapters)
     eng.warmup()
     return eng
@@ -149,7 +149,7 @@ def test_workload_over_time_equals_generate_alone_without_recompiling(model, ada
     assert st.completed - before.completed == len(work)  # each answered once
     assert st.queue_length == 0 and st.active_slots == 0
     assert st.generated_tokens - before.generated_tokens == sum(len(t) for _, (t, _) in work)
-    assert st.prefill_calls - before.prefill_calls >= len(work) / 2  # at most 2 prompts per prefill call
+    assert st.prefill_calls - before.prefill_calls >= len(work) / 3  # at most 3 prompts per prefill call
     assert 0 < st.mean_occupancy <= 1 and st.tokens_per_s > 0
     assert all(h.ttft is not None and 0 < h.ttft <= h.latency for h in handles)
     assert st.ttft_p50_s is not None and st.latency_p90_s >= st.latency_p50_s

@@ -327,6 +327,14 @@ def test_per_request_adapters_match_merged_weights(tiny):
             np.testing.assert_allclose(got[i].token_logprobs, r.token_logprobs, atol=1e-4, rtol=0)
     base = realm_jax.score(model, reqs, batch_size=4)
     assert max(abs(g.logprob - b.logprob) for g, b in zip(got, base)) > 1e-3  # the adapters matter
+    # perplexity: one adapter id per document
+    docs = [c + k for c, k in reqs[:3]]
+    ppl = realm_jax.perplexity(model, docs, max_length=16, stride=5, batch_size=4, adapters=stack,
+                               adapter_ids=[1, -1, 0])
+    for doc, a, (nll, _) in zip(docs, [1, -1, 0], ppl.documents):
+        params = model.params if a < 0 else lora.merge(model.params, adapters[a])
+        ref = realm_jax.perplexity(realm_jax.Model(cfg, params, None), [doc], max_length=16, stride=5, batch_size=4)
+        assert nll == pytest.approx(ref.nll, abs=1e-4)
     with pytest.raises(RealmError, match="adapter_ids"):
         realm_jax.score(model, reqs, adapters=stack)
 

@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="HF checkpoint directory, .gguf file or built-in name (default: smollm2-135m-instruct)")
     p.add_argument("--data", required=True, metavar="FILE.jsonl", help=f"one request a line: {FORMAT}")
     p.add_argument("--out", default=None, metavar="FILE.jsonl",
-                   help="results file, written incrementally; a rerun resumes it (default: stdout)")
+                   help="results file, written incrementally; a rerun with the same arguments resumes it "
+                        "(default: stdout)")
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="rows per device batch (default 8)")
     p.add_argument("--chunk-size", type=int, default=None, metavar="N",
                    help="requests per written chunk, sorted by length within it (default 16 x batch size)")
