@@ -13,12 +13,14 @@ budget (random weights would hit eos by chance only). Greedy.
   with per-row budgets (a batch lasts as long as its longest row) and the engine's cache length
   (``--static-cache tight``: each batch's own bucketed length instead). A request's latency is
   its batch's end (``generate`` returns all rows together).
-- **engine**: ``Engine(max_slots=--slots, max_seq_len, prefill buckets, --prefill-batch,
-  --steps-per-call)``; submit everything, ``run_until_idle``. TTFT = submit to the first token
+- **engine**: ``Engine(max_slots=--slots, max_seq_len, --buckets, --prefill-batch,
+  --steps-per-call)``, max_seq_len = longest prompt + longest budget rounded up to a multiple of
+  64; submit everything, ``run_until_idle``. TTFT = submit to the first token
   on the host.
 
 Both are warm: the engine's ``warmup()`` compiles its programs; the static pass runs the whole
-workload once untimed (compiling every batch's shapes) before the timed pass. Throughput =
+workload once untimed (compiling every batch's shapes) before the timed passes; each method
+reports its median of ``--repeats`` passes. Throughput =
 generated tokens / wall time (prefill included). ``slot_use`` = useful decode steps / (slots x
 steps run): for static, sum of budgets / sum over batches of (slots x longest budget).
 
@@ -83,11 +85,19 @@ def run_engine(eng: Engine, prompts, news) -> dict:
     st = eng.stats()
     lat = [h.latency for h in handles]
     ttft = [h.ttft for h in handles]
-    return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
-            "slot_use": None, "mean_occupancy": st.mean_occupancy,
-            "decode_calls": st.decode_calls - before.decode_calls, "prefill_calls": st.prefill_calls - before.prefill_calls,
+    calls = st.decode_calls - before.decode_calls
+    occupancy = (st.mean_occupancy * st.decode_calls - before.mean_occupancy * before.decode_calls) / calls
+    return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall, "slot_use": None,
+            "mean_occupancy": occupancy, "decode_calls": calls,
+            "prefill_calls": st.prefill_calls - before.prefill_calls,
             "latency_p50_s": float(np.percentile(lat, 50)), "latency_p90_s": float(np.percentile(lat, 90)),
             "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p90_s": float(np.percentile(ttft, 90))}
+
+
+def median_run(fn, repeats: int) -> dict:
+    """The run with the median wall time of ``repeats`` runs."""
+    runs = sorted((fn() for _ in range(max(1, repeats))), key=lambda r: r["wall_s"])
+    return runs[len(runs) // 2]
 
 
 def main(argv=None) -> int:
@@ -105,7 +115,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steps-per-call", type=int, default=8)
     ap.add_argument("--prefill-batch", type=int, nargs="+", default=None,
                     help="prefill call sizes (rows); default 1 8 (1 4 tiny)")
+    ap.add_argument("--buckets", type=int, nargs="+", default=None,
+                    help="prompt buckets (default: three powers of two up to the longest prompt)")
     ap.add_argument("--static-cache", default="same", choices=["same", "tight"])
+    ap.add_argument("--repeats", type=int, default=3, help="timed passes of each method; the median is reported")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -126,9 +139,8 @@ def main(argv=None) -> int:
     model = Model(cfg, params, None)
     prompts, news = workload(n, cfg.vocab_size, pmin, pmax, new_mean, new_max, args.seed)
     max_seq_len = bucket_cache(pmax + new_max)
-    buckets = [max(16, 1 << (pmin - 1).bit_length())]  # powers of two covering pmin..pmax
-    while buckets[-1] < pmax:
-        buckets.append(min(2 * buckets[-1], max_seq_len))
+    top = 1 << (pmax - 1).bit_length()  # three prompt buckets: pmax/4, pmax/2, pmax (powers of two)
+    buckets = args.buckets or sorted({min(max(16, top >> i), max_seq_len) for i in (2, 1, 0)})
 
     env = common.environment()
     print(f"# engine benchmark\n\n{common.environment_line(env)}\n", flush=True)
@@ -141,7 +153,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     eng.warmup()
     print(f"engine warm-up (compile): {time.perf_counter() - t:.1f} s", flush=True)
-    rows = [{"method": "engine", **run_engine(eng, prompts, news)}]
+    rows = [{"method": "engine", **median_run(lambda: run_engine(eng, prompts, news), args.repeats)}]
     print(f"engine: {rows[-1]['tokens_per_s']:.0f} tok/s", flush=True)
     del eng
 
@@ -150,7 +162,7 @@ def main(argv=None) -> int:
     run_static(model, prompts, news, slots, static_len)  # compiles every batch's shapes
     print(f"static warm-up pass: {time.perf_counter() - t:.1f} s", flush=True)
     rows.append({"method": f"static generate (cache {args.static_cache})",
-                 **run_static(model, prompts, news, slots, static_len)})
+                 **median_run(lambda: run_static(model, prompts, news, slots, static_len), args.repeats)})
     print(f"static: {rows[-1]['tokens_per_s']:.0f} tok/s", flush=True)
     for r in rows:
         r["speedup"] = r["tokens_per_s"] / rows[-1]["tokens_per_s"]

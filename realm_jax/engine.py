@@ -39,7 +39,6 @@ import time
 from typing import Any, Iterator, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from .errors import RealmError
@@ -563,12 +562,11 @@ class Engine:
             self._crash(e)
             raise
         for s, h in enumerate(owners):
-            if h is not None and d.count[s] > 0 or (h is not None and d.done[s]):
+            if h is not None and (d.count[s] > 0 or d.done[s]):
                 self._deliver(s, h, d.tokens[s, :d.count[s]].tolist(), bool(d.done[s]), bool(d.stopped[s]))
         with self._lock:
             self._n["prefill_calls"] += len(groups)
             self._n["decode_calls"] += 1
-            self._n["generated_tokens"] += int(d.count.sum()) + sum(len(g[1]) for g in groups)
             self._n["target_passes"] += int(d.passes)
             self._n["drafted"] += int(d.drafted)
             self._n["accepted"] += int(d.accepted)
@@ -586,11 +584,13 @@ class Engine:
                 return
             if done:
                 self._slots[slot] = None
-        if h._push(tokens, ("stop" if stopped else "length") if done else None) and done:
-            with self._lock:
+        if not h._push(tokens, ("stop" if stopped else "length") if done else None):
+            return
+        with self._lock:
+            self._n["generated_tokens"] += len(tokens)
+            if done:
                 self._n["completed"] += 1
-                if h.ttft is not None:
-                    self._ttfts.append(h.ttft)
+                self._ttfts.append(h.ttft)
                 self._latencies.append(h.latency)
 
     def _crash(self, err: BaseException) -> None:

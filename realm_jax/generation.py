@@ -282,7 +282,12 @@ class DecodeState(NamedTuple):
 
 def new_cache(cfg: ModelConfig, params, batch: int, max_len: int) -> KVCache:
     """A zeroed cache [L, B, S, K, H] in the params dtype, in the layout the params need
-    (per-layer buffers for the unstacked decode layout, see ``model.decode_layout``)."""
+    (per-layer buffers for the unstacked decode layout, see ``model.decode_layout``; for params on
+    a mesh, sharded like them: B on ``data``, K on ``model``)."""
+    from .sharding import init_cache_like, mesh_of
+
+    if not is_unstacked(params["layers"]) and mesh_of(params) is not None:
+        return init_cache_like(params, cfg, batch, max_len)
     return init_cache(cfg, batch, max_len, params["embed"].dtype, per_layer=is_unstacked(params["layers"]))
 
 

@@ -199,7 +199,7 @@ _MEASURED: dict = {}  # (target cfg, dtype, draft spec, batch, cache_len, k_max,
 
 def measure_costs(target, draft: Draft, batch: int, cache_len: int, k_max: int, *,
                   ks: Sequence[int] | None = None, context: int = 64, repeats: int = 8,
-                  trials: int = 3) -> StepCosts:
+                  trials: int = 3, max_repeats: int = 2048) -> StepCosts:
     """Time one draft step, a target pass over k+1 tokens (k = 0..k_max; k = 0 is the plain
     decode step) at this batch and cache size, each inside a jitted loop (caches update in place,
     as in decoding); memoized per shape for the process.
@@ -245,18 +245,24 @@ def measure_costs(target, draft: Draft, batch: int, cache_len: int, k_max: int, 
         return jax.lax.fori_loop(0, reps, step, (st, jnp.int32(0)))[1]
 
     def per_step(fn, *a, **kw):
-        """Median over trials of (time of 2R steps - time of R steps) / R: the prompt pass and
-        the dispatch cancel out."""
+        """(time of 2R steps - time of R steps) / R, each the fastest of ``trials`` runs, so the
+        prompt pass and the dispatch cancel out; R grows until the steps dominate the noise."""
         jax.block_until_ready(fn(*a, jnp.int32(1), **kw))  # compile + warm up
-        diffs = []
-        for _ in range(trials):
-            t = []
-            for reps in (repeats, 2 * repeats):
+
+        def best(reps):
+            ts = []
+            for _ in range(trials):
                 t0 = time.perf_counter()
                 jax.block_until_ready(fn(*a, jnp.int32(reps), **kw))
-                t.append(time.perf_counter() - t0)
-            diffs.append((t[1] - t[0]) / repeats)
-        return max(float(np.median(diffs)), 1e-9)
+                ts.append(time.perf_counter() - t0)
+            return min(ts)
+
+        reps = repeats
+        while True:
+            t1, t2 = best(reps), best(2 * reps)
+            if t2 - t1 > 0.25 * t1 or reps >= max_repeats:
+                return max(t2 - t1, 1e-9) / reps
+            reps *= 4
 
     measured = [per_step(target_steps, tparams, t=kk + 1) for kk in ks]
     verify = tuple(float(x) for x in np.interp(np.arange(k_max + 1), ks, measured))

@@ -266,11 +266,13 @@ def test_auto_k_falls_back_to_plain_decoding(target, prompts):
 
 
 def test_measure_costs(target):
-    draft = make_draft(target, "lookup")
-    costs = measure_costs(target, draft, 4, 64, 1, repeats=2)
-    assert len(costs.verify) == 2 and all(c > 0 for c in costs.verify) and costs.draft > 0
+    draft = make_draft(target, "self:1")
+    costs = measure_costs(target, draft, 4, 64, 3, ks=(0, 3), repeats=2)
+    # resolved step times (the floor is 1e-9 s), interpolated between the measured k = 0 and 3
+    assert min(costs.verify) > 1e-7 and costs.draft > 1e-7
     assert costs.plain == costs.verify[0]
-    assert measure_costs(target, draft, 4, 64, 1, repeats=2) is costs  # memoized per shape
+    np.testing.assert_allclose(np.diff(costs.verify), (costs.verify[3] - costs.verify[0]) / 3, rtol=1e-6)
+    assert measure_costs(target, draft, 4, 64, 3, ks=(0, 3), repeats=2) is costs  # memoized per shape
 
 
 def test_auto_k_uses_the_running_acceptance(target, prompts):
