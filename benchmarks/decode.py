@@ -216,8 +216,12 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--peer", choices=["hf"], default=None, help="also run HF transformers generate")
+    ap.add_argument("--peer-only", action="store_true",
+                    help="run only the peer (e.g. in its own process, so JAX's memory pool cannot starve it)")
     ap.add_argument("--out", default=None, help="JSON results path (default benchmarks/results/decode-<device>.json)")
     args = ap.parse_args(argv)
+    if args.peer_only and not args.peer:
+        ap.error("--peer-only needs --peer")
 
     configs = args.config or (["tiny"] if args.tiny else ["llama-1b", "llama-8b", "smollm2"])
     plen = args.prompt_len or (16 if args.tiny else 128)
@@ -232,6 +236,17 @@ def main(argv=None) -> int:
 
     rows = []
     for name in configs:
+        if args.peer_only:
+            cfg = ModelConfig(**SHAPES[name])
+            for b in args.batch:
+                r = {"config": name, "batch": b, "prompt_len": plen, "new_tokens": ntok}
+                r.update(bench_hf(cfg, b, plen, ntok, max(args.warmup, 2), args.repeats))
+                rows.append(r)
+                print(f"{name} B={b} HF: {r['hf_decode_ms_per_step']:.3f} ms/step, {r['hf_tokens_per_s']:.0f} tok/s, "
+                      f"prefill {r['hf_prefill_ms']:.1f} ms (compiled: {r['hf_compiled']})", flush=True)
+                if args.out:
+                    common.write_json(args.out, {"environment": env, "rows": rows})
+            continue
         cfg, params = load_config(name, dtype)
         if args.layout == "decode":
             from realm_jax import model as model_lib
@@ -258,6 +273,8 @@ def main(argv=None) -> int:
                 print(f"{name} B={r['batch']} HF: {r['hf_decode_ms_per_step']:.3f} ms/step "
                       f"(compiled: {r['hf_compiled']})", flush=True)
 
+    if args.peer_only:
+        return 0
     cols = [("config", "config"), ("layout", "layout"), ("batch", "B"), ("prompt_len", "prompt"),
             ("new_tokens", "new"), ("prefill_ms", "prefill ms"), ("decode_ms_per_step", "decode ms/step"),
             ("tokens_per_s", "tok/s"), ("gb_per_step", "GB read/step"), ("mbu_pct", "MBU %")]

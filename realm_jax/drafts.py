@@ -47,9 +47,15 @@ class DraftError(RealmError):
     """A draft that cannot be paired with the target (vocabulary, special tokens, layers)."""
 
 
-def sample_rows(keys: jax.Array, logits: jax.Array) -> jax.Array:
-    """keys [B], logits [B, V] (processed; -inf = excluded) -> tokens [B] int32."""
-    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+def sample_rows(keys: jax.Array, logits: jax.Array, sp: SamplingParams) -> jax.Array:
+    """keys [B], logits [B, V] (processed; -inf = excluded) -> tokens [B] int32.
+
+    A batch of greedy rows (one-hot logits) skips the random draw: argmax is the same token."""
+    def draw(_):
+        return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+    return jax.lax.cond(jnp.all(sp.temperature <= 0), lambda _: jnp.argmax(logits, -1).astype(jnp.int32),
+                        draw, None)
 
 
 # ----------------------------------------------------------------------------- model drafts
@@ -82,14 +88,14 @@ class ModelDraftSpec:
         logits, cache = self._forward(params, tail, count, cache)
         last = jnp.take_along_axis(logits, jnp.maximum(count - 1, 0)[:, None, None], axis=1)[:, 0]
         q0 = processed_logits(last, sp)
-        d0 = sample_rows(keys[:, 0], q0)
+        d0 = sample_rows(keys[:, 0], q0, sp)
         one = active.astype(jnp.int32)
 
         def step(carry, key):
             cache, tok = carry
             logits, cache = self._forward(params, tok[:, None], one, cache)
             q = processed_logits(logits[:, 0], sp)
-            nxt = sample_rows(key, q)
+            nxt = sample_rows(key, q, sp)
             return (cache, nxt), (nxt, q)
 
         if k == 1:

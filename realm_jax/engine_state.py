@@ -125,7 +125,7 @@ def admit(params, cfg: ModelConfig, state: EngineState, tokens: jax.Array, lengt
                       _put(d.stopped, rows.stopped, slots), d.out.at[slots, 0].set(rows.last, mode="drop"))
     new = EngineState(
         dec, jax.tree_util.tree_map(lambda a, b: _put(a, b, slots), state.ctl, ctl),
-        _put(state.adapter_ids, adapter_ids * 0 - 1, slots), _put(state.prompt_len, lengths, slots),
+        _put(state.adapter_ids, adapter_ids, slots), _put(state.prompt_len, lengths, slots),
         _put(state.reported, rows.num_new, slots))
     if spec is not None:
         seq = state.seq.at[slots, :t].set(tokens, mode="drop")

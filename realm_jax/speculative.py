@@ -45,27 +45,40 @@ from .sampling import SamplingParams, processed_logits, sample
 
 
 # ----------------------------------------------------------------------------- acceptance rule
-def accept_tokens(p_logits, q_logits, drafts, uniforms, key_resample):
+def accept_tokens(p_logits, q_logits, drafts, uniforms, key_resample, greedy=None):
     """The rejection rule, per row.
 
     p_logits [B, k+1, V] (target, processed), q_logits [B, k, V] (draft, processed),
     drafts [B, k] int32, uniforms [B, k] in [0, 1), key_resample [B] keys
     -> (accepted [B] int32 in 0..k, next_token [B] int32).
+    ``greedy`` [B] bool (optional): when every row is greedy (p and q one-hot) the same result
+    is computed with argmax alone (no softmax, no random draw).
     """
-    k = drafts.shape[1]
-    p = jax.nn.softmax(p_logits, axis=-1)
-    q = jax.nn.softmax(q_logits, axis=-1)
-    p_x = jnp.take_along_axis(p[:, :k], drafts[:, :, None], axis=-1)[..., 0]
-    q_x = jnp.take_along_axis(q, drafts[:, :, None], axis=-1)[..., 0]
-    ok = uniforms * q_x < p_x  # u < min(1, p/q), q_x > 0 since x was drawn from q
-    accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
-    p_a = jnp.take_along_axis(p, accepted[:, None, None], axis=1)[:, 0]
-    q_pad = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)  # bonus: q = 0, residual = p
-    q_a = jnp.take_along_axis(q_pad, accepted[:, None, None], axis=1)[:, 0]
-    residual = jnp.maximum(p_a - q_a, 0.0)
-    residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p_a)
-    nxt = jax.vmap(jax.random.categorical)(key_resample, jnp.log(residual)).astype(jnp.int32)
-    return accepted, nxt
+    def general(_):
+        k = drafts.shape[1]
+        p = jax.nn.softmax(p_logits, axis=-1)
+        q = jax.nn.softmax(q_logits, axis=-1)
+        p_x = jnp.take_along_axis(p[:, :k], drafts[:, :, None], axis=-1)[..., 0]
+        q_x = jnp.take_along_axis(q, drafts[:, :, None], axis=-1)[..., 0]
+        ok = uniforms * q_x < p_x  # u < min(1, p/q), q_x > 0 since x was drawn from q
+        accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
+        p_a = jnp.take_along_axis(p, accepted[:, None, None], axis=1)[:, 0]
+        q_pad = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)  # bonus: q = 0, residual = p
+        q_a = jnp.take_along_axis(q_pad, accepted[:, None, None], axis=1)[:, 0]
+        residual = jnp.maximum(p_a - q_a, 0.0)
+        residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p_a)
+        nxt = jax.vmap(jax.random.categorical)(key_resample, jnp.log(residual)).astype(jnp.int32)
+        return accepted, nxt
+
+    def argmax_only(_):
+        best = jnp.argmax(p_logits, axis=-1).astype(jnp.int32)  # [B, k+1]
+        ok = drafts == best[:, :-1]
+        accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
+        return accepted, jnp.take_along_axis(best, accepted[:, None], axis=1)[:, 0]
+
+    if greedy is None:
+        return general(None)
+    return jax.lax.cond(jnp.all(greedy), argmax_only, general, None)
 
 
 # ----------------------------------------------------------------------------- the jitted loop
@@ -104,7 +117,7 @@ def speculative_round(tparams, dparams, tcfg, spec, k: int, lengths, ctl: Contro
     t_logits, cache = forward_cached(tparams, tcfg, verify, jnp.where(active, k + 1, 0), dec.cache)
     sp_rows = jax.tree_util.tree_map(lambda a: jnp.repeat(a, k + 1), ctl.sampling)
     p_logits = processed_logits(t_logits.reshape(b * (k + 1), v), sp_rows).reshape(b, k + 1, v)
-    acc, nxt = accept_tokens(p_logits, q_logits, drafts, uniforms, rkey)
+    acc, nxt = accept_tokens(p_logits, q_logits, drafts, uniforms, rkey, ctl.sampling.temperature <= 0)
 
     i = jnp.arange(k + 1)[None, :]
     emitted = jnp.where(i < acc[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), nxt[:, None])
