@@ -249,7 +249,8 @@ def load_pairings(path: str | Path | None = None) -> list[dict]:
         raise DraftError(f"draft pairings config {str(path)!r}: not valid JSON ({e})") from None
     pairs = data.get("pairings") if isinstance(data, dict) else None
     if not isinstance(pairs, list) or not all(isinstance(p, dict) and "target" in p and "draft" in p for p in pairs):
-        raise DraftError(f"draft pairings config {str(path)!r}: expected {{\"pairings\": [{{\"target\", \"draft\", ...}}]}}")
+        raise DraftError(f"draft pairings config {str(path)!r}: expected "
+                         "{\"pairings\": [{\"target\": ..., \"draft\": ...}, ...]}")
     return pairs
 
 

@@ -45,49 +45,54 @@ from .sampling import SamplingParams, processed_logits, sample
 
 
 # ----------------------------------------------------------------------------- acceptance rule
-def accept_tokens(p_logits, q_logits, drafts, uniforms, key_resample, greedy=None):
+def accept_tokens(p_logits, q_logits, drafts, uniforms, key_resample):
     """The rejection rule, per row.
 
     p_logits [B, k+1, V] (target, processed), q_logits [B, k, V] (draft, processed),
     drafts [B, k] int32, uniforms [B, k] in [0, 1), key_resample [B] keys
     -> (accepted [B] int32 in 0..k, next_token [B] int32).
-    ``greedy`` [B] bool (optional): when every row is greedy (p and q one-hot) the same result
-    is computed with argmax alone (no softmax, no random draw).
     """
-    def general(_):
-        k = drafts.shape[1]
-        p = jax.nn.softmax(p_logits, axis=-1)
-        q = jax.nn.softmax(q_logits, axis=-1)
-        p_x = jnp.take_along_axis(p[:, :k], drafts[:, :, None], axis=-1)[..., 0]
-        q_x = jnp.take_along_axis(q, drafts[:, :, None], axis=-1)[..., 0]
-        ok = uniforms * q_x < p_x  # u < min(1, p/q), q_x > 0 since x was drawn from q
-        accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
-        p_a = jnp.take_along_axis(p, accepted[:, None, None], axis=1)[:, 0]
-        q_pad = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)  # bonus: q = 0, residual = p
-        q_a = jnp.take_along_axis(q_pad, accepted[:, None, None], axis=1)[:, 0]
-        residual = jnp.maximum(p_a - q_a, 0.0)
-        residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p_a)
-        nxt = jax.vmap(jax.random.categorical)(key_resample, jnp.log(residual)).astype(jnp.int32)
-        return accepted, nxt
+    k = drafts.shape[1]
+    p = jax.nn.softmax(p_logits, axis=-1)
+    q = jax.nn.softmax(q_logits, axis=-1)
+    p_x = jnp.take_along_axis(p[:, :k], drafts[:, :, None], axis=-1)[..., 0]
+    q_x = jnp.take_along_axis(q, drafts[:, :, None], axis=-1)[..., 0]
+    ok = uniforms * q_x < p_x  # u < min(1, p/q), q_x > 0 since x was drawn from q
+    accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
+    p_a = jnp.take_along_axis(p, accepted[:, None, None], axis=1)[:, 0]
+    q_pad = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)  # bonus: q = 0, residual = p
+    q_a = jnp.take_along_axis(q_pad, accepted[:, None, None], axis=1)[:, 0]
+    residual = jnp.maximum(p_a - q_a, 0.0)
+    residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p_a)
+    nxt = jax.vmap(jax.random.categorical)(key_resample, jnp.log(residual)).astype(jnp.int32)
+    return accepted, nxt
 
-    def argmax_only(_):
-        best = jnp.argmax(p_logits, axis=-1).astype(jnp.int32)  # [B, k+1]
-        ok = drafts == best[:, :-1]
-        accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
-        return accepted, jnp.take_along_axis(best, accepted[:, None], axis=1)[:, 0]
 
-    if greedy is None:
-        return general(None)
-    return jax.lax.cond(jnp.all(greedy), argmax_only, general, None)
+def accept_greedy(logits, drafts):
+    """The rule for greedy rows (p and q one-hot), with argmax alone: logits [B, k+1, V] (raw
+    target logits), drafts [B, k] -> (accepted [B], next_token [B]); equals ``accept_tokens``
+    on the one-hot distributions."""
+    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, k+1]
+    ok = drafts == best[:, :-1]
+    accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
+    return accepted, jnp.take_along_axis(best, accepted[:, None], axis=1)[:, 0]
 
 
 # ----------------------------------------------------------------------------- the jitted loop
-def _round_keys(seed, num_new, k):
-    """seed [B] uint32, num_new [B] -> draft keys [B, k], uniforms [B, k], resample keys [B]."""
-    def one(s, g):
-        ks = jax.random.split(jax.random.fold_in(jax.random.key(s), g), 3)
-        return jax.random.split(ks[0], k), jax.random.uniform(ks[1], (k,)), ks[2]
-    return jax.vmap(one)(seed, num_new)
+def _round_keys(seed, num_new, k, all_greedy):
+    """seed [B] uint32, num_new [B] -> draft keys [B, k], uniforms [B, k], resample keys [B].
+    An all-greedy batch uses no randomness: placeholder keys, no hashing."""
+    def real(_):
+        def one(s, g):
+            ks = jax.random.split(jax.random.fold_in(jax.random.key(s), g), 3)
+            return (jax.random.key_data(jax.random.split(ks[0], k)), jax.random.uniform(ks[1], (k,)),
+                    jax.random.key_data(ks[2]))
+        return jax.vmap(one)(seed, num_new)
+
+    shapes = jax.eval_shape(real, None)
+    placeholder = lambda _: jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)  # noqa: E731
+    dkeys, uniforms, rkeys = jax.lax.cond(all_greedy, placeholder, real, None)
+    return jax.random.wrap_key_data(dkeys), uniforms, jax.random.wrap_key_data(rkeys)
 
 
 class SpecState(NamedTuple):
@@ -111,13 +116,18 @@ def speculative_round(tparams, dparams, tcfg, spec, k: int, lengths, ctl: Contro
     rows = jnp.arange(b)
     active = ~dec.done
     n = lengths + dec.num_new  # committed length; seq[n - 1] = dec.last
-    dkeys, uniforms, rkey = _round_keys(ctl.sampling.seed, dec.num_new, k)
+    all_greedy = jnp.all(ctl.sampling.temperature <= 0)
+    dkeys, uniforms, rkey = _round_keys(ctl.sampling.seed, dec.num_new, k, all_greedy)
     drafts, q_logits, dstate = spec.propose(dparams, s.draft, seq, n, active, dkeys, ctl.sampling, k)
     verify = jnp.concatenate([dec.last[:, None], drafts], axis=1)
     t_logits, cache = forward_cached(tparams, tcfg, verify, jnp.where(active, k + 1, 0), dec.cache)
-    sp_rows = jax.tree_util.tree_map(lambda a: jnp.repeat(a, k + 1), ctl.sampling)
-    p_logits = processed_logits(t_logits.reshape(b * (k + 1), v), sp_rows).reshape(b, k + 1, v)
-    acc, nxt = accept_tokens(p_logits, q_logits, drafts, uniforms, rkey, ctl.sampling.temperature <= 0)
+
+    def sampled(_):
+        sp_rows = jax.tree_util.tree_map(lambda a: jnp.repeat(a, k + 1), ctl.sampling)
+        p_logits = processed_logits(t_logits.reshape(b * (k + 1), v), sp_rows).reshape(b, k + 1, v)
+        return accept_tokens(p_logits, q_logits, drafts, uniforms, rkey)
+
+    acc, nxt = jax.lax.cond(all_greedy, lambda _: accept_greedy(t_logits, drafts), sampled, None)
 
     i = jnp.arange(k + 1)[None, :]
     emitted = jnp.where(i < acc[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), nxt[:, None])
@@ -360,8 +370,13 @@ def speculative_generate(target, draft, prompts, max_new_tokens, *, k: int | str
     if k != "auto":
         _check_int("k", k, 0)
     _check_int("k_max", k_max, 0)
-    if acceptance is not None and not (isinstance(acceptance, (int, float)) and 0.0 <= acceptance <= 1.0):
-        raise RealmError(f"acceptance: expected a rate in [0, 1], got {acceptance!r}")
+    if acceptance is not None:
+        try:
+            ok = 0.0 <= float(acceptance) <= 1.0 and not isinstance(acceptance, bool)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise RealmError(f"acceptance: expected a rate in [0, 1], got {acceptance!r}")
     dr = make_draft(target, draft)
     ids = prepare_prompts(target, prompts, chat)
     if stop_ids is None:

@@ -17,8 +17,8 @@ from realm_jax.errors import RealmError
 from realm_jax.generation import generate
 from realm_jax.loading import Model
 from realm_jax.model import forward_jit
-from realm_jax.sampling import SamplingParams
-from realm_jax.speculative import (StepCosts, accept_tokens, choose_k, expected_tokens, measure_costs,
+from realm_jax.sampling import SamplingParams, processed_logits
+from realm_jax.speculative import (StepCosts, accept_greedy, accept_tokens, choose_k, expected_tokens, measure_costs,
                                    predicted_speedup, speculative_generate)
 
 FALSE_ALARM = 1e-3  # per chi-square test: a correct sampler fails it with probability 0.1%
@@ -132,6 +132,24 @@ def test_rejection_rule_output_follows_p():
     assert abs(acc.mean() - np.minimum(p, q).sum()) < 5 * np.sqrt(0.25 / n)
 
 
+def test_greedy_shortcut_equals_the_rule_on_one_hot_distributions():
+    b, k, v = 64, 3, 5
+    keys = jax.random.split(jax.random.PRNGKey(1), 4)
+    logits = jax.random.normal(keys[0], (b, k + 1, v))
+    best = jnp.argmax(logits, -1)
+    # drafts right for a random prefix of positions, then anything
+    drafts = jnp.where(jax.random.uniform(keys[1], (b, k)) < 0.6, best[:, :k],
+                       jax.random.randint(keys[2], (b, k), 0, v)).astype(jnp.int32)
+    sp = SamplingParams.make(b * (k + 1))
+    p = processed_logits(logits.reshape(-1, v), sp).reshape(b, k + 1, v)
+    q = jnp.where(jnp.arange(v) == drafts[..., None], 0.0, -jnp.inf)
+    general = accept_tokens(p, q, drafts, jax.random.uniform(keys[3], (b, k)), jax.random.split(keys[3], b))
+    short = accept_greedy(logits, drafts)
+    np.testing.assert_array_equal(np.asarray(general[0]), np.asarray(short[0]))
+    np.testing.assert_array_equal(np.asarray(general[1]), np.asarray(short[1]))
+    assert 0 < np.asarray(short[0]).mean() < k
+
+
 # ------------------------------------------------------------------------------------ sampling exactness
 def _filtered_probs(logits, temperature, top_k, top_p):
     """Numpy reference of the sampler's distribution: temperature, top-k, then top-p over the
@@ -215,21 +233,27 @@ def test_sampling_follows_target_distribution(source, k):
 
 
 def test_seeded_rows_do_not_depend_on_the_rest_of_the_batch(target, prompts):
-    """Row 1 keeps its tokens when the other rows get other prompts and seeds (same shapes, and
-    nothing is compiled again)."""
-    kw = dict(k=3, temperature=1.0, top_p=0.9, stop_ids=[])
+    """A mixed batch (row 1 greedy, rows 0 and 2 sampled): row 2 keeps its tokens when row 0
+    gets another prompt and seed (same shapes, and nothing is compiled again); the greedy row
+    equals greedy ``generate``."""
+    kw = dict(k=3, temperature=[1.0, 0.0, 1.0], top_p=0.9, stop_ids=[])
     a = speculative_generate(target, target, prompts, 8, seed=[11, 12, 13], **kw)
-    others = [list(reversed(prompts[0])), prompts[1], [5] * len(prompts[2])]
+    others = [list(reversed(prompts[0])), prompts[1], prompts[2]]
     compiles = []
-    listener = lambda name, *_a, **_k: compiles.append(name) if name.endswith("backend_compile_duration") else None  # noqa: E731
+
+    def listener(name, *_a, **_k):
+        if name.endswith("backend_compile_duration"):
+            compiles.append(name)
+
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        b = speculative_generate(target, target, others, 8, seed=[21, 12, 23], **kw)
+        b = speculative_generate(target, target, others, 8, seed=[21, 12, 13], **kw)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []  # new prompts, seeds and settings of the same shapes: no retrace
-    assert a.tokens[1] == b.tokens[1]
+    assert a.tokens[2] == b.tokens[2] and a.tokens[1] == b.tokens[1]
     assert a.tokens[0] != b.tokens[0]
+    assert a.tokens[1] == generate(target, prompts, 8, stop_ids=[]).tokens[1]
 
 
 # ------------------------------------------------------------------------------------ adaptive k
