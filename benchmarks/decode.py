@@ -49,43 +49,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import common  # noqa: E402
-from realm_jax import generation as gen  # noqa: E402
+import realm_jax.bench as common  # noqa: E402
 from realm_jax.config import ModelConfig  # noqa: E402
-from realm_jax.model import param_shapes  # noqa: E402
-from realm_jax.sampling import SamplingParams  # noqa: E402
 
-SHAPES = {
-    "llama-1b": dict(arch="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
-                     num_heads=32, num_kv_heads=8, head_dim=64, tie_word_embeddings=True, rms_norm_eps=1e-5,
-                     rope_theta=500000.0, rope_type="llama3", rope_factor=32.0, rope_original_max_positions=8192,
-                     max_position_embeddings=131072, bos_token_id=128000, eos_token_ids=(128001,)),
-    "llama-8b": dict(arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-                     num_heads=32, num_kv_heads=8, head_dim=128, tie_word_embeddings=False, rms_norm_eps=1e-5,
-                     rope_theta=500000.0, max_position_embeddings=8192, bos_token_id=128000,
-                     eos_token_ids=(128001,)),
-    "tiny": dict(arch="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                 num_kv_heads=2, head_dim=16, max_position_embeddings=4096, tie_word_embeddings=True),
-}
-CONFIGS = ("llama-1b", "llama-8b", "smollm2", "tiny")
-
-
-def random_params(cfg: ModelConfig, dtype, seed: int = 0) -> dict:
-    """Random weights straight on the device in ``dtype`` (std 0.02; norms 1)."""
-    shapes = param_shapes(cfg)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
-    keys = jax.random.split(jax.random.key(seed), len(flat))
-    leaves = []
-    for (path, shape), k in zip(flat, keys):
-        if "norm" in jax.tree_util.keystr(path):
-            leaves.append(jnp.ones(shape, dtype))
-        else:
-            leaves.append(_normal(k, shape, dtype))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-def _normal(key, shape, dtype):
-    return jax.jit(lambda k: (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype))(key)
+from realm_jax.bench import CONFIGS, SHAPES, bench_jax, bytes_per_step, random_params  # noqa: E402,F401
 
 
 def load_config(name: str, dtype):
@@ -97,62 +64,6 @@ def load_config(name: str, dtype):
         return model.config, model.params
     cfg = ModelConfig(**SHAPES[name])
     return cfg, random_params(cfg, dtype)
-
-
-def bytes_per_step(cfg: ModelConfig, params, batch: int, cache_len: int, kv_itemsize: int) -> tuple[int, int]:
-    """(param bytes read per decode step, KV cache bytes read per step for ``cache_len`` slots)."""
-    p = common.tree_bytes(params)
-    if not cfg.tie_word_embeddings:
-        p -= common.tree_bytes(params["embed"])  # a gather of B rows, not a read of the table
-    kv = 2 * cfg.num_layers * batch * cache_len * cfg.num_kv_heads * cfg.head_dim * kv_itemsize
-    return p, kv
-
-
-def bench_jax(cfg, params, batch, prompt_len, new_tokens, warmup, repeats, seed=0) -> dict:
-    rng = np.random.default_rng(seed)
-    prompts = rng.integers(3, cfg.vocab_size, (batch, prompt_len)).tolist()
-    req = gen.validate_request(cfg, prompts, new_tokens, stop_ids=[])
-    pad = gen.pad_request(req)
-    bp, s = pad.tokens.shape[0], pad.cache_len
-    ctl = gen.Controls(SamplingParams(*(jnp.asarray(a) for a in pad.sampling)), jnp.asarray(pad.limits),
-                       jnp.asarray(pad.stop_ids))
-    tokens, lengths = jnp.asarray(pad.tokens), jnp.asarray(pad.lengths)
-
-    def fresh_cache():
-        return (gen.new_cache(cfg, params, bp, s),)
-
-    def start(cache):
-        return gen.start_jit(params, cfg, tokens, lengths, cache, ctl, out_len=s)
-
-    def prefilled():
-        return (start(*fresh_cache()),)
-
-    def decode(state):
-        return gen.decode_loop_jit(params, cfg, state, ctl)
-
-    def e2e(cache):
-        return gen.generate_jit(params, cfg, tokens, lengths, cache, ctl, out_len=s)
-
-    pre = common.time_call(start, fresh_cache, warmup=warmup, repeats=repeats)
-    dec = common.time_call(decode, prefilled, warmup=warmup, repeats=repeats)
-    end = common.time_call(e2e, fresh_cache, warmup=warmup, repeats=repeats)
-    final = decode(*prefilled())
-    got = np.asarray(final.num_new)[:batch]
-    assert (got == new_tokens).all(), f"rows produced {got.tolist()} tokens, expected {new_tokens}"
-    steps = new_tokens - 1
-    step_s = dec["median_s"] / steps
-    kv_item = jnp.dtype(params["embed"].dtype).itemsize
-    p_bytes, kv_bytes = bytes_per_step(cfg, params, batch, s, kv_item)
-    _, kv_valid = bytes_per_step(cfg, params, batch, prompt_len + new_tokens // 2, kv_item)
-    del final
-    gc.collect()
-    return {
-        "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "cache_len": s,
-        "prefill_ms": pre["median_s"] * 1e3, "decode_ms_per_step": step_s * 1e3,
-        "tokens_per_s": batch / step_s, "e2e_s": end["median_s"],
-        "param_bytes_per_step": p_bytes, "kv_bytes_per_step": kv_bytes, "kv_valid_bytes_per_step": kv_valid,
-        "timings": {"prefill": pre, "decode_loop": dec, "end_to_end": end},
-    }
 
 
 def bench_hf(cfg: ModelConfig, batch, prompt_len, new_tokens, warmup, repeats, seed=0) -> dict:

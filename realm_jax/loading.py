@@ -45,6 +45,9 @@ def load(source: str | os.PathLike = DEFAULT_MODEL, dtype="auto", *, mesh=None) 
     dtype: params dtype ('auto': float32 on CPU, bfloat16 on GPU/TPU).
     mesh: a ``jax.sharding.Mesh``; each tensor is placed in its sharded layout as it is read.
     """
+    from .compilation_cache import enable_compilation_cache
+
+    enable_compilation_cache()  # on by default; REALM_JAX_COMPILATION_CACHE=0 opts out
     dt = resolve_dtype(dtype)
     place = None
     if mesh is not None:

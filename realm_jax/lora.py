@@ -608,7 +608,7 @@ def load_peft(path: str | os.PathLike, config: ModelConfig, dtype=jnp.float32) -
                     f"{wfile}: tensor {by_key[name]!r} has shape {got}, expected {shape} (r={r}, "
                     f"D_in={din}, D_out={dout}); is this an adapter for another model?")
             wanted.append(name)
-    for n in set(by_key) - set(wanted):
+    for n in sorted(set(by_key) - set(wanted)):  # sorted: the error names the same tensor every run
         what = ("embedding LoRA" if "lora_embedding" in n else "DoRA magnitude" if "magnitude" in n
                 else "a bias" if n.endswith(".bias") else "not a LoRA factor of a targeted module")
         raise UnsupportedModelError(f"{wfile}: unexpected tensor {by_key[n]!r} ({what}); not supported")

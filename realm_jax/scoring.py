@@ -261,6 +261,9 @@ def iter_scores(model, requests: Sequence, *, batch_size: int = 8, max_length: i
     conts = [cont for _, cont in pairs]
     order = sorted(range(len(pairs)), key=lambda i: (-len(fulls[i]), -len(conts[i]), i))
     cfg = model.config
+    from .sharding import mesh_of, place_batch
+
+    on_mesh = mesh_of(model.params) is not None
 
     def dispatch(idx):
         t = bucket_length(max(len(fulls[i]) - 1 for i in idx))
@@ -282,6 +285,9 @@ def iter_scores(model, requests: Sequence, *, batch_size: int = 8, max_length: i
         elif adapters is not None:  # a single adapter applies to every row, as in forward
             aids = np.zeros(batch_size, np.int32)
         chunk = _logits_chunk(batch_size, c, cfg.vocab_size)
+        if on_mesh:  # B on the mesh's data axis: each data replica scores its own rows
+            tokens, lengths, starts, targets, aids = place_batch((tokens, lengths, starts, targets, aids),
+                                                                 model.params, strict=False)
         return idx, continuation_logprobs(model.params, cfg, tokens, lengths, starts, targets,
                                           adapters, aids, chunk=chunk)
 

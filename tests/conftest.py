@@ -1,6 +1,8 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests count compilations: a persistent cache filled by an earlier run would hide them.
+os.environ["REALM_JAX_COMPILATION_CACHE"] = "0"
 # 8 simulated CPU devices for the sharding tests; single-device code uses device 0 as usual.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 

@@ -20,32 +20,13 @@ from realm_jax.kv_cache import init_cache, insert_rows
 from realm_jax.loading import Model
 from realm_jax.model import decode_layout, param_shapes
 from realm_jax.speculative import speculative_generate
+from compile_counter import CompileCounter
 
 CFG = realm_jax.ModelConfig(arch="llama", vocab_size=61, hidden_size=24, intermediate_size=40, num_layers=2,
                             num_heads=6, num_kv_heads=2, head_dim=8, eos_token_ids=(2,), bos_token_id=1,
                             max_position_embeddings=512)
 SEQ = 64  # the engine's max_seq_len; every prompt <= 16 tokens, so generate's references share one bucket
 SAMPLED = dict(temperature=0.9, top_k=20, top_p=0.9)
-
-
-class CompileCounter:
-    """Counts XLA backend compilations while active."""
-
-    EVENT = "/jax/core/compile/backend_compile_duration"
-
-    def __enter__(self):
-        self.count = 0
-
-        def listener(name, *_a, **_k):
-            if name == self.EVENT:
-                self.count += 1
-
-        self._listener = listener
-        jax.monitoring.register_event_duration_secs_listener(listener)
-        return self
-
-    def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self._listener)
 
 
 def host_params(cfg, seed=0, head_scale=4.0):

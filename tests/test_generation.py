@@ -16,6 +16,7 @@ from realm_jax.loading import Model
 from realm_jax.model import forward_jit
 
 from hf_reference import make_hf_model
+from compile_counter import CompileCounter
 
 
 def tiny_model(arch="llama", seed=0, **kw):
@@ -39,26 +40,6 @@ def greedy_uncached(model, prompt, n_new, width=48):
         logits = np.asarray(forward_jit(model.params, model.config, toks, np.array([len(seq)], np.int32)))
         seq.append(int(logits[0, len(seq) - 1].argmax()))
     return seq[len(prompt):]
-
-
-class CompileCounter:
-    """Counts XLA backend compilations while active."""
-
-    EVENT = "/jax/core/compile/backend_compile_duration"
-
-    def __enter__(self):
-        self.count = 0
-
-        def listener(name, *_a, **_k):
-            if name == self.EVENT:
-                self.count += 1
-
-        self._listener = listener
-        jax.monitoring.register_event_duration_secs_listener(listener)
-        return self
-
-    def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self._listener)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,8 @@ from realm_jax.sampling import SamplingParams, processed_logits
 from realm_jax.speculative import (StepCosts, accept_greedy, accept_tokens, choose_k, expected_tokens, measure_costs,
                                    predicted_speedup, speculative_generate)
 
+from compile_counter import CompileCounter
+
 FALSE_ALARM = 1e-3  # per chi-square test: a correct sampler fails it with probability 0.1%
 
 
@@ -239,18 +241,9 @@ def test_seeded_rows_do_not_depend_on_the_rest_of_the_batch(target, prompts):
     kw = dict(k=3, temperature=[1.0, 0.0, 1.0], top_p=0.9, stop_ids=[])
     a = speculative_generate(target, target, prompts, 8, seed=[11, 12, 13], **kw)
     others = [list(reversed(prompts[0])), prompts[1], prompts[2]]
-    compiles = []
-
-    def listener(name, *_a, **_k):
-        if name.endswith("backend_compile_duration"):
-            compiles.append(name)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with CompileCounter() as cc:
         b = speculative_generate(target, target, others, 8, seed=[21, 12, 13], **kw)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    assert compiles == []  # new prompts, seeds and settings of the same shapes: no retrace
+    assert cc.count == 0  # new prompts, seeds and settings of the same shapes: no retrace
     assert a.tokens[2] == b.tokens[2] and a.tokens[1] == b.tokens[1]
     assert a.tokens[0] != b.tokens[0]
     assert a.tokens[1] == generate(target, prompts, 8, stop_ids=[]).tokens[1]

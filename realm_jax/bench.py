@@ -1,0 +1,224 @@
+"""Benchmark machinery (``realm-jax bench`` and ``benchmarks/``): model shapes with random
+weights, timing, memory bandwidth, the decode benchmark, environment and reporting.
+
+Every timing blocks on the result (``jax.block_until_ready``), runs warm-up calls first (which
+include compilation) and reports the median of the repeats.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import generation as gen
+from .config import ModelConfig
+from .model import param_shapes
+from .sampling import SamplingParams
+
+
+def time_call(fn: Callable[..., Any], make_args: Callable[[], tuple] | None = None, *, warmup: int = 1,
+              repeats: int = 5) -> dict:
+    """Seconds per call of ``fn(*make_args())``: median, min and all repeats.
+
+    ``make_args`` builds fresh inputs before every call, untimed (needed when ``fn`` donates
+    its inputs); its result is made ready before the clock starts.
+    """
+    times = []
+    for i in range(warmup + repeats):
+        args = make_args() if make_args is not None else ()
+        jax.block_until_ready(args)
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        dt = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(dt)
+    return {"median_s": statistics.median(times), "min_s": min(times), "all_s": times}
+
+
+def tree_bytes(tree) -> int:
+    """Total bytes of the array leaves of a pytree."""
+    return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)
+                   if hasattr(x, "shape")))
+
+
+def copy_bandwidth(nbytes: int | None = None, repeats: int = 10) -> dict:
+    """Device memory bandwidth (bytes/s) from large device-to-device copies, counting the read and
+    the write (2 x size per copy). Two kernels are timed, a jitted ``jnp.copy`` and a jitted
+    ``x + 1`` (a streaming read-modify-write); the faster one is the reference for MBU."""
+    dev = jax.devices()[0]
+    if nbytes is None:
+        nbytes = (2 << 30) if dev.platform != "cpu" else (256 << 20)
+    n = nbytes // 4
+    x = jax.device_put(jnp.arange(n, dtype=jnp.float32), dev)
+    out = {"bytes": int(n * 4)}
+    for name, f in (("copy", jax.jit(lambda a: jnp.copy(a))), ("add_one", jax.jit(lambda a: a + 1.0))):
+        y = f(x)
+        y.block_until_ready()
+        assert y.unsafe_buffer_pointer() != x.unsafe_buffer_pointer()  # a real copy, not an alias
+        del y
+        t = time_call(lambda: f(x), warmup=2, repeats=repeats)
+        out[f"{name}_bytes_per_s"] = 2 * n * 4 / t["median_s"]
+    out["bytes_per_s"] = max(out["copy_bytes_per_s"], out["add_one_bytes_per_s"])
+    return out
+
+
+def environment() -> dict:
+    """Card name, date, versions: what a results table must state."""
+    dev = jax.devices()[0]
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": getattr(dev, "device_kind", dev.platform),
+        "platform": dev.platform,
+        "device_count": jax.device_count(),
+        "host": platform.machine(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+    }
+    try:
+        import jaxlib
+
+        env["jaxlib"] = jaxlib.__version__
+    except Exception:
+        pass
+    for mod in ("torch", "transformers"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:
+            pass
+    return env
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
+    """rows: dicts; columns: (key, header). Floats get 3 significant-ish digits, None -> '-'."""
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        return str(v)
+
+    head = "| " + " | ".join(h for _, h in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join([head, sep] + body)
+
+
+def environment_line(env: dict) -> str:
+    keys = ("device", "date", "jax", "jaxlib", "torch", "transformers")
+    return ", ".join(f"{k}: {env[k]}" for k in keys if k in env)
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename): never a half-written results file."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=float)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------- decode benchmark
+SHAPES = {
+    "llama-1b": dict(arch="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
+                     num_heads=32, num_kv_heads=8, head_dim=64, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                     rope_theta=500000.0, rope_type="llama3", rope_factor=32.0, rope_original_max_positions=8192,
+                     max_position_embeddings=131072, bos_token_id=128000, eos_token_ids=(128001,)),
+    "llama-8b": dict(arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                     num_heads=32, num_kv_heads=8, head_dim=128, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                     rope_theta=500000.0, max_position_embeddings=8192, bos_token_id=128000,
+                     eos_token_ids=(128001,)),
+    "tiny": dict(arch="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                 num_kv_heads=2, head_dim=16, max_position_embeddings=4096, tie_word_embeddings=True),
+}
+CONFIGS = ("llama-1b", "llama-8b", "smollm2", "tiny")
+
+
+def random_params(cfg: ModelConfig, dtype, seed: int = 0) -> dict:
+    """Random weights straight on the device in ``dtype`` (std 0.02; norms 1)."""
+    shapes = param_shapes(cfg)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(jax.random.key(seed), len(flat))
+    leaves = []
+    for (path, shape), k in zip(flat, keys):
+        if "norm" in jax.tree_util.keystr(path):
+            leaves.append(jnp.ones(shape, dtype))
+        else:
+            leaves.append(_normal(k, shape, dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _normal(key, shape, dtype):
+    return jax.jit(lambda k: (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype))(key)
+
+
+def bytes_per_step(cfg: ModelConfig, params, batch: int, cache_len: int, kv_itemsize: int) -> tuple[int, int]:
+    """(param bytes read per decode step, KV cache bytes read per step for ``cache_len`` slots)."""
+    p = tree_bytes(params)
+    if not cfg.tie_word_embeddings:
+        p -= tree_bytes(params["embed"])  # a gather of B rows, not a read of the table
+    kv = 2 * cfg.num_layers * batch * cache_len * cfg.num_kv_heads * cfg.head_dim * kv_itemsize
+    return p, kv
+
+
+def bench_jax(cfg, params, batch, prompt_len, new_tokens, warmup, repeats, seed=0) -> dict:
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(3, cfg.vocab_size, (batch, prompt_len)).tolist()
+    req = gen.validate_request(cfg, prompts, new_tokens, stop_ids=[])
+    pad = gen.pad_request(req)
+    bp, s = pad.tokens.shape[0], pad.cache_len
+    ctl = gen.Controls(SamplingParams(*(jnp.asarray(a) for a in pad.sampling)), jnp.asarray(pad.limits),
+                       jnp.asarray(pad.stop_ids))
+    tokens, lengths = jnp.asarray(pad.tokens), jnp.asarray(pad.lengths)
+
+    def fresh_cache():
+        return (gen.new_cache(cfg, params, bp, s),)
+
+    def start(cache):
+        return gen.start_jit(params, cfg, tokens, lengths, cache, ctl, out_len=s)
+
+    def prefilled():
+        return (start(*fresh_cache()),)
+
+    def decode(state):
+        return gen.decode_loop_jit(params, cfg, state, ctl)
+
+    def e2e(cache):
+        return gen.generate_jit(params, cfg, tokens, lengths, cache, ctl, out_len=s)
+
+    pre = time_call(start, fresh_cache, warmup=warmup, repeats=repeats)
+    dec = time_call(decode, prefilled, warmup=warmup, repeats=repeats)
+    end = time_call(e2e, fresh_cache, warmup=warmup, repeats=repeats)
+    final = decode(*prefilled())
+    got = np.asarray(final.num_new)[:batch]
+    assert (got == new_tokens).all(), f"rows produced {got.tolist()} tokens, expected {new_tokens}"
+    steps = new_tokens - 1
+    step_s = dec["median_s"] / steps
+    kv_item = jnp.dtype(params["embed"].dtype).itemsize
+    p_bytes, kv_bytes = bytes_per_step(cfg, params, batch, s, kv_item)
+    _, kv_valid = bytes_per_step(cfg, params, batch, prompt_len + new_tokens // 2, kv_item)
+    del final
+    gc.collect()
+    return {
+        "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "cache_len": s,
+        "prefill_ms": pre["median_s"] * 1e3, "decode_ms_per_step": step_s * 1e3,
+        "tokens_per_s": batch / step_s, "e2e_s": end["median_s"],
+        "param_bytes_per_step": p_bytes, "kv_bytes_per_step": kv_bytes, "kv_valid_bytes_per_step": kv_valid,
+        "timings": {"prefill": pre, "decode_loop": dec, "end_to_end": end},
+    }

@@ -1,0 +1,74 @@
+"""``realm-jax bench``: prefill and decode speed with memory-bandwidth utilisation, for a built-in
+shape with random weights or any checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "measure prefill / decode speed and MBU for a model shape or checkpoint"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..bench import SHAPES
+
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                     help="random weights of this shape (default: llama-1b)")
+    src.add_argument("--model", default=None, help="a checkpoint: HF dir, .gguf, or a built-in name")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--layout", default="decode", choices=["decode", "stacked"],
+                   help="params layout (model.decode_layout is the fast one for small batches)")
+    p.add_argument("--int8", action="store_true", help="int8 weight-only params (realm_jax.quantize)")
+    p.add_argument("--repeats", type=int, default=3)
+
+
+def run(args) -> int:
+    import jax.numpy as jnp
+
+    from .. import bench
+    from ..config import ModelConfig
+    from ..errors import RealmError
+    from ..model import decode_layout
+    from ..quantization import quantize
+
+    for name in ("prompt_len", "new_tokens", "repeats"):
+        if getattr(args, name) < (2 if name == "new_tokens" else 1):
+            raise RealmError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
+    if any(b < 1 for b in args.batch):
+        raise RealmError(f"--batch: expected positive sizes, got {args.batch}")
+    dtype = jnp.dtype(args.dtype)
+    if args.model:
+        from ..loading import load
+
+        model = load(args.model, dtype=dtype)
+        cfg, params, label = model.config, model.params, args.model
+    else:
+        label = args.shape or "llama-1b"
+        cfg = ModelConfig(**bench.SHAPES[label])
+        params = bench.random_params(cfg, dtype)
+    if args.int8:
+        params = quantize(params)
+    if args.layout == "decode":
+        params = decode_layout(params)
+    env = bench.environment()
+    bw = bench.copy_bandwidth()
+    rows = []
+    for b in args.batch:
+        r = {"model": label, "layout": args.layout + (" int8" if args.int8 else "")}
+        r.update(bench.bench_jax(cfg, params, b, args.prompt_len, args.new_tokens, 1, args.repeats))
+        moved = r["param_bytes_per_step"] + r["kv_bytes_per_step"]
+        r["gb_per_step"] = moved / 1e9
+        r["floor_ms"] = moved / bw["bytes_per_s"] * 1e3
+        r["mbu_pct"] = 100 * r["floor_ms"] / r["decode_ms_per_step"]
+        rows.append(r)
+    cols = [("model", "model"), ("layout", "layout"), ("batch", "B"), ("prompt_len", "prompt"),
+            ("new_tokens", "new"), ("prefill_ms", "prefill ms"), ("decode_ms_per_step", "decode ms/step"),
+            ("tokens_per_s", "tok/s"), ("gb_per_step", "GB read/step"), ("floor_ms", "floor ms"),
+            ("mbu_pct", "MBU %")]
+    print(bench.markdown_table(rows, cols))
+    print(f"\n{bench.environment_line(env)}; copy bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s "
+          f"(floor = bytes read per step / bandwidth)")
+    return 0
