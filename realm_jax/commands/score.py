@@ -15,6 +15,10 @@ the same arguments resumes after the last complete line: it recomputes the chunk
 short (same grouping, so the same numbers) and writes only what is missing, so the final file is
 the same as an uninterrupted run's. ``digest`` ties each line to its input line, so a rerun on
 different data refuses to mix them.
+
+Several processes (``--coordinator-address/--num-processes/--process-id``, the usual
+``jax.distributed`` settings): each process scores its share of every chunk on its own devices
+(``--mesh`` lays them out), the results are gathered in input order and process 0 writes them.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import os
 import re
 import sys
 import time
+
+import numpy as np
 
 HELP = "score (context, continuation) pairs from a JSONL file: summed and per-token log-probs"
 
@@ -47,6 +53,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="params dtype (auto: float32 on CPU, bfloat16 on GPU/TPU)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--mesh", default=None, metavar="DATA,MODEL",
+                   help="run on a mesh of this process's devices, e.g. 4,2 (default: one device)")
+    from ..cli import add_distributed_arguments
+
+    add_distributed_arguments(p)
+
+
+def parse_mesh(text: str | None):
+    """'DATA,MODEL' -> a mesh over this process's devices (None: no mesh)."""
+    from ..errors import RealmError
+
+    if text is None:
+        return None
+    try:
+        data, model = (int(x) for x in text.split(","))
+    except ValueError:
+        raise RealmError(f"--mesh: expected DATA,MODEL (two integers), got {text!r}") from None
+    import jax
+
+    from ..sharding import make_mesh
+
+    return make_mesh(data, model, devices=jax.local_devices())
 
 
 def read_requests(path: str) -> tuple[list[tuple], list[int], list[str], list]:
@@ -169,15 +197,25 @@ def run(args) -> int:
         raise RealmError(f"--chunk-size: expected a positive int, got {chunk}")
     if args.max_length is not None and args.max_length < 1:
         raise RealmError(f"--max-length: expected a positive int, got {args.max_length}")
+    from ..sharding import gather_in_order, initialize_from_args, process_shard
+
+    initialize_from_args(args)  # multi-host: every process runs this command; process 0 writes
+    import jax
+
+    nproc, pid = jax.process_count(), jax.process_index()
     requests, lines, digests, rids = read_requests(args.data)
-    done = resume_point(args.out, digests) if args.out else 0
+    done = resume_point(args.out, digests) if (args.out and pid == 0) else 0
+    if nproc > 1:  # every process resumes where process 0's file says (no shared disk needed)
+        from jax.experimental import multihost_utils
+
+        done = int(multihost_utils.broadcast_one_to_all(np.int32(done)))
     n = len(requests)
     if done == n:
-        if not args.quiet:
+        if not args.quiet and pid == 0:
             print(f"score: {args.out} already holds all {n} results", file=sys.stderr)
         return 0
 
-    model = load(args.model or DEFAULT_MODEL, dtype=args.dtype)
+    model = load(args.model or DEFAULT_MODEL, dtype=args.dtype, mesh=parse_mesh(args.mesh))
     pairs = []
     for i, r in enumerate(requests):  # tokenize (and check) everything before any device work
         try:
@@ -186,16 +224,21 @@ def run(args) -> int:
             detail = re.sub(r"^requests\[0\]:? ?", "", str(e))
             raise RealmError(f"{args.data}: line {lines[i]}: {detail}") from None
     first = (done // chunk) * chunk  # recompute a chunk cut short with the same grouping
-    progress = Progress(n, sum(len(c) + len(k) for c, k in pairs[first:]), first, args.quiet)
-    out = open(args.out, "a", encoding="utf-8") if args.out else sys.stdout
+    progress = Progress(n, sum(len(c) + len(k) for c, k in pairs[first:]), first, args.quiet or pid != 0)
+    out = (open(args.out, "a", encoding="utf-8") if args.out else sys.stdout) if pid == 0 else None
     try:
         for start in range(first, n, chunk):
             part = pairs[start:start + chunk]
-            results = [None] * len(part)
-            for idx, scores in iter_scores(model, part, batch_size=args.batch_size, max_length=args.max_length):
+            mine = process_shard(part) if nproc > 1 else part  # this process's share of the chunk
+            results = [None] * len(mine)
+            for idx, scores in iter_scores(model, mine, batch_size=args.batch_size, max_length=args.max_length):
                 for j, s in zip(idx, scores):
                     results[j] = s
-                progress.update(len(idx), sum(len(part[j][0]) + len(part[j][1]) for j in idx))
+                progress.update(len(idx) * nproc, sum(len(mine[j][0]) + len(mine[j][1]) for j in idx) * nproc)
+            if nproc > 1:
+                results = gather_in_order(results, len(part))
+            if out is None:
+                continue
             text = "".join(result_line(start + j, s, digests[start + j], rids[start + j])
                            for j, s in enumerate(results) if start + j >= done)
             out.write(text)
@@ -204,6 +247,6 @@ def run(args) -> int:
                 os.fsync(out.fileno())
         progress.update(0, 0, final=True)
     finally:
-        if out is not sys.stdout:
+        if out is not None and out is not sys.stdout:
             out.close()
     return 0
