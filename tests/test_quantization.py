@@ -51,3 +51,32 @@ def test_unknown_scheme_is_rejected():
     params = realm_jax.init_params(cfg, jax.random.PRNGKey(1))
     with pytest.raises(ValueError, match="int4"):
         realm_jax.quantize(params, "int4")
+
+
+FIXED_TEXT = (
+    "The lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a small tin "
+    "of oil and a cloth for the lens. From the gallery he could see the fishing boats returning, "
+    "their lamps swaying over the dark water, and beyond them the long line of the reef where the "
+    "waves broke white even on calm nights. He wrote the weather in a ledger: wind from the north "
+    "west, visibility good, sea moderate. In winter the storms came quickly, and the whole tower "
+    "hummed with the wind, but the light never went out. Years later, when the station was "
+    "automated, the ledgers were taken to the town museum, where children still read the careful "
+    "handwriting and count the ships he saw pass: 1,204 in the first year alone."
+)
+
+
+def test_int8_smollm2_quality(smollm2):
+    """Real weights: int8 perplexity within 1% of float32 on a fixed text (measured: +0.1%),
+    top-1 next-token agreement >= 90% (measured: ~95%)."""
+    from realm_jax.loading import Model
+
+    q = Model(smollm2.config, realm_jax.quantize(smollm2.params), smollm2.tokenizer)
+    a = realm_jax.perplexity(smollm2, [FIXED_TEXT], max_length=64, stride=32)
+    b = realm_jax.perplexity(q, [FIXED_TEXT], max_length=64, stride=32)
+    assert a.num_tokens == b.num_tokens > 100
+    assert abs(b.ppl - a.ppl) / a.ppl < 0.01, (a.ppl, b.ppl)
+    ids = smollm2.tokenizer.encode(FIXED_TEXT)[:96]
+    t, n = np.array([ids], np.int32), np.array([len(ids)], np.int32)
+    fa = np.asarray(forward_jit(smollm2.params, smollm2.config, t, n))
+    fb = np.asarray(forward_jit(q.params, q.config, t, n))
+    assert (fa.argmax(-1) == fb.argmax(-1)).mean() >= 0.9
