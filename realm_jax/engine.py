@@ -312,9 +312,6 @@ class Engine:
         if draft is not None:
             from .drafts import make_draft
 
-            if self._adapters is not None:
-                raise RealmError("draft: speculative decoding with LoRA adapters is not supported by the engine; "
-                                 "pass adapters or a draft, not both")
             self.k = _check_pos_int("k", k)
             self.draft = make_draft(model, draft)
         self._spec = None if self.draft is None else self.draft.spec

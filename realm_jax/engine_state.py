@@ -163,7 +163,8 @@ def decode(params, cfg: ModelConfig, state: EngineState, kill: jax.Array, *, ste
     else:
         def body(carry):
             s, i = carry
-            return speculative_round(params, dparams, cfg, spec, k, state.prompt_len, ctl, s), i + 1
+            return speculative_round(params, dparams, cfg, spec, k, state.prompt_len, ctl, s,
+                                     adapters=adapters, adapter_ids=aid), i + 1
 
         start = SpecState(dec, state.seq, state.draft, state.passes, state.drafted, state.accepted)
         ss, _ = jax.lax.while_loop(cond, body, (start, jnp.int32(0)))

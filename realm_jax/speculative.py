@@ -108,8 +108,12 @@ class SpecState(NamedTuple):
     accepted: jax.Array
 
 
-def speculative_round(tparams, dparams, tcfg, spec, k: int, lengths, ctl: Controls, s: SpecState) -> SpecState:
-    """One draft -> verify -> accept round for every live row (k >= 1)."""
+def speculative_round(tparams, dparams, tcfg, spec, k: int, lengths, ctl: Controls, s: SpecState, *,
+                      adapters=None, adapter_ids=None) -> SpecState:
+    """One draft -> verify -> accept round for every live row (k >= 1).
+
+    adapters / adapter_ids [B]: per-row LoRA of the target (the verify pass). The draft proposes
+    from its own params; the rejection rule keeps the output exact whatever the draft proposes."""
     dec, seq = s.dec, s.seq
     b = seq.shape[0]
     v = tcfg.vocab_size
@@ -120,7 +124,8 @@ def speculative_round(tparams, dparams, tcfg, spec, k: int, lengths, ctl: Contro
     dkeys, uniforms, rkey = _round_keys(ctl.sampling.seed, dec.num_new, k, all_greedy)
     drafts, q_logits, dstate = spec.propose(dparams, s.draft, seq, n, active, dkeys, ctl.sampling, k)
     verify = jnp.concatenate([dec.last[:, None], drafts], axis=1)
-    t_logits, cache = forward_cached(tparams, tcfg, verify, jnp.where(active, k + 1, 0), dec.cache)
+    t_logits, cache = forward_cached(tparams, tcfg, verify, jnp.where(active, k + 1, 0), dec.cache,
+                                     adapters=adapters, adapter_ids=adapter_ids)
 
     def sampled(_):
         sp_rows = jax.tree_util.tree_map(lambda a: jnp.repeat(a, k + 1), ctl.sampling)
@@ -154,7 +159,7 @@ def speculative_round(tparams, dparams, tcfg, spec, k: int, lengths, ctl: Contro
 
 
 def speculative_on_device(tparams, dparams, tokens, lengths, cache: KVCache, ctl: Controls, *,
-                          tcfg, spec, k: int, out_len: int) -> SpecState:
+                          tcfg, spec, k: int, out_len: int, adapters=None, adapter_ids=None) -> SpecState:
     """Prompt pass + first token (generation's ``start``), the draft's prompt pass, then
     ``speculative_round`` in a ``lax.while_loop`` until every row is done.
 
@@ -163,14 +168,16 @@ def speculative_on_device(tparams, dparams, tokens, lengths, cache: KVCache, ctl
     """
     b, plen = tokens.shape
     lengths = lengths.astype(jnp.int32)
-    dec = start(tparams, tcfg, tokens, lengths, cache, ctl, out_len=out_len)
+    dec = start(tparams, tcfg, tokens, lengths, cache, ctl, out_len=out_len, adapters=adapters,
+                adapter_ids=adapter_ids)
     seq = jnp.zeros((b, cache.max_len + 1), jnp.int32).at[:, :plen].set(tokens)
     seq = seq.at[jnp.arange(b), lengths].set(dec.last)
     dstate = spec.init(dparams, tokens, lengths, cache.max_len)
     zeros = jnp.zeros((b,), jnp.int32)
     state = SpecState(dec, seq, dstate, zeros, zeros, zeros)
     return jax.lax.while_loop(lambda s: jnp.any(~s.dec.done),
-                              partial(speculative_round, tparams, dparams, tcfg, spec, k, lengths, ctl),
+                              partial(speculative_round, tparams, dparams, tcfg, spec, k, lengths, ctl,
+                                      adapters=adapters, adapter_ids=adapter_ids),
                               state)
 
 
@@ -354,7 +361,7 @@ def _check_int(name, value, low):
 def speculative_generate(target, draft, prompts, max_new_tokens, *, k: int | str = 4, temperature=0.0,
                          top_k=None, top_p=None, seed=0, stop_ids=None, max_len: int | None = None,
                          chat: bool = False, k_max: int = 8, costs: StepCosts | None = None,
-                         acceptance: float | None = None) -> SpeculativeResult:
+                         acceptance: float | None = None, adapters=None, adapter_ids=None) -> SpeculativeResult:
     """``generate`` with speculative decoding; the same output distribution (greedy: the same
     tokens), fewer target passes.
 
@@ -365,6 +372,7 @@ def speculative_generate(target, draft, prompts, max_new_tokens, *, k: int | str
     ``generate``. k: tokens drafted per round (0 = plain decoding), or ``"auto"``: chosen in
     ``0..k_max`` by ``choose_k`` from ``costs`` (measured once per shape when None) and the
     acceptance rate (``acceptance``, else the draft's running rate).
+    adapters / adapter_ids: per-row LoRA of the target, as ``generate`` (the draft runs without).
     Returns a ``SpeculativeResult`` (a ``GenerationResult`` with ``stats``).
     """
     if k != "auto":
@@ -382,8 +390,10 @@ def speculative_generate(target, draft, prompts, max_new_tokens, *, k: int | str
     if stop_ids is None:
         stop_ids = default_stop_ids(target)
     req = validate_request(target.config, ids, max_new_tokens, max_len=max_len, stop_ids=stop_ids,
-                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                           adapters=adapters, adapter_ids=adapter_ids)
     pad = pad_request(req)
+    aid = None if pad.adapter_ids is None else jnp.asarray(pad.adapter_ids)
     b = pad.tokens.shape[0]
     k_room = k_max if k == "auto" else k
     cache_len = pad.cache_len if max_len is not None else bucket_cache(
@@ -399,7 +409,8 @@ def speculative_generate(target, draft, prompts, max_new_tokens, *, k: int | str
         speedup = rates[chosen] / rates[0]
     if chosen == 0:  # plain decoding is the faster choice (or was asked for)
         res = generate(target, ids, req.max_new_tokens.tolist(), temperature=temperature, top_k=top_k,
-                       top_p=top_p, seed=seed, stop_ids=stop_ids, max_len=max_len)
+                       top_p=top_p, seed=seed, stop_ids=stop_ids, max_len=max_len, adapters=adapters,
+                       adapter_ids=adapter_ids)
         passes = np.asarray([max(len(t) - 1, 0) for t in res.tokens])
         zero = np.zeros_like(passes)
         stats = _stats(0, dr.name, dict(passes=passes, drafted=zero, accepted=zero, gen=passes + 1),
@@ -410,7 +421,8 @@ def speculative_generate(target, draft, prompts, max_new_tokens, *, k: int | str
                    jnp.asarray(pad.stop_ids))
     cache = new_cache(target.config, target.params, b, cache_len)
     final = speculative_jit(target.params, dr.params, jnp.asarray(pad.tokens), jnp.asarray(pad.lengths), cache,
-                            ctl, tcfg=target.config, spec=dr.spec, k=int(chosen), out_len=cache_len)
+                            ctl, tcfg=target.config, spec=dr.spec, k=int(chosen), out_len=cache_len,
+                            adapters=adapters, adapter_ids=aid)
     out, num_new, stopped, passes, drafted, accepted = jax.device_get(
         (final.dec.out, final.dec.num_new, final.dec.stopped, final.passes, final.drafted, final.accepted))
     rb = req.batch

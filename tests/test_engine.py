@@ -236,8 +236,8 @@ def test_bad_engine_settings_are_rejected(model, adapters):
         Engine(model, max_seq_len=64, prefill_buckets=(8, 128))
     with pytest.raises(RealmError, match="adapters\\['x'\\]"):
         Engine(model, max_seq_len=64, adapters={"x": {"layers": {}}})
-    with pytest.raises(RealmError, match="not both"):
-        Engine(model, max_seq_len=64, adapters=adapters, draft="lookup")
+    with pytest.raises(RealmError, match="k: expected"):
+        Engine(model, max_seq_len=64, adapters=adapters, draft="lookup", k=0)
     with pytest.raises(RealmError, match="requests\\[1\\]"):
         Engine(model, max_seq_len=64).generate_many([[3, 4], {"prompt": [3], "max_new_tokens": 0}],
                                                     max_new_tokens=2)
@@ -314,6 +314,21 @@ def test_speculative_engine_equals_generate_and_speculative_alone(model):
     # a pass commits 1..accepted + 1 tokens (fewer at a budget's end); the first token of a
     # request comes from its prefill
     assert st.target_passes + len(hs) <= st.generated_tokens <= st.target_passes + st.accepted + len(hs)
+
+
+def test_speculative_engine_with_adapters_equals_generate_alone(model, adapters):
+    """A draft and per-request LoRA adapters together: each greedy request equals ``generate``
+    with its single adapter (the draft proposes from the base model; verification is exact)."""
+    eng = Engine(model, max_slots=3, max_seq_len=SEQ, prefill_buckets=(16,), decode_steps_per_call=2,
+                 adapters=adapters, draft="self:1", k=2)
+    rng = np.random.default_rng(9)
+    prompts = [rng.integers(3, 61, int(n)).tolist() for n in rng.integers(1, 17, 5)]
+    names = [None, "a", "b", "a", "b"]
+    news = [int(n) for n in rng.integers(5, 30, 5)]
+    hs = [eng.submit(p, n, stop_ids=[], adapter=a) for p, n, a in zip(prompts, news, names)]
+    eng.run_until_idle()
+    for i, (h, p, n, a) in enumerate(zip(hs, prompts, news, names)):
+        assert (h.result().tokens, h.result().finish_reason) == reference(model, adapters, p, n, a), f"request {i}"
 
 
 # ------------------------------------------------------------------------------ insert_rows
