@@ -24,8 +24,7 @@ reason "stop") or after its ``max_new_tokens`` (finish reason "length").
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp

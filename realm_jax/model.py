@@ -18,7 +18,6 @@ to a ``KVCache`` (in place when donated) and attends over everything cached so f
 
 from __future__ import annotations
 
-from functools import partial
 
 import jax
 import jax.numpy as jnp

@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
