@@ -400,16 +400,26 @@ class StreamChunk:
     finish_reasons: list[str | None]
 
 
-def _setup(model, prompts, max_new_tokens, *, temperature, top_k, top_p, seed, stop_ids, max_len,
-           adapters, adapter_ids, chat):
-    """Host work (prepare, validate, pad), then the device arrays and a fresh cache."""
+def prepare_request(model, prompts, max_new_tokens, *, temperature=0.0, top_k=None, top_p=None, seed=0,
+                    stop_ids=None, max_len=None, adapters=None, adapter_ids=None,
+                    chat: bool = False) -> tuple[Request, Padded]:
+    """All host work of a call (prompts -> ids, default stop ids, validation, bucketed padding):
+    ``(Request, Padded)``, before any device work."""
     ids = prepare_prompts(model, prompts, chat)
     if stop_ids is None:
         stop_ids = default_stop_ids(model)
     req = validate_request(model.config, ids, max_new_tokens, max_len=max_len, stop_ids=stop_ids,
                            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                            adapters=adapters, adapter_ids=adapter_ids)
-    pad = pad_request(req)
+    return req, pad_request(req)
+
+
+def _setup(model, prompts, max_new_tokens, *, temperature, top_k, top_p, seed, stop_ids, max_len,
+           adapters, adapter_ids, chat):
+    """Host work (``prepare_request``), then the device arrays and a fresh cache."""
+    req, pad = prepare_request(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                               top_p=top_p, seed=seed, stop_ids=stop_ids, max_len=max_len,
+                               adapters=adapters, adapter_ids=adapter_ids, chat=chat)
     ctl = Controls(SamplingParams(*(jnp.asarray(a) for a in pad.sampling)), jnp.asarray(pad.limits),
                    jnp.asarray(pad.stop_ids))
     cache = new_cache(model.config, model.params, pad.tokens.shape[0], pad.cache_len)

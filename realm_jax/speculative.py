@@ -37,8 +37,8 @@ import numpy as np
 
 from .drafts import Draft, make_draft
 from .errors import RealmError
-from .generation import (Controls, DecodeState, GenerationResult, _row_text, bucket_cache, default_stop_ids,
-                         generate, new_cache, pad_request, prepare_prompts, start, validate_request)
+from .generation import (Controls, DecodeState, GenerationResult, _row_text, bucket_cache, generate, new_cache,
+                         prepare_request, start)
 from .kv_cache import KVCache, rollback
 from .model import forward_cached
 from .sampling import SamplingParams, processed_logits, sample
@@ -386,13 +386,9 @@ def speculative_generate(target, draft, prompts, max_new_tokens, *, k: int | str
         if not ok:
             raise RealmError(f"acceptance: expected a rate in [0, 1], got {acceptance!r}")
     dr = make_draft(target, draft)
-    ids = prepare_prompts(target, prompts, chat)
-    if stop_ids is None:
-        stop_ids = default_stop_ids(target)
-    req = validate_request(target.config, ids, max_new_tokens, max_len=max_len, stop_ids=stop_ids,
-                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                           adapters=adapters, adapter_ids=adapter_ids)
-    pad = pad_request(req)
+    req, pad = prepare_request(target, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                               seed=seed, stop_ids=stop_ids, max_len=max_len, adapters=adapters,
+                               adapter_ids=adapter_ids, chat=chat)
     aid = None if pad.adapter_ids is None else jnp.asarray(pad.adapter_ids)
     b = pad.tokens.shape[0]
     k_room = k_max if k == "auto" else k
@@ -408,7 +404,7 @@ def speculative_generate(target, draft, prompts, max_new_tokens, *, k: int | str
         chosen, rates = choose_k(alpha, costs, k_max)
         speedup = rates[chosen] / rates[0]
     if chosen == 0:  # plain decoding is the faster choice (or was asked for)
-        res = generate(target, ids, req.max_new_tokens.tolist(), temperature=temperature, top_k=top_k,
+        res = generate(target, req.prompt_ids, req.max_new_tokens.tolist(), temperature=temperature, top_k=top_k,
                        top_p=top_p, seed=seed, stop_ids=stop_ids, max_len=max_len, adapters=adapters,
                        adapter_ids=adapter_ids)
         passes = np.asarray([max(len(t) - 1, 0) for t in res.tokens])
