@@ -38,3 +38,54 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+# --- fused attention (cuDNN flash attention on GPU) -------------------------------------------
+#
+# ``jax.nn.dot_product_attention`` covers two of our mask shapes exactly:
+# - "prefill": the cache was empty before this call, so query t sits at position t and the mask is
+#   causal (top-left aligned) ∧ s < kv_len;
+# - "decode": one query per row at position kv_len - 1 (or a row that does not advance), so the
+#   mask is s < kv_len alone.
+# Anything else (a multi-token append to a non-empty cache: speculative verify) and sliding-window
+# decode keep the einsum reference, which is also what every test compares the fused path with.
+
+ATTENTION_ENV = "REALM_JAX_ATTENTION"  # auto (default) | reference | cudnn | xla
+
+
+def fused_attention_impl(dtype, head_dim: int) -> str | None:
+    """The ``jax.nn.dot_product_attention`` implementation to use, or None for the einsum reference.
+
+    ``auto``: cuDNN on a GPU backend for bf16/f16 with a head dim that is a multiple of 8 and <= 128,
+    else the reference. ``xla`` forces the fused API with XLA's implementation (tests check the mask
+    mapping with it on CPU); ``reference`` turns the fused path off.
+    """
+    import os
+
+    choice = os.environ.get(ATTENTION_ENV, "auto").strip().lower()
+    if choice not in ("auto", "reference", "cudnn", "xla"):
+        raise ValueError(f"{ATTENTION_ENV} must be auto, reference, cudnn or xla; got {choice!r}")
+    if choice == "reference":
+        return None
+    if choice in ("cudnn", "xla"):
+        return choice
+    ok = (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+          and head_dim % 8 == 0 and head_dim <= 128)
+    return "cudnn" if ok else None
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_len: jax.Array, *, causal: bool,
+                    window: int | None, implementation: str) -> jax.Array:
+    """q [B, T, N, H]; k, v [B, S, K, H]; kv_len [B] -> [B, T, N, H] in q.dtype.
+
+    causal=True: query t is at position t (empty cache before this call) and sees keys
+    s <= t, s < kv_len (and t - s < window). causal=False: T == 1 and every query sees s < kv_len
+    (no window support: the caller keeps the reference there). Rows with kv_len 0 (padding) see
+    key 0 instead of nothing; their outputs are never used.
+    """
+    if not causal and (q.shape[1] != 1 or window is not None):
+        raise ValueError("non-causal fused attention is for single-token decode without a sliding window")
+    kv_len = jnp.maximum(kv_len.astype(jnp.int32), 1)
+    local = (window - 1, 0) if (causal and window is not None) else None
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=kv_len,
+                                        local_window_size=local, implementation=implementation)

@@ -76,7 +76,8 @@ class ModelDraftSpec:
     def init(self, params, tokens, lengths, max_len: int) -> KVCache:
         cache = init_cache(self.cfg, tokens.shape[0], max_len, params["embed"].dtype,
                            per_layer=is_unstacked(params["layers"]), num_layers=self.num_layers)
-        _, cache = forward_cached_hidden(params, self.cfg, tokens, lengths, cache, num_layers=self.num_layers)
+        _, cache = forward_cached_hidden(params, self.cfg, tokens, lengths, cache, num_layers=self.num_layers,
+                                         empty_cache=True)
         return cache
 
     def propose(self, params, cache: KVCache, seq, n, active, keys, sp: SamplingParams, k: int):

@@ -291,14 +291,15 @@ def new_cache(cfg: ModelConfig, params, batch: int, max_len: int) -> KVCache:
 
 
 def prefill(params, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array, cache: KVCache, *,
-            adapters=None, adapter_ids=None) -> tuple[jax.Array, KVCache]:
+            adapters=None, adapter_ids=None, empty_cache: bool = False) -> tuple[jax.Array, KVCache]:
     """Run right-padded prompts through the cache.
 
     tokens [B, T] int32, lengths [B] int32 (0 = row takes no tokens) -> logits [B, V] float32 at
     each row's last prompt token (only those B positions go through the vocab projection), cache.
+    ``empty_cache=True`` (every cache length is 0) lets attention take the fused prompt path.
     """
-    hidden, cache = forward_cached_hidden(params, cfg, tokens, lengths, cache,
-                                          adapters=adapters, adapter_ids=adapter_ids)
+    hidden, cache = forward_cached_hidden(params, cfg, tokens, lengths, cache, adapters=adapters,
+                                          adapter_ids=adapter_ids, empty_cache=empty_cache)
     last = jnp.maximum(lengths.astype(jnp.int32) - 1, 0)
     h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [B, 1, D]
     return lm_head(params, cfg, h)[:, 0], cache
@@ -354,8 +355,9 @@ def decode_loop(params, cfg: ModelConfig, state: DecodeState, ctl: Controls, *, 
 
 def start(params, cfg: ModelConfig, tokens, lengths, cache: KVCache, ctl: Controls, *, out_len: int,
           adapters=None, adapter_ids=None) -> DecodeState:
-    """Prefill, then emit each row's first token."""
-    logits, cache = prefill(params, cfg, tokens, lengths, cache, adapters=adapters, adapter_ids=adapter_ids)
+    """Prefill an empty cache, then emit each row's first token."""
+    logits, cache = prefill(params, cfg, tokens, lengths, cache, adapters=adapters, adapter_ids=adapter_ids,
+                            empty_cache=True)
     return emit(init_state(cache, ctl.limits, out_len), logits, ctl)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .attention import attention_mask, gqa_attention
+from .attention import attention_mask, fused_attention, fused_attention_impl, gqa_attention
 from .config import ModelConfig
 from .kv_cache import KVCache, write_layer, write_rows
 from .layers import apply_rope, linear, rms_norm, rope_cos_sin
@@ -74,9 +74,9 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
 def _lora_add(y, x, name, lora_l, adapter_ids):
     """y + the per-row LoRA delta of projection ``name`` (if an adapter targets it)."""
     if lora_l is not None and name in lora_l:
-        from .lora import lora_delta
+        from .lora import lora_add
 
-        y = y + lora_delta(x, lora_l[name], adapter_ids).astype(y.dtype)
+        y = lora_add(y, x, lora_l[name], adapter_ids)
     return y
 
 
@@ -129,6 +129,27 @@ def _layer(cfg: ModelConfig, x, lp, cos, sin, attend, lora_l, adapter_ids):
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
     g, u = _gate_up(h, lp, lora_l, adapter_ids)
     return x + _proj(jax.nn.silu(g) * u, lp, "w_down", lora_l, adapter_ids)
+
+
+def _attention_core(cfg: ModelConfig, dtype, t: int, mask, kv_len, lengths, num_keys: int, *, fresh: bool):
+    """Pick the attention for one call: ``core(q, k, v, k_all, v_all) -> o``.
+
+    q [B, T, N, H]; k, v [B, T, K, H] this call's keys; k_all, v_all [B, S, K, H] the keys the
+    reference attends over (the cache, or k, v themselves without one); mask [B, T, S].
+    The fused kernel (``attention.fused_attention``) replaces the reference where its mask is the
+    same: a prompt pass over an empty cache (``fresh``: causal over this call's keys, lengths [B])
+    and single-token decode without an active sliding window (keys s < kv_len [B]).
+    """
+    impl = fused_attention_impl(dtype, cfg.head_dim)
+    window = cfg.sliding_window
+    if impl is not None and fresh and t > 1:
+        win = window if window is not None and window < t else None
+        return lambda q, k, v, ka, va: fused_attention(q, k, v, lengths, causal=True, window=win,
+                                                       implementation=impl)
+    if impl is not None and t == 1 and (window is None or window >= num_keys):
+        return lambda q, k, v, ka, va: fused_attention(q, ka, va, kv_len, causal=False, window=None,
+                                                       implementation=impl)
+    return lambda q, k, v, ka, va: gqa_attention(q, ka, va, mask)
 
 
 def _lm_head(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
@@ -210,14 +231,16 @@ def forward_hidden(params: Params, cfg: ModelConfig, tokens: jax.Array, lengths:
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     cos, sin = rope_cos_sin(cfg, positions)
-    mask = attention_mask(positions, lengths.astype(jnp.int32), t, cfg.sliding_window)
-
-    def attend(q, k, v):
-        return gqa_attention(q, k, v, mask)
-
+    lengths = lengths.astype(jnp.int32)
+    mask = attention_mask(positions, lengths, t, cfg.sliding_window)
     layers = params["layers"]
     lora_layers = _lora_layers(adapters, layers)
     x = _embed(params, tokens)
+    core = _attention_core(cfg, x.dtype, t, mask, lengths, lengths, t, fresh=True)
+
+    def attend(q, k, v):
+        return core(q, k, v, k, v)
+
     if is_unstacked(layers):
         for i, lp in enumerate(layers):
             x = _layer(cfg, x, lp, cos, sin, attend, _lora_slice(lora_layers, i), adapter_ids)
@@ -242,7 +265,7 @@ def forward_cached(params: Params, cfg: ModelConfig, tokens: jax.Array, lengths:
 
 def forward_cached_hidden(params: Params, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array,
                           cache: KVCache, *, adapters=None, adapter_ids=None,
-                          num_layers: int | None = None) -> tuple[jax.Array, KVCache]:
+                          num_layers: int | None = None, empty_cache: bool = False) -> tuple[jax.Array, KVCache]:
     """Append tokens to the cache and return their hidden states [B, T, D] before the final norm
     (``lm_head`` turns chosen positions into logits, e.g. only each row's last prompt token).
 
@@ -250,7 +273,8 @@ def forward_cached_hidden(params: Params, cfg: ModelConfig, tokens: jax.Array, l
     (0 = the row does not advance). Token t of row b sits at position ``cache.lengths[b] + t``.
     Returns hidden [B, T, D] and the cache with ``lengths += lengths``.
     ``num_layers`` runs only the first layers (self-speculative draft); the cache must have
-    that many layers.
+    that many layers. ``empty_cache=True`` promises every ``cache.lengths`` is 0 (a prompt pass):
+    attention then runs over this call's keys alone, through the fused kernel where available.
     """
     b, t = tokens.shape
     lengths = lengths.astype(jnp.int32)
@@ -267,6 +291,7 @@ def forward_cached_hidden(params: Params, cfg: ModelConfig, tokens: jax.Array, l
             lora_layers = lora_layers[:num_layers] if is_unstacked(lora_layers) else \
                 jax.tree_util.tree_map(lambda a: a[:num_layers], lora_layers)
     x = _embed(params, tokens)
+    core = _attention_core(cfg, x.dtype, t, mask, kv_len, lengths, cache.max_len, fresh=empty_cache)
 
     if is_unstacked(layers):  # decode layout: a Python loop, each layer's weights its own buffer
         ks, vs = cache.k, cache.v
@@ -278,9 +303,9 @@ def forward_cached_hidden(params: Params, cfg: ModelConfig, tokens: jax.Array, l
             def attend(q, k, v, i=i):
                 if per_layer:
                     ks[i], vs[i] = write_rows(ks[i], k, start), write_rows(vs[i], v, start)
-                    return gqa_attention(q, ks[i], vs[i], mask)
+                    return core(q, k, v, ks[i], vs[i])
                 box["k"], box["v"] = write_layer(ks, i, k, start), write_layer(vs, i, v, start)
-                return gqa_attention(q, box["k"][i], box["v"][i], mask)
+                return core(q, k, v, box["k"][i], box["v"][i])
 
             x = _layer(cfg, x, lp, cos, sin, attend, _lora_slice(lora_layers, i), adapter_ids)
             if not per_layer:
@@ -302,7 +327,7 @@ def forward_cached_hidden(params: Params, cfg: ModelConfig, tokens: jax.Array, l
             nk = write_layer(ck, i, k, start)
             nv = write_layer(cv, i, v, start)
             box["k"], box["v"] = nk, nv
-            return gqa_attention(q, nk[i], nv[i], mask)
+            return core(q, k, v, nk[i], nv[i])
 
         x = _layer(cfg, x, lp, cos, sin, attend, lora_l, adapter_ids)
         return (x, box["k"], box["v"], i + 1), None
