@@ -9,9 +9,18 @@ Rows (same random base weights, same prompts, greedy, no stop ids):
 - ``merged``: one adapter folded into the weights (``lora.merge``); should equal ``base``.
 - ``unmerged x1``: one adapter applied unmerged to every row.
 - ``unmerged x4``: a stack of 4 adapters (``lora.stack_adapters``), row b uses adapter b mod 4.
-- ``unmerged x4 fused`` (decode layout only): the same stack in ``lora.decode_layout`` (per-layer
-  buffers, q|k|v and gate|up factors fused: two small matmuls per fused projection).
-Adapters target all seven projections at ``--rank``.
+- ``unmerged x4 fused`` (decode layout only): the same stack in ``lora.decode_layout(..,
+  concat=False)`` (per-layer buffers, q|k|v and gate|up factors fused, served by ``lora_delta``).
+- ``unmerged x4 concat``: the same stack in the concatenated serving layout (``lora.decode_layout``
+  for the decode layout, ``lora.concat_layout`` for stacked params): every adapter's factors side
+  by side on the rank axis, two matmuls per (fused) projection and a per-row mask, no gather.
+Adapters target all seven projections at ``--rank``. Every unmerged x4 row checks that its tokens
+match the plain stack's (``same_tokens_as_stack``: 90% of them, bf16 rounding may flip a few).
+
+``--hlo`` adds op counts of one compiled decode step (``generation.decode_step``) per row: dots
+(matmul ops and gemm library calls), gathers, concatenates (a concatenate of weights in every step
+is XLA merging two matmuls that share an input by copying the weights) and top-level ops of the
+step program (about its kernels on a GPU).
 
 Method: prefill (``generation.start_jit``, untimed) then ``generation.decode_loop_jit`` for
 ``--new-tokens`` - 1 steps in one call, timed (warm-up first, median of ``--repeats``);
@@ -43,8 +52,37 @@ from realm_jax.model import decode_layout  # noqa: E402
 from realm_jax.sampling import SamplingParams  # noqa: E402
 
 
-def bench_decode(cfg, params, batch, prompt_len, new_tokens, warmup, repeats, adapters=None, seed=0) -> dict:
-    """Decode-loop timing for one (params, adapters) setting; rows use adapter ``b % A``."""
+_NOT_KERNELS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "opt-barrier"}
+
+
+def hlo_counts(text: str) -> dict:
+    """Op counts in compiled HLO text: ``dots`` (dot ops anywhere, fused or not, plus gemm library
+    calls), ``gathers``, ``concatenates`` (anywhere) and ``top_ops`` (ops of the entry computation
+    other than parameters, constants, tuples and bitcasts: about the kernels one call launches)."""
+    import re
+
+    counts = {"dots": 0, "gathers": 0, "concatenates": 0, "top_ops": 0}
+    in_entry = False
+    for line in text.splitlines():
+        if line and not line[0].isspace():
+            in_entry = line.startswith("ENTRY")
+            continue
+        m = re.search(r"=.*? ([a-z][\w\-]*)\(", line)
+        if not m:
+            continue
+        op = m.group(1)
+        gemm = op == "custom-call" and re.search(r'custom_call_target="[^"]*(gemm|matmul)', line)
+        counts["dots"] += op == "dot" or bool(gemm)
+        counts["gathers"] += op == "gather"
+        counts["concatenates"] += op == "concatenate"
+        counts["top_ops"] += in_entry and op not in _NOT_KERNELS
+    return counts
+
+
+def bench_decode(cfg, params, batch, prompt_len, new_tokens, warmup, repeats, adapters=None, seed=0,
+                 hlo=False) -> dict:
+    """Decode-loop timing for one (params, adapters) setting; rows use adapter ``b % A``.
+    ``hlo``: also ``hlo_counts`` of one compiled decode step."""
     rng = np.random.default_rng(seed)
     prompts = rng.integers(3, cfg.vocab_size, (batch, prompt_len)).tolist()
     ids = None
@@ -67,6 +105,11 @@ def bench_decode(cfg, params, batch, prompt_len, new_tokens, warmup, repeats, ad
     def run(state):
         return gen.decode_loop_jit(params, cfg, state, ctl, adapters=adapters, adapter_ids=aid)
 
+    counts = {}
+    if hlo:
+        step = jax.jit(gen.decode_step, static_argnames=("cfg",))
+        text = step.lower(params, cfg, *prefilled(), ctl, adapters=adapters, adapter_ids=aid).compile().as_text()
+        counts = {"hlo_" + k: v for k, v in hlo_counts(text).items()}
     t = common.time_call(run, prefilled, warmup=warmup, repeats=repeats)
     final = run(*prefilled())
     got = np.asarray(final.num_new)[:batch]
@@ -75,7 +118,7 @@ def bench_decode(cfg, params, batch, prompt_len, new_tokens, warmup, repeats, ad
     del final
     steps = new_tokens - 1
     return {"batch": batch, "cache_len": s, "decode_ms_per_step": t["median_s"] / steps * 1e3,
-            "tokens_per_s": batch * steps / t["median_s"], "timings": t, "tokens": out}
+            "tokens_per_s": batch * steps / t["median_s"], "timings": t, "tokens": out, **counts}
 
 
 def main(argv=None) -> int:
@@ -91,6 +134,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--layout", default="decode", choices=["decode", "stacked"],
                     help="params layout: 'decode' (model.decode_layout) or 'stacked'")
+    ap.add_argument("--hlo", action="store_true", help="add op counts of one compiled decode step per row")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None, help="JSON results path (default benchmarks/results/lora-<device>.json)")
@@ -117,30 +161,39 @@ def main(argv=None) -> int:
     merged = decode_layout(merged) if fast else merged
     del stacked
     gc.collect()
+    multi = f"unmerged x{args.adapters}"
     settings = [("base", base, None), ("merged", merged, None), ("unmerged x1", base, adapters[0]),
-                (f"unmerged x{args.adapters}", base, stack)]
+                (multi, base, stack)]
     if fast:
-        settings.append((f"unmerged x{args.adapters} fused", base, lora_lib.decode_layout(stack, cfg)))
+        settings.append((f"{multi} fused", base, lora_lib.decode_layout(stack, cfg, concat=False)))
+    settings.append((f"{multi} concat", base,
+                     lora_lib.decode_layout(stack, cfg) if fast else lora_lib.concat_layout(stack, cfg)))
 
     rows = []
     for b in batches:
-        ref = None
+        ref = stack_tokens = None
         for label, params, ads in settings:
             r = {"config": name, "layout": args.layout, "dtype": args.dtype, "rank": args.rank, "setting": label}
-            r.update(bench_decode(cfg, params, b, plen, ntok, args.warmup, args.repeats, adapters=ads))
+            r.update(bench_decode(cfg, params, b, plen, ntok, args.warmup, args.repeats, adapters=ads, hlo=args.hlo))
             toks = r.pop("tokens")
             if label == "base":
                 ref = r["tokens_per_s"]
-            elif label == f"unmerged x{args.adapters} fused":  # same math as the sliced stack
-                r["same_tokens_as_unfused"] = bool((toks == prev_tokens).mean() > 0.9)
-            prev_tokens = toks
+            elif label == multi:
+                stack_tokens = toks
+            elif label.startswith(multi):  # the same math as the plain stack
+                r["same_tokens_as_stack"] = bool((toks == stack_tokens).mean() > 0.9)
             r["overhead"] = ref / r["tokens_per_s"] - 1
             rows.append(r)
+            hlo = "".join(f", {k[4:]} {v}" for k, v in r.items() if k.startswith("hlo_"))
+            same = "" if "same_tokens_as_stack" not in r else f", same tokens as stack: {r['same_tokens_as_stack']}"
             print(f"B={b} {label}: {r['decode_ms_per_step']:.3f} ms/step, {r['tokens_per_s']:.0f} tok/s, "
-                  f"overhead {r['overhead']:+.1%}", flush=True)
+                  f"overhead {r['overhead']:+.1%}{same}{hlo}", flush=True)
 
     cols = [("config", "config"), ("layout", "layout"), ("batch", "B"), ("rank", "R"), ("setting", "adapters"),
             ("decode_ms_per_step", "ms/step"), ("tokens_per_s", "tok/s"), ("overhead", "overhead vs base")]
+    if args.hlo:
+        cols += [("hlo_dots", "dots/step"), ("hlo_gathers", "gathers/step"), ("hlo_concatenates", "concats/step"),
+                 ("hlo_top_ops", "top-level ops/step")]
     print()
     print(common.markdown_table(rows, cols))
     print(f"\n{common.environment_line(env)}; prompt {plen}, {ntok} new tokens")

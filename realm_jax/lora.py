@@ -17,9 +17,14 @@ A **stack** of A adapters (``stack_adapters``) adds an adapter axis after L::
 ``forward``/``forward_cached``/``generate`` take ``adapters=`` (a stack, or a single adapter =
 a stack of one) and ``adapter_ids [B]`` int32 (-1 = base model; ids outside ``[0, A)`` also get
 the base) and add ``scale[id] * (x @ A[id]) @ B[id]`` per row (``lora_delta``), so one batch
-serves many adapters. For params in ``model.decode_layout``, ``decode_layout(adapters, cfg)``
-gives the matching per-layer, q|k|v- and gate|up-fused form. ``merge`` folds one adapter into
-the weights (either params layout) for the fastest single-adapter serving.
+serves many adapters. ``merge`` folds one adapter into the weights (either params layout) for
+the fastest single-adapter serving.
+
+**Serving layouts** (built once, outside the decode loop; ``forward`` takes them like a stack):
+``decode_layout(adapters, cfg)`` for params in ``model.decode_layout`` (per layer, q|k|v and
+gate|up fused) and ``concat_layout(adapters, cfg)`` for stacked params. Both concatenate the A
+adapters on the rank axis, ``{"a_t": [(L,) A*R, D_in], "b": [(L,) A*R, D_out], "scale": [(L,) A, R]}``,
+so a projection's LoRA term is two matmuls and a per-row mask, with no gather (``concat_delta``).
 """
 
 from __future__ import annotations
@@ -97,8 +102,9 @@ def _check_targets(targets, what):
 
 def check_adapter(adapter, dims: Mapping[str, tuple], num_layers: int, what: str = "adapter",
                   stacked: bool | None = None) -> int | None:
-    """Validate structure and shapes (static: works on tracers), in the stacked layout or the
-    ``decode_layout``. Returns A for a stack, None for a single adapter.
+    """Validate structure and shapes (static: works on tracers), in the stacked layout or a
+    serving layout (``decode_layout``, ``concat_layout``). Returns A for a stack, None for a
+    single adapter.
     ``dims``: {projection: (D_in, D_out)}; ``stacked``: require one form."""
     layers = adapter.get("layers") if isinstance(adapter, Mapping) else None
     if not isinstance(layers, (Mapping, tuple, list)) or not layers:
@@ -133,9 +139,12 @@ def check_adapter(adapter, dims: Mapping[str, tuple], num_layers: int, what: str
 
 def _check_leaf(leaf, where: str, name: str, dims: Mapping, lead: tuple) -> int | None:
     """One projection's {'a', 'b', 'scale'}: a [*lead, (A,) D_in, R], b [*lead, (A,) R, D_out],
-    scale [*lead, (A,)] (or [.., R] in the decode layout's fused leaves). Returns A or None."""
+    scale [*lead, (A,)] (or [.., R] in ``decode_layout(concat=False)``'s fused leaves); or a
+    concatenated leaf (see ``_check_concat_leaf``). Returns A or None."""
     if name not in dims:
         raise RealmError(f"{where}: unknown projection; expected one of {tuple(dims)}")
+    if isinstance(leaf, Mapping) and "a_t" in leaf:
+        return _check_concat_leaf(leaf, where, dims[name], lead)
     if not isinstance(leaf, Mapping) or set(leaf) != {"a", "b", "scale"}:
         raise RealmError(f"{where}: expected keys {{'a', 'b', 'scale'}}, got {_keys(leaf)}")
     a, b, s = (tuple(jnp.shape(leaf[k])) for k in ("a", "b", "scale"))
@@ -151,6 +160,26 @@ def _check_leaf(leaf, where: str, name: str, dims: Mapping, lead: tuple) -> int 
             form = ("[L, " if lead else "[") + ("A, " if A is not None else "") + "D_in, R]"
             raise RealmError(f"{where}['{k}']: expected shape {want[k] if r > 0 else form} "
                              f"(D_in={din}, D_out={dout}{', L=%d' % lead[0] if lead else ''}), got {shape}")
+    return A
+
+
+def _check_concat_leaf(leaf, where: str, dims: tuple, lead: tuple) -> int | None:
+    """{'a_t': [*lead, A*R, D_in], 'b': [*lead, A*R, D_out], 'scale': [*lead, A, R]} (a stack) or
+    a_t [*lead, R, D_in], b [*lead, R, D_out], scale [*lead, R] (a single adapter)."""
+    if set(leaf) != {"a_t", "b", "scale"}:
+        raise RealmError(f"{where}: expected keys {{'a_t', 'b', 'scale'}} (concatenated layout), got {_keys(leaf)}")
+    at, b, s = (tuple(jnp.shape(leaf[k])) for k in ("a_t", "b", "scale"))
+    din, dout = dims
+    n = len(lead)
+    if len(s) not in (n + 1, n + 2) or s[:n] != lead or min(s[n:], default=0) <= 0:
+        raise RealmError(f"{where}['scale']: expected shape {lead + ('A', 'R')} (a stack) or {lead + ('R',)} "
+                         f"(one adapter), got {s}")
+    A = s[n] if len(s) == n + 2 else None
+    k = s[-1] * (A or 1)
+    for key, shape, want in (("a_t", at, lead + (k, din)), ("b", b, lead + (k, dout))):
+        if shape != want:
+            raise RealmError(f"{where}['{key}']: expected shape {want} (A*R={k}, D_in={din}, D_out={dout}), "
+                             f"got {shape}")
     return A
 
 
@@ -242,8 +271,8 @@ def lora_delta(x: jax.Array, leaf: Mapping, adapter_ids: jax.Array | None = None
 
     x [B, T, D_in]; ``leaf`` is one layer's slice: a single adapter (a [D_in, R], b [R, D_out],
     scale [] or [R]) or a stack (a [A, D_in, R], b [A, R, D_out], scale [A] or [A, R]; a
-    per-rank scale comes from ``decode_layout``'s fused projections); adapter_ids [B] int
-    (-1 = none; optional for a single adapter, which is then applied to every row).
+    per-rank scale comes from ``decode_layout(..., concat=False)``'s fused projections);
+    adapter_ids [B] int (-1 = none; optional for a single adapter, then applied to every row).
     Returns ``((x @ a[id]) * scale[id]) @ b[id]`` [B, T, D_out] float32 (0 for id -1).
 
     ``method`` (a stack only): "dense" computes all A adapters' ``x @ a`` in one matmul with
@@ -280,29 +309,143 @@ def lora_delta(x: jax.Array, leaf: Mapping, adapter_ids: jax.Array | None = None
     raise RealmError(f"method: expected 'dense' or 'gather', got {method!r}")
 
 
-# ----------------------------------------------------------------------------- decode layout
+def concat_delta(x: jax.Array, leaf: Mapping, adapter_ids: jax.Array | None = None,
+                 method: str | None = None) -> jax.Array:
+    """``lora_delta`` for a leaf of the concatenated serving layout (``decode_layout``,
+    ``concat_layout``), one layer's slice: a_t [A*R, D_in], b [A*R, D_out], scale [A, R] (a stack;
+    rank columns adapter-major) or a_t [R, D_in], b [R, D_out], scale [R] (a single adapter).
+
+    x [B, T, D_in], adapter_ids [B] int (-1 = none; optional for a single adapter) ->
+    ``((x @ a[id]) * scale[id]) @ b[id]`` [B, T, D_out] float32 (0 for id -1), as ``lora_delta``.
+
+    "dense" (default when A <= B): ``h = x @ a_t.T`` for all A adapters in one matmul, zeroed per
+    row outside the row's own rank block (and scaled), then ``h @ b``: two matmuls, no gather.
+    The first matmul is 2-D and contracts a_t's minor axis, so its dimension numbers differ from
+    the base ``x @ W`` and XLA's dot merger (GPU: matmuls sharing an operand, up to 32 MB, become
+    one matmul against the concatenated weights) cannot copy W into a ``[W | A]`` every step.
+    "gather" (default when A > B): each row's own block.
+    """
+    a_t, b, scale = leaf["a_t"], leaf["b"], jnp.asarray(leaf["scale"], jnp.float32)
+    f32 = jnp.float32
+    bsz, t, din = x.shape
+    if adapter_ids is not None and adapter_ids.shape != (bsz,):
+        raise RealmError(f"adapter_ids: expected shape ({bsz},) (one per row), got {adapter_ids.shape}")
+    if scale.ndim == 1:  # a single adapter: every row, or the rows with id 0
+        scale = scale[None]
+        ids = jnp.zeros((bsz,), jnp.int32) if adapter_ids is None else \
+            jnp.where(adapter_ids == 0, 0, -1).astype(jnp.int32)
+    elif adapter_ids is None:
+        raise RealmError("adapter_ids: required (int [B], -1 = base) with a stack of adapters")
+    else:
+        ids = adapter_ids.astype(jnp.int32)
+    A, R = scale.shape
+    method = method or ("dense" if A <= bsz else "gather")
+    if method == "dense":
+        # 2-D, contracting a_t's minor axis: not x @ W's dimension numbers (see the docstring)
+        h = jax.lax.dot_general(x.reshape(bsz * t, din), a_t, (((1,), (1,)), ((), ())),
+                                preferred_element_type=f32).reshape(bsz, t, A * R)
+        hit = ids[:, None] == jnp.arange(A, dtype=jnp.int32)[None, :]  # [B, A]
+        m = jnp.where(hit[:, :, None], scale[None], 0.0).reshape(bsz, 1, A * R)  # [B, 1, A*R]
+        return jnp.matmul((h * m).astype(b.dtype), b, preferred_element_type=f32)
+    if method == "gather":
+        idx = jnp.clip(ids, 0, A - 1)
+        s = jnp.where(((ids >= 0) & (ids < A))[:, None], scale[idx], 0.0)  # [B, R]
+        xa = jnp.einsum("btd,brd->btr", x, a_t.reshape(A, R, din)[idx], preferred_element_type=f32) * s[:, None, :]
+        return jnp.einsum("btr,bro->bto", xa.astype(b.dtype), b.reshape(A, R, -1)[idx], preferred_element_type=f32)
+    raise RealmError(f"method: expected 'dense' or 'gather', got {method!r}")
+
+
+def lora_add(y: jax.Array, x: jax.Array, leaf: Mapping, adapter_ids: jax.Array | None = None) -> jax.Array:
+    """``y + `` the per-row LoRA term of one projection (``concat_delta`` for a concatenated
+    leaf, ``lora_delta`` otherwise), in y's dtype. y [B, T, D_out], x [B, T, D_in]."""
+    delta = concat_delta if "a_t" in leaf else lora_delta
+    return y + delta(x, leaf, adapter_ids).astype(y.dtype)
+
+
+# ----------------------------------------------------------------------------- serving layouts
 FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}  # as in model.decode_layout
 
 
-def decode_layout(adapters: Adapter, cfg: ModelConfig) -> Adapter:
+def decode_layout(adapters: Adapter, cfg: ModelConfig, concat: bool = True) -> Adapter:
     """The adapter (or stack) for params in ``model.decode_layout``: a tuple of L per-layer dicts
     (each layer's factors their own buffers) with q|k|v fused into ``wqkv`` and gate|up into
-    ``w_gate_up``, so each fused projection costs two small matmuls instead of four or six.
+    ``w_gate_up``; ``wo``/``w_down`` are just sliced per layer. A fused projection concatenates
+    its parts' factors on the rank axis (Rq+Rk+Rv) with b block-diagonal over the q|k|v output
+    columns (zeros elsewhere: exact), so it costs two small matmuls instead of six.
 
-    A fused leaf concatenates the factors on the rank axis: a [(A,) D, Rq+Rk+Rv], b block-diagonal
-    [(A,) Rq+Rk+Rv, (N+2K)*H] (zeros elsewhere: exact), scale per rank column [(A,) Rq+Rk+Rv].
-    ``wo``/``w_down`` are just sliced per layer. Serve with ``forward``/``generate`` on
+    ``concat=True`` (the serving form): the A adapters also concatenated on the rank axis, as in
+    ``concat_layout``: a_t [A*(Rq+Rk+Rv), D], b [A*(Rq+Rk+Rv), (N+2K)*H], scale [A, Rq+Rk+Rv]
+    (rank columns adapter-major), served by ``concat_delta``: no gather. ``concat=False``: the
+    per-adapter form a [(A,) D, Rq+Rk+Rv], b [(A,) Rq+Rk+Rv, (N+2K)*H], scale per rank column
+    [(A,) Rq+Rk+Rv], served by ``lora_delta`` (the plain reference).
+
+    Build it once per adapter set, outside the decode loop (it copies the factors; a new set of
+    the same shapes reuses the compiled program). Serve with ``forward``/``generate`` on
     decode-layout params; ``merge`` takes the stacked form.
     """
-    if isinstance(adapters, Mapping) and isinstance(adapters.get("layers"), (tuple, list)):
-        return adapters
+    layers = adapters.get("layers") if isinstance(adapters, Mapping) else None
     dims = projection_dims(cfg)
     check_adapter(adapters, dims, cfg.num_layers)
-    return {"layers": _decode_layout_jit(adapters["layers"], tuple(sorted(dims.items())), cfg.num_layers)}
+    if isinstance(layers, (tuple, list)):  # already per layer: at most concatenate
+        done = [("a_t" in leaf) for layer in layers for leaf in layer.values()]
+        if not concat and any(done):
+            raise RealmError("decode_layout(concat=False): the adapters are already concatenated; "
+                             "pass the stack (as stack_adapters returns it) instead")
+        return adapters if all(done) or not concat else {"layers": _concat_jit(tuple(layers), 0)}
+    if any("a_t" in leaf for leaf in layers.values()):
+        raise RealmError("decode_layout: the adapters are in concat_layout's form; pass them as "
+                         "stack_adapters / load_peft return them")
+    fused = _fused_layers_jit(layers, tuple(sorted(dims.items())), cfg.num_layers)
+    return {"layers": _concat_jit(fused, 0) if concat else fused}
+
+
+def concat_layout(adapters: Adapter, cfg: ModelConfig) -> Adapter:
+    """The adapter (or stack) for stacked params, concatenated over adapters on the rank axis::
+
+        {"layers": {proj: {"a_t": [L, A*R, D_in], "b": [L, A*R, D_out], "scale": [L, A, R]}}}
+
+    (a single adapter: a_t [L, R, D_in], b [L, R, D_out], scale [L, R]); rank column ``a*R + r``
+    is rank r of adapter a. ``forward`` then adds each projection's LoRA term with two matmuls
+    and a per-row mask (``concat_delta``), no gather. Build it once per adapter set. For params
+    in ``model.decode_layout`` use ``decode_layout``.
+    """
+    layers = adapters.get("layers") if isinstance(adapters, Mapping) else None
+    if isinstance(layers, (tuple, list)):
+        raise RealmError("concat_layout: the adapters are in the decode layout (per layer); concat_layout "
+                         "takes them as stack_adapters / load_peft return them (use decode_layout for "
+                         "decode-layout params)")
+    check_adapter(adapters, projection_dims(cfg), cfg.num_layers)
+    return {"layers": _concat_jit(layers, 1)}
+
+
+@partial(jax.jit, static_argnums=1)
+def _concat_jit(layers, lead: int):
+    """Every {'a', 'b', 'scale'} leaf to {'a_t', 'b', 'scale'} (see ``_to_concat``)."""
+    if isinstance(layers, tuple):
+        return tuple({n: _to_concat(leaf, lead) for n, leaf in layer.items()} for layer in layers)
+    return {n: _to_concat(leaf, lead) for n, leaf in layers.items()}
+
+
+def _to_concat(leaf, lead: int):
+    """a [*L, (A,) D_in, R], b [*L, (A,) R, D_out], scale [*L, (A,)] or [*L, (A,) R] (``lead`` = len(L))
+    -> a_t [*L, A*R, D_in], b [*L, A*R, D_out], scale [*L, A, R] (no A axis for a single adapter)."""
+    if "a_t" in leaf:
+        return leaf
+    a, b, scale = leaf["a"], leaf["b"], jnp.asarray(leaf["scale"], jnp.float32)
+    r = a.shape[-1]
+    if scale.ndim == a.ndim - 2:  # one scale per adapter: per rank column
+        scale = jnp.broadcast_to(scale[..., None], scale.shape + (r,))
+    a_t = jnp.swapaxes(a, -1, -2)
+    if a.ndim == lead + 3:  # a stack: merge the adapter axis into the rank axis
+        head = a.shape[:lead]
+        a_t = a_t.reshape(head + (-1, a.shape[-2]))
+        b = b.reshape(head + (-1, b.shape[-1]))
+    return {"a_t": a_t, "b": b, "scale": scale}
 
 
 @partial(jax.jit, static_argnums=(1, 2))
-def _decode_layout_jit(leaves: dict, dims: tuple, num_layers: int) -> tuple:
+def _fused_layers_jit(leaves: dict, dims: tuple, num_layers: int) -> tuple:
+    """Stacked leaves -> per-layer leaves, q|k|v and gate|up fused (``decode_layout(concat=False)``)."""
     dims = dict(dims)
     out = []
     for i in range(num_layers):
@@ -363,8 +506,11 @@ def _fold(params, adapter, sign, fn):
                 f"or merge before quantizing")
     dims, L = _params_dims(params)
     check_adapter(adapter, dims, L, f"{fn}: adapter", stacked=False)
+    if any("a_t" in leaf for leaf in adapter["layers"].values()):
+        raise RealmError(f"{fn}: the adapter is in concat_layout's serving form; {fn} takes the adapter "
+                         f"as load_peft / init_adapter return it")
     if unstacked:
-        fused = _decode_layout_jit(adapter["layers"], tuple(sorted(dims.items())), L)
+        fused = _fused_layers_jit(adapter["layers"], tuple(sorted(dims.items())), L)
         new = _fold_layers_jit(tuple({n: lp[n] for n in fl} for lp, fl in zip(layers, fused)), fused, sign)
         return {**params, "layers": tuple({**lp, **nl} for lp, nl in zip(layers, new))}
     new = _fold_jit({n: layers[n] for n in adapter["layers"]}, adapter["layers"], sign)

@@ -147,19 +147,25 @@ def test_per_rank_scale_matches_plain_math():
         np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["sliced", "fused"])
-def test_decode_layout_params_serve_mixed_batch(params, fused):
-    """Params in model.decode_layout with stacked adapters (sliced per layer) or with
-    lora.decode_layout adapters (q|k|v and gate|up fused): each row equals its merged model."""
+@pytest.mark.parametrize("form", ["sliced", "fused", "concat"])
+def test_decode_layout_params_serve_mixed_batch(params, form):
+    """Params in model.decode_layout with stacked adapters (sliced per layer), with
+    lora.decode_layout(concat=False) adapters (q|k|v and gate|up fused, per adapter) or with
+    lora.decode_layout adapters (fused and concatenated over adapters): each row equals its
+    merged model."""
     from realm_jax.model import decode_layout
 
     ads = three_adapters()
     stack = lora.stack_adapters(ads)
     fast = decode_layout(params)
-    adapters = lora.decode_layout(stack, CFG) if fused else stack
-    if fused:
+    adapters = stack if form == "sliced" else lora.decode_layout(stack, CFG, concat=form == "concat")
+    if form == "fused":
         assert isinstance(adapters["layers"], tuple) and "wqkv" in adapters["layers"][0]
         assert adapters["layers"][0]["wqkv"]["b"].shape == (3, 4 + 4 + 4, 48 + 16 + 16)  # [A, Rq+Rk+Rv, (N+2K)*H]
+    if form == "concat":
+        leaf = adapters["layers"][0]["wqkv"]
+        assert leaf["a_t"].shape == (3 * 12, 30) and leaf["b"].shape == (3 * 12, 80)  # [A*(Rq+Rk+Rv), ..]
+        assert leaf["scale"].shape == (3, 12)
     rng = np.random.default_rng(6)
     tokens = rng.integers(3, 97, (4, 7)).astype(np.int32)
     lengths = np.array([7, 5, 6, 3], np.int32)
@@ -252,8 +258,8 @@ def test_init_adapter_untouched_layers_are_zero():
 
 
 # ----------------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("layout", ["stacked", "decode"])
-def test_quantized_base_refuses_merge_and_serves_unmerged(params, layout):
+@pytest.mark.parametrize("layout,form", [("stacked", "stack"), ("stacked", "concat"), ("decode", "concat")])
+def test_quantized_base_refuses_merge_and_serves_unmerged(params, layout, form):
     """merge refuses an int8 base; the unmerged path on it equals the unmerged path on the
     dequantized weights (the same numbers, computed as (x @ q) * scale)."""
     from realm_jax.model import decode_layout
@@ -267,6 +273,8 @@ def test_quantized_base_refuses_merge_and_serves_unmerged(params, layout):
     stack = lora.stack_adapters(ads)
     if layout == "decode":
         stack = lora.decode_layout(stack, CFG)
+    elif form == "concat":
+        stack = lora.concat_layout(stack, CFG)
     tokens = np.random.default_rng(7).integers(3, 97, (3, 6)).astype(np.int32)
     lengths = np.array([6, 4, 5], np.int32)
     ids = jnp.array([1, 0, 2])

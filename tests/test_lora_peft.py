@@ -14,7 +14,7 @@ import realm_jax
 from realm_jax import lora
 from realm_jax.config import ModelConfig
 from realm_jax.errors import CheckpointError, RealmError, UnsupportedModelError
-from realm_jax.model import forward_jit
+from realm_jax.model import decode_layout, forward_jit
 
 from hf_reference import hf_logits, make_hf_model, random_batch
 
@@ -77,9 +77,17 @@ def test_logits_match_peft_merged_and_unmerged(case, tmp_path):
     unmerged = np.asarray(forward_jit(model.params, cfg, tokens, lengths, adapters=adapter))
     stacked = np.asarray(forward_jit(model.params, cfg, tokens, lengths, adapters=lora.stack_adapters([adapter]),
                                      adapter_ids=jnp.zeros((3,), jnp.int32)))
+    ids = jnp.array([0, -1, 0], jnp.int32)  # the middle row: the base model
+    concat = np.asarray(forward_jit(model.params, cfg, tokens, lengths,
+                                    adapters=lora.concat_layout(lora.stack_adapters([adapter]), cfg), adapter_ids=ids))
+    decode = np.asarray(forward_jit(decode_layout(model.params), cfg, tokens, lengths,
+                                    adapters=lora.decode_layout(adapter, cfg)))
     ref_merged = hf_logits(pm.merge_and_unload(), tokens, lengths)
     diffs = {"merged": rows_max_diff(merged, ref, lengths), "unmerged": rows_max_diff(unmerged, ref, lengths),
              "stacked": rows_max_diff(stacked, ref, lengths),
+             "concat_layout": rows_max_diff(concat[[0, 2]], ref[[0, 2]], lengths[[0, 2]]),
+             "concat_layout base row": rows_max_diff(concat[[1]], base_ref[[1]], lengths[[1]]),
+             "decode_layout": rows_max_diff(decode, ref, lengths),
              "merged vs merge_and_unload": rows_max_diff(merged, ref_merged, lengths)}
     print(case, {k: f"{v:.1e}" for k, v in diffs.items()})
     for k, v in diffs.items():
@@ -164,8 +172,12 @@ def test_smollm2_logits_match_peft(smollm2, smollm2_hf, smollm2_hf_tokenizer, tm
     assert rows_max_diff(ref, before, lengths) > 0.05 * scale  # the adapter matters
     merged = np.asarray(forward_jit(lora.merge(smollm2.params, adapter), cfg, tokens, lengths))
     unmerged = np.asarray(forward_jit(smollm2.params, cfg, tokens, lengths, adapters=adapter))
+    concat = np.asarray(forward_jit(smollm2.params, cfg, tokens, lengths,
+                                    adapters=lora.concat_layout(lora.stack_adapters([adapter, adapter]), cfg),
+                                    adapter_ids=jnp.array([1, 0], jnp.int32)))
     rel = {"merged": rows_max_diff(merged, ref, lengths) / scale,
-           "unmerged": rows_max_diff(unmerged, ref, lengths) / scale}
+           "unmerged": rows_max_diff(unmerged, ref, lengths) / scale,
+           "concat_layout": rows_max_diff(concat, ref, lengths) / scale}
     print("smollm2 max |dlogit| / max |logit|:", {k: f"{v:.1e}" for k, v in rel.items()})
     assert max(rel.values()) <= 1e-3, rel
 
