@@ -16,7 +16,10 @@ budget (random weights would hit eos by chance only). Greedy.
 - **engine**: ``Engine(max_slots=--slots, max_seq_len, --buckets, --prefill-batch,
   --steps-per-call)``, max_seq_len = longest prompt + longest budget rounded up to a multiple of
   64; submit everything, ``run_until_idle``. TTFT = submit to the first token
-  on the host.
+  on the host. Several ``--steps-per-call`` values give one engine row each. ``host ms/call`` =
+  the loop's own time per decode call (dispatch, delivery, bookkeeping: it overlaps the device's
+  work), ``wait ms/call`` = time it waited for device results; while the wait is well above zero
+  the host keeps the device fed.
 
 Both are warm: the engine's ``warmup()`` compiles its programs; the static pass runs the whole
 workload once untimed (compiling every batch's shapes) before the timed passes; each method
@@ -87,9 +90,12 @@ def run_engine(eng: Engine, prompts, news) -> dict:
     ttft = [h.ttft for h in handles]
     calls = st.decode_calls - before.decode_calls
     occupancy = (st.mean_occupancy * st.decode_calls - before.mean_occupancy * before.decode_calls) / calls
+    wait = st.wait_s - before.wait_s
+    host = st.busy_s - before.busy_s - wait
     return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall, "slot_use": None,
             "mean_occupancy": occupancy, "decode_calls": calls,
             "prefill_calls": st.prefill_calls - before.prefill_calls,
+            "host_ms_per_call": 1e3 * host / calls, "wait_ms_per_call": 1e3 * wait / calls,
             "latency_p50_s": float(np.percentile(lat, 50)), "latency_p90_s": float(np.percentile(lat, 90)),
             "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p90_s": float(np.percentile(ttft, 90))}
 
@@ -112,7 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-max", type=int, default=None, help="default 512 (48 tiny)")
     ap.add_argument("--new-mean", type=float, default=None, help="default 128 (24 tiny)")
     ap.add_argument("--new-max", type=int, default=None, help="default 512 (96 tiny)")
-    ap.add_argument("--steps-per-call", type=int, default=8)
+    ap.add_argument("--steps-per-call", type=int, nargs="+", default=[16],
+                    help="decode steps per device call; several values: one engine row each")
     ap.add_argument("--prefill-batch", type=int, nargs="+", default=None,
                     help="prefill call sizes (rows); default 1 8 (1 4 tiny)")
     ap.add_argument("--buckets", type=int, nargs="+", default=None,
@@ -148,14 +155,17 @@ def main(argv=None) -> int:
           f"{np.mean(news):.0f} max {max(news)}; {slots} slots, max_seq_len {max_seq_len}, buckets {buckets}",
           flush=True)
 
-    eng = Engine(model, max_slots=slots, max_seq_len=max_seq_len, prefill_buckets=buckets, prefill_batch=pbatch,
-                 decode_steps_per_call=args.steps_per_call)
-    t = time.perf_counter()
-    eng.warmup()
-    print(f"engine warm-up (compile): {time.perf_counter() - t:.1f} s", flush=True)
-    rows = [{"method": "engine", **median_run(lambda: run_engine(eng, prompts, news), args.repeats)}]
-    print(f"engine: {rows[-1]['tokens_per_s']:.0f} tok/s", flush=True)
-    del eng
+    rows = []
+    for steps in args.steps_per_call:
+        eng = Engine(model, max_slots=slots, max_seq_len=max_seq_len, prefill_buckets=buckets,
+                     prefill_batch=pbatch, decode_steps_per_call=steps)
+        t = time.perf_counter()
+        eng.warmup()
+        print(f"engine ({steps} steps/call) warm-up (compile): {time.perf_counter() - t:.1f} s", flush=True)
+        rows.append({"method": f"engine ({steps} steps/call)", "steps_per_call": steps,
+                     **median_run(lambda e=eng: run_engine(e, prompts, news), args.repeats)})
+        print(f"{rows[-1]['method']}: {rows[-1]['tokens_per_s']:.0f} tok/s", flush=True)
+        del eng  # free its cache before the next one
 
     static_len = max_seq_len if args.static_cache == "same" else None
     t = time.perf_counter()
@@ -169,7 +179,9 @@ def main(argv=None) -> int:
 
     cols = [("method", "method"), ("tokens", "tokens"), ("wall_s", "wall s"), ("tokens_per_s", "tok/s"),
             ("speedup", "x static"), ("slot_use", "slot use"), ("mean_occupancy", "occupancy"),
-            ("ttft_p50_s", "TTFT p50 s"), ("latency_p50_s", "latency p50 s"), ("latency_p90_s", "latency p90 s")]
+            ("ttft_p50_s", "TTFT p50 s"), ("latency_p50_s", "latency p50 s"), ("latency_p90_s", "latency p90 s"),
+            ("decode_calls", "decode calls"), ("host_ms_per_call", "host ms/call"),
+            ("wait_ms_per_call", "wait ms/call")]
     print()
     print(common.markdown_table(rows, cols))
     print(f"\n{common.environment_line(env)}; {name}, {n} requests, {slots} slots")

@@ -13,8 +13,12 @@ E = the stop-id table width, W = tokens a decode call can hand back per slot.
            tokens each slot produced since the previous call.
 
 Both donate the state, so the cache is updated in place; every shape is fixed by the engine's
-settings (one ``admit`` program per prompt bucket, one ``decode`` program), so a warm engine
-never recompiles whatever requests come.
+settings (one ``admit`` program per (rows, prompt bucket), one ``decode`` program), so a warm
+engine never recompiles whatever requests come.
+
+Host <-> device traffic is one array each way per call: an admission is an int32 table
+[P, T + E + 6] and a float32 table [P, 2] (``admission``); ``admit`` answers [P, 2] and
+``decode`` [B, W + 6] (``ADMIT_COLS``, ``DECODE_COLS``).
 
 Sampling is per row and batch-invariant: a slot's t-th token uses ``fold_in(key(seed), t)``
 exactly as ``generate`` does (speculative rounds use speculative's per-row keys), so a request's
@@ -27,6 +31,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .config import ModelConfig
 from .generation import Controls, DecodeState, decode_step, emit, init_state, new_cache, prefill
@@ -57,25 +62,41 @@ class EngineState(NamedTuple):
     accepted: Any = None
 
 
-class AdmitOut(NamedTuple):
-    """Per prefill row [P]: the first token, and whether the row already ended (and by a stop id)."""
+# Per-request columns of an admission's int32 table, after the prompt [T] and stop ids [E]:
+# what ``request_settings`` fixes at submit, then where the row goes.
+SETTINGS_COLS = ("limit", "top_k", "seed", "adapter")  # seed: the uint32's bits
+PLACE_COLS = ("length", "slot")
+# ``admit`` answers [P, 2]: the first token, and its status.
+ADMIT_COLS = ("first", "status")
+# ``decode`` answers [B, W + 6]: the new tokens (the first ``count``), then these columns.
+DECODE_COLS = ("count", "status", "live", "passes", "drafted", "accepted")
+# status: 0 = running, 1 = ended (its token limit, or cancelled), 2 = ended by a stop id.
+RUNNING, ENDED, STOPPED = 0, 1, 2
 
-    first: jax.Array
-    done: jax.Array
-    stopped: jax.Array
+
+def request_settings(stop_ids, stop_width: int, limit: int, top_k: int, seed: int, adapter_id: int) -> np.ndarray:
+    """One request's fixed part of an admission row: stop ids [E] (-1 = none) then
+    ``SETTINGS_COLS``; int32 [E + 4]."""
+    row = np.full((stop_width + len(SETTINGS_COLS),), -1, np.int32)
+    row[:len(stop_ids)] = stop_ids
+    row[stop_width:] = (limit, top_k, np.array(seed, np.uint32).view(np.int32), adapter_id)
+    return row
 
 
-class DecodeOut(NamedTuple):
-    """tokens [B, W] (the first ``count`` of each row are new), count [B], done [B], stopped [B],
-    and this call's totals over slots: target passes, drafted and accepted tokens (0 without a draft)."""
+def admission(rows: int, bucket: int, stop_width: int, slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """Host tables for a prefill call of ``rows`` (P) prompts padded to ``bucket`` (T), every row
+    padding (length 0, limit 0, slot B = dropped): ints [P, T + E + 6] = prompt [T] | stop ids [E]
+    | ``SETTINGS_COLS`` | ``PLACE_COLS``; floats [P, 2] = temperature, top_p."""
+    ints = np.zeros((rows, bucket + stop_width + len(SETTINGS_COLS) + len(PLACE_COLS)), np.int32)
+    ints[:, bucket:bucket + stop_width] = -1
+    ints[:, -1] = slots
+    floats = np.zeros((rows, 2), np.float32)
+    floats[:, 1] = 1.0
+    return ints, floats
 
-    tokens: jax.Array
-    count: jax.Array
-    done: jax.Array
-    stopped: jax.Array
-    passes: jax.Array
-    drafted: jax.Array
-    accepted: jax.Array
+
+def _status(done: jax.Array, stopped: jax.Array) -> jax.Array:
+    return jnp.where(stopped, STOPPED, jnp.where(done, ENDED, RUNNING)).astype(jnp.int32)
 
 
 def empty_state(params, cfg: ModelConfig, slots: int, max_len: int, stop_width: int, *,
@@ -108,16 +129,22 @@ def _insert_draft(dst, src, slots):
     raise TypeError(f"the engine cannot insert a draft state of type {type(dst).__name__}")
 
 
-def admit(params, cfg: ModelConfig, state: EngineState, tokens: jax.Array, lengths: jax.Array,
-          ctl: Controls, adapter_ids: jax.Array, slots: jax.Array, *, adapters=None, dparams=None,
-          spec=None) -> tuple[EngineState, AdmitOut]:
-    """Prefill tokens [P, T] (lengths [P], 0 = padding row), sample the first tokens with the rows'
-    settings ``ctl`` [P] and insert everything into ``slots`` [P] (B = drop)."""
-    p, t = tokens.shape
-    lengths = lengths.astype(jnp.int32)
+def admit(params, cfg: ModelConfig, state: EngineState, ints: jax.Array, floats: jax.Array, *, adapters=None,
+          dparams=None, spec=None) -> tuple[EngineState, jax.Array]:
+    """Prefill the prompts of an admission (``admission``'s tables: ints [P, T + E + 6], floats
+    [P, 2]; length 0 = padding row), sample the first tokens with the rows' settings and insert
+    everything into the rows' slots (B = drop). Returns the state and [P, 2] (``ADMIT_COLS``)."""
+    p = ints.shape[0]
+    e = state.ctl.stop_ids.shape[1]
+    t = ints.shape[1] - e - len(SETTINGS_COLS) - len(PLACE_COLS)
+    tokens, stop = ints[:, :t], ints[:, t:t + e]
+    limits, top_k, seed, adapter_ids = (ints[:, t + e + j] for j in range(len(SETTINGS_COLS)))
+    lengths, slots = ints[:, -2], ints[:, -1]
+    sp = SamplingParams(floats[:, 0], top_k, floats[:, 1], jax.lax.bitcast_convert_type(seed, jnp.uint32))
+    ctl = Controls(sp, limits, stop)
     aid = adapter_ids if adapters is not None else None
     logits, cache = prefill(params, cfg, tokens, lengths, new_cache(cfg, params, p, t),
-                            adapters=adapters, adapter_ids=aid)
+                            adapters=adapters, adapter_ids=aid, empty_cache=True)
     rows = emit(init_state(cache, ctl.limits, 1), logits, ctl)
     d = state.dec
     dec = DecodeState(insert_rows(d.cache, rows.cache, slots), _put(d.last, rows.last, slots),
@@ -134,13 +161,17 @@ def admit(params, cfg: ModelConfig, state: EngineState, tokens: jax.Array, lengt
         zero = jnp.zeros((p,), jnp.int32)
         new = new._replace(seq=seq, draft=draft, passes=_put(state.passes, zero, slots),
                            drafted=_put(state.drafted, zero, slots), accepted=_put(state.accepted, zero, slots))
-    return new, AdmitOut(rows.last, rows.done, rows.stopped)
+    return new, jnp.stack([rows.last, _status(rows.done, rows.stopped)], axis=1)
 
 
 def decode(params, cfg: ModelConfig, state: EngineState, kill: jax.Array, *, steps: int, window: int,
-           adapters=None, dparams=None, spec=None, k: int = 0) -> tuple[EngineState, DecodeOut]:
+           adapters=None, dparams=None, spec=None, k: int = 0) -> tuple[EngineState, jax.Array]:
     """Mark ``kill`` [B] slots done (cancelled), run up to ``steps`` steps (rounds, with a draft)
-    while any slot is live, and return the tokens each slot made since the last call [B, W]."""
+    while any slot is live; returns the state and [B, W + 6]: the tokens each slot made since the
+    last call, then ``DECODE_COLS`` (this call's counts per slot; ``live``: running at its start).
+
+    A slot running at the start makes at least one token per step until it ends, so one whose
+    token budget has at most ``steps`` tokens left is certain to have ended after the call."""
     from .speculative import SpecState, speculative_round
 
     dec = state.dec._replace(done=state.dec.done | kill)
@@ -158,8 +189,8 @@ def decode(params, cfg: ModelConfig, state: EngineState, kill: jax.Array, *, ste
 
         dec, _ = jax.lax.while_loop(cond, body, (dec, jnp.int32(0)))
         new = state._replace(dec=dec)
-        zero = jnp.int32(0)
-        totals = (zero, zero, zero)
+        zero = jnp.zeros_like(state.reported)
+        counts = (zero, zero, zero)
     else:
         def body(carry):
             s, i = carry
@@ -171,14 +202,15 @@ def decode(params, cfg: ModelConfig, state: EngineState, kill: jax.Array, *, ste
         dec = ss.dec
         new = state._replace(dec=dec, seq=ss.seq, draft=ss.draft, passes=ss.passes, drafted=ss.drafted,
                              accepted=ss.accepted)
-        totals = tuple(jnp.sum(a - b) for a, b in ((ss.passes, state.passes), (ss.drafted, state.drafted),
-                                                   (ss.accepted, state.accepted)))
+        counts = (ss.passes - state.passes, ss.drafted - state.drafted, ss.accepted - state.accepted)
     m = dec.out.shape[1]
     idx = jnp.clip(state.reported[:, None] + jnp.arange(window, dtype=jnp.int32)[None, :], 0, m - 1)
     tokens = jnp.take_along_axis(dec.out, idx, axis=1)
     count = dec.num_new - state.reported
     new = new._replace(reported=dec.num_new)
-    return new, DecodeOut(tokens, count, dec.done, dec.stopped, *totals)
+    live = (~state.dec.done & ~kill).astype(jnp.int32)
+    cols = jnp.stack([count, _status(dec.done, dec.stopped), live, *counts], axis=1).astype(jnp.int32)
+    return new, jnp.concatenate([tokens, cols], axis=1)
 
 
 empty_state_jit = jax.jit(empty_state, static_argnames=("cfg", "slots", "max_len", "stop_width", "spec"))

@@ -159,6 +159,64 @@ def test_generate_many_returns_a_generation_result(model, adapters, engine):
     assert res.prompt_lengths == [len(p) for p in prompts]
 
 
+# ------------------------------------------------------------------------------ pipelining
+
+
+def _prompts(seed, n):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 61, int(k)).tolist() for k in rng.integers(1, 17, n)]
+
+
+def test_a_slot_whose_budget_ends_in_the_call_in_flight_is_refilled_without_idling(model):
+    """One slot, 3 steps per call: the host dispatches call N + 1 before it has call N's tokens,
+    yet a request whose budget runs out within call N hands its slot to the next one in time, so
+    every decode call runs a live row; each request still gets exactly its own tokens."""
+    eng = Engine(model, max_slots=1, max_seq_len=SEQ, prefill_buckets=(16,), prefill_batch=1, decode_steps_per_call=3)
+    news = [7, 1, 3, 4, 2, 9, 5]
+    prompts = _prompts(11, len(news))
+    refs = [reference(model, None, p, n) for p, n in zip(prompts, news)]
+    hs = [eng.submit(p, n, stop_ids=[]) for p, n in zip(prompts, news)]
+    eng.run_until_idle()
+    for i, (h, ref) in enumerate(zip(hs, refs)):
+        assert (h.result().tokens, h.result().finish_reason) == ref, f"request {i}"
+    st = eng.stats()
+    # the first token comes from the prefill; the other n - 1 take ceil((n - 1) / 3) calls
+    assert st.decode_calls == sum(-(-(n - 1) // 3) for n in news)
+    assert st.mean_occupancy == 1.0
+    assert st.generated_tokens == sum(news) and st.completed == len(news)
+
+
+def test_a_slot_that_ends_by_a_stop_id_idles_for_one_call_only(model):
+    """A stop id is seen one call late: the slot idles through that one call, no more, and the
+    stopped request gets no token past its stop id."""
+    eng = Engine(model, max_slots=1, max_seq_len=SEQ, prefill_buckets=(16,), prefill_batch=1, decode_steps_per_call=3)
+    p1, p2 = _prompts(12, 2)
+    free = reference(model, None, p1, 30)[0]
+    j = next(i for i in range(4, 30) if free[i] not in free[:i])  # a token first emitted at index j >= 4
+    ref1 = reference(model, None, p1, 30, stop_ids=[free[j]])
+    ref2 = reference(model, None, p2, 8)
+    assert ref1 == (free[:j + 1], "stop")
+    h1 = eng.submit(p1, 30, stop_ids=[free[j]])
+    h2 = eng.submit(p2, 8, stop_ids=[])
+    eng.run_until_idle()
+    assert (h1.result().tokens, h1.result().finish_reason) == ref1
+    assert (h2.result().tokens, h2.result().finish_reason) == ref2
+    st = eng.stats()
+    busy = -(-j // 3) + -(-7 // 3)  # calls with a live row: tokens 1..j of request 1, 1..7 of request 2
+    assert st.decode_calls == busy + 1
+    assert st.mean_occupancy == pytest.approx(busy / (busy + 1))
+
+
+def test_seeds_above_int32_survive_the_admission_table(model, adapters, engine):
+    """Settings travel to the device in an int32 table: a uint32 seed >= 2**31 keeps its bits."""
+    prompt = [7, 30, 12]
+    hs = [engine.submit(prompt, 12, stop_ids=[], seed=s, **SAMPLED) for s in (2**32 - 3, 2**31 + 5)]
+    engine.run_until_idle()
+    for h, s in zip(hs, (2**32 - 3, 2**31 + 5)):
+        assert h.result().tokens == reference(model, adapters, prompt, 12, seed=s, **SAMPLED)[0]
+    assert hs[0].result().tokens != hs[1].result().tokens
+
+
 # ------------------------------------------------------------------------------ cancellation
 
 
