@@ -189,8 +189,7 @@ def _keys(x):
 
 def _params_dims(params) -> tuple[dict, int]:
     """({projection: (D_in, D_out)}, L) from params in either layout (plain or quantized weights)."""
-    def shape(w):
-        return tuple(jnp.shape(w["q"] if isinstance(w, Mapping) else w))
+    from .layers import weight_shape as shape
 
     layers = params["layers"]
     if isinstance(layers, (tuple, list)):  # decode layout: fused, per-layer
@@ -499,7 +498,7 @@ def _fold(params, adapter, sign, fn):
             [n for n in names if n in ("wo", "w_down")]
     for name in names:
         w = (layers[0] if unstacked else layers).get(name)
-        if isinstance(w, Mapping):
+        if isinstance(w, Mapping) and "t" not in w:  # {"t": ..} = a transposed float weight
             raise UnsupportedModelError(
                 f"{fn}: params['layers'][{name!r}] is quantized ({_keys(w)}); merging into a quantized base "
                 f"is not supported. Serve the adapter unmerged (forward(..., adapters=, adapter_ids=)) "
@@ -532,14 +531,19 @@ def _fold_jit(weights: dict, leaves: dict, sign: float) -> dict:
 
 @partial(jax.jit, static_argnums=2)
 def _fold_layers_jit(weights: tuple, fused: tuple, sign: float) -> tuple:
-    """Decode layout: per layer, W [D_in, D_out] +- (a * scale) @ b (scale scalar or per rank)."""
+    """Decode layout: per layer, W [D_in, D_out] (or its transposed form) +- (a * scale) @ b
+    (scale scalar or per rank)."""
     out = []
     for w_l, f_l in zip(weights, fused):
         new = {}
         for name, leaf in f_l.items():
             a = leaf["a"].astype(jnp.float32) * leaf["scale"].astype(jnp.float32)
             delta = jnp.matmul(a, leaf["b"].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-            new[name] = (w_l[name].astype(jnp.float32) + sign * delta).astype(w_l[name].dtype)
+            w = w_l[name]
+            if isinstance(w, Mapping):  # transposed [D_out, D_in] (model.decode_layout)
+                new[name] = {"t": (w["t"].astype(jnp.float32) + sign * delta.T).astype(w["t"].dtype)}
+            else:
+                new[name] = (w.astype(jnp.float32) + sign * delta).astype(w.dtype)
         out.append(new)
     return tuple(out)
 

@@ -20,11 +20,15 @@ SCHEMES = ("int8",)
 
 
 def is_quantized(w) -> bool:
-    return isinstance(w, dict) and "q" in w and "scale" in w
+    return isinstance(w, dict) and ("q" in w or "qt" in w) and "scale" in w
 
 
-def quantize_weight(w: jax.Array) -> dict:
-    """w [.., Din, Dout] float -> {"q": int8 [.., Din, Dout], "scale": f32 [.., Dout]}."""
+def quantize_weight(w) -> dict:
+    """w [.., Din, Dout] float -> {"q": int8 [.., Din, Dout], "scale": f32 [.., Dout]};
+    the decode layout's transposed ``{"t": [.., Dout, Din]}`` -> ``{"qt": int8 [.., Dout, Din], "scale"}``."""
+    if isinstance(w, dict) and "t" in w:
+        q = quantize_weight(jnp.swapaxes(w["t"], -1, -2))
+        return {"qt": jnp.swapaxes(q["q"], -1, -2), "scale": q["scale"]}
     wf = w.astype(jnp.float32)
     amax = jnp.max(jnp.abs(wf), axis=-2)
     scale = jnp.where(amax > 0, amax / 127.0, 1.0)
@@ -32,8 +36,12 @@ def quantize_weight(w: jax.Array) -> dict:
     return {"q": q, "scale": scale}
 
 
-def dequantize_weight(w: dict, dtype=jnp.float32) -> jax.Array:
-    """Inverse of ``quantize_weight`` (up to rounding): [.., Din, Dout] in ``dtype``."""
+def dequantize_weight(w: dict, dtype=jnp.float32):
+    """Inverse of ``quantize_weight`` (up to rounding): [.., Din, Dout] in ``dtype``
+    (``{"t": [.., Dout, Din]}`` for the transposed form)."""
+    if "qt" in w:
+        back = dequantize_weight({"q": jnp.swapaxes(w["qt"], -1, -2), "scale": w["scale"]}, dtype)
+        return {"t": jnp.swapaxes(back, -1, -2)}
     return (w["q"].astype(jnp.float32) * w["scale"][..., None, :]).astype(dtype)
 
 

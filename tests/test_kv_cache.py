@@ -58,20 +58,27 @@ def test_rollback_then_rewrite_matches():
     np.testing.assert_allclose(np.asarray(logits), ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("per_layer", [True, False])
-@pytest.mark.parametrize("quantized", [False, True])
-def test_decode_layout_matches_stacked(per_layer, quantized):
-    """The fused/unstacked decode layout gives the stacked layout's logits, cached and not."""
+@pytest.mark.parametrize("per_layer,transposed", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("quantized", [None, "before", "after"])
+def test_decode_layout_matches_stacked(per_layer, transposed, quantized):
+    """The fused/unstacked decode layout (projections stored transposed or not; int8 quantized
+    before or after the layout change) gives the stacked layout's logits, cached and not."""
     import jax
     from realm_jax.model import decode_layout
+    from realm_jax.quantization import dequantize
 
     cfg = realm_jax.ModelConfig(arch="qwen2", vocab_size=61, hidden_size=24, intermediate_size=40,
                                 num_layers=3, num_heads=6, num_kv_heads=2, head_dim=8, qkv_bias=True)
     params = realm_jax.init_params(cfg, jax.random.PRNGKey(3))
     if quantized:
         params = realm_jax.quantize(params)
-    fast = decode_layout(params)
+    fast = decode_layout(params if quantized != "after" else dequantize(params), transposed=transposed)
+    if quantized == "after":
+        fast = realm_jax.quantize(fast)
     assert isinstance(fast["layers"], tuple) and "wqkv" in fast["layers"][0]
+    want = {None: "t", "before": "qt", "after": "qt"}[quantized] if transposed else ("q" if quantized else None)
+    w = fast["layers"][0]["w_down"]
+    assert (want in w) if want else not isinstance(w, dict)
     rng = np.random.default_rng(3)
     tokens, lengths = random_batch(rng, cfg.vocab_size, [6, 3])
     np.testing.assert_allclose(np.asarray(forward_jit(fast, cfg, tokens, lengths)),

@@ -1,5 +1,6 @@
 """LoRA transforms against plain math: per-row delta, merge/unmerge, mixed-adapter batches, jit."""
 
+from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -183,12 +184,13 @@ def test_merge_into_decode_layout_equals_decode_layout_of_merge(params):
     ad = three_adapters()[1]  # wq, wv, w_down only: the fused weights are partly touched
     a = lora.merge(decode_layout(params), ad)
     b = decode_layout(lora.merge(params, ad))
-    for la, lb in zip(a["layers"], b["layers"]):
-        for k in lb:
-            np.testing.assert_allclose(np.asarray(la[k]), np.asarray(lb[k]), atol=1e-6, rtol=0)
+    close = partial(np.testing.assert_allclose, atol=1e-6, rtol=0)
+    jax.tree_util.tree_map(close, a["layers"], b["layers"])  # weights in their transposed form
     back = lora.unmerge(a, ad)
-    np.testing.assert_allclose(np.asarray(back["layers"][1]["wqkv"]),
-                               np.asarray(decode_layout(params)["layers"][1]["wqkv"]), atol=1e-6)
+    jax.tree_util.tree_map(close, back["layers"][1]["wqkv"], decode_layout(params)["layers"][1]["wqkv"])
+    # the untransposed decode layout merges the same way
+    c = lora.merge(decode_layout(params, transposed=False), ad)
+    jax.tree_util.tree_map(close, c["layers"], decode_layout(lora.merge(params, ad), transposed=False)["layers"])
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
