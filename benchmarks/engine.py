@@ -17,9 +17,10 @@ budget (random weights would hit eos by chance only). Greedy.
   --steps-per-call)``, max_seq_len = longest prompt + longest budget rounded up to a multiple of
   64; submit everything, ``run_until_idle``. TTFT = submit to the first token
   on the host. Several ``--steps-per-call`` values give one engine row each. ``host ms/call`` =
-  the loop's own time per decode call (dispatch, delivery, bookkeeping: it overlaps the device's
-  work), ``wait ms/call`` = time it waited for device results; while the wait is well above zero
-  the host keeps the device fed.
+  the loop's own time per decode call (delivery, bookkeeping: it overlaps the device's work),
+  ``dispatch ms/call`` = time inside the jitted calls' dispatch, ``wait ms/call`` = time it waited
+  for device results. While the wait is well above zero the host keeps the device fed; a large
+  dispatch time means the calls block on the device (it is the bottleneck).
 
 Both are warm: the engine's ``warmup()`` compiles its programs; the static pass runs the whole
 workload once untimed (compiling every batch's shapes) before the timed passes; each method
@@ -91,11 +92,13 @@ def run_engine(eng: Engine, prompts, news) -> dict:
     calls = st.decode_calls - before.decode_calls
     occupancy = (st.mean_occupancy * st.decode_calls - before.mean_occupancy * before.decode_calls) / calls
     wait = st.wait_s - before.wait_s
-    host = st.busy_s - before.busy_s - wait
+    dispatch = st.dispatch_s - before.dispatch_s
+    host = st.busy_s - before.busy_s - wait - dispatch
     return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall, "slot_use": None,
             "mean_occupancy": occupancy, "decode_calls": calls,
             "prefill_calls": st.prefill_calls - before.prefill_calls,
             "host_ms_per_call": 1e3 * host / calls, "wait_ms_per_call": 1e3 * wait / calls,
+            "dispatch_ms_per_call": 1e3 * dispatch / calls,
             "latency_p50_s": float(np.percentile(lat, 50)), "latency_p90_s": float(np.percentile(lat, 90)),
             "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p90_s": float(np.percentile(ttft, 90))}
 
@@ -181,7 +184,7 @@ def main(argv=None) -> int:
             ("speedup", "x static"), ("slot_use", "slot use"), ("mean_occupancy", "occupancy"),
             ("ttft_p50_s", "TTFT p50 s"), ("latency_p50_s", "latency p50 s"), ("latency_p90_s", "latency p90 s"),
             ("decode_calls", "decode calls"), ("host_ms_per_call", "host ms/call"),
-            ("wait_ms_per_call", "wait ms/call")]
+            ("wait_ms_per_call", "wait ms/call"), ("dispatch_ms_per_call", "dispatch ms/call")]
     print()
     print(common.markdown_table(rows, cols))
     print(f"\n{common.environment_line(env)}; {name}, {n} requests, {slots} slots")

@@ -201,8 +201,10 @@ class RequestHandle:
 @dataclasses.dataclass
 class EngineStats:
     """A snapshot. Times in seconds; ``tokens_per_s`` = generated tokens / time spent in steps
-    (``busy_s``), of which ``wait_s`` the host waited for device results (the rest is host work,
-    which overlaps the device's); ``mean_occupancy`` = slots running at the start of a decode
+    (``busy_s``), of which ``wait_s`` the host waited for device results and ``dispatch_s`` it
+    spent inside the jitted calls' dispatch (argument transfer, launch; blocking there means the
+    device is the bottleneck); the rest is host bookkeeping, which overlaps the device's work.
+    ``mean_occupancy`` = slots running at the start of a decode
     call / max_slots, averaged over decode calls; TTFT and latency over finished (not cancelled)
     requests; speculative counts are 0 without a draft."""
 
@@ -230,6 +232,7 @@ class EngineStats:
     drafted: int = 0
     accepted: int = 0
     wait_s: float = 0.0
+    dispatch_s: float = 0.0
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -360,6 +363,7 @@ class Engine:
         # statistics
         self._n = collections.Counter()
         self._busy = 0.0
+        self._dispatch = 0.0
         self._wait = 0.0
         self._occupancy_sum = 0.0
         self._ttfts: collections.deque[float] = collections.deque(maxlen=100_000)
@@ -569,16 +573,20 @@ class Engine:
         return ints, floats
 
     def _admit(self, ints: np.ndarray, floats: np.ndarray) -> jax.Array:
+        t = time.perf_counter()
         self._state, out = es.admit_jit(self.model.params, self.model.config, self._state, ints, floats,
                                         adapters=self._adapters, dparams=self._dparams, spec=self._spec)
         out.copy_to_host_async()  # comes back as soon as it is ready
+        self._dispatch += time.perf_counter() - t
         return out
 
     def _decode(self, kill) -> jax.Array:
+        t = time.perf_counter()
         self._state, out = es.decode_jit(self.model.params, self.model.config, self._state, kill,
                                          steps=self.decode_steps_per_call, window=self.window,
                                          adapters=self._adapters, dparams=self._dparams, spec=self._spec, k=self.k)
         out.copy_to_host_async()
+        self._dispatch += time.perf_counter() - t
         return out
 
     def _fetch(self, out: jax.Array) -> np.ndarray:
@@ -734,10 +742,12 @@ class Engine:
             with self._lock:
                 if self._has_work_locked():
                     raise RealmError("warmup: the engine is busy; call it before submitting requests")
+            dispatched = self._dispatch
             outs = [self._admit(*es.admission(p, t, self.stop_width, self.max_slots))
                     for p, t in itertools.product(self.prefill_rows, self.prefill_buckets)]
             outs += [self._decode(self._no_kill), self._decode(self._kill.copy())]  # both kinds of kill flags
             jax.block_until_ready(outs)
+            self._dispatch = dispatched  # compilation is not serving time
 
     def stats(self) -> EngineStats:
         with self._lock:
@@ -756,4 +766,5 @@ class Engine:
                 ttft_p90_s=_percentile(ttfts, 90),
                 latency_mean_s=float(np.mean(lats)) if lats else None, latency_p50_s=_percentile(lats, 50),
                 latency_p90_s=_percentile(lats, 90),
-                target_passes=n["target_passes"], drafted=n["drafted"], accepted=n["accepted"], wait_s=self._wait)
+                target_passes=n["target_passes"], drafted=n["drafted"], accepted=n["accepted"], wait_s=self._wait,
+                dispatch_s=self._dispatch)

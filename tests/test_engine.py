@@ -134,6 +134,7 @@ def test_workload_over_time_equals_generate_alone_without_recompiling(model, ada
     assert 0 < st.mean_occupancy <= 1 and st.tokens_per_s > 0
     assert all(h.ttft is not None and 0 < h.ttft <= h.latency for h in handles)
     assert st.ttft_p50_s is not None and st.latency_p90_s >= st.latency_p50_s
+    assert 0 < st.dispatch_s and 0 <= st.wait_s and st.dispatch_s + st.wait_s <= st.busy_s  # parts of the loop's time
 
 
 def test_stream_yields_the_result_tokens_in_order(model, adapters, engine):
