@@ -203,7 +203,7 @@ def decode_layout(params: Params, *, transposed: bool = True) -> Params:
     tuple of L dicts, so each layer's weights are their own buffers (a scan over stacked weights
     makes XLA copy weight slices every step). With ``transposed`` (default) the four projections
     are stored [Dout, Din] (``{"t": ..}`` / ``{"qt": .., "scale": ..}``, see ``layers.linear``):
-    batch-1 decode of the 1B shape on an H100 runs 1.93 -> 1.35 ms/step, because XLA's
+    batch-1 decode of the 1B shape on an H100 runs 1.93 -> 1.33 ms/step, because XLA's
     matrix-vector kernels then read the contracted axis contiguously.
     ``forward``/``forward_cached`` run every layout and give the same numbers; LoRA adapters
     (unmerged, or merged with ``lora.merge``) and int8 weights work in all. Use
@@ -285,7 +285,7 @@ def forward_cached_hidden(params: Params, cfg: ModelConfig, tokens: jax.Array, l
     Returns hidden [B, T, D] and the cache with ``lengths += lengths``.
     ``num_layers`` runs only the first layers (self-speculative draft); the cache must have
     that many layers. ``empty_cache=True`` promises every ``cache.lengths`` is 0 (a prompt pass):
-    attention then runs over this call's keys alone, through the fused kernel where available.
+    where the fused kernel is available, attention then runs over this call's keys alone through it.
     """
     b, t = tokens.shape
     lengths = lengths.astype(jnp.int32)
