@@ -49,7 +49,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import realm_jax.bench as common  # noqa: E402
+import common  # noqa: E402
 from realm_jax.config import ModelConfig  # noqa: E402
 
 from realm_jax.bench import CONFIGS, SHAPES, bench_jax, bytes_per_step, random_params  # noqa: E402,F401
@@ -195,8 +195,7 @@ def main(argv=None) -> int:
     print()
     print(common.markdown_table(rows, cols))
     print(f"\n{common.environment_line(env)}; copy bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"decode-{env['device'].replace(' ', '_')}.json")
+    out = common.results_path(args.out, "decode", env)
     common.write_json(out, {"environment": env, "bandwidth": bw, "args": vars(args), "rows": rows})
     print(f"wrote {out}")
     return 0

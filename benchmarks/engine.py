@@ -188,8 +188,7 @@ def main(argv=None) -> int:
     print()
     print(common.markdown_table(rows, cols))
     print(f"\n{common.environment_line(env)}; {name}, {n} requests, {slots} slots")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"engine-{name}-{env['device'].replace(' ', '_')}.json")
+    out = common.results_path(args.out, f"engine-{name}", env)
     common.write_json(out, {"environment": env, "args": vars(args), "config": name, "slots": slots,
                             "max_seq_len": max_seq_len, "buckets": buckets, "rows": rows})
     print(f"wrote {out}")

@@ -197,8 +197,7 @@ def main(argv=None) -> int:
     print()
     print(common.markdown_table(rows, cols))
     print(f"\n{common.environment_line(env)}; prompt {plen}, {ntok} new tokens")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"lora-{env['device'].replace(' ', '_')}.json")
+    out = common.results_path(args.out, "lora", env)
     common.write_json(out, {"environment": env, "args": vars(args), "rows": rows})
     print(f"wrote {out}")
     return 0

@@ -223,8 +223,7 @@ def main(argv=None) -> int:
     print()
     print(common.markdown_table(rows, cols))
     print(f"\n{common.environment_line(env)}; prompt {plen} tokens (text prompts for SmolLM2), {ntok} new tokens")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"speculative-{env['device'].replace(' ', '_')}{'-tiny' if args.tiny else ''}.json")
+    out = common.results_path(args.out, "speculative", env, "-tiny" if args.tiny else "")
     common.write_json(out, {"environment": env, "args": vars(args), "rows": rows})
     print(f"wrote {out}")
     return 0

@@ -42,6 +42,7 @@ from .checkpoint import _LAYER_NAMES
 from .config import ModelConfig
 from .errors import RealmError, UnsupportedModelError
 from .model import PROJECTIONS, param_shapes
+from .quantization import is_quantized
 
 Adapter = dict
 
@@ -498,7 +499,7 @@ def _fold(params, adapter, sign, fn):
             [n for n in names if n in ("wo", "w_down")]
     for name in names:
         w = (layers[0] if unstacked else layers).get(name)
-        if isinstance(w, Mapping) and "t" not in w:  # {"t": ..} = a transposed float weight
+        if is_quantized(w):
             raise UnsupportedModelError(
                 f"{fn}: params['layers'][{name!r}] is quantized ({_keys(w)}); merging into a quantized base "
                 f"is not supported. Serve the adapter unmerged (forward(..., adapters=, adapter_ids=)) "
