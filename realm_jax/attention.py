@@ -7,6 +7,8 @@ One helper builds every mask: a query at absolute position p sees cache/key slot
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 
@@ -60,8 +62,6 @@ def fused_attention_impl(dtype, head_dim: int) -> str | None:
     else the reference. ``xla`` forces the fused API with XLA's implementation (tests check the mask
     mapping with it on CPU); ``reference`` turns the fused path off.
     """
-    import os
-
     choice = os.environ.get(ATTENTION_ENV, "auto").strip().lower()
     if choice not in ("auto", "reference", "cudnn", "xla"):
         raise ValueError(f"{ATTENTION_ENV} must be auto, reference, cudnn or xla; got {choice!r}")
