@@ -103,6 +103,57 @@ def run_engine(eng: Engine, prompts, news) -> dict:
             "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p90_s": float(np.percentile(ttft, 90))}
 
 
+def host_profile(fn, top: int) -> None:
+    """Run ``fn`` once under cProfile; print its ``top`` functions by own time and by cumulative time."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.runcall(fn)
+    for key in ("tottime", "cumulative"):
+        print(f"\n## host profile of one engine pass, by {key}\n", flush=True)
+        pstats.Stats(prof, stream=sys.stdout).sort_stats(key).print_stats(top)
+
+
+def device_profile(fn) -> None:
+    """Run ``fn`` once under ``jax.profiler.trace``; print the device's busy time per compiled
+    program, and its idle time: gaps between consecutive kernels, summed by the programs on either
+    side (a gap inside one program is launch overhead; one between programs is the host being late)."""
+    import glob
+    import gzip
+    import json
+    import tempfile
+
+    from profile_decode import device_events
+
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            fn()
+        with gzip.open(glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)[0]) as f:
+            events = sorted(device_events(json.load(f)), key=lambda e: e["ts"])
+    if not events:
+        print("no device events in the trace")
+        return
+    module = [str(e.get("args", {}).get("hlo_module", "?")) for e in events]
+    busy, gaps = {}, {}
+    end = events[0]["ts"]
+    for i, e in enumerate(events):
+        busy[module[i]] = busy.get(module[i], 0.0) + e["dur"]
+        if i:
+            key = module[i - 1] if module[i - 1] == module[i] else f"{module[i - 1]} -> {module[i]}"
+            n, t = gaps.get(key, (0, 0.0))
+            gaps[key] = (n + 1, t + max(0.0, e["ts"] - end))
+        end = max(end, e["ts"] + e["dur"])
+    span = (end - events[0]["ts"]) / 1e3
+    print(f"\n## device profile of one engine pass: {len(events)} kernels, span {span:.1f} ms, "
+          f"busy {sum(busy.values()) / 1e3:.1f} ms\n")
+    for name, t in sorted(busy.items(), key=lambda kv: -kv[1])[:8]:
+        print(f"busy {t / 1e3:9.1f} ms  {name}")
+    for name, (n, t) in sorted(gaps.items(), key=lambda kv: -kv[1][1])[:8]:
+        print(f"idle {t / 1e3:9.1f} ms  {n:7d} gaps  {name}")
+    sys.stdout.flush()
+
+
 def median_run(fn, repeats: int) -> dict:
     """The run with the median wall time of ``repeats`` runs."""
     runs = sorted((fn() for _ in range(max(1, repeats))), key=lambda r: r["wall_s"])
@@ -124,11 +175,16 @@ def main(argv=None) -> int:
     ap.add_argument("--steps-per-call", type=int, nargs="+", default=[16],
                     help="decode steps per device call; several values: one engine row each")
     ap.add_argument("--prefill-batch", type=int, nargs="+", default=None,
-                    help="prefill call sizes (rows); default 1 8 (1 4 tiny)")
+                    help="prefill call sizes (rows); default 1 2 4 8 (1 2 4 tiny)")
     ap.add_argument("--buckets", type=int, nargs="+", default=None,
-                    help="prompt buckets (default: three powers of two up to the longest prompt)")
+                    help="prompt buckets (default: 1/4, 2/4, 3/4 and 4/4 of the longest prompt's power of two)")
     ap.add_argument("--static-cache", default="same", choices=["same", "tight"])
     ap.add_argument("--repeats", type=int, default=3, help="timed passes of each method; the median is reported")
+    ap.add_argument("--host-profile", type=int, default=0, metavar="N",
+                    help="after the timed passes, one more engine pass under cProfile: print its top N functions")
+    ap.add_argument("--trace", action="store_true",
+                    help="after the timed passes, one more engine pass under the profiler: device busy time per "
+                         "program and the idle gaps between kernels")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -139,7 +195,7 @@ def main(argv=None) -> int:
     n, slots = d(args.requests, 256, 48), d(args.slots, 32, 8)
     pmin, pmax = d(args.prompt_min, 32, 4), d(args.prompt_max, 512, 48)
     new_mean, new_max = d(args.new_mean, 128.0, 24.0), d(args.new_max, 512, 96)
-    pbatch = tuple(d(args.prefill_batch, (1, 8), (1, 4)))
+    pbatch = tuple(d(args.prefill_batch, (1, 2, 4, 8), (1, 2, 4)))
     dtype = jnp.dtype(d(args.dtype, "bfloat16", "float32"))
 
     cfg = ModelConfig(**SHAPES[name])
@@ -149,8 +205,8 @@ def main(argv=None) -> int:
     model = Model(cfg, params, None)
     prompts, news = workload(n, cfg.vocab_size, pmin, pmax, new_mean, new_max, args.seed)
     max_seq_len = bucket_cache(pmax + new_max)
-    top = 1 << (pmax - 1).bit_length()  # three prompt buckets: pmax/4, pmax/2, pmax (powers of two)
-    buckets = args.buckets or sorted({min(max(16, top >> i), max_seq_len) for i in (2, 1, 0)})
+    top = 1 << (pmax - 1).bit_length()  # four prompt buckets: multiples of a quarter of pmax (power of two)
+    buckets = args.buckets or sorted({min(max(16, top * i // 4), max_seq_len) for i in (1, 2, 3, 4)})
 
     env = common.environment()
     print(f"# engine benchmark\n\n{common.environment_line(env)}\n", flush=True)
@@ -168,6 +224,10 @@ def main(argv=None) -> int:
         rows.append({"method": f"engine ({steps} steps/call)", "steps_per_call": steps,
                      **median_run(lambda e=eng: run_engine(e, prompts, news), args.repeats)})
         print(f"{rows[-1]['method']}: {rows[-1]['tokens_per_s']:.0f} tok/s", flush=True)
+        if args.host_profile:
+            host_profile(lambda e=eng: run_engine(e, prompts, news), args.host_profile)
+        if args.trace:
+            device_profile(lambda e=eng: run_engine(e, prompts, news))
         del eng  # free its cache before the next one
 
     static_len = max_seq_len if args.static_cache == "same" else None

@@ -9,8 +9,8 @@ A static batch runs until its longest row ends; the engine instead keeps every s
 ``step`` of the host loop:
 
 1. **admit**: waiting requests (first come, first served) take free slots, several per prefill
-   call (``prefill_batch`` rows, prompts right-padded to the smallest of ``prefill_buckets``
-   that fits the group's longest); the prefill also samples each row's first token and
+   call (``prefill_batch`` rows; the admitted are grouped by prompt length, and each group's
+   prompts are right-padded to the smallest of ``prefill_buckets`` that fits its longest); the prefill also samples each row's first token and
    **inserts** the rows' cache, counters and settings into their slots (one jitted, donated call);
 2. **decode**: dispatch ``decode_steps_per_call`` steps over all slots as one jitted call (empty
    and finished slots idle); with a ``draft``, speculative rounds instead (up to k+1 tokens each);
@@ -537,11 +537,14 @@ class Engine:
         cancelled slots' kill flags."""
         groups = []
         free = self._free_slots()
-        while self._queue and free:
-            rows = self._rows_for(min(len(free), len(self._queue)))
-            n = min(rows, len(free), len(self._queue))
-            hs = [self._queue.popleft() for _ in range(n)]
-            slots = [free.pop(0) for _ in range(n)]
+        # first come, first served decides who is admitted; within the admitted, prompts of
+        # similar length share a prefill call, so each call's bucket fits its group tightly
+        admitted = sorted((self._queue.popleft() for _ in range(min(len(free), len(self._queue)))),
+                          key=lambda h: h.prompt_length)
+        while admitted:
+            rows = self._rows_for(len(admitted))
+            hs, admitted = admitted[:rows], admitted[rows:]
+            slots, free = free[:len(hs)], free[len(hs):]
             for s, h in zip(slots, hs):
                 self._slots[s] = h
                 self._kill[s] = False  # the insert overwrites a cancelled row

@@ -187,6 +187,20 @@ def test_a_slot_whose_budget_ends_in_the_call_in_flight_is_refilled_without_idli
     assert st.generated_tokens == sum(news) and st.completed == len(news)
 
 
+def test_admission_is_first_come_first_served_and_groups_similar_lengths(model):
+    """Four slots, six waiting prompts: the four that came first are admitted (not the shortest),
+    and they share prefill calls by length, so the short pair takes the small bucket."""
+    eng = Engine(model, max_slots=4, max_seq_len=SEQ, prefill_buckets=(8, 16), prefill_batch=2)
+    lengths = [15, 3, 14, 2, 1, 1]
+    hs = [eng.submit(list(range(3, 3 + n)), 2, stop_ids=[]) for n in lengths]
+    with eng._lock:
+        groups, _ = eng._plan()
+    assert [[h.prompt_length for h in g] for _, _, g in groups] == [[2, 3], [14, 15]]
+    assert [eng._admission(rows, slots, g)[0].shape for rows, slots, g in groups] == [
+        (2, 8 + eng.stop_width + 6), (2, 16 + eng.stop_width + 6)]
+    assert list(eng._queue) == hs[4:]
+
+
 def test_a_slot_that_ends_by_a_stop_id_idles_for_one_call_only(model):
     """A stop id is seen one call late: the slot idles through that one call, no more, and the
     stopped request gets no token past its stop id."""
