@@ -14,6 +14,9 @@ Rows (same random base weights, same prompts, greedy, no stop ids):
 - ``unmerged x4 concat``: the same stack in the concatenated serving layout (``lora.decode_layout``
   for the decode layout, ``lora.concat_layout`` for stacked params): every adapter's factors side
   by side on the rank axis, two matmuls per (fused) projection and a per-row mask, no gather.
+- ``unmerged x4 folded`` (decode layout only): ``lora.fold_layout``: the concatenated A factors
+  appended to the base weights (folded params, built once before timing), so the base matmul
+  also gives the rank activations: one extra matmul (``@ b``) per (fused) projection and a mask.
 Adapters target all seven projections at ``--rank``. Every unmerged x4 row checks that its tokens
 match the plain stack's (``same_tokens_as_stack``: 90% of them, bf16 rounding may flip a few).
 
@@ -135,6 +138,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layout", default="decode", choices=["decode", "stacked"],
                     help="params layout: 'decode' (model.decode_layout) or 'stacked'")
     ap.add_argument("--hlo", action="store_true", help="add op counts of one compiled decode step per row")
+    ap.add_argument("--only", nargs="+", default=None, metavar="SETTING",
+                    help='run only these settings (and "base"), e.g. "unmerged x4 concat"')
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None, help="JSON results path (default benchmarks/results/lora-<device>.json)")
@@ -155,32 +160,42 @@ def main(argv=None) -> int:
     adapters = [lora_lib.init_adapter(cfg, 100 + i, rank=args.rank, b_std=0.02, dtype=dtype)
                 for i in range(args.adapters)]
     stack = lora_lib.stack_adapters(adapters)
-    merged = lora_lib.merge(stacked, adapters[0])
     fast = args.layout == "decode"
     base = decode_layout(stacked) if fast else stacked
-    merged = decode_layout(merged) if fast else merged
-    del stacked
-    gc.collect()
     multi = f"unmerged x{args.adapters}"
-    settings = [("base", base, None), ("merged", merged, None), ("unmerged x1", base, adapters[0]),
-                (multi, base, stack)]
+    # (label, build () -> (params, adapters)): each setting is built right before it runs and
+    # dropped after, so that an 8B model's copies (merged, folded) are never all alive at once
+    settings = [("base", lambda: (base, None)),
+                ("merged", lambda: ((decode_layout if fast else (lambda p: p))(lora_lib.merge(stacked, adapters[0])),
+                                    None)),
+                ("unmerged x1", lambda: (base, adapters[0])), (multi, lambda: (base, stack))]
     if fast:
-        settings.append((f"{multi} fused", base, lora_lib.decode_layout(stack, cfg, concat=False)))
-    settings.append((f"{multi} concat", base,
-                     lora_lib.decode_layout(stack, cfg) if fast else lora_lib.concat_layout(stack, cfg)))
+        settings.append((f"{multi} fused", lambda: (base, lora_lib.decode_layout(stack, cfg, concat=False))))
+    settings.append((f"{multi} concat", lambda: (base, lora_lib.decode_layout(stack, cfg) if fast
+                                                 else lora_lib.concat_layout(stack, cfg))))
+    if fast:
+        settings.append((f"{multi} folded", lambda: lora_lib.fold_layout(base, stack, cfg)))
+    if args.only:
+        unknown = set(args.only) - {label for label, _ in settings}
+        if unknown:
+            ap.error(f"--only: unknown settings {sorted(unknown)}; known: {[label for label, _ in settings]}")
+        settings = [(label, build) for label, build in settings if label in args.only or label == "base"]
 
     rows = []
     for b in batches:
         ref = stack_tokens = None
-        for label, params, ads in settings:
+        for label, build in settings:
+            params, ads = build()
             r = {"config": name, "layout": args.layout, "dtype": args.dtype, "rank": args.rank, "setting": label}
             r.update(bench_decode(cfg, params, b, plen, ntok, args.warmup, args.repeats, adapters=ads, hlo=args.hlo))
+            del params, ads
+            gc.collect()
             toks = r.pop("tokens")
             if label == "base":
                 ref = r["tokens_per_s"]
             elif label == multi:
                 stack_tokens = toks
-            elif label.startswith(multi):  # the same math as the plain stack
+            elif label.startswith(multi) and stack_tokens is not None:  # the same math as the plain stack
                 r["same_tokens_as_stack"] = bool((toks == stack_tokens).mean() > 0.9)
             r["overhead"] = ref / r["tokens_per_s"] - 1
             rows.append(r)

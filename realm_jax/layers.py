@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig
+from .errors import RealmError
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -37,6 +38,10 @@ def linear(x: jax.Array, w) -> jax.Array:
     at close to full bandwidth.
     """
     if isinstance(w, dict):
+        if "t_lora" in w:
+            raise RealmError("linear: this weight has LoRA A factors folded in ({'t_lora'}, lora.fold_layout) and "
+                             "needs its adapters: apply it with lora.folded_proj(x, w, folded_leaf, adapter_ids) "
+                             "(forward does, given fold_layout's adapters)")
         if "t" in w:
             return jnp.einsum("...i,oi->...o", x, w["t"], preferred_element_type=jnp.float32).astype(x.dtype)
         if "qt" in w:
@@ -50,6 +55,10 @@ def linear(x: jax.Array, w) -> jax.Array:
 def weight_shape(w) -> tuple[int, ...]:
     """The logical shape [.., Din, Dout] of any weight form ``linear`` takes."""
     if isinstance(w, dict):
+        if "t_lora" in w:  # [Dout + A*R, Din]: Dout depends on the adapters, not known here
+            raise RealmError("weight_shape: this weight has LoRA A factors folded in ({'t_lora'}, "
+                             "lora.fold_layout); its base shape depends on the adapters. Use the original "
+                             "(unfolded) params")
         if "t" in w or "qt" in w:
             s = tuple(w["t" if "t" in w else "qt"].shape)
             return s[:-2] + (s[-1], s[-2])

@@ -25,6 +25,12 @@ the fastest single-adapter serving.
 gate|up fused) and ``concat_layout(adapters, cfg)`` for stacked params. Both concatenate the A
 adapters on the rank axis, ``{"a_t": [(L,) A*R, D_in], "b": [(L,) A*R, D_out], "scale": [(L,) A, R]}``,
 so a projection's LoRA term is two matmuls and a per-row mask, with no gather (``concat_delta``).
+``fold_layout(params, adapters, cfg)`` (decode-layout params) goes one step further: it appends
+the concatenated A factors to each targeted base weight (``{"t_lora": [D_out + A*R, D_in]}``)
+and returns the adapters without them (``{"b", "scale"}``), so one matmul gives the base output
+and all rank activations, then a per-row mask and ``@ b`` (``folded_proj``): the fastest
+multi-adapter decode of these layouts, at the cost of a folded copy of the targeted weights
+per adapter set.
 """
 
 from __future__ import annotations
@@ -104,8 +110,8 @@ def _check_targets(targets, what):
 def check_adapter(adapter, dims: Mapping[str, tuple], num_layers: int, what: str = "adapter",
                   stacked: bool | None = None) -> int | None:
     """Validate structure and shapes (static: works on tracers), in the stacked layout or a
-    serving layout (``decode_layout``, ``concat_layout``). Returns A for a stack, None for a
-    single adapter.
+    serving layout (``decode_layout``, ``concat_layout``, ``fold_layout``'s adapters). Returns A
+    for a stack, None for a single adapter.
     ``dims``: {projection: (D_in, D_out)}; ``stacked``: require one form."""
     layers = adapter.get("layers") if isinstance(adapter, Mapping) else None
     if not isinstance(layers, (Mapping, tuple, list)) or not layers:
@@ -141,10 +147,10 @@ def check_adapter(adapter, dims: Mapping[str, tuple], num_layers: int, what: str
 def _check_leaf(leaf, where: str, name: str, dims: Mapping, lead: tuple) -> int | None:
     """One projection's {'a', 'b', 'scale'}: a [*lead, (A,) D_in, R], b [*lead, (A,) R, D_out],
     scale [*lead, (A,)] (or [.., R] in ``decode_layout(concat=False)``'s fused leaves); or a
-    concatenated leaf (see ``_check_concat_leaf``). Returns A or None."""
+    concatenated or folded leaf (see ``_check_concat_leaf``). Returns A or None."""
     if name not in dims:
         raise RealmError(f"{where}: unknown projection; expected one of {tuple(dims)}")
-    if isinstance(leaf, Mapping) and "a_t" in leaf:
+    if isinstance(leaf, Mapping) and ("a_t" in leaf or _is_folded(leaf)):
         return _check_concat_leaf(leaf, where, dims[name], lead)
     if not isinstance(leaf, Mapping) or set(leaf) != {"a", "b", "scale"}:
         raise RealmError(f"{where}: expected keys {{'a', 'b', 'scale'}}, got {_keys(leaf)}")
@@ -166,10 +172,13 @@ def _check_leaf(leaf, where: str, name: str, dims: Mapping, lead: tuple) -> int 
 
 def _check_concat_leaf(leaf, where: str, dims: tuple, lead: tuple) -> int | None:
     """{'a_t': [*lead, A*R, D_in], 'b': [*lead, A*R, D_out], 'scale': [*lead, A, R]} (a stack) or
-    a_t [*lead, R, D_in], b [*lead, R, D_out], scale [*lead, R] (a single adapter)."""
-    if set(leaf) != {"a_t", "b", "scale"}:
-        raise RealmError(f"{where}: expected keys {{'a_t', 'b', 'scale'}} (concatenated layout), got {_keys(leaf)}")
-    at, b, s = (tuple(jnp.shape(leaf[k])) for k in ("a_t", "b", "scale"))
+    a_t [*lead, R, D_in], b [*lead, R, D_out], scale [*lead, R] (a single adapter); or the folded
+    form (``fold_layout``: the same without 'a_t')."""
+    folded = _is_folded(leaf)
+    if set(leaf) != {"a_t", "b", "scale"} and not folded:
+        raise RealmError(f"{where}: expected keys {{'a_t', 'b', 'scale'}} (concatenated layout) or {{'b', 'scale'}} "
+                         f"(folded layout), got {_keys(leaf)}")
+    at, b, s = (tuple(jnp.shape(leaf[k])) if k in leaf else None for k in ("a_t", "b", "scale"))
     din, dout = dims
     n = len(lead)
     if len(s) not in (n + 1, n + 2) or s[:n] != lead or min(s[n:], default=0) <= 0:
@@ -178,7 +187,7 @@ def _check_concat_leaf(leaf, where: str, dims: tuple, lead: tuple) -> int | None
     A = s[n] if len(s) == n + 2 else None
     k = s[-1] * (A or 1)
     for key, shape, want in (("a_t", at, lead + (k, din)), ("b", b, lead + (k, dout))):
-        if shape != want:
+        if shape != want and not (folded and key == "a_t"):
             raise RealmError(f"{where}['{key}']: expected shape {want} (A*R={k}, D_in={din}, D_out={dout}), "
                              f"got {shape}")
     return A
@@ -325,28 +334,17 @@ def concat_delta(x: jax.Array, leaf: Mapping, adapter_ids: jax.Array | None = No
     one matmul against the concatenated weights) cannot copy W into a ``[W | A]`` every step.
     "gather" (default when A > B): each row's own block.
     """
-    a_t, b, scale = leaf["a_t"], leaf["b"], jnp.asarray(leaf["scale"], jnp.float32)
+    a_t, b = leaf["a_t"], leaf["b"]
     f32 = jnp.float32
     bsz, t, din = x.shape
-    if adapter_ids is not None and adapter_ids.shape != (bsz,):
-        raise RealmError(f"adapter_ids: expected shape ({bsz},) (one per row), got {adapter_ids.shape}")
-    if scale.ndim == 1:  # a single adapter: every row, or the rows with id 0
-        scale = scale[None]
-        ids = jnp.zeros((bsz,), jnp.int32) if adapter_ids is None else \
-            jnp.where(adapter_ids == 0, 0, -1).astype(jnp.int32)
-    elif adapter_ids is None:
-        raise RealmError("adapter_ids: required (int [B], -1 = base) with a stack of adapters")
-    else:
-        ids = adapter_ids.astype(jnp.int32)
+    scale, ids = _rows(leaf["scale"], adapter_ids, bsz)
     A, R = scale.shape
     method = method or ("dense" if A <= bsz else "gather")
     if method == "dense":
         # 2-D, contracting a_t's minor axis: not x @ W's dimension numbers (see the docstring)
         h = jax.lax.dot_general(x.reshape(bsz * t, din), a_t, (((1,), (1,)), ((), ())),
                                 preferred_element_type=f32).reshape(bsz, t, A * R)
-        hit = ids[:, None] == jnp.arange(A, dtype=jnp.int32)[None, :]  # [B, A]
-        m = jnp.where(hit[:, :, None], scale[None], 0.0).reshape(bsz, 1, A * R)  # [B, 1, A*R]
-        return jnp.matmul((h * m).astype(b.dtype), b, preferred_element_type=f32)
+        return jnp.matmul((h * _dense_mask(scale, ids)).astype(b.dtype), b, preferred_element_type=f32)
     if method == "gather":
         idx = jnp.clip(ids, 0, A - 1)
         s = jnp.where(((ids >= 0) & (ids < A))[:, None], scale[idx], 0.0)  # [B, R]
@@ -355,11 +353,78 @@ def concat_delta(x: jax.Array, leaf: Mapping, adapter_ids: jax.Array | None = No
     raise RealmError(f"method: expected 'dense' or 'gather', got {method!r}")
 
 
+def _rows(scale, adapter_ids, bsz: int) -> tuple[jax.Array, jax.Array]:
+    """A concatenated (or folded) leaf's scale and the batch's ids, normalized: scale [A, R]
+    float32 (a single adapter's [R] becomes [1, R]) and ids [B] int32 (a single adapter: 0 for
+    every row without ``adapter_ids``, else 0 where the id is 0 and -1 elsewhere)."""
+    scale = jnp.asarray(scale, jnp.float32)
+    if adapter_ids is not None and adapter_ids.shape != (bsz,):
+        raise RealmError(f"adapter_ids: expected shape ({bsz},) (one per row), got {adapter_ids.shape}")
+    if scale.ndim == 1:  # a single adapter: every row, or the rows with id 0
+        ids = jnp.zeros((bsz,), jnp.int32) if adapter_ids is None else \
+            jnp.where(adapter_ids == 0, 0, -1).astype(jnp.int32)
+        return scale[None], ids
+    if adapter_ids is None:
+        raise RealmError("adapter_ids: required (int [B], -1 = base) with a stack of adapters")
+    return scale, adapter_ids.astype(jnp.int32)
+
+
+def _dense_mask(scale: jax.Array, ids: jax.Array) -> jax.Array:
+    """The per-row mask of the dense method: scale [A, R], ids [B] -> [B, 1, A*R] float32, row b's
+    own rank block ``ids[b]`` scaled, every other column 0 (all 0 for an id outside [0, A))."""
+    A, R = scale.shape
+    hit = ids[:, None] == jnp.arange(A, dtype=jnp.int32)[None, :]  # [B, A]
+    return jnp.where(hit[:, :, None], scale[None], 0.0).reshape(ids.shape[0], 1, A * R)
+
+
 def lora_add(y: jax.Array, x: jax.Array, leaf: Mapping, adapter_ids: jax.Array | None = None) -> jax.Array:
     """``y + `` the per-row LoRA term of one projection (``concat_delta`` for a concatenated
     leaf, ``lora_delta`` otherwise), in y's dtype. y [B, T, D_out], x [B, T, D_in]."""
+    if _is_folded(leaf):
+        raise RealmError("adapters: folded adapters (lora.fold_layout's, no 'a' / 'a_t' factors) need the "
+                         "params fold_layout returned with them; this projection's weight has no folded "
+                         "factors ('t_lora'). Pass both from the same fold_layout call, or serve "
+                         "lora.decode_layout's adapters with the unfolded params")
     delta = concat_delta if "a_t" in leaf else lora_delta
     return y + delta(x, leaf, adapter_ids).astype(y.dtype)
+
+
+def _is_folded(leaf) -> bool:
+    """A folded adapter leaf (``fold_layout``): {'b', 'scale'}, the A factors live in the weight."""
+    return isinstance(leaf, Mapping) and set(leaf) == {"b", "scale"}
+
+
+def folded_proj(x: jax.Array, w: Mapping, leaf: Mapping | None, adapter_ids: jax.Array | None = None,
+                name: str = "projection") -> jax.Array:
+    """One projection with its LoRA factors folded in (``fold_layout``): base output and LoRA
+    term, per row, from one matmul against the base weight with the A factors appended.
+
+    x [B, T, D_in]; w {"t_lora": [D_out + A*R, D_in]} (rows ``:D_out`` the base weight, the rest
+    the concatenated a_t); leaf {"b": [A*R, D_out], "scale": [A, R]} (a stack, rank columns
+    adapter-major) or {"b": [R, D_out], "scale": [R]} (a single adapter); adapter_ids [B] int
+    (-1 = base; optional for a single adapter). Returns [B, T, D_out] in x's dtype:
+    ``y_all = x @ t_lora.T`` (float32), ``y = y_all[..., :D_out]`` cast to x's dtype,
+    ``h = y_all[..., D_out:]`` (float32) masked per row as ``concat_delta``'s dense method, then
+    ``y + ((h * mask) @ b)``. Equal to ``linear`` + ``concat_delta`` up to float rounding.
+    """
+    if leaf is None:
+        raise RealmError(f"params: the {name!r} weight has LoRA factors folded in (lora.fold_layout) and needs "
+                         f"its adapters: pass the adapters fold_layout returned (adapters=, adapter_ids=)")
+    if not _is_folded(leaf):
+        raise RealmError(f"adapters[{name!r}]: the weight has LoRA factors folded in (lora.fold_layout), so it "
+                         f"needs the folded adapters ({{'b', 'scale'}}) fold_layout returned with it, got keys "
+                         f"{_keys(leaf)}")
+    t, b = w["t_lora"], leaf["b"]
+    k, dout = b.shape
+    if t.shape[0] != dout + k or t.shape[1] != x.shape[-1]:
+        raise RealmError(f"adapters[{name!r}]: the folded weight {tuple(t.shape)} does not fit the adapter's "
+                         f"b {tuple(b.shape)} (expected [{dout} + {k}, {x.shape[-1]}]); pass the params and "
+                         f"adapters of the same fold_layout call")
+    scale, ids = _rows(leaf["scale"], adapter_ids, x.shape[0])
+    y_all = jnp.einsum("...i,oi->...o", x, t, preferred_element_type=jnp.float32)
+    y, h = y_all[..., :dout].astype(x.dtype), y_all[..., dout:]
+    delta = jnp.matmul((h * _dense_mask(scale, ids)).astype(b.dtype), b, preferred_element_type=jnp.float32)
+    return y + delta.astype(y.dtype)
 
 
 # ----------------------------------------------------------------------------- serving layouts
@@ -386,6 +451,9 @@ def decode_layout(adapters: Adapter, cfg: ModelConfig, concat: bool = True) -> A
     layers = adapters.get("layers") if isinstance(adapters, Mapping) else None
     dims = projection_dims(cfg)
     check_adapter(adapters, dims, cfg.num_layers)
+    if any(_is_folded(leaf) for leaf in _leaves(layers)):
+        raise RealmError("decode_layout: the adapters are folded (fold_layout's, their A factors live in the "
+                         "folded params); pass the stack (as stack_adapters returns it) instead")
     if isinstance(layers, (tuple, list)):  # already per layer: at most concatenate
         done = [("a_t" in leaf) for layer in layers for leaf in layer.values()]
         if not concat and any(done):
@@ -397,6 +465,13 @@ def decode_layout(adapters: Adapter, cfg: ModelConfig, concat: bool = True) -> A
                          "stack_adapters / load_peft return them")
     fused = _fused_layers_jit(layers, tuple(sorted(dims.items())), cfg.num_layers)
     return {"layers": _concat_jit(fused, 0) if concat else fused}
+
+
+def _leaves(layers) -> list:
+    """The projection leaves of an adapter's 'layers' (stacked dict or per-layer tuple)."""
+    if isinstance(layers, (tuple, list)):
+        return [leaf for layer in layers for leaf in layer.values()]
+    return list(layers.values())
 
 
 def concat_layout(adapters: Adapter, cfg: ModelConfig) -> Adapter:
@@ -472,6 +547,109 @@ def _fused_layers_jit(leaves: dict, dims: tuple, num_layers: int) -> tuple:
     return tuple(out)
 
 
+# ----------------------------------------------------------------------------- folded layout
+def fold_layout(params: dict, adapters: Adapter, cfg: ModelConfig) -> tuple[dict, Adapter]:
+    """Fold the adapters' A factors into the base weights: ``(params_folded, adapters_folded)``,
+    for multi-adapter decode with one matmul fewer per targeted projection and layer.
+
+    ``params`` in ``model.decode_layout`` (transposed float weights ``{"t": [D_out, D_in]}``);
+    ``adapters``: a stack (as ``stack_adapters`` returns it), a single adapter, or either in
+    ``decode_layout``'s concatenated form. For each targeted (fused) projection of each layer the
+    weight becomes ``{"t_lora": [D_out + A*R, D_in]}`` (the base rows, then the concatenated
+    ``a_t``, cast to the weight's dtype) and the adapter leaf ``{"b": [A*R, D_out], "scale":
+    [A, R]}`` (a single adapter: ``[R, D_out]``, ``[R]``). ``forward``/``generate`` then compute
+    ``x @ t_lora.T`` once: the first D_out columns are the base output, the rest the rank
+    activations of all A adapters, masked per row and multiplied by b (``folded_proj``). Equal
+    to the ``decode_layout`` adapters on the unfolded params up to float rounding (the A factors
+    are rounded to the weight dtype).
+
+    Serve the two results together, with ``adapter_ids`` as for the stack: a folded weight
+    refuses to run without its folded adapters, and folded adapters without folded weights.
+    Untargeted projections and every other leaf are the same arrays as in ``params``.
+
+    Memory: the targeted weights are new buffers (base + A*R rows each); drop the original
+    params after folding, or both are held. A new adapter set needs a new fold of the original
+    params (the same shapes reuse the compiled program). When: multi-adapter decode, where the
+    per-projection matmul count dominates; for one adapter, ``merge`` is faster still. An int8
+    base cannot hold float A factors: serve ``decode_layout``'s (unfolded) adapters there.
+    """
+    from .model import is_unstacked
+
+    layers = params.get("layers") if isinstance(params, Mapping) else None
+    if not is_unstacked(layers) or not layers:
+        raise RealmError("fold_layout: params must be in model.decode_layout (a tuple of per-layer dicts with "
+                         "fused 'wqkv' / 'w_gate_up'); call model.decode_layout(params) first")
+    for i, lp in enumerate(layers):
+        for name in _FOLDABLE:
+            w = lp.get(name)
+            if isinstance(w, Mapping) and "t_lora" in w:
+                raise RealmError(f"fold_layout: params['layers'][{i}][{name!r}] is already folded; fold the "
+                                 f"original (unfolded) params")
+    dims, L = _params_dims(params)
+    if dims != projection_dims(cfg) or L != cfg.num_layers:
+        raise RealmError(f"fold_layout: params do not match the config: projections {dims}, {L} layers; "
+                         f"config {projection_dims(cfg)}, {cfg.num_layers} layers")
+    ad_layers = adapters.get("layers") if isinstance(adapters, Mapping) else None
+    check_adapter(adapters, projection_dims(cfg), cfg.num_layers, "fold_layout: adapters")
+    leaves = _leaves(ad_layers)
+    if any(_is_folded(leaf) for leaf in leaves):
+        raise RealmError("fold_layout: the adapters are already folded; pass the stack (as stack_adapters "
+                         "returns it) and the original params")
+    per_layer = isinstance(ad_layers, (tuple, list))
+    if not per_layer and any("a_t" in leaf for leaf in leaves):
+        raise RealmError("fold_layout: the adapters are in concat_layout's form (for stacked params); pass "
+                         "them as stack_adapters / load_peft return them")
+    if per_layer and not all("a_t" in leaf for leaf in leaves):  # decode_layout(concat=False)
+        ad_layers = _concat_jit(tuple(ad_layers), 0)
+    if per_layer:
+        names = [list(layer) for layer in ad_layers]
+        bad = sorted({n for ns in names for n in ns if n not in _FOLDABLE})
+        if bad:
+            raise RealmError(f"fold_layout: adapters in the decode layout must name the fused projections "
+                             f"{_FOLDABLE}, got {bad}; pass the stack (as stack_adapters returns it)")
+    else:
+        names = [[f for f, parts in FUSED.items() if any(p in ad_layers for p in parts)]
+                 + [n for n in ("wo", "w_down") if n in ad_layers]] * L
+    for i, lp in enumerate(layers):
+        for name in names[i]:
+            w = lp[name]
+            if is_quantized(w):
+                raise UnsupportedModelError(
+                    f"fold_layout: params['layers'][{i}][{name!r}] is int8-quantized ({_keys(w)}); float A factors "
+                    f"cannot be folded into int8 weights. Serve the unfolded form instead: "
+                    f"forward(params, ..., adapters=lora.decode_layout(stack, cfg), adapter_ids=...), which "
+                    f"supports int8")
+            if not (isinstance(w, Mapping) and set(w) == {"t"}):
+                raise RealmError(f"fold_layout: params['layers'][{i}][{name!r}]: expected a transposed float weight "
+                                 f"{{'t': [D_out, D_in]}} (model.decode_layout(params) with transposed=True), got "
+                                 f"{_keys(w) or type(w).__name__}")
+    weights = tuple({n: lp[n]["t"] for n in ns} for lp, ns in zip(layers, names))
+    dims_key = tuple(sorted(dims.items()))
+    new_w, new_ads = _fold_layout_jit(weights, tuple(ad_layers) if per_layer else ad_layers, dims_key, L)
+    out = {**params, "layers": tuple({**lp, **{n: {"t_lora": t} for n, t in nw.items()}}
+                                     for lp, nw in zip(layers, new_w))}
+    if per_layer:  # already concatenated: keep the very b / scale arrays
+        new_ads = tuple({n: {"b": leaf["b"], "scale": leaf["scale"]} for n, leaf in layer.items()}
+                        for layer in ad_layers)
+    return out, {"layers": new_ads}
+
+
+_FOLDABLE = ("wqkv", "wo", "w_gate_up", "w_down")  # model.decode_layout's projections
+
+
+@partial(jax.jit, static_argnums=(2, 3))
+def _fold_layout_jit(weights: tuple, ad_layers, dims: tuple, num_layers: int):
+    """Per layer {name: t [D_out, D_in]} and the adapters (stacked leaves, or per-layer
+    concatenated leaves) -> ({name: [D_out + A*R, D_in]}, {name: {'b', 'scale'}}) per layer."""
+    if not isinstance(ad_layers, tuple):  # stacked: fuse per layer, then concatenate
+        ad_layers = _concat_jit(_fused_layers_jit(ad_layers, dims, num_layers), 0)
+    new_w, new_ads = [], []
+    for w_l, a_l in zip(weights, ad_layers):
+        new_w.append({n: jnp.concatenate([w_l[n], a_l[n]["a_t"].astype(w_l[n].dtype)], axis=0) for n in w_l})
+        new_ads.append({n: {"b": leaf["b"], "scale": leaf["scale"]} for n, leaf in a_l.items()})
+    return tuple(new_w), tuple(new_ads)
+
+
 # ----------------------------------------------------------------------------- merge / unmerge
 def merge(params: dict, adapter: Adapter) -> dict:
     """``W' = W + scale * A @ B`` for every targeted projection (float32, cast back to W's dtype).
@@ -490,6 +668,9 @@ def unmerge(params: dict, adapter: Adapter) -> dict:
 def _fold(params, adapter, sign, fn):
     layers = params["layers"]
     unstacked = isinstance(layers, (tuple, list))
+    if unstacked and any(isinstance(w, Mapping) and "t_lora" in w for lp in layers for w in lp.values()):
+        raise RealmError(f"{fn}: the params have LoRA factors folded in (lora.fold_layout); {fn} the adapter "
+                         f"into the original (unfolded) params")
     if isinstance(adapter, Mapping) and isinstance(adapter.get("layers"), (tuple, list)):
         raise RealmError(f"{fn}: the adapter is in the decode layout; {fn} takes the stacked adapter "
                          f"(as load_peft / init_adapter return it), for params in either layout")

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from .attention import attention_mask, fused_attention, fused_attention_impl, gqa_attention
 from .config import ModelConfig
+from .errors import RealmError
 from .kv_cache import KVCache, write_layer, write_rows
 from .layers import apply_rope, linear, rms_norm, rope_cos_sin, transpose_weight
 
@@ -81,15 +82,22 @@ def _lora_add(y, x, name, lora_l, adapter_ids):
 
 
 def _proj(x, lp, name, lora_l, adapter_ids):
-    """x @ W (+ per-row LoRA delta)."""
-    return _lora_add(linear(x, lp[name]), x, name, lora_l, adapter_ids)
+    """x @ W (+ per-row LoRA delta of projection ``name``). A weight with the LoRA A factors
+    folded in (``{"t_lora"}``, see ``lora.fold_layout``) gives both in one matmul
+    (``lora.folded_proj``, which needs the folded adapter leaf)."""
+    w = lp[name]
+    if isinstance(w, dict) and "t_lora" in w:
+        from .lora import folded_proj
+
+        return folded_proj(x, w, None if lora_l is None else lora_l.get(name), adapter_ids, name)
+    return _lora_add(linear(x, w), x, name, lora_l, adapter_ids)
 
 
 def _qkv(cfg: ModelConfig, h, lp, lora_l, adapter_ids):
     """Projections q [.., N*H], k, v [.., K*H] (+ biases), from separate or fused weights."""
     nh, kh = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    if "wqkv" in lp:  # decode layout: one matmul
-        qkv = _lora_add(linear(h, lp["wqkv"]), h, "wqkv", lora_l, adapter_ids)  # fused adapters
+    if "wqkv" in lp:  # decode layout: one matmul (+ fused or folded adapters)
+        qkv = _proj(h, lp, "wqkv", lora_l, adapter_ids)
         if cfg.qkv_bias:
             qkv = qkv + lp["bqkv"].astype(qkv.dtype)
         q, k, v = jnp.split(qkv, [nh, nh + kh], axis=-1)
@@ -102,8 +110,8 @@ def _qkv(cfg: ModelConfig, h, lp, lora_l, adapter_ids):
 
 
 def _gate_up(h, lp, lora_l, adapter_ids):
-    if "w_gate_up" in lp:  # decode layout: one matmul
-        g, u = jnp.split(_lora_add(linear(h, lp["w_gate_up"]), h, "w_gate_up", lora_l, adapter_ids), 2, axis=-1)
+    if "w_gate_up" in lp:  # decode layout: one matmul (+ fused or folded adapters)
+        g, u = jnp.split(_proj(h, lp, "w_gate_up", lora_l, adapter_ids), 2, axis=-1)
         return _lora_add(g, h, "w_gate", lora_l, adapter_ids), _lora_add(u, h, "w_up", lora_l, adapter_ids)
     return _proj(h, lp, "w_gate", lora_l, adapter_ids), _proj(h, lp, "w_up", lora_l, adapter_ids)
 
@@ -172,7 +180,8 @@ def _embed(params: Params, tokens: jax.Array) -> jax.Array:
 
 def _lora_layers(adapters, layers=None):
     if adapters is not None and is_unstacked(adapters["layers"]) and not is_unstacked(layers):
-        raise ValueError("adapters in the decode layout (lora.decode_layout) need params in the decode layout")
+        raise RealmError("adapters in the decode layout (lora.decode_layout / fold_layout) need params in the "
+                         "decode layout (model.decode_layout)")
     return None if adapters is None else adapters["layers"]
 
 

@@ -54,6 +54,10 @@ def quantize(params: dict, scheme: str = "int8") -> dict:
     if scheme not in SCHEMES:
         raise RealmError(f"quantize: scheme {scheme!r} is not supported; supported: {', '.join(SCHEMES)}")
     def quantize_layer(layer: dict) -> dict:
+        folded = [k for k, v in layer.items() if isinstance(v, dict) and "t_lora" in v]
+        if folded:
+            raise RealmError(f"quantize: {folded} have LoRA factors folded in (lora.fold_layout); quantize the "
+                             f"original params and serve lora.decode_layout's adapters (int8 cannot hold them)")
         return {k: quantize_weight(v) if k in QUANTIZABLE and not is_quantized(v) else v
                 for k, v in layer.items()}
 
