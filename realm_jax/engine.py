@@ -295,6 +295,11 @@ class Engine:
     32 slots, mixed workload) 16 gave 1.99x static batching and 8 gave 1.88x. max_stop_ids (E):
     stop ids per request.
     adapters: {name: single LoRA adapter}, stacked once; requests pick one by name.
+    fold_adapters: serve the adapters in ``lora.fold_layout``'s form (params in the decode
+    layout, float weights): their A factors appended to the base weights, one matmul fewer per
+    projection and step (H100, 4 adapters, rank 16: +9.5% over the base model on the 8B shape
+    instead of +16.5%). The engine then holds a folded copy of the targeted weights besides
+    ``model.params``.
     draft: a draft for speculative decoding (a loaded Model, "self:N", "lookup" or a
     ``drafts.Draft``), k tokens per round.
     """
@@ -302,7 +307,8 @@ class Engine:
     def __init__(self, model, *, max_slots: int = 8, max_seq_len: int | None = None,
                  prefill_buckets: Sequence[int] | None = None, prefill_batch: int | None = None,
                  decode_steps_per_call: int = 16, max_stop_ids: int = 8,
-                 adapters: Mapping[str, Any] | None = None, draft=None, k: int = 4):
+                 adapters: Mapping[str, Any] | None = None, fold_adapters: bool = False, draft=None,
+                 k: int = 4):
         cfg = model.config
         self.model = model
         self.max_slots = _check_pos_int("max_slots", max_slots)
@@ -332,8 +338,11 @@ class Engine:
 
         self.adapter_names: tuple[str, ...] = ()
         self._adapters = None
+        self._params = model.params  # the target's params as served (folded with fold_adapters)
+        if fold_adapters and (adapters is None or draft is not None):
+            raise RealmError("fold_adapters: needs adapters, and no draft (a draft runs the unfolded weights)")
         if adapters is not None:
-            self._adapters = self._stack_adapters(adapters)
+            self._adapters = self._stack_adapters(adapters, fold_adapters)
         self.draft = None
         self.k = 0
         if draft is not None:
@@ -345,7 +354,7 @@ class Engine:
         self._dparams = None if self.draft is None else self.draft.params
         self.window = self.decode_steps_per_call * (self.k + 1)
 
-        self._state = es.empty_state_jit(model.params, cfg, slots=self.max_slots, max_len=self.max_seq_len,
+        self._state = es.empty_state_jit(self._params, cfg, slots=self.max_slots, max_len=self.max_seq_len,
                                          stop_width=self.stop_width, spec=self._spec, dparams=self._dparams)
         # host bookkeeping (under _lock)
         self._lock = threading.Lock()
@@ -370,7 +379,9 @@ class Engine:
         self._latencies: collections.deque[float] = collections.deque(maxlen=100_000)
 
     # ------------------------------------------------------------------ setup helpers
-    def _stack_adapters(self, adapters):
+    def _stack_adapters(self, adapters, fold: bool = False):
+        """Validate and stack {name: adapter} once, in the serving layout of the params (with
+        ``fold``: ``lora.fold_layout``, which also replaces ``self._params``)."""
         from . import lora
 
         if not isinstance(adapters, Mapping) or not adapters:
@@ -384,6 +395,11 @@ class Engine:
         self.adapter_names = tuple(adapters)
         stack = lora.stack_adapters([adapters[n] for n in self.adapter_names],
                                     dtype=self.model.params["embed"].dtype)
+        if fold:
+            if not is_unstacked(self.model.params["layers"]):
+                raise RealmError("fold_adapters: needs params in the decode layout (model.decode_layout)")
+            self._params, stack = lora.fold_layout(self.model.params, stack, cfg)
+            return stack
         return lora.decode_layout(stack, cfg) if is_unstacked(self.model.params["layers"]) else stack
 
     # ------------------------------------------------------------------ submission
@@ -577,7 +593,7 @@ class Engine:
 
     def _admit(self, ints: np.ndarray, floats: np.ndarray) -> jax.Array:
         t = time.perf_counter()
-        self._state, out = es.admit_jit(self.model.params, self.model.config, self._state, ints, floats,
+        self._state, out = es.admit_jit(self._params, self.model.config, self._state, ints, floats,
                                         adapters=self._adapters, dparams=self._dparams, spec=self._spec)
         out.copy_to_host_async()  # comes back as soon as it is ready
         self._dispatch += time.perf_counter() - t
@@ -585,7 +601,7 @@ class Engine:
 
     def _decode(self, kill) -> jax.Array:
         t = time.perf_counter()
-        self._state, out = es.decode_jit(self.model.params, self.model.config, self._state, kill,
+        self._state, out = es.decode_jit(self._params, self.model.config, self._state, kill,
                                          steps=self.decode_steps_per_call, window=self.window,
                                          adapters=self._adapters, dparams=self._dparams, spec=self._spec, k=self.k)
         out.copy_to_host_async()

@@ -365,6 +365,24 @@ def test_decode_layout_params_and_per_layer_cache(model, adapters):
         assert (h.result().tokens, h.result().finish_reason) == ref, f"request {i}"
 
 
+def test_folded_adapters_serve_the_same_tokens(model, adapters):
+    """``fold_adapters=True`` (lora.fold_layout) gives every request what ``generate`` gives it
+    alone with its own adapter on the unfolded params, and holds folded weights."""
+    fast = Model(CFG, decode_layout(model.params), None)
+    eng = Engine(fast, max_slots=3, max_seq_len=SEQ, prefill_buckets=(16,), decode_steps_per_call=4,
+                 adapters=adapters, fold_adapters=True)
+    assert "t_lora" in eng._params["layers"][0]["wqkv"] and "t" in fast.params["layers"][0]["wqkv"]
+    work = make_workload(model, adapters, 6, seed=3)
+    handles = [submit(eng, req) for req, _ in work]
+    eng.run_until_idle()
+    for i, (h, (_, ref)) in enumerate(zip(handles, work)):
+        assert (h.result().tokens, h.result().finish_reason) == ref, f"request {i}"
+    with pytest.raises(RealmError, match="fold_adapters: needs params in the decode layout"):
+        Engine(model, max_slots=2, max_seq_len=SEQ, adapters=adapters, fold_adapters=True)
+    with pytest.raises(RealmError, match="fold_adapters: needs adapters, and no draft"):
+        Engine(fast, max_slots=2, max_seq_len=SEQ, adapters=adapters, fold_adapters=True, draft="lookup")
+
+
 def test_speculative_engine_equals_generate_and_speculative_alone(model):
     eng = Engine(model, max_slots=3, max_seq_len=SEQ, prefill_buckets=(16,), decode_steps_per_call=2,
                  draft="self:1", k=3)
