@@ -295,9 +295,9 @@ class Engine:
     decode steps (or speculative rounds) per device call: enough that a call outlasts the host's
     bookkeeping of one step (so the device never waits), few enough that a row ending by a stop id
     (its slot idles until the end of the next call) wastes little. Default 16: on an H100 (1B shape,
-    32 slots, mixed workload) 16 gave 1.99x static batching and 8 gave 1.88x (a call with a
-    decode loop returns from dispatch only when its last step is launched, so the host's
-    bookkeeping of a call overlaps the next one's device work). max_stop_ids (E):
+    32 slots, mixed workload) 16 gave 1.99x static batching and 8 gave 1.88x (on the GPU a call
+    with a decode loop returns from dispatch only once its last step is launched, so the host's
+    bookkeeping, ~0.5 ms per call there, overlaps only the call's last steps). max_stop_ids (E):
     stop ids per request.
     adapters: {name: single LoRA adapter}, stacked once; requests pick one by name.
     fold_adapters: serve the adapters in ``lora.fold_layout``'s form (params in the decode
