@@ -120,7 +120,11 @@ def environment_line(env: dict) -> str:
 
 
 def write_json(path: str, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename): never a half-written results file."""
+    """Write JSON atomically (temp file + rename): never a half-written results file. An
+    ``obj["args"]["out"]`` (the command line's output path) is stored as its file name only, so
+    results files name no machine's directories."""
+    if isinstance(obj, dict) and isinstance(obj.get("args"), dict) and obj["args"].get("out"):
+        obj = {**obj, "args": {**obj["args"], "out": os.path.basename(str(obj["args"]["out"]))}}
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))

@@ -25,3 +25,14 @@ def test_bench_tiny_float_and_int8(capsys):
 def test_bench_rejects_bad_sizes(capsys):
     assert main(["bench", "--shape", "tiny", "--new-tokens", "1"]) == 2
     assert "new-tokens" in capsys.readouterr().err
+
+
+def test_results_json_names_no_directory(tmp_path):
+    """``write_json`` keeps the output path's file name only, and writes the file where asked."""
+    import json
+
+    from realm_jax.bench import write_json
+
+    out = tmp_path / "sub" / "r.json"
+    write_json(str(out), {"args": {"out": str(out), "repeats": 3}, "rows": [1.5]})
+    assert json.loads(out.read_text()) == {"args": {"out": "r.json", "repeats": 3}, "rows": [1.5]}
