@@ -165,9 +165,11 @@ def main(argv=None) -> int:
     multi = f"unmerged x{args.adapters}"
     # (label, build () -> (params, adapters)): each setting is built right before it runs and
     # dropped after, so that an 8B model's copies (merged, folded) are never all alive at once
-    settings = [("base", lambda: (base, None)),
-                ("merged", lambda: ((decode_layout if fast else (lambda p: p))(lora_lib.merge(stacked, adapters[0])),
-                                    None)),
+    def merged():
+        m = lora_lib.merge(stacked, adapters[0])
+        return (decode_layout(m) if fast else m), None
+
+    settings = [("base", lambda: (base, None)), ("merged", merged),
                 ("unmerged x1", lambda: (base, adapters[0])), (multi, lambda: (base, stack))]
     if fast:
         settings.append((f"{multi} fused", lambda: (base, lora_lib.decode_layout(stack, cfg, concat=False))))

@@ -10,8 +10,9 @@ A static batch runs until its longest row ends; the engine instead keeps every s
 
 1. **admit**: waiting requests (first come, first served) take free slots, several per prefill
    call (``prefill_batch`` rows; the admitted are grouped by prompt length, and each group's
-   prompts are right-padded to the smallest of ``prefill_buckets`` that fits its longest); the prefill also samples each row's first token and
-   **inserts** the rows' cache, counters and settings into their slots (one jitted, donated call);
+   prompts are right-padded to the smallest of ``prefill_buckets`` that fits its longest); the
+   prefill also samples each row's first token and **inserts** the rows' cache, counters and
+   settings into their slots (one jitted, donated call);
 2. **decode**: dispatch ``decode_steps_per_call`` steps over all slots as one jitted call (empty
    and finished slots idle); with a ``draft``, speculative rounds instead (up to k+1 tokens each);
 3. **evict**: while that call runs, fetch the *previous* decode call's tokens and hand them to
@@ -400,12 +401,13 @@ class Engine:
         self.adapter_names = tuple(adapters)
         stack = lora.stack_adapters([adapters[n] for n in self.adapter_names],
                                     dtype=self.model.params["embed"].dtype)
+        unstacked = is_unstacked(self.model.params["layers"])
         if fold:
-            if not is_unstacked(self.model.params["layers"]):
+            if not unstacked:
                 raise RealmError("fold_adapters: needs params in the decode layout (model.decode_layout)")
             self._params, stack = lora.fold_layout(self.model.params, stack, cfg)
             return stack
-        return lora.decode_layout(stack, cfg) if is_unstacked(self.model.params["layers"]) else stack
+        return lora.decode_layout(stack, cfg) if unstacked else stack
 
     # ------------------------------------------------------------------ submission
     def _validate(self, prompt, max_new_tokens, *, temperature=0.0, top_k=None, top_p=None, seed=0,

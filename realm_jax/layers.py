@@ -27,6 +27,12 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight.astype(x.dtype) * y
 
 
+def has_lora_rows(w) -> bool:
+    """Whether ``w`` is a weight with LoRA A factors folded in (``lora.fold_layout``):
+    ``{"t_lora": [Dout + A*R, Din]}``, usable only together with its folded adapters."""
+    return isinstance(w, dict) and "t_lora" in w
+
+
 def linear(x: jax.Array, w) -> jax.Array:
     """x [..., Din] @ w -> [..., Dout] in x.dtype, accumulated in float32.
 
@@ -38,7 +44,7 @@ def linear(x: jax.Array, w) -> jax.Array:
     at close to full bandwidth.
     """
     if isinstance(w, dict):
-        if "t_lora" in w:
+        if has_lora_rows(w):
             raise RealmError("linear: this weight has LoRA A factors folded in ({'t_lora'}, lora.fold_layout) and "
                              "needs its adapters: apply it with lora.folded_proj(x, w, folded_leaf, adapter_ids) "
                              "(forward does, given fold_layout's adapters)")
@@ -55,7 +61,7 @@ def linear(x: jax.Array, w) -> jax.Array:
 def weight_shape(w) -> tuple[int, ...]:
     """The logical shape [.., Din, Dout] of any weight form ``linear`` takes."""
     if isinstance(w, dict):
-        if "t_lora" in w:  # [Dout + A*R, Din]: Dout depends on the adapters, not known here
+        if has_lora_rows(w):  # [Dout + A*R, Din]: Dout depends on the adapters, not known here
             raise RealmError("weight_shape: this weight has LoRA A factors folded in ({'t_lora'}, "
                              "lora.fold_layout); its base shape depends on the adapters. Use the original "
                              "(unfolded) params")

@@ -47,7 +47,8 @@ import numpy as np
 from .checkpoint import _LAYER_NAMES
 from .config import ModelConfig
 from .errors import RealmError, UnsupportedModelError
-from .model import PROJECTIONS, param_shapes
+from .layers import has_lora_rows
+from .model import MATMUL_WEIGHTS, PROJECTIONS, param_shapes
 from .quantization import is_quantized
 
 Adapter = dict
@@ -580,38 +581,26 @@ def fold_layout(params: dict, adapters: Adapter, cfg: ModelConfig) -> tuple[dict
         raise RealmError("fold_layout: params must be in model.decode_layout (a tuple of per-layer dicts with "
                          "fused 'wqkv' / 'w_gate_up'); call model.decode_layout(params) first")
     for i, lp in enumerate(layers):
-        for name in _FOLDABLE:
+        for name in MATMUL_WEIGHTS:
             w = lp.get(name)
-            if isinstance(w, Mapping) and "t_lora" in w:
+            if has_lora_rows(w):
                 raise RealmError(f"fold_layout: params['layers'][{i}][{name!r}] is already folded; fold the "
                                  f"original (unfolded) params")
     dims, L = _params_dims(params)
     if dims != projection_dims(cfg) or L != cfg.num_layers:
         raise RealmError(f"fold_layout: params do not match the config: projections {dims}, {L} layers; "
                          f"config {projection_dims(cfg)}, {cfg.num_layers} layers")
-    ad_layers = adapters.get("layers") if isinstance(adapters, Mapping) else None
     check_adapter(adapters, projection_dims(cfg), cfg.num_layers, "fold_layout: adapters")
-    leaves = _leaves(ad_layers)
-    if any(_is_folded(leaf) for leaf in leaves):
+    if any(_is_folded(leaf) for leaf in _leaves(adapters["layers"])):
         raise RealmError("fold_layout: the adapters are already folded; pass the stack (as stack_adapters "
                          "returns it) and the original params")
-    per_layer = isinstance(ad_layers, (tuple, list))
-    if not per_layer and any("a_t" in leaf for leaf in leaves):
-        raise RealmError("fold_layout: the adapters are in concat_layout's form (for stacked params); pass "
-                         "them as stack_adapters / load_peft return them")
-    if per_layer and not all("a_t" in leaf for leaf in leaves):  # decode_layout(concat=False)
-        ad_layers = _concat_jit(tuple(ad_layers), 0)
-    if per_layer:
-        names = [list(layer) for layer in ad_layers]
-        bad = sorted({n for ns in names for n in ns if n not in _FOLDABLE})
-        if bad:
-            raise RealmError(f"fold_layout: adapters in the decode layout must name the fused projections "
-                             f"{_FOLDABLE}, got {bad}; pass the stack (as stack_adapters returns it)")
-    else:
-        names = [[f for f, parts in FUSED.items() if any(p in ad_layers for p in parts)]
-                 + [n for n in ("wo", "w_down") if n in ad_layers]] * L
-    for i, lp in enumerate(layers):
-        for name in names[i]:
+    ad_layers = decode_layout(adapters, cfg)["layers"]  # per layer, fused, concatenated: {a_t, b, scale}
+    bad = sorted({n for layer in ad_layers for n in layer if n not in MATMUL_WEIGHTS})
+    if bad:
+        raise RealmError(f"fold_layout: adapters in the decode layout must name the fused projections "
+                         f"{MATMUL_WEIGHTS}, got {bad}; pass the stack (as stack_adapters returns it)")
+    for i, (lp, layer) in enumerate(zip(layers, ad_layers)):
+        for name in (n for n in MATMUL_WEIGHTS if n in layer):
             w = lp[name]
             if is_quantized(w):
                 raise UnsupportedModelError(
@@ -623,31 +612,20 @@ def fold_layout(params: dict, adapters: Adapter, cfg: ModelConfig) -> tuple[dict
                 raise RealmError(f"fold_layout: params['layers'][{i}][{name!r}]: expected a transposed float weight "
                                  f"{{'t': [D_out, D_in]}} (model.decode_layout(params) with transposed=True), got "
                                  f"{_keys(w) or type(w).__name__}")
-    weights = tuple({n: lp[n]["t"] for n in ns} for lp, ns in zip(layers, names))
-    dims_key = tuple(sorted(dims.items()))
-    new_w, new_ads = _fold_layout_jit(weights, tuple(ad_layers) if per_layer else ad_layers, dims_key, L)
+    new_w = _fold_layout_jit(tuple({n: lp[n]["t"] for n in layer} for lp, layer in zip(layers, ad_layers)),
+                             tuple({n: leaf["a_t"] for n, leaf in layer.items()} for layer in ad_layers))
     out = {**params, "layers": tuple({**lp, **{n: {"t_lora": t} for n, t in nw.items()}}
                                      for lp, nw in zip(layers, new_w))}
-    if per_layer:  # already concatenated: keep the very b / scale arrays
-        new_ads = tuple({n: {"b": leaf["b"], "scale": leaf["scale"]} for n, leaf in layer.items()}
-                        for layer in ad_layers)
-    return out, {"layers": new_ads}
+    folded = tuple({n: {"b": leaf["b"], "scale": leaf["scale"]} for n, leaf in layer.items()} for layer in ad_layers)
+    return out, {"layers": folded}
 
 
-_FOLDABLE = ("wqkv", "wo", "w_gate_up", "w_down")  # model.decode_layout's projections
-
-
-@partial(jax.jit, static_argnums=(2, 3))
-def _fold_layout_jit(weights: tuple, ad_layers, dims: tuple, num_layers: int):
-    """Per layer {name: t [D_out, D_in]} and the adapters (stacked leaves, or per-layer
-    concatenated leaves) -> ({name: [D_out + A*R, D_in]}, {name: {'b', 'scale'}}) per layer."""
-    if not isinstance(ad_layers, tuple):  # stacked: fuse per layer, then concatenate
-        ad_layers = _concat_jit(_fused_layers_jit(ad_layers, dims, num_layers), 0)
-    new_w, new_ads = [], []
-    for w_l, a_l in zip(weights, ad_layers):
-        new_w.append({n: jnp.concatenate([w_l[n], a_l[n]["a_t"].astype(w_l[n].dtype)], axis=0) for n in w_l})
-        new_ads.append({n: {"b": leaf["b"], "scale": leaf["scale"]} for n, leaf in a_l.items()})
-    return tuple(new_w), tuple(new_ads)
+@jax.jit
+def _fold_layout_jit(weights: tuple, a_t: tuple) -> tuple:
+    """Per layer {name: t [D_out, D_in]} and {name: a_t [A*R, D_in]} -> {name: [D_out + A*R, D_in]}
+    (a_t cast to the weight's dtype)."""
+    return tuple({n: jnp.concatenate([w_l[n], a_l[n].astype(w_l[n].dtype)], axis=0) for n in w_l}
+                 for w_l, a_l in zip(weights, a_t))
 
 
 # ----------------------------------------------------------------------------- merge / unmerge
@@ -668,7 +646,7 @@ def unmerge(params: dict, adapter: Adapter) -> dict:
 def _fold(params, adapter, sign, fn):
     layers = params["layers"]
     unstacked = isinstance(layers, (tuple, list))
-    if unstacked and any(isinstance(w, Mapping) and "t_lora" in w for lp in layers for w in lp.values()):
+    if unstacked and any(has_lora_rows(w) for lp in layers for w in lp.values()):
         raise RealmError(f"{fn}: the params have LoRA factors folded in (lora.fold_layout); {fn} the adapter "
                          f"into the original (unfolded) params")
     if isinstance(adapter, Mapping) and isinstance(adapter.get("layers"), (tuple, list)):

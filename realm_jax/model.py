@@ -26,7 +26,7 @@ from .attention import attention_mask, fused_attention, fused_attention_impl, gq
 from .config import ModelConfig
 from .errors import RealmError
 from .kv_cache import KVCache, write_layer, write_rows
-from .layers import apply_rope, linear, rms_norm, rope_cos_sin, transpose_weight
+from .layers import apply_rope, has_lora_rows, linear, rms_norm, rope_cos_sin, transpose_weight
 
 Params = dict
 
@@ -86,7 +86,7 @@ def _proj(x, lp, name, lora_l, adapter_ids):
     folded in (``{"t_lora"}``, see ``lora.fold_layout``) gives both in one matmul
     (``lora.folded_proj``, which needs the folded adapter leaf)."""
     w = lp[name]
-    if isinstance(w, dict) and "t_lora" in w:
+    if has_lora_rows(w):
         from .lora import folded_proj
 
         return folded_proj(x, w, None if lora_l is None else lora_l.get(name), adapter_ids, name)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from .errors import RealmError
+from .layers import has_lora_rows
 
 QUANTIZABLE = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "wqkv", "w_gate_up")
 SCHEMES = ("int8",)
@@ -54,7 +55,7 @@ def quantize(params: dict, scheme: str = "int8") -> dict:
     if scheme not in SCHEMES:
         raise RealmError(f"quantize: scheme {scheme!r} is not supported; supported: {', '.join(SCHEMES)}")
     def quantize_layer(layer: dict) -> dict:
-        folded = [k for k, v in layer.items() if isinstance(v, dict) and "t_lora" in v]
+        folded = [k for k, v in layer.items() if has_lora_rows(v)]
         if folded:
             raise RealmError(f"quantize: {folded} have LoRA factors folded in (lora.fold_layout); quantize the "
                              f"original params and serve lora.decode_layout's adapters (int8 cannot hold them)")
