@@ -5,7 +5,7 @@ what only they need."""
 import os
 
 from realm_jax.bench import (copy_bandwidth, environment, environment_line, markdown_table,  # noqa: F401
-                             time_call, tree_bytes, write_json)
+                             time_call, write_json)
 
 
 def results_path(out: str | None, stem: str, env: dict, suffix: str = "") -> str:

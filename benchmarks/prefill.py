@@ -38,9 +38,10 @@ import numpy as np  # noqa: E402
 
 from realm_jax import attention, generation as gen  # noqa: E402
 from realm_jax.bench import (SHAPES, environment, environment_line, markdown_table, random_params,  # noqa: E402
-                             time_call, tree_bytes, write_json)
+                             time_call, write_json)
 from realm_jax.config import ModelConfig  # noqa: E402
 from realm_jax.model import decode_layout  # noqa: E402
+from realm_jax.params import param_bytes  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak (SXM), FLOP/s
 
@@ -59,7 +60,7 @@ def matmul_rate(n: int = 8192, repeats: int = 10) -> float:
 
 
 def flops(cfg: ModelConfig, params, batch: int, plen: int) -> float:
-    non_embed = tree_bytes(params["layers"]) // jnp.dtype(params["embed"].dtype).itemsize
+    non_embed = param_bytes(params["layers"]) // jnp.dtype(params["embed"].dtype).itemsize
     attn = 2 * cfg.num_layers * batch * plen ** 2 * cfg.num_heads * cfg.head_dim
     head = 2 * cfg.hidden_size * cfg.vocab_size * batch
     return 2 * non_embed * batch * plen + attn + head

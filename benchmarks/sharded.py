@@ -52,7 +52,8 @@ def main(argv=None) -> int:
     from realm_jax import sharding as sh
     from realm_jax.config import ModelConfig
     from realm_jax.generation import prefill as prefill_fn
-    from realm_jax.model import forward_cached, init_params, param_shapes
+    from realm_jax.model import forward_cached
+    from realm_jax.params import init_params, param_shapes
     from realm_jax.scoring import continuation_logprobs
 
     if args.tiny:

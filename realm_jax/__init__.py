@@ -14,10 +14,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     # foundation
     "ModelConfig": "config",
-    "init_params": "model",
+    "init_params": "params",
     "forward": "model",
     "forward_cached": "model",
-    "param_shapes": "model",
+    "param_shapes": "params",
     "KVCache": "kv_cache",
     "init_cache": "kv_cache",
     "Model": "loading",

@@ -7,8 +7,6 @@ One helper builds every mask: a query at absolute position p sees cache/key slot
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 
@@ -52,26 +50,7 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
 # Anything else (a multi-token append to a non-empty cache: speculative verify) and sliding-window
 # decode keep the einsum reference, which is also what every test compares the fused path with.
 
-ATTENTION_ENV = "REALM_JAX_ATTENTION"  # auto (default) | reference | cudnn | xla
-
-
-def fused_attention_impl(dtype, head_dim: int) -> str | None:
-    """The ``jax.nn.dot_product_attention`` implementation to use, or None for the einsum reference.
-
-    ``auto``: cuDNN on a GPU backend for bf16/f16 with a head dim that is a multiple of 8 and <= 128,
-    else the reference. ``xla`` forces the fused API with XLA's implementation (tests check the mask
-    mapping with it on CPU); ``reference`` turns the fused path off.
-    """
-    choice = os.environ.get(ATTENTION_ENV, "auto").strip().lower()
-    if choice not in ("auto", "reference", "cudnn", "xla"):
-        raise ValueError(f"{ATTENTION_ENV} must be auto, reference, cudnn or xla; got {choice!r}")
-    if choice == "reference":
-        return None
-    if choice in ("cudnn", "xla"):
-        return choice
-    ok = (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-          and head_dim % 8 == 0 and head_dim <= 128)
-    return "cudnn" if ok else None
+# The implementation is the runtime form's static choice (``runtime.resolve_attention``).
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_len: jax.Array, *, causal: bool,

@@ -15,6 +15,7 @@ import platform
 import statistics
 import tempfile
 import time
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import jax
@@ -23,7 +24,7 @@ import numpy as np
 
 from . import generation as gen
 from .config import ModelConfig
-from .model import param_shapes
+from .params import init_params, param_bytes
 from .sampling import SamplingParams
 
 
@@ -44,12 +45,6 @@ def time_call(fn: Callable[..., Any], make_args: Callable[[], tuple] | None = No
         if i >= warmup:
             times.append(dt)
     return {"median_s": statistics.median(times), "min_s": min(times), "all_s": times}
-
-
-def tree_bytes(tree) -> int:
-    """Total bytes of the array leaves of a pytree."""
-    return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)
-                   if hasattr(x, "shape")))
 
 
 def copy_bandwidth(nbytes: int | None = None, repeats: int = 10) -> dict:
@@ -155,28 +150,17 @@ CONFIGS = ("llama-1b", "llama-8b", "smollm2", "tiny")
 
 
 def random_params(cfg: ModelConfig, dtype, seed: int = 0) -> dict:
-    """Random weights straight on the device in ``dtype`` (std 0.02; norms 1)."""
-    shapes = param_shapes(cfg)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
-    keys = jax.random.split(jax.random.key(seed), len(flat))
-    leaves = []
-    for (path, shape), k in zip(flat, keys):
-        if "norm" in jax.tree_util.keystr(path):
-            leaves.append(jnp.ones(shape, dtype))
-        else:
-            leaves.append(_normal(k, shape, dtype))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    """``params.init_params`` drawn straight on the device, as one compiled program (large shapes
+    in seconds, no float32 copy of the weights)."""
+    return jax.jit(partial(init_params, cfg, dtype=dtype))(jax.random.key(seed))
 
 
-def _normal(key, shape, dtype):
-    return jax.jit(lambda k: (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype))(key)
-
-
-def bytes_per_step(cfg: ModelConfig, params, batch: int, cache_len: int, kv_itemsize: int) -> tuple[int, int]:
-    """(param bytes read per decode step, KV cache bytes read per step for ``cache_len`` slots)."""
-    p = tree_bytes(params)
+def bytes_per_step(cfg: ModelConfig, rt, batch: int, cache_len: int, kv_itemsize: int) -> tuple[int, int]:
+    """(param bytes read per decode step, KV cache bytes read per step for ``cache_len`` slots);
+    ``rt``: the runtime (canonical params count the same)."""
+    p = param_bytes(rt)
     if not cfg.tie_word_embeddings:
-        p -= tree_bytes(params["embed"])  # a gather of B rows, not a read of the table
+        p -= param_bytes(rt.embed if hasattr(rt, "embed") else rt["embed"])  # a gather of B rows, not a read
     kv = 2 * cfg.num_layers * batch * cache_len * cfg.num_kv_heads * cfg.head_dim * kv_itemsize
     return p, kv
 
@@ -187,8 +171,7 @@ def bench_jax(cfg, params, batch, prompt_len, new_tokens, warmup, repeats, seed=
     req = gen.validate_request(cfg, prompts, new_tokens, stop_ids=[])
     pad = gen.pad_request(req)
     bp, s = pad.tokens.shape[0], pad.cache_len
-    ctl = gen.Controls(SamplingParams(*(jnp.asarray(a) for a in pad.sampling)), jnp.asarray(pad.limits),
-                       jnp.asarray(pad.stop_ids))
+    ctl = gen.Controls.of(pad)
     tokens, lengths = jnp.asarray(pad.tokens), jnp.asarray(pad.lengths)
 
     def fresh_cache():
@@ -214,7 +197,7 @@ def bench_jax(cfg, params, batch, prompt_len, new_tokens, warmup, repeats, seed=
     assert (got == new_tokens).all(), f"rows produced {got.tolist()} tokens, expected {new_tokens}"
     steps = new_tokens - 1
     step_s = dec["median_s"] / steps
-    kv_item = jnp.dtype(params["embed"].dtype).itemsize
+    kv_item = jnp.dtype(params.dtype).itemsize
     p_bytes, kv_bytes = bytes_per_step(cfg, params, batch, s, kv_item)
     _, kv_valid = bytes_per_step(cfg, params, batch, prompt_len + new_tokens // 2, kv_item)
     del final

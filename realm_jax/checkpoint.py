@@ -2,7 +2,7 @@
 
 Reading is tensor by tensor (each stacked leaf is built from its L per-layer tensors, then the
 per-layer pieces are dropped), so the weights are never held twice. Every name and shape is
-checked against ``model.param_shapes`` and a problem is a ``CheckpointError`` naming the tensor
+checked against the leaf table ``params.LEAVES`` and a problem is a ``CheckpointError`` naming the tensor
 and file.
 """
 
@@ -20,47 +20,29 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .model import param_shapes
+from .params import LEAVES, Leaf, leaf_shape, model_leaves
 
-# our leaf -> (HF name template, transpose?)
-_LAYER_NAMES = {
-    "attn_norm": ("model.layers.{i}.input_layernorm.weight", False),
-    "wq": ("model.layers.{i}.self_attn.q_proj.weight", True),
-    "wk": ("model.layers.{i}.self_attn.k_proj.weight", True),
-    "wv": ("model.layers.{i}.self_attn.v_proj.weight", True),
-    "wo": ("model.layers.{i}.self_attn.o_proj.weight", True),
-    "bq": ("model.layers.{i}.self_attn.q_proj.bias", False),
-    "bk": ("model.layers.{i}.self_attn.k_proj.bias", False),
-    "bv": ("model.layers.{i}.self_attn.v_proj.bias", False),
-    "bo": ("model.layers.{i}.self_attn.o_proj.bias", False),
-    "q_norm": ("model.layers.{i}.self_attn.q_norm.weight", False),
-    "k_norm": ("model.layers.{i}.self_attn.k_norm.weight", False),
-    "mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", False),
-    "w_gate": ("model.layers.{i}.mlp.gate_proj.weight", True),
-    "w_up": ("model.layers.{i}.mlp.up_proj.weight", True),
-    "w_down": ("model.layers.{i}.mlp.down_proj.weight", True),
-}
-_TOP_NAMES = {
-    "embed": ("model.embed_tokens.weight", False),
-    "final_norm": ("model.norm.weight", False),
-    "lm_head": ("lm_head.weight", True),
-}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def hf_names(cfg: ModelConfig) -> dict[str, tuple]:
-    """Every HF tensor name this config needs -> (leaf path, layer index or None, transpose)."""
-    shapes = param_shapes(cfg)
-    out = {}
-    for leaf in shapes["layers"]:
-        tmpl, tr = _LAYER_NAMES[leaf]
-        for i in range(cfg.num_layers):
-            out[tmpl.format(i=i)] = (("layers", leaf), i, tr)
-    for leaf in shapes:
-        if leaf != "layers":
-            name, tr = _TOP_NAMES[leaf]
-            out[name] = ((leaf,), None, tr)
-    return out
+def tensor_names(cfg: ModelConfig, fmt: str = "hf") -> dict[str, tuple[Leaf, int | None]]:
+    """Every tensor name this config has in a file (``fmt``: ``"hf"`` or ``"gguf"``, the ``Leaf``
+    field) -> (leaf, layer index or None)."""
+    return {getattr(leaf, fmt).format(i=i): (leaf, i) for leaf in model_leaves(cfg)
+            for i in (range(cfg.num_layers) if leaf.is_layer else (None,))}
+
+
+def leaf_path(leaf: Leaf) -> tuple[str, ...]:
+    """The leaf's path in the params tree (what ``place`` receives)."""
+    return ("layers", leaf.name) if leaf.is_layer else (leaf.name,)
+
+
+def file_shape(leaf: Leaf, cfg: ModelConfig) -> tuple[int, ...]:
+    """The shape of one of the leaf's tensors in a file: one layer's slice of a layer leaf, and
+    ``[D_out, D_in]`` for a weight stored transposed (HF and GGUF matmul weights)."""
+    shape = leaf_shape(leaf, cfg)
+    shape = shape[1:] if leaf.is_layer else shape
+    return shape[::-1] if leaf.hf_transposed else shape
 
 
 class _TensorIndex:
@@ -120,40 +102,33 @@ def read_hf_params(directory: str | os.PathLike, cfg: ModelConfig, dtype=jnp.flo
     """
     directory = Path(directory)
     idx = _TensorIndex(directory)
-    needed = hf_names(cfg)
+    needed = tensor_names(cfg)
     missing = [n for n in needed if n not in idx.where]
     if missing:
         raise CheckpointError(f"{directory}: missing tensor {missing[0]!r}" +
                               (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     extra = [n for n in idx.where if n not in needed and not n.endswith(_IGNORED_SUFFIXES)
-             and not (n == "lm_head.weight" and cfg.tie_word_embeddings)]
+             and not (n == LEAVES["lm_head"].hf and cfg.tie_word_embeddings)]
     if extra:
         raise CheckpointError(f"{directory}: unexpected tensor {extra[0]!r} for a {cfg.arch} model "
                               f"(the config does not describe this checkpoint)")
-    shapes = param_shapes(cfg)
-    by_leaf: dict[tuple, list] = {}
-    for name, (leaf, i, tr) in needed.items():
-        by_leaf.setdefault(leaf, []).append((i, name, tr))
+    by_leaf: dict[Leaf, list[str]] = {}
+    for name, (leaf, _) in needed.items():
+        by_leaf.setdefault(leaf, []).append(name)
     place = place or (lambda path, a: a)
     params: dict = {"layers": {}}
-    for leaf, items in by_leaf.items():
-        full = shapes[leaf[0]] if len(leaf) == 1 else shapes["layers"][leaf[1]]
-        want = full[1:] if leaf[0] == "layers" else full
+    for leaf, names in by_leaf.items():
+        tr, expect = leaf.hf_transposed, file_shape(leaf, cfg)
         pieces = []
-        for i, name, tr in sorted(items, key=lambda x: (x[0] is not None, x[0] or 0)):
+        for name in names:
             got = idx.shape(name)
-            expect = tuple(reversed(want)) if tr else tuple(want)
             if got != expect:
                 raise CheckpointError(f"tensor {name!r} in {idx.where[name]} has shape {got}, expected {expect}")
             t = idx.get(name).astype(dtype)
             pieces.append(t.T if tr else t)
-        arr = jnp.stack(pieces) if leaf[0] == "layers" else pieces[0]
+        arr = jnp.stack(pieces) if leaf.is_layer else pieces[0]
         del pieces
-        arr = place(leaf, arr)
-        if leaf[0] == "layers":
-            params["layers"][leaf[1]] = arr
-        else:
-            params[leaf[0]] = arr
+        (params["layers"] if leaf.is_layer else params)[leaf.name] = place(leaf_path(leaf), arr)
     return params
 
 
@@ -170,12 +145,12 @@ def write_hf_checkpoint(directory: str | os.PathLike, cfg: ModelConfig, params: 
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-" + directory.name, dir=directory.parent))
     try:
         tensors = {}
-        for name, (leaf, i, tr) in hf_names(cfg).items():
-            a = params[leaf[0]] if len(leaf) == 1 else params["layers"][leaf[1]]
+        for name, (leaf, i) in tensor_names(cfg).items():
+            a = (params["layers"] if leaf.is_layer else params)[leaf.name]
             a = a[i] if i is not None else a
             a = jnp.asarray(a, dtype=dtype) if dtype is not None else a
             a = np.asarray(a)
-            tensors[name] = np.ascontiguousarray(a.T if tr else a)
+            tensors[name] = np.ascontiguousarray(a.T if leaf.hf_transposed else a)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         hf = cfg.to_hf_dict()
         if dtype is not None:

@@ -37,7 +37,8 @@ import jax.numpy as jnp
 from .config import ModelConfig
 from .errors import RealmError
 from .kv_cache import KVCache, init_cache, rollback
-from .model import forward_cached, forward_cached_hidden, is_unstacked
+from .model import forward_cached, forward_cached_hidden
+from .runtime import without_adapters
 from .sampling import SamplingParams, processed_logits
 
 DEFAULT_PAIRINGS = Path(__file__).resolve().parent.parent / "configs" / "drafts.json"
@@ -74,8 +75,8 @@ class ModelDraftSpec:
         return forward_cached(params, self.cfg, tokens, lengths, cache, num_layers=self.num_layers)
 
     def init(self, params, tokens, lengths, max_len: int) -> KVCache:
-        cache = init_cache(self.cfg, tokens.shape[0], max_len, params["embed"].dtype,
-                           per_layer=is_unstacked(params["layers"]), num_layers=self.num_layers)
+        cache = init_cache(self.cfg, tokens.shape[0], max_len, params.dtype, per_layer=not params.stacked,
+                           num_layers=self.num_layers)
         _, cache = forward_cached_hidden(params, self.cfg, tokens, lengths, cache, num_layers=self.num_layers,
                                          empty_cache=True)
         return cache
@@ -162,7 +163,7 @@ class LookupDraftSpec:
 # ----------------------------------------------------------------------------- host side
 @dataclasses.dataclass
 class Draft:
-    """A proposer ready to use with one target: static ``spec``, its ``params`` (None for
+    """A proposer ready to use with one target: static ``spec``, its ``params`` (a runtime; None for
     lookup) and the running acceptance counts (updated by every speculative call)."""
 
     spec: Any
@@ -207,13 +208,13 @@ def make_draft(target, draft, *, prior_acceptance: float | None = None) -> Draft
             if not 1 <= layers < tcfg.num_layers:
                 raise DraftError(f"draft 'self:N': expected 1 <= N < {tcfg.num_layers} (the target's "
                                  f"layers), got N={layers}")
-            d = Draft(ModelDraftSpec(tcfg, layers), target.params, draft.strip())
+            d = Draft(ModelDraftSpec(tcfg, layers), without_adapters(target.runtime), draft.strip())
         else:
             raise DraftError(f"draft: expected a loaded Model, 'self:N' (N an integer) or 'lookup', "
                              f"got {draft!r}")
     elif hasattr(draft, "config") and hasattr(draft, "params"):
         check_compatible(target, draft)
-        d = Draft(ModelDraftSpec(draft.config), draft.params, getattr(draft, "source", ""))
+        d = Draft(ModelDraftSpec(draft.config), without_adapters(draft.runtime), getattr(draft, "source", ""))
     else:
         raise DraftError(f"draft: expected a loaded Model, 'self:N' or 'lookup', got {type(draft).__name__}")
     if prior_acceptance is not None:
@@ -287,6 +288,6 @@ def resolve_draft(target, source: str, *, dtype=None, pairings: str | Path | Non
     beside = Path(str(getattr(target, "source", ""))).parent / source
     if not path.exists() and str(getattr(target, "source", "")) and beside.exists():
         path = beside
-    model = load(path if path.exists() else source, dtype=dtype or jnp.dtype(target.params["embed"].dtype).name)
+    model = load(path if path.exists() else source, dtype=dtype or jnp.dtype(target.dtype).name)
     check_compatible(target, model)
     return model, None

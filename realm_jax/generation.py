@@ -33,7 +33,7 @@ import numpy as np
 from .config import ModelConfig
 from .errors import RealmError
 from .kv_cache import KVCache, init_cache
-from .model import forward_cached, forward_cached_hidden, is_unstacked, lm_head
+from .model import forward_cached, forward_cached_hidden, lm_head
 from .sampling import SamplingParams, sample
 
 CACHE_BUCKET = 64
@@ -132,12 +132,14 @@ class Request:
 
 def validate_request(cfg: ModelConfig, prompt_ids: Sequence[Sequence[int]], max_new_tokens, *,
                      max_len: int | None = None, stop_ids=None, temperature=0.0, top_k=None, top_p=None,
-                     seed=0, adapters=None, adapter_ids=None) -> Request:
+                     seed=0, adapters=None, adapter_ids=None, num_adapters: int = 0) -> Request:
     """Check everything on the host; raise ``RealmError`` naming the argument and the values.
 
     max_new_tokens: int or one per row (>= 1). max_len: the cache length S (default: the
     prompt + max_new_tokens need, rounded up to a multiple of 64, and at most the model's
     ``max_position_embeddings``). stop_ids: ids shared by all rows, or one list per row.
+    adapters: canonical adapters for this call; else ``num_adapters``: how many the runtime
+    already serves (``adapter_ids`` index them).
     """
     b = len(prompt_ids)
     if b == 0:
@@ -183,10 +185,15 @@ def validate_request(cfg: ModelConfig, prompt_ids: Sequence[Sequence[int]], max_
     sp = SamplingParams.make_host(b, temperature, top_k, top_p, seed)
 
     ids = None
+    count = None if num_adapters <= 1 else num_adapters
     if adapters is not None:
-        from .lora import check_adapter, check_adapter_ids, projection_dims
+        from .lora import check_adapter
+        from .params import projection_dims
 
         count = check_adapter(adapters, projection_dims(cfg), cfg.num_layers, "adapters")
+    if adapters is not None or num_adapters:
+        from .lora import check_adapter_ids
+
         if adapter_ids is None and count is not None:
             raise RealmError(f"adapter_ids: required with a stack of {count} adapters (one id per prompt, -1 = base)")
         if adapter_ids is not None:
@@ -267,6 +274,12 @@ class Controls(NamedTuple):
     limits: jax.Array  # [B] int32 max new tokens
     stop_ids: jax.Array  # [B, E] int32 (-1 = none)
 
+    @classmethod
+    def of(cls, pad: "Padded") -> "Controls":
+        """The device controls of a padded request."""
+        return cls(SamplingParams(*(jnp.asarray(a) for a in pad.sampling)), jnp.asarray(pad.limits),
+                   jnp.asarray(pad.stop_ids))
+
 
 class DecodeState(NamedTuple):
     """Loop carry. M = capacity of ``out`` (the cache length S in ``generate``)."""
@@ -279,30 +292,27 @@ class DecodeState(NamedTuple):
     out: jax.Array  # [B, M] int32 emitted tokens (0 past num_new)
 
 
-def new_cache(cfg: ModelConfig, params, batch: int, max_len: int) -> KVCache:
-    """A zeroed cache [L, B, S, K, H] in the params dtype, in the layout the params need
-    (per-layer buffers for the unstacked decode layout, see ``model.decode_layout``; for params on
-    a mesh, sharded like them: B on ``data``, K on ``model``)."""
-    from .sharding import init_cache_like, mesh_of
+def new_cache(cfg: ModelConfig, rt, batch: int, max_len: int) -> KVCache:
+    """A zeroed cache for the runtime ``rt``: in its dtype, per layer or stacked as it needs, and
+    on its mesh sharded like it (B on ``data``, K on ``model``)."""
+    from .sharding import init_cache_like
 
-    if not is_unstacked(params["layers"]) and mesh_of(params) is not None:
-        return init_cache_like(params, cfg, batch, max_len)
-    return init_cache(cfg, batch, max_len, params["embed"].dtype, per_layer=is_unstacked(params["layers"]))
+    return init_cache_like(rt, cfg, batch, max_len)
 
 
-def prefill(params, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array, cache: KVCache, *,
-            adapters=None, adapter_ids=None, empty_cache: bool = False) -> tuple[jax.Array, KVCache]:
+def prefill(rt, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array, cache: KVCache, *,
+            adapter_ids=None, empty_cache: bool = False) -> tuple[jax.Array, KVCache]:
     """Run right-padded prompts through the cache.
 
     tokens [B, T] int32, lengths [B] int32 (0 = row takes no tokens) -> logits [B, V] float32 at
     each row's last prompt token (only those B positions go through the vocab projection), cache.
     ``empty_cache=True`` (every cache length is 0) lets attention take the fused prompt path.
     """
-    hidden, cache = forward_cached_hidden(params, cfg, tokens, lengths, cache, adapters=adapters,
-                                          adapter_ids=adapter_ids, empty_cache=empty_cache)
+    hidden, cache = forward_cached_hidden(rt, cfg, tokens, lengths, cache, adapter_ids=adapter_ids,
+                                          empty_cache=empty_cache)
     last = jnp.maximum(lengths.astype(jnp.int32) - 1, 0)
     h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [B, 1, D]
-    return lm_head(params, cfg, h)[:, 0], cache
+    return lm_head(rt, cfg, h)[:, 0], cache
 
 
 def init_state(cache: KVCache, limits: jax.Array, out_len: int) -> DecodeState:
@@ -327,16 +337,15 @@ def emit(state: DecodeState, logits: jax.Array, ctl: Controls) -> DecodeState:
     return DecodeState(state.cache, tok, num_new, done, state.stopped | hit, out)
 
 
-def decode_step(params, cfg: ModelConfig, state: DecodeState, ctl: Controls, *,
-                adapters=None, adapter_ids=None) -> DecodeState:
+def decode_step(rt, cfg: ModelConfig, state: DecodeState, ctl: Controls, *, adapter_ids=None) -> DecodeState:
     """Feed each row's last token [B, 1] (done rows do not advance their cache) and emit."""
-    logits, cache = forward_cached(params, cfg, state.last[:, None], (~state.done).astype(jnp.int32),
-                                   state.cache, adapters=adapters, adapter_ids=adapter_ids)
+    logits, cache = forward_cached(rt, cfg, state.last[:, None], (~state.done).astype(jnp.int32),
+                                   state.cache, adapter_ids=adapter_ids)
     return emit(state._replace(cache=cache), logits[:, 0], ctl)
 
 
-def decode_loop(params, cfg: ModelConfig, state: DecodeState, ctl: Controls, *, max_steps=None,
-                adapters=None, adapter_ids=None) -> DecodeState:
+def decode_loop(rt, cfg: ModelConfig, state: DecodeState, ctl: Controls, *, max_steps=None,
+                adapter_ids=None) -> DecodeState:
     """``decode_step`` in a ``lax.while_loop`` until every row is done or ``max_steps`` steps ran
     (``max_steps`` may be a traced int; None = no limit)."""
     limit = jnp.iinfo(jnp.int32).max if max_steps is None else max_steps
@@ -347,26 +356,24 @@ def decode_loop(params, cfg: ModelConfig, state: DecodeState, ctl: Controls, *, 
 
     def body(carry):
         s, i = carry
-        return decode_step(params, cfg, s, ctl, adapters=adapters, adapter_ids=adapter_ids), i + 1
+        return decode_step(rt, cfg, s, ctl, adapter_ids=adapter_ids), i + 1
 
     state, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
     return state
 
 
-def start(params, cfg: ModelConfig, tokens, lengths, cache: KVCache, ctl: Controls, *, out_len: int,
-          adapters=None, adapter_ids=None) -> DecodeState:
+def start(rt, cfg: ModelConfig, tokens, lengths, cache: KVCache, ctl: Controls, *, out_len: int,
+          adapter_ids=None) -> DecodeState:
     """Prefill an empty cache, then emit each row's first token."""
-    logits, cache = prefill(params, cfg, tokens, lengths, cache, adapters=adapters, adapter_ids=adapter_ids,
-                            empty_cache=True)
+    logits, cache = prefill(rt, cfg, tokens, lengths, cache, adapter_ids=adapter_ids, empty_cache=True)
     return emit(init_state(cache, ctl.limits, out_len), logits, ctl)
 
 
-def generate_on_device(params, cfg: ModelConfig, tokens, lengths, cache: KVCache, ctl: Controls, *,
-                       out_len: int, adapters=None, adapter_ids=None) -> DecodeState:
+def generate_on_device(rt, cfg: ModelConfig, tokens, lengths, cache: KVCache, ctl: Controls, *,
+                       out_len: int, adapter_ids=None) -> DecodeState:
     """Prefill + first token + the whole decode loop (one program under ``generate_jit``)."""
-    state = start(params, cfg, tokens, lengths, cache, ctl, out_len=out_len, adapters=adapters,
-                  adapter_ids=adapter_ids)
-    return decode_loop(params, cfg, state, ctl, adapters=adapters, adapter_ids=adapter_ids)
+    state = start(rt, cfg, tokens, lengths, cache, ctl, out_len=out_len, adapter_ids=adapter_ids)
+    return decode_loop(rt, cfg, state, ctl, adapter_ids=adapter_ids)
 
 
 start_jit = jax.jit(start, static_argnames=("cfg", "out_len"), donate_argnames=("cache",))
@@ -412,8 +419,19 @@ def prepare_request(model, prompts, max_new_tokens, *, temperature=0.0, top_k=No
         stop_ids = default_stop_ids(model)
     req = validate_request(model.config, ids, max_new_tokens, max_len=max_len, stop_ids=stop_ids,
                            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                           adapters=adapters, adapter_ids=adapter_ids)
+                           adapters=adapters, adapter_ids=adapter_ids,
+                           num_adapters=0 if adapters is not None else model.runtime.num_adapters)
     return req, pad_request(req)
+
+
+def runtime_for(model, adapters=None):
+    """The runtime a call runs: ``model.runtime``, serving this call's canonical ``adapters`` when
+    given (``runtime.with_adapters``: the base weights are shared, the adapters built per call)."""
+    if adapters is None:
+        return model.runtime
+    from .runtime import with_adapters
+
+    return with_adapters(model.runtime, model.config, adapters)
 
 
 def _setup(model, prompts, max_new_tokens, *, temperature, top_k, top_p, seed, stop_ids, max_len,
@@ -422,11 +440,10 @@ def _setup(model, prompts, max_new_tokens, *, temperature, top_k, top_p, seed, s
     req, pad = prepare_request(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
                                top_p=top_p, seed=seed, stop_ids=stop_ids, max_len=max_len,
                                adapters=adapters, adapter_ids=adapter_ids, chat=chat)
-    ctl = Controls(SamplingParams(*(jnp.asarray(a) for a in pad.sampling)), jnp.asarray(pad.limits),
-                   jnp.asarray(pad.stop_ids))
-    cache = new_cache(model.config, model.params, pad.tokens.shape[0], pad.cache_len)
+    rt = runtime_for(model, adapters)
+    cache = new_cache(model.config, rt, pad.tokens.shape[0], pad.cache_len)
     aid = None if pad.adapter_ids is None else jnp.asarray(pad.adapter_ids)
-    return req, pad, ctl, cache, aid
+    return req, pad, Controls.of(pad), cache, aid, rt
 
 
 def _row_text(tok, ids: list[int], stopped: bool) -> str | None:
@@ -446,12 +463,17 @@ def generate(model, prompts, max_new_tokens: int | Sequence[int], *, temperature
     a list shared by all rows or one list per row. max_len: the cache length (see
     ``validate_request``). adapters / adapter_ids [B]: per-row LoRA, passed to the model as is.
     """
-    req, pad, ctl, cache, aid = _setup(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
-                                       top_p=top_p, seed=seed, stop_ids=stop_ids, max_len=max_len,
-                                       adapters=adapters, adapter_ids=adapter_ids, chat=chat)
-    state = generate_jit(model.params, model.config, jnp.asarray(pad.tokens), jnp.asarray(pad.lengths), cache,
-                         ctl, out_len=pad.cache_len, adapters=adapters, adapter_ids=aid)
-    out, num_new, stopped = jax.device_get((state.out, state.num_new, state.stopped))
+    req, pad, ctl, cache, aid, rt = _setup(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                                           top_p=top_p, seed=seed, stop_ids=stop_ids, max_len=max_len,
+                                           adapters=adapters, adapter_ids=adapter_ids, chat=chat)
+    state = generate_jit(rt, model.config, jnp.asarray(pad.tokens), jnp.asarray(pad.lengths), cache,
+                         ctl, out_len=pad.cache_len, adapter_ids=aid)
+    return result_of(model, req, *jax.device_get((state.out, state.num_new, state.stopped)))
+
+
+def result_of(model, req: Request, out: np.ndarray, num_new: np.ndarray, stopped: np.ndarray) -> GenerationResult:
+    """A ``GenerationResult`` from a finished decode: out [B', M] ids, num_new [B'], stopped [B']
+    (B' >= B padded rows; only the request's B rows are read)."""
     tok = getattr(model, "tokenizer", None)
     tokens = [out[i, :num_new[i]].tolist() for i in range(req.batch)]
     return GenerationResult(
@@ -470,18 +492,18 @@ def generate_stream(model, prompts, max_new_tokens: int | Sequence[int], *, temp
     Bad input raises here, at the call, not at the first iteration."""
     if not _is_int(chunk) or chunk < 1:
         raise RealmError(f"chunk must be an integer >= 1, got {chunk!r}")
-    req, pad, ctl, cache, aid = _setup(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
-                                       top_p=top_p, seed=seed, stop_ids=stop_ids, max_len=max_len,
-                                       adapters=adapters, adapter_ids=adapter_ids, chat=chat)
-    return _stream(model, req, pad, ctl, cache, aid, adapters, chunk)
+    req, pad, ctl, cache, aid, rt = _setup(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                                           top_p=top_p, seed=seed, stop_ids=stop_ids, max_len=max_len,
+                                           adapters=adapters, adapter_ids=adapter_ids, chat=chat)
+    return _stream(model, rt, req, pad, ctl, cache, aid, chunk)
 
 
-def _stream(model, req: Request, pad: Padded, ctl: Controls, cache: KVCache, aid, adapters,
+def _stream(model, rt, req: Request, pad: Padded, ctl: Controls, cache: KVCache, aid,
             chunk: int) -> Iterator[StreamChunk]:
     tok = getattr(model, "tokenizer", None)
     b = req.batch
-    state = start_jit(model.params, model.config, jnp.asarray(pad.tokens), jnp.asarray(pad.lengths), cache, ctl,
-                      out_len=pad.cache_len, adapters=adapters, adapter_ids=aid)
+    state = start_jit(rt, model.config, jnp.asarray(pad.tokens), jnp.asarray(pad.lengths), cache, ctl,
+                      out_len=pad.cache_len, adapter_ids=aid)
     steps = jnp.int32(chunk)
     seen = [0] * b
     texts = [""] * b
@@ -506,5 +528,4 @@ def _stream(model, req: Request, pad: Padded, ctl: Controls, cache: KVCache, aid
         yield StreamChunk(new_tokens, deltas, list(finished))
         if all(done[:b]):
             return
-        state = decode_loop_jit(model.params, model.config, state, ctl, max_steps=steps,
-                                adapters=adapters, adapter_ids=aid)
+        state = decode_loop_jit(rt, model.config, state, ctl, max_steps=steps, adapter_ids=aid)

@@ -25,7 +25,8 @@ import numpy as np
 from .config import ModelConfig
 from .errors import CheckpointError, UnsupportedModelError
 from .gguf_file import GGUFFile, GGUFTensor, open_gguf
-from .model import param_shapes
+from .checkpoint import file_shape, leaf_path, tensor_names
+from .params import leaf_shape
 
 __all__ = ["GGUFFile", "GGUFTensor", "open_gguf", "config_from_gguf", "read_gguf_params", "load_gguf",
            "gguf_to_hf", "unpermute_rope_rows", "SUPPORTED_GGUF_ARCHITECTURES", "SUPPORTED_QUANT_TYPES"]
@@ -34,26 +35,6 @@ SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")  # Mistral files say 
 SUPPORTED_QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                          "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
-# our leaf -> GGUF tensor name (template)
-_LAYER_TENSORS = {
-    "attn_norm": "blk.{i}.attn_norm.weight",
-    "wq": "blk.{i}.attn_q.weight",
-    "wk": "blk.{i}.attn_k.weight",
-    "wv": "blk.{i}.attn_v.weight",
-    "wo": "blk.{i}.attn_output.weight",
-    "bq": "blk.{i}.attn_q.bias",
-    "bk": "blk.{i}.attn_k.bias",
-    "bv": "blk.{i}.attn_v.bias",
-    "bo": "blk.{i}.attn_output.bias",
-    "q_norm": "blk.{i}.attn_q_norm.weight",
-    "k_norm": "blk.{i}.attn_k_norm.weight",
-    "mlp_norm": "blk.{i}.ffn_norm.weight",
-    "w_gate": "blk.{i}.ffn_gate.weight",
-    "w_up": "blk.{i}.ffn_up.weight",
-    "w_down": "blk.{i}.ffn_down.weight",
-}
-_TOP_TENSORS = {"embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight"}
-_TRANSPOSED = {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head"}
 _IGNORED_TENSORS = ("rope_freqs.weight",)  # folded into the config (llama3 rope scaling)
 _LLAMA3_CANDIDATE_ORIGINAL_CONTEXTS = (8192, 4096, 2048, 16384, 32768, 65536, 131072)  # when the band is empty
 
@@ -233,21 +214,9 @@ def _llama3_rope_from_factors(t, theta: float, head_dim: int) -> dict:
 
 
 # ---------------------------------------------------------------------------- params
-def _expected_tensors(cfg: ModelConfig) -> dict[str, tuple]:
-    """GGUF tensor name -> (leaf path, layer index or None)."""
-    shapes = param_shapes(cfg)
-    out = {}
-    for leaf in shapes["layers"]:
-        for i in range(cfg.num_layers):
-            out[_LAYER_TENSORS[leaf].format(i=i)] = (("layers", leaf), i)
-    for leaf in shapes:
-        if leaf != "layers":
-            out[_TOP_TENSORS[leaf]] = ((leaf,), None)
-    return out
-
-
 def _check_tensors(path, cfg: ModelConfig, table: Mapping[str, GGUFTensor]) -> dict[str, tuple]:
-    expected = _expected_tensors(cfg)
+    """GGUF tensor name -> (leaf, layer index or None), once every name, type and shape is checked."""
+    expected = tensor_names(cfg, "gguf")
     missing = [n for n in expected if n not in table]
     if missing:
         raise CheckpointError(f"{path}: missing tensor {missing[0]!r}" +
@@ -255,19 +224,14 @@ def _check_tensors(path, cfg: ModelConfig, table: Mapping[str, GGUFTensor]) -> d
     extra = [n for n in table if n not in expected and n not in _IGNORED_TENSORS]
     if extra:
         raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r} for a {cfg.arch} model")
-    shapes = param_shapes(cfg)
-    for name, (leaf, i) in expected.items():
+    for name, (leaf, _) in expected.items():
         t = table[name]
         qname = t.qtype.name
         if qname not in SUPPORTED_QUANT_TYPES:
             raise UnsupportedModelError(
                 f"{path}: tensor {name!r} has quantization type {qname}, which is not supported; "
                 f"supported: {', '.join(SUPPORTED_QUANT_TYPES)}")
-        full = shapes[leaf[0]] if len(leaf) == 1 else shapes["layers"][leaf[1]]
-        want = tuple(full[1:] if leaf[0] == "layers" else full)
-        if leaf[-1] in _TRANSPOSED:
-            want = tuple(reversed(want))
-        got = t.shape
+        want, got = file_shape(leaf, cfg), t.shape
         if got != want:
             raise CheckpointError(f"{path}: tensor {name!r} has shape {got} (numpy order), expected {want}")
     return expected
@@ -291,37 +255,31 @@ def read_gguf_params(gf: GGUFFile, cfg: ModelConfig, dtype=np.float32,
             return jnp.asarray(a)
 
     np_dtype = np.dtype(dtype)
-    shapes = param_shapes(cfg)
-    by_leaf: dict[tuple, list] = {}
+    by_leaf: dict = {}
     for name, (leaf, i) in expected.items():
         by_leaf.setdefault(leaf, []).append((i, name))
     permuted = cfg.arch == "llama"
     heads_of = {"wq": cfg.num_heads, "bq": cfg.num_heads, "wk": cfg.num_kv_heads, "bk": cfg.num_kv_heads}
     params: dict = {"layers": {}}
     for leaf, items in by_leaf.items():
-        full = shapes[leaf[0]] if len(leaf) == 1 else shapes["layers"][leaf[1]]
-        buf = np.empty(full, np_dtype)
+        buf = np.empty(leaf_shape(leaf, cfg), np_dtype)
         for i, name in items:
             t = table[name]
             try:
                 w = dequantize(t.data, t.qtype).reshape(t.shape)
             except Exception as e:
                 raise CheckpointError(f"{path}: tensor {name!r} cannot be read ({type(e).__name__}: {e})") from None
-            if permuted and leaf[-1] in heads_of:
-                w = unpermute_rope_rows(w, heads_of[leaf[-1]])
-            if leaf[-1] in _TRANSPOSED:
+            if permuted and leaf.name in heads_of:
+                w = unpermute_rope_rows(w, heads_of[leaf.name])
+            if leaf.hf_transposed:  # GGUF stores matmul weights [D_out, D_in], as HF does
                 w = w.T
             if i is None:
                 buf[...] = w
             else:
                 buf[i] = w
             del w
-        arr = place(leaf, buf)
+        (params["layers"] if leaf.is_layer else params)[leaf.name] = place(leaf_path(leaf), buf)
         del buf
-        if leaf[0] == "layers":
-            params["layers"][leaf[1]] = arr
-        else:
-            params[leaf[0]] = arr
     return params
 
 

@@ -1,4 +1,4 @@
-"""Building blocks: RMSNorm, rotary embedding (default / linear / llama3 scaling), linear.
+"""Building blocks: RMSNorm, rotary embedding (default / linear / llama3 scaling).
 
 Numerics (documented choice, matching HF transformers):
 - RMSNorm computes in float32 and casts back to the input dtype before the weight multiply.
@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig
-from .errors import RealmError
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -25,60 +24,6 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     var = jnp.mean(xf * xf, axis=-1, keepdims=True)
     y = (xf * jax.lax.rsqrt(var + eps)).astype(x.dtype)
     return weight.astype(x.dtype) * y
-
-
-def has_lora_rows(w) -> bool:
-    """Whether ``w`` is a weight with LoRA A factors folded in (``lora.fold_layout``):
-    ``{"t_lora": [Dout + A*R, Din]}``, usable only together with its folded adapters."""
-    return isinstance(w, dict) and "t_lora" in w
-
-
-def linear(x: jax.Array, w) -> jax.Array:
-    """x [..., Din] @ w -> [..., Dout] in x.dtype, accumulated in float32.
-
-    ``w`` is one of: a plain array [Din, Dout]; a quantized weight ``{"q": int8 [Din, Dout],
-    "scale": [Dout]}`` (dequantized by scaling the output columns); or, in the decode layout
-    (``model.decode_layout``), a transposed weight ``{"t": [Dout, Din]}`` or
-    ``{"qt": int8 [Dout, Din], "scale": [Dout]}``. The transposed forms keep the contracted axis
-    contiguous in memory, which makes XLA's GPU matrix-vector kernels (batch-1 decode) read
-    at close to full bandwidth.
-    """
-    if isinstance(w, dict):
-        if has_lora_rows(w):
-            raise RealmError("linear: this weight has LoRA A factors folded in ({'t_lora'}, lora.fold_layout) and "
-                             "needs its adapters: apply it with lora.folded_proj(x, w, folded_leaf, adapter_ids) "
-                             "(forward does, given fold_layout's adapters)")
-        if "t" in w:
-            return jnp.einsum("...i,oi->...o", x, w["t"], preferred_element_type=jnp.float32).astype(x.dtype)
-        if "qt" in w:
-            y = jnp.einsum("...i,oi->...o", x, w["qt"].astype(x.dtype), preferred_element_type=jnp.float32)
-        else:
-            y = jnp.matmul(x, w["q"].astype(x.dtype), preferred_element_type=jnp.float32)
-        return (y * w["scale"].astype(jnp.float32)).astype(x.dtype)
-    return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
-
-
-def weight_shape(w) -> tuple[int, ...]:
-    """The logical shape [.., Din, Dout] of any weight form ``linear`` takes."""
-    if isinstance(w, dict):
-        if has_lora_rows(w):  # [Dout + A*R, Din]: Dout depends on the adapters, not known here
-            raise RealmError("weight_shape: this weight has LoRA A factors folded in ({'t_lora'}, "
-                             "lora.fold_layout); its base shape depends on the adapters. Use the original "
-                             "(unfolded) params")
-        if "t" in w or "qt" in w:
-            s = tuple(w["t" if "t" in w else "qt"].shape)
-            return s[:-2] + (s[-1], s[-2])
-        return tuple(w["q"].shape)
-    return tuple(w.shape)
-
-
-def transpose_weight(w):
-    """A weight [.., Din, Dout] (plain or ``{"q", "scale"}``) -> its transposed form for ``linear``."""
-    if isinstance(w, dict):
-        if "t" in w or "qt" in w:
-            return w
-        return {"qt": jnp.swapaxes(w["q"], -1, -2), "scale": w["scale"]}
-    return {"t": jnp.swapaxes(w, -1, -2)}
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:

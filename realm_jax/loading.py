@@ -18,16 +18,33 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 @dataclasses.dataclass
 class Model:
-    """A loaded model: static ``config``, ``params`` pytree, and its ``tokenizer`` (may be None)."""
+    """A loaded model: static ``config``, canonical ``params``, its ``tokenizer`` (may be None),
+    and ``runtime``: the prepared form every generation / scoring call runs (``runtime.prepare``
+    with the default choices on first use, or the choices given to ``prepare`` / ``load``)."""
 
     config: ModelConfig
     params: dict
     tokenizer: Any = None
     source: str = ""
+    _runtime: Any = dataclasses.field(default=None, repr=False)
 
     @property
     def dtype(self):
         return self.params["embed"].dtype
+
+    @property
+    def runtime(self):
+        if self._runtime is None:
+            self.prepare()
+        return self._runtime
+
+    def prepare(self, **choices):
+        """(Re)build ``runtime`` with ``runtime.prepare``'s choices (mesh, quantize, adapters, fold,
+        layout, transposed, attention); returns it."""
+        from .runtime import prepare
+
+        self._runtime = prepare(self.params, self.config, **choices)
+        return self._runtime
 
 
 def resolve_dtype(dtype) -> jnp.dtype:
@@ -37,14 +54,24 @@ def resolve_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(dtype)
 
 
-def load(source: str | os.PathLike = DEFAULT_MODEL, dtype="auto", *, mesh=None) -> Model:
+def load(source: str | os.PathLike = DEFAULT_MODEL, dtype="auto", *, mesh=None, **choices) -> Model:
     """Load a model.
 
     source: an HF checkpoint directory (config.json + *.safetensors [+ index] + tokenizer.json),
     a ``.gguf`` file, or a built-in name (``smollm2-135m-instruct``).
     dtype: params dtype ('auto': float32 on CPU, bfloat16 on GPU/TPU).
-    mesh: a ``jax.sharding.Mesh``; each tensor is placed in its sharded layout as it is read.
+    mesh: a ``jax.sharding.Mesh``; each tensor is placed in its sharded layout as it is read,
+    and the runtime is prepared on it.
+    choices: ``runtime.prepare``'s (quantize, adapters, fold, layout, transposed, attention);
+    with a mesh or any choice the runtime is prepared here, else on first use.
     """
+    model = _load(source, dtype, mesh)
+    if mesh is not None or choices:
+        model.prepare(mesh=mesh, **choices)
+    return model
+
+
+def _load(source, dtype, mesh) -> Model:
     from .compilation_cache import enable_compilation_cache
 
     enable_compilation_cache()  # on by default; REALM_JAX_COMPILATION_CACHE=0 opts out

@@ -18,8 +18,8 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import CheckpointError, UnsupportedModelError
-from .model import PROJECTIONS
-from .lora import Adapter, PEFT_MODULES, _MODULE_PATH, _PEFT_NAME, check_adapter, lora_scale, projection_dims
+from .lora import Adapter, check_adapter, lora_scale
+from .params import LEAVES, PEFT_MODULES, PROJECTIONS, projection_dims
 
 # adapter_config.json fields with no effect on inference.
 _PEFT_HARMLESS = {
@@ -44,17 +44,22 @@ _BASE_MODIFYING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga", "mica")
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
 
+def _module_path(proj: str, layer: int) -> str:
+    """The HF module of a projection in one layer: its weight's name without ``.weight``."""
+    return LEAVES[proj].hf.format(i=layer).removesuffix(".weight")
+
+
 def _hf_modules(cfg: ModelConfig) -> list[tuple[str, str | None, int | None]]:
     """The HF module names of this model (as ``named_modules`` lists them) -> (key, projection, layer)."""
     out = [("model", None, None), ("model.embed_tokens", None, None), ("model.layers", None, None)]
     for i in range(cfg.num_layers):
         pre = f"model.layers.{i}"
         out += [(pre, None, None), (f"{pre}.self_attn", None, None)]
-        out += [(_MODULE_PATH[p].format(i=i), p, i) for p in ("wq", "wk", "wv", "wo")]
+        out += [(_module_path(p, i), p, i) for p in ("wq", "wk", "wv", "wo")]
         if cfg.qk_norm:
             out += [(f"{pre}.self_attn.q_norm", None, None), (f"{pre}.self_attn.k_norm", None, None)]
         out += [(f"{pre}.mlp", None, None)]
-        out += [(_MODULE_PATH[p].format(i=i), p, i) for p in ("w_gate", "w_up", "w_down")]
+        out += [(_module_path(p, i), p, i) for p in ("w_gate", "w_up", "w_down")]
         out += [(f"{pre}.mlp.act_fn", None, None), (f"{pre}.input_layernorm", None, None),
                 (f"{pre}.post_attention_layernorm", None, None)]
     out += [("model.norm", None, None), ("model.rotary_emb", None, None), ("lm_head", None, None)]
@@ -272,16 +277,16 @@ def save_peft(path: str | os.PathLike, adapter: Adapter, config: ModelConfig,
         scale = np.asarray(leaf["scale"], np.float64)
         R = a.shape[-1]
         if R != R0:
-            rank_pattern[_PEFT_NAME[proj]] = R
+            rank_pattern[LEAVES[proj].peft] = R
         for i in range(config.num_layers):
-            key = _MODULE_PATH[proj].format(i=i)
+            key = _module_path(proj, i)
             tensors[f"base_model.model.{key}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
             tensors[f"base_model.model.{key}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
             alpha_pattern["^" + re.escape(key)] = float(scale[i]) * R
     cfg = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "r": R0, "lora_alpha": R0, "use_rslora": False, "bias": "none", "lora_dropout": 0.0,
-        "target_modules": sorted(_PEFT_NAME[p] for p in adapter["layers"]), "init_lora_weights": True,
+        "target_modules": sorted(LEAVES[p].peft for p in adapter["layers"]), "init_lora_weights": True,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "inference_mode": True,
     }
     path.parent.mkdir(parents=True, exist_ok=True)

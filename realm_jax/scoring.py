@@ -182,8 +182,7 @@ def _logits_chunk(b: int, c: int, v: int) -> int:
 
 # ----------------------------------------------------------------------------- device part
 @partial(jax.jit, static_argnames=("cfg", "chunk"))
-def continuation_logprobs(params, cfg, tokens, lengths, starts, targets, adapters=None, adapter_ids=None,
-                          *, chunk: int):
+def continuation_logprobs(rt, cfg, tokens, lengths, starts, targets, adapter_ids=None, *, chunk: int):
     """Log-probs of target tokens over a span of each row.
 
     tokens [B, T] int32 right-padded, lengths [B] int32; starts [B] int32: the position whose
@@ -192,7 +191,7 @@ def continuation_logprobs(params, cfg, tokens, lengths, starts, targets, adapter
     and greedy [B, C] bool (that target is the argmax). Positions past T - 1 are clamped
     (the caller ignores them). The LM head runs on C positions only, ``chunk`` at a time.
     """
-    hidden = forward_hidden(params, cfg, tokens, lengths, adapters=adapters, adapter_ids=adapter_ids)
+    hidden = forward_hidden(rt, cfg, tokens, lengths, adapter_ids=adapter_ids)
     b, t, d = hidden.shape
     c = targets.shape[1]
     pos = jnp.minimum(starts[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :], t - 1)
@@ -200,7 +199,7 @@ def continuation_logprobs(params, cfg, tokens, lengths, starts, targets, adapter
 
     def head(xs):
         hc, tc = xs  # [B, c, D], [B, c]
-        logits = lm_head(params, cfg, hc)  # [B, c, V] float32
+        logits = lm_head(rt, cfg, hc)  # [B, c, V] float32
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, tc[:, :, None], axis=-1)[:, :, 0]
         return picked - lse, jnp.argmax(logits, axis=-1).astype(jnp.int32) == tc
@@ -213,15 +212,18 @@ def continuation_logprobs(params, cfg, tokens, lengths, starts, targets, adapter
 
 
 # ----------------------------------------------------------------------------- host part
-def _adapter_ids_per_request(cfg, adapters, adapter_ids, n: int) -> np.ndarray | None:
-    """Validate adapters (as ``generate`` does) and give one adapter id per request (or None)."""
-    if adapters is None:
+def _adapter_ids_per_request(cfg, adapters, adapter_ids, n: int, num_adapters: int = 0) -> np.ndarray | None:
+    """Validate adapters (as ``generate`` does) and give one adapter id per request (or None).
+    ``num_adapters``: how many the model's runtime serves when no ``adapters`` are passed."""
+    if adapters is None and not num_adapters:
         if adapter_ids is not None:
             raise RealmError("adapter_ids: given without adapters (pass adapters=..., or drop adapter_ids)")
         return None
-    from .lora import check_adapter, check_adapter_ids, projection_dims
+    from .lora import check_adapter, check_adapter_ids
+    from .params import projection_dims
 
-    count = check_adapter(adapters, projection_dims(cfg), cfg.num_layers, "adapters")
+    count = check_adapter(adapters, projection_dims(cfg), cfg.num_layers, "adapters") if adapters is not None \
+        else (None if num_adapters == 1 else num_adapters)
     if adapter_ids is None:
         if count is not None:
             raise RealmError(f"adapter_ids: required with a stack of {count} adapters "
@@ -256,14 +258,18 @@ def iter_scores(model, requests: Sequence, *, batch_size: int = 8, max_length: i
     if max_length is not None and (not isinstance(max_length, (int, np.integer)) or max_length < 1):
         raise RealmError(f"max_length: expected a positive int or None, got {max_length!r}")
     pairs = tokenize_requests(model, requests)
-    ids_per_req = _adapter_ids_per_request(model.config, adapters, adapter_ids, len(pairs))
+    from .generation import runtime_for
+
+    rt = runtime_for(model, adapters)
+    ids_per_req = _adapter_ids_per_request(model.config, adapters, adapter_ids, len(pairs),
+                                           0 if adapters is not None else rt.num_adapters)
     fulls = [_truncate(ctx, cont, max_length, i) for i, (ctx, cont) in enumerate(pairs)]
     conts = [cont for _, cont in pairs]
     order = sorted(range(len(pairs)), key=lambda i: (-len(fulls[i]), -len(conts[i]), i))
     cfg = model.config
-    from .sharding import mesh_of, place_batch
+    from .sharding import place_batch
 
-    on_mesh = mesh_of(model.params) is not None
+    on_mesh = rt.mesh is not None
 
     def dispatch(idx):
         t = bucket_length(max(len(fulls[i]) - 1 for i in idx))
@@ -282,14 +288,13 @@ def iter_scores(model, requests: Sequence, *, batch_size: int = 8, max_length: i
         if ids_per_req is not None:
             aids = np.full(batch_size, -1, np.int32)
             aids[:len(idx)] = ids_per_req[idx]
-        elif adapters is not None:  # a single adapter applies to every row, as in forward
+        elif rt.num_adapters:  # a single adapter applies to every row, as in forward
             aids = np.zeros(batch_size, np.int32)
         chunk = _logits_chunk(batch_size, c, cfg.vocab_size)
         if on_mesh:  # B on the mesh's data axis: each data replica scores its own rows
             tokens, lengths, starts, targets, aids = place_batch((tokens, lengths, starts, targets, aids),
-                                                                 model.params, strict=False)
-        return idx, continuation_logprobs(model.params, cfg, tokens, lengths, starts, targets,
-                                          adapters, aids, chunk=chunk)
+                                                                 rt, strict=False)
+        return idx, continuation_logprobs(rt, cfg, tokens, lengths, starts, targets, aids, chunk=chunk)
 
     def collect(idx, out):
         lp, greedy = (np.asarray(a) for a in out)
@@ -404,7 +409,8 @@ def perplexity(model, texts_or_ids, *, max_length: int | None = None, stride: in
         raise RealmError(f"stride: expected an int with 1 <= stride < max_length={max_length} "
                          f"(so every token is scored), got {stride!r}")
     docs = _documents(model, texts_or_ids)
-    doc_adapters = _adapter_ids_per_request(model.config, adapters, adapter_ids, len(docs))
+    doc_adapters = _adapter_ids_per_request(model.config, adapters, adapter_ids, len(docs),
+                                            0 if adapters is not None else model.runtime.num_adapters)
     requests, owner = [], []
     for d, ids in enumerate(docs):
         for begin, start, end in rolling_windows(len(ids), max_length, stride):

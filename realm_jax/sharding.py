@@ -48,6 +48,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from .config import ModelConfig
 from .errors import RealmError
 from .kv_cache import KVCache
+from .params import LEAVES, param_shapes
 
 DATA = "data"
 MODEL = "model"
@@ -59,27 +60,8 @@ class ShardingError(RealmError):
 
 
 # ---------------------------------------------------------------------------------- rule tables
-# Logical axes of every params leaf (see model.py for the layout; layer leaves carry L first).
-PARAM_AXES: dict[str, tuple[str, ...]] = {
-    "embed": ("vocab", "embed"),
-    "lm_head": ("embed", "vocab"),
-    "final_norm": ("embed",),
-    "attn_norm": ("layers", "embed"),
-    "mlp_norm": ("layers", "embed"),
-    "wq": ("layers", "embed", "q_heads"),
-    "wk": ("layers", "embed", "kv_heads"),
-    "wv": ("layers", "embed", "kv_heads"),
-    "wo": ("layers", "q_heads", "embed"),
-    "bq": ("layers", "q_heads"),
-    "bk": ("layers", "kv_heads"),
-    "bv": ("layers", "kv_heads"),
-    "bo": ("layers", "embed"),
-    "q_norm": ("layers", "head_dim"),
-    "k_norm": ("layers", "head_dim"),
-    "w_gate": ("layers", "embed", "mlp"),
-    "w_up": ("layers", "embed", "mlp"),
-    "w_down": ("layers", "mlp", "embed"),
-}
+# Logical axes of every params leaf (from the leaf table, params.LEAVES; layer leaves carry L first).
+PARAM_AXES: dict[str, tuple[str, ...]] = {name: leaf.axes for name, leaf in LEAVES.items()}
 
 # Logical axes of the KV cache leaves.
 CACHE_AXES: dict[str, tuple[str, ...]] = {
@@ -210,8 +192,6 @@ def _tree_specs(tree, rules, what: str):
 def param_specs(cfg: ModelConfig, mesh: Mesh, params=None):
     """PartitionSpecs for every params leaf (the tree of ``param_shapes(cfg)``, or of ``params``
     when given, e.g. with quantized weights)."""
-    from .model import param_shapes
-
     rules = resolve_axes(cfg, mesh)
     if params is None:
         shapes = param_shapes(cfg)
@@ -318,24 +298,29 @@ def _check_batch(batch: int, mesh: Mesh, what: str) -> None:
 
 
 def cache_specs(cache: KVCache, mesh: Mesh, strict: bool = True) -> KVCache:
-    """PartitionSpecs for a ``KVCache`` (arrays or ``jax.ShapeDtypeStruct``s): B on ``data``,
-    K on ``model`` when the model axis divides K, else replicated.
+    """PartitionSpecs for a ``KVCache`` (arrays or ``jax.ShapeDtypeStruct``s; stacked, or per
+    layer): B on ``data``, K on ``model`` when the model axis divides K, else replicated.
 
     ``strict``: a B not divisible by the data axis is a ``ShardingError``; else B is replicated.
     """
     _check_mesh(mesh)
-    b, kv, data = cache.k.shape[1], cache.k.shape[3], _axis_size(mesh, DATA)
+    per_layer = isinstance(cache.k, (tuple, list))
+    k0 = cache.k[0] if per_layer else cache.k
+    b, kv, data = cache.lengths.shape[0], k0.shape[-2], _axis_size(mesh, DATA)
     if strict:
         _check_batch(b, mesh, "cache")
     rules = {"batch": DATA if data > 1 and b % data == 0 else None,
              "kv_heads": MODEL if _axis_size(mesh, MODEL) > 1 and kv % _axis_size(mesh, MODEL) == 0 else None}
-    return KVCache(*(_spec(CACHE_AXES[f], rules) for f in KVCache._fields))
+    k = _spec(CACHE_AXES["k"][1:] if per_layer else CACHE_AXES["k"], rules)
+    n = len(cache.k) if per_layer else None
+    return KVCache(k if n is None else (k,) * n, k if n is None else (k,) * n, _spec(CACHE_AXES["lengths"], rules))
 
 
 def shard_cache(cache: KVCache, mesh: Mesh) -> KVCache:
     """The cache placed per ``cache_specs``."""
     specs = cache_specs(cache, mesh)
-    return KVCache(*(_put(a, NamedSharding(mesh, s)) for a, s in zip(cache, specs)))
+    return jax.tree_util.tree_map(lambda a, s: _put(a, NamedSharding(mesh, s)), cache, specs,
+                                  is_leaf=lambda x: isinstance(x, P))
 
 
 def batch_spec(ndim: int, mesh: Mesh) -> P:
@@ -377,24 +362,23 @@ def mesh_of(tree) -> Mesh | None:
     return None
 
 
-def init_cache_like(params, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-    """``init_cache`` laid out for ``params``: on their mesh, B on ``data`` (when the data axis
-    divides B, else replicated) and K on ``model`` per ``cache_specs``; each device allocates only
-    its shard. Params not on a mesh: the plain ``init_cache``.
+def init_cache_like(rt, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    """A zeroed cache laid out for the runtime ``rt``: per layer or stacked as it needs, in its
+    dtype, and on its mesh B on ``data`` (when the data axis divides B, else replicated) and K on
+    ``model`` per ``cache_specs``, each device allocating only its shard.
 
-    Code that makes a cache outside ``jit`` for sharded params should use this: a cache made on
-    one device is replicated onto every device of the mesh, and so is all attention work.
+    A cache made on one device for a sharded runtime would be replicated onto every device of
+    the mesh, and so would all attention work.
     """
     from .kv_cache import init_cache
 
-    dtype = dtype if dtype is not None else params["embed"].dtype
-    mesh = mesh_of(params)
-    if mesh is None:
-        return init_cache(cfg, batch, max_len, dtype)
-    make = partial(init_cache, cfg, batch, max_len, dtype)
-    shapes = jax.eval_shape(make)
-    specs = cache_specs(shapes, mesh, strict=False)
-    return jax.jit(make, out_shardings=KVCache(*(NamedSharding(mesh, s) for s in specs)))()
+    dtype = dtype if dtype is not None else rt.dtype
+    make = partial(init_cache, cfg, batch, max_len, dtype, per_layer=not rt.stacked)
+    if rt.mesh is None:
+        return make()
+    specs = cache_specs(jax.eval_shape(make), rt.mesh, strict=False)
+    out = jax.tree_util.tree_map(lambda s: NamedSharding(rt.mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+    return jax.jit(make, out_shardings=out)()
 
 
 def place_batch(x, params, strict: bool = True):

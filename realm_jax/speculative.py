@@ -37,7 +37,7 @@ import numpy as np
 
 from .drafts import Draft, make_draft
 from .errors import RealmError
-from .generation import (Controls, DecodeState, GenerationResult, _row_text, bucket_cache, generate, new_cache,
+from .generation import (Controls, DecodeState, GenerationResult, bucket_cache, generate, new_cache, result_of, runtime_for,
                          prepare_request, start)
 from .kv_cache import KVCache, rollback
 from .model import forward_cached
@@ -109,11 +109,12 @@ class SpecState(NamedTuple):
 
 
 def speculative_round(tparams, dparams, tcfg, spec, k: int, lengths, ctl: Controls, s: SpecState, *,
-                      adapters=None, adapter_ids=None) -> SpecState:
+                      adapter_ids=None) -> SpecState:
     """One draft -> verify -> accept round for every live row (k >= 1).
 
-    adapters / adapter_ids [B]: per-row LoRA of the target (the verify pass). The draft proposes
-    from its own params; the rejection rule keeps the output exact whatever the draft proposes."""
+    tparams / dparams: the target's and the draft's runtimes; adapter_ids [B]: per-row LoRA of
+    the target's runtime (the verify pass). The draft proposes from its own runtime; the
+    rejection rule keeps the output exact whatever the draft proposes."""
     dec, seq = s.dec, s.seq
     b = seq.shape[0]
     v = tcfg.vocab_size
@@ -125,7 +126,7 @@ def speculative_round(tparams, dparams, tcfg, spec, k: int, lengths, ctl: Contro
     drafts, q_logits, dstate = spec.propose(dparams, s.draft, seq, n, active, dkeys, ctl.sampling, k)
     verify = jnp.concatenate([dec.last[:, None], drafts], axis=1)
     t_logits, cache = forward_cached(tparams, tcfg, verify, jnp.where(active, k + 1, 0), dec.cache,
-                                     adapters=adapters, adapter_ids=adapter_ids)
+                                     adapter_ids=adapter_ids)
 
     def sampled(_):
         sp_rows = jax.tree_util.tree_map(lambda a: jnp.repeat(a, k + 1), ctl.sampling)
@@ -159,7 +160,7 @@ def speculative_round(tparams, dparams, tcfg, spec, k: int, lengths, ctl: Contro
 
 
 def speculative_on_device(tparams, dparams, tokens, lengths, cache: KVCache, ctl: Controls, *,
-                          tcfg, spec, k: int, out_len: int, adapters=None, adapter_ids=None) -> SpecState:
+                          tcfg, spec, k: int, out_len: int, adapter_ids=None) -> SpecState:
     """Prompt pass + first token (generation's ``start``), the draft's prompt pass, then
     ``speculative_round`` in a ``lax.while_loop`` until every row is done.
 
@@ -168,8 +169,7 @@ def speculative_on_device(tparams, dparams, tokens, lengths, cache: KVCache, ctl
     """
     b, plen = tokens.shape
     lengths = lengths.astype(jnp.int32)
-    dec = start(tparams, tcfg, tokens, lengths, cache, ctl, out_len=out_len, adapters=adapters,
-                adapter_ids=adapter_ids)
+    dec = start(tparams, tcfg, tokens, lengths, cache, ctl, out_len=out_len, adapter_ids=adapter_ids)
     seq = jnp.zeros((b, cache.max_len + 1), jnp.int32).at[:, :plen].set(tokens)
     seq = seq.at[jnp.arange(b), lengths].set(dec.last)
     dstate = spec.init(dparams, tokens, lengths, cache.max_len)
@@ -177,7 +177,7 @@ def speculative_on_device(tparams, dparams, tokens, lengths, cache: KVCache, ctl
     state = SpecState(dec, seq, dstate, zeros, zeros, zeros)
     return jax.lax.while_loop(lambda s: jnp.any(~s.dec.done),
                               partial(speculative_round, tparams, dparams, tcfg, spec, k, lengths, ctl,
-                                      adapters=adapters, adapter_ids=adapter_ids),
+                                      adapter_ids=adapter_ids),
                               state)
 
 
@@ -238,11 +238,11 @@ def measure_costs(target, draft: Draft, batch: int, cache_len: int, k_max: int, 
     interpolate the others linearly; None = all.
     """
     ks = sorted(set(range(k_max + 1) if ks is None else [0, k_max] + [int(x) for x in ks if 0 <= x <= k_max]))
-    key = (target.config, str(target.params["embed"].dtype), draft.spec, batch, cache_len, k_max, tuple(ks),
+    tcfg, tparams = target.config, target.runtime
+    key = (tcfg, tparams.options, str(tparams.dtype), draft.spec, batch, cache_len, k_max, tuple(ks),
            jax.default_backend())
     if key in _MEASURED:
         return _MEASURED[key]
-    tcfg, tparams = target.config, target.params
     ctx = max(1, min(context, cache_len - k_max - 2))
     tokens = jnp.ones((batch, ctx), jnp.int32)
     lengths = jnp.full((batch,), ctx, jnp.int32)
@@ -413,24 +413,19 @@ def speculative_generate(target, draft, prompts, max_new_tokens, *, k: int | str
                        alpha, speedup, costs)
         return SpeculativeResult(res.tokens, res.texts, res.finish_reasons, res.prompt_lengths, stats)
 
-    ctl = Controls(SamplingParams(*(jnp.asarray(a) for a in pad.sampling)), jnp.asarray(pad.limits),
-                   jnp.asarray(pad.stop_ids))
-    cache = new_cache(target.config, target.params, b, cache_len)
-    final = speculative_jit(target.params, dr.params, jnp.asarray(pad.tokens), jnp.asarray(pad.lengths), cache,
-                            ctl, tcfg=target.config, spec=dr.spec, k=int(chosen), out_len=cache_len,
-                            adapters=adapters, adapter_ids=aid)
+    rt = runtime_for(target, adapters)
+    cache = new_cache(target.config, rt, b, cache_len)
+    final = speculative_jit(rt, dr.params, jnp.asarray(pad.tokens), jnp.asarray(pad.lengths), cache,
+                            Controls.of(pad), tcfg=target.config, spec=dr.spec, k=int(chosen), out_len=cache_len,
+                            adapter_ids=aid)
     out, num_new, stopped, passes, drafted, accepted = jax.device_get(
         (final.dec.out, final.dec.num_new, final.dec.stopped, final.passes, final.drafted, final.accepted))
     rb = req.batch
     stats = _stats(int(chosen), dr.name, dict(passes=passes[:rb], drafted=drafted[:rb], accepted=accepted[:rb],
                                               gen=num_new[:rb]), alpha, speedup, costs)
     dr.record(stats.drafted, stats.accepted)
-    tok = getattr(target, "tokenizer", None)
-    tokens = [out[i, :num_new[i]].tolist() for i in range(rb)]
-    return SpeculativeResult(
-        tokens=tokens, texts=[_row_text(tok, tokens[i], bool(stopped[i])) for i in range(rb)],
-        finish_reasons=["stop" if stopped[i] else "length" for i in range(rb)],
-        prompt_lengths=req.prompt_lengths.tolist(), stats=stats)
+    res = result_of(target, req, out, num_new, stopped)
+    return SpeculativeResult(res.tokens, res.texts, res.finish_reasons, res.prompt_lengths, stats)
 
 
 def speculative_from_cli(target, prompts, max_new_tokens, *, draft: str, k: str | None = None,

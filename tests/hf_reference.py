@@ -93,3 +93,39 @@ def random_batch(rng: np.random.Generator, vocab: int, lengths, pad_id: int = 0)
     for b, n in enumerate(lengths):
         tokens[b, :n] = rng.integers(3, vocab, n)
     return tokens, lengths
+
+
+# ------------------------------------------------------------------ our forms of a model, for parity tests
+# The fast runtime in both layouts, and the plain reference twin on the canonical params.
+FORMS = ("per_layer", "stacked", "reference")
+
+
+def realm_logits(params, cfg, tokens, lengths, forms=FORMS) -> dict:
+    """{form: float32 numpy logits [B, T, V]} of realm_jax on canonical ``params``: ``forward`` on
+    ``runtime.prepare(params, cfg, layout=form)`` for "per_layer" / "stacked", and
+    ``reference.forward_reference`` for "reference"."""
+    from realm_jax.model import forward_jit
+    from realm_jax.reference import forward_reference_jit
+    from realm_jax.runtime import prepare
+
+    out = {}
+    for form in forms:
+        if form == "reference":
+            out[form] = np.asarray(forward_reference_jit(params, cfg, tokens, lengths))
+        else:
+            out[form] = np.asarray(forward_jit(prepare(params, cfg, layout=form), cfg, tokens, lengths))
+    return out
+
+
+def dequantized(params):
+    """Canonical params with every int8-quantizable matmul weight replaced by its int8 round trip
+    (``dequantize_columns(*quantize_columns(w))``): the reference twin of ``prepare(quantize="int8")``."""
+    from realm_jax.params import LEAVES
+    from realm_jax.quantization import dequantize_columns, quantize_columns
+
+    def rt(w):
+        return dequantize_columns(*quantize_columns(w), dtype=w.dtype)
+
+    out = {k: (rt(v) if k in LEAVES and LEAVES[k].quantizable else v) for k, v in params.items() if k != "layers"}
+    out["layers"] = {k: (rt(v) if LEAVES[k].quantizable else v) for k, v in params["layers"].items()}
+    return out

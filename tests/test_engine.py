@@ -1,7 +1,7 @@
 """The continuous-batching engine against ``generate`` on each request alone: a workload arriving
 over time with more requests than slots, varied lengths, mixed adapters, stop ids and seeded
-sampling; cancellation; bad input; threads; speculative decoding; the decode layout; and no
-recompilation after warm-up."""
+sampling; cancellation; bad input; threads; speculative decoding; both runtime layouts (stacked
+and per-layer), adapters folded or not; and no recompilation after warm-up."""
 
 import threading
 
@@ -18,7 +18,8 @@ from realm_jax.errors import RealmError
 from realm_jax.generation import generate
 from realm_jax.kv_cache import init_cache, insert_rows
 from realm_jax.loading import Model
-from realm_jax.model import decode_layout, param_shapes
+from realm_jax.params import param_shapes
+from realm_jax.runtime import Weight
 from realm_jax.speculative import speculative_generate
 from compile_counter import CompileCounter
 
@@ -27,6 +28,7 @@ CFG = realm_jax.ModelConfig(arch="llama", vocab_size=61, hidden_size=24, interme
                             max_position_embeddings=512)
 SEQ = 64  # the engine's max_seq_len; every prompt <= 16 tokens, so generate's references share one bucket
 SAMPLED = dict(temperature=0.9, top_k=20, top_p=0.9)
+LAYOUTS = ("stacked", "per_layer")
 
 
 def host_params(cfg, seed=0, head_scale=4.0):
@@ -45,7 +47,24 @@ def host_params(cfg, seed=0, head_scale=4.0):
 
 @pytest.fixture(scope="module")
 def model():
-    return Model(CFG, host_params(CFG), None)
+    """The reference model: a stacked runtime (``generate`` on it gives every reference)."""
+    m = Model(CFG, host_params(CFG), None)
+    m.prepare(layout="stacked")
+    return m
+
+
+@pytest.fixture(scope="module")
+def models(model):
+    """The same params served in each runtime layout."""
+    per_layer = Model(CFG, model.params, None)
+    per_layer.prepare(layout="per_layer")
+    return {"stacked": model, "per_layer": per_layer}
+
+
+def weights_of(rt):
+    """The runtime's ``Weight`` leaves of its first layer (stacked: of every layer at once)."""
+    layer = rt.layers if rt.stacked else rt.layers[0]
+    return [w for w in layer.values() if isinstance(w, Weight)]
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +73,24 @@ def adapters():
 
 
 @pytest.fixture(scope="module")
-def engine(model, adapters):
-    eng = Engine(model, max_slots=4, max_seq_len=SEQ, prefill_buckets=(8, 16), prefill_batch=(1, 3),
-                 decode_steps_per_call=3, max_stop_ids=4, adapters=adapters)
-    eng.warmup()
-    return eng
+def engines(models, adapters):
+    """{layout: a warm engine serving that layout's model}, built on first use."""
+    built = {}
+
+    def get(layout):
+        if layout not in built:
+            eng = Engine(models[layout], max_slots=4, max_seq_len=SEQ, prefill_buckets=(8, 16), prefill_batch=(1, 3),
+                         decode_steps_per_call=3, max_stop_ids=4, adapters=adapters)
+            eng.warmup()
+            built[layout] = eng
+        return built[layout]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def engine(engines):
+    return engines("stacked")
 
 
 def reference(model, adapters, prompt, n, adapter=None, stop_ids=(), **sampling):
@@ -99,7 +131,10 @@ def submit(engine, req):
 # ------------------------------------------------------------------------------ equivalence
 
 
-def test_workload_over_time_equals_generate_alone_without_recompiling(model, adapters, engine):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_workload_over_time_equals_generate_alone_without_recompiling(model, adapters, engines, layout):
+    engine = engines(layout)
+    assert engine._params.stacked == (layout == "stacked")
     work = make_workload(model, adapters, 12, seed=0)
     assert {r[1][1] for r in work} == {"stop", "length"}
     assert any(r[0].get("temperature") for r in work)
@@ -353,11 +388,13 @@ def test_background_loop_serves_submissions_from_many_threads(model, adapters, e
 # ------------------------------------------------------------------------------ other layouts, drafts
 
 
-def test_decode_layout_params_and_per_layer_cache(model, adapters):
-    fast = Model(CFG, decode_layout(model.params), None)
-    eng = Engine(fast, max_slots=3, max_seq_len=SEQ, prefill_buckets=(16,), decode_steps_per_call=4,
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_each_layout_serves_generate_alone_with_its_cache(models, model, adapters, layout):
+    served = models[layout]
+    eng = Engine(served, max_slots=3, max_seq_len=SEQ, prefill_buckets=(16,), decode_steps_per_call=4,
                  adapters=adapters)
-    assert eng._state.dec.cache.per_layer
+    assert eng._params.stacked == (layout == "stacked") and eng._params.num_adapters == 2
+    assert eng._state.dec.cache.per_layer == (layout == "per_layer")
     work = make_workload(model, adapters, 5, seed=2)
     handles = [submit(eng, req) for req, _ in work]
     eng.run_until_idle()
@@ -365,26 +402,32 @@ def test_decode_layout_params_and_per_layer_cache(model, adapters):
         assert (h.result().tokens, h.result().finish_reason) == ref, f"request {i}"
 
 
-def test_folded_adapters_serve_the_same_tokens(model, adapters):
-    """``fold_adapters=True`` (lora.fold_layout) gives every request what ``generate`` gives it
-    alone with its own adapter on the unfolded params, and holds folded weights."""
-    fast = Model(CFG, decode_layout(model.params), None)
-    eng = Engine(fast, max_slots=3, max_seq_len=SEQ, prefill_buckets=(16,), decode_steps_per_call=4,
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_folded_adapters_serve_the_same_tokens(models, model, adapters, layout):
+    """``fold_adapters=True`` (``runtime.prepare(..., fold=True)``) gives every request what
+    ``generate`` gives it alone with its own adapter on the unfolded params, and holds folded
+    weights (the model's own runtime stays unfolded)."""
+    served = models[layout]
+    eng = Engine(served, max_slots=3, max_seq_len=SEQ, prefill_buckets=(16,), decode_steps_per_call=4,
                  adapters=adapters, fold_adapters=True)
-    assert "t_lora" in eng._params["layers"][0]["wqkv"] and "t" in fast.params["layers"][0]["wqkv"]
+    rt = eng._params
+    assert rt.folded and rt.num_adapters == 2 and rt.stacked == (layout == "stacked")
+    assert any(w.rank for w in weights_of(rt)) and not any(w.rank for w in weights_of(served.runtime))
+    assert not served.runtime.folded and served.runtime.num_adapters == 0
     work = make_workload(model, adapters, 6, seed=3)
     handles = [submit(eng, req) for req, _ in work]
     eng.run_until_idle()
     for i, (h, (_, ref)) in enumerate(zip(handles, work)):
         assert (h.result().tokens, h.result().finish_reason) == ref, f"request {i}"
-    with pytest.raises(RealmError, match="fold_adapters: needs params in the decode layout"):
-        Engine(model, max_slots=2, max_seq_len=SEQ, adapters=adapters, fold_adapters=True)
     with pytest.raises(RealmError, match="fold_adapters: needs adapters, and no draft"):
-        Engine(fast, max_slots=2, max_seq_len=SEQ, adapters=adapters, fold_adapters=True, draft="lookup")
+        Engine(served, max_slots=2, max_seq_len=SEQ, adapters=adapters, fold_adapters=True, draft="lookup")
+    with pytest.raises(RealmError, match="fold_adapters: needs adapters, and no draft"):
+        Engine(served, max_slots=2, max_seq_len=SEQ, fold_adapters=True)
 
 
-def test_speculative_engine_equals_generate_and_speculative_alone(model):
-    eng = Engine(model, max_slots=3, max_seq_len=SEQ, prefill_buckets=(16,), decode_steps_per_call=2,
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_speculative_engine_equals_generate_and_speculative_alone(models, model, layout):
+    eng = Engine(models[layout], max_slots=3, max_seq_len=SEQ, prefill_buckets=(16,), decode_steps_per_call=2,
                  draft="self:1", k=3)
     eng.warmup()
     rng = np.random.default_rng(4)

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import realm_jax
-from realm_jax import lora
+from realm_jax import lora, runtime
 from realm_jax.config import ModelConfig
 from realm_jax.errors import CheckpointError, RealmError, UnsupportedModelError
-from realm_jax.model import decode_layout, forward_jit
+from realm_jax.model import forward_jit
+from realm_jax.reference import forward_reference_jit
 
 from hf_reference import hf_logits, make_hf_model, random_batch
 
@@ -64,6 +65,9 @@ def rows_max_diff(a, b, lengths):
 
 @pytest.mark.parametrize("case", sorted(PEFT_CASES))
 def test_logits_match_peft_merged_and_unmerged(case, tmp_path):
+    """The adapter merged, in the reference forward (alone and as a stack with a base row) and
+    in prepared runtimes (unfolded and folded, stacked and per-layer, served to every row or
+    per row): every row's logits equal PEFT's (with the adapter, or disabled for a base row)."""
     model, pm, adir = peft_adapter(case, tmp_path)
     cfg = model.config
     tokens, lengths = random_batch(np.random.default_rng(1), cfg.vocab_size, [9, 4, 7])
@@ -73,22 +77,33 @@ def test_logits_match_peft_merged_and_unmerged(case, tmp_path):
     assert rows_max_diff(ref, base_ref, lengths) > 0.1  # the adapter matters
 
     adapter = lora.load_peft(adir, cfg)
-    merged = np.asarray(forward_jit(lora.merge(model.params, adapter), cfg, tokens, lengths))
-    unmerged = np.asarray(forward_jit(model.params, cfg, tokens, lengths, adapters=adapter))
-    stacked = np.asarray(forward_jit(model.params, cfg, tokens, lengths, adapters=lora.stack_adapters([adapter]),
-                                     adapter_ids=jnp.zeros((3,), jnp.int32)))
-    ids = jnp.array([0, -1, 0], jnp.int32)  # the middle row: the base model
-    concat = np.asarray(forward_jit(model.params, cfg, tokens, lengths,
-                                    adapters=lora.concat_layout(lora.stack_adapters([adapter]), cfg), adapter_ids=ids))
-    decode = np.asarray(forward_jit(decode_layout(model.params), cfg, tokens, lengths,
-                                    adapters=lora.decode_layout(adapter, cfg)))
+    stack = lora.stack_adapters([adapter])
+    every, ids = jnp.zeros((3,), jnp.int32), jnp.array([0, -1, 0], jnp.int32)  # per row: the middle one is the base
+
+    def served(adapters, ids=None, **choices):
+        return np.asarray(forward_jit(runtime.prepare(model.params, cfg, adapters=adapters, **choices), cfg,
+                                      tokens, lengths, adapter_ids=ids))
+
+    merged = np.asarray(forward_jit(runtime.prepare(lora.merge(model.params, adapter), cfg), cfg, tokens, lengths))
+    outs = {
+        "merged": merged,
+        "reference": forward_reference_jit(model.params, cfg, tokens, lengths, adapters=adapter),
+        "reference stack": forward_reference_jit(model.params, cfg, tokens, lengths, adapters=stack, adapter_ids=ids),
+        "runtime": served(adapter, layout="stacked"),
+        "runtime stack per_layer": served(stack, every, layout="per_layer"),
+        "folded": served(stack, ids, fold=True, layout="per_layer"),
+        "folded stacked": served(adapter, ids, fold=True, layout="stacked"),
+    }
+    per_row = ("reference stack", "folded", "folded stacked")
     ref_merged = hf_logits(pm.merge_and_unload(), tokens, lengths)
-    diffs = {"merged": rows_max_diff(merged, ref, lengths), "unmerged": rows_max_diff(unmerged, ref, lengths),
-             "stacked": rows_max_diff(stacked, ref, lengths),
-             "concat_layout": rows_max_diff(concat[[0, 2]], ref[[0, 2]], lengths[[0, 2]]),
-             "concat_layout base row": rows_max_diff(concat[[1]], base_ref[[1]], lengths[[1]]),
-             "decode_layout": rows_max_diff(decode, ref, lengths),
-             "merged vs merge_and_unload": rows_max_diff(merged, ref_merged, lengths)}
+    diffs = {"merged vs merge_and_unload": rows_max_diff(merged, ref_merged, lengths)}
+    for k, v in outs.items():
+        v = np.asarray(v)
+        if k in per_row:
+            diffs[k] = rows_max_diff(v[[0, 2]], ref[[0, 2]], lengths[[0, 2]])
+            diffs[k + " base row"] = rows_max_diff(v[[1]], base_ref[[1]], lengths[[1]])
+        else:
+            diffs[k] = rows_max_diff(v, ref, lengths)
     print(case, {k: f"{v:.1e}" for k, v in diffs.items()})
     for k, v in diffs.items():
         assert v <= 1e-4, (k, v)
@@ -141,8 +156,11 @@ def test_save_peft_round_trip_and_peft_reads_it(tmp_path):
 
     pm = peft.PeftModel.from_pretrained(hf, out).eval()
     tokens, lengths = random_batch(np.random.default_rng(2), model.config.vocab_size, [8, 5])
-    ours = np.asarray(forward_jit(model.params, model.config, tokens, lengths, adapters=ad))
-    assert rows_max_diff(ours, hf_logits(pm, tokens, lengths), lengths) <= 1e-4
+    want = hf_logits(pm, tokens, lengths)
+    ours = forward_jit(runtime.prepare(model.params, model.config, adapters=ad), model.config, tokens, lengths)
+    assert rows_max_diff(np.asarray(ours), want, lengths) <= 1e-4
+    ref = forward_reference_jit(model.params, model.config, tokens, lengths, adapters=ad)
+    assert rows_max_diff(np.asarray(ref), want, lengths) <= 1e-4
 
 
 def test_smollm2_logits_match_peft(smollm2, smollm2_hf, smollm2_hf_tokenizer, tmp_path):
@@ -170,14 +188,14 @@ def test_smollm2_logits_match_peft(smollm2, smollm2_hf, smollm2_hf_tokenizer, tm
     adapter = lora.load_peft(tmp_path / "adapter", cfg)
     scale = np.abs(ref).max()
     assert rows_max_diff(ref, before, lengths) > 0.05 * scale  # the adapter matters
-    merged = np.asarray(forward_jit(lora.merge(smollm2.params, adapter), cfg, tokens, lengths))
-    unmerged = np.asarray(forward_jit(smollm2.params, cfg, tokens, lengths, adapters=adapter))
-    concat = np.asarray(forward_jit(smollm2.params, cfg, tokens, lengths,
-                                    adapters=lora.concat_layout(lora.stack_adapters([adapter, adapter]), cfg),
-                                    adapter_ids=jnp.array([1, 0], jnp.int32)))
-    rel = {"merged": rows_max_diff(merged, ref, lengths) / scale,
-           "unmerged": rows_max_diff(unmerged, ref, lengths) / scale,
-           "concat_layout": rows_max_diff(concat, ref, lengths) / scale}
+    merged = forward_jit(runtime.prepare(lora.merge(smollm2.params, adapter), cfg), cfg, tokens, lengths)
+    unmerged = forward_jit(runtime.prepare(smollm2.params, cfg, adapters=adapter), cfg, tokens, lengths)
+    two, ids = lora.stack_adapters([adapter, adapter]), jnp.array([1, 0], jnp.int32)
+    folded = forward_jit(runtime.prepare(smollm2.params, cfg, adapters=two, fold=True), cfg, tokens, lengths,
+                         adapter_ids=ids)
+    reference = forward_reference_jit(smollm2.params, cfg, tokens, lengths, adapters=two, adapter_ids=ids)
+    rel = {k: rows_max_diff(np.asarray(v), ref, lengths) / scale for k, v in
+           dict(merged=merged, unmerged=unmerged, folded=folded, reference=reference).items()}
     print("smollm2 max |dlogit| / max |logit|:", {k: f"{v:.1e}" for k, v in rel.items()})
     assert max(rel.values()) <= 1e-3, rel
 
@@ -268,6 +286,26 @@ def test_missing_files(adapter_dir, tmp_path):
     (adapter_dir / "adapter_config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         lora.load_peft(adapter_dir, CFG)
+
+
+@pytest.mark.parametrize("changes", [dict(lora_alpha=float("nan"), alpha_pattern={}),
+                                     dict(alpha_pattern={"v_proj": float("inf")})],
+                         ids=["nan_lora_alpha", "inf_alpha_pattern"])
+def test_non_finite_alpha_is_refused(adapter_dir, changes):
+    """A NaN / inf alpha would give non-finite logits: refused with a RealmError (by load_peft, or
+    at the latest by what serves or merges the adapter), never served. (save_peft writes an
+    alpha_pattern entry for every module, so each case replaces the patterns.)"""
+    from realm_jax.params import init_params
+
+    edit_config(adapter_dir, **changes)
+    params = init_params(CFG, 0)
+    pattern = r"alpha|expected finite values"
+    with pytest.raises(RealmError, match=pattern):
+        runtime.prepare(params, CFG, adapters=lora.load_peft(adapter_dir, CFG))
+    with pytest.raises(RealmError, match=pattern):
+        lora.merge(params, lora.load_peft(adapter_dir, CFG))
+    with pytest.raises(RealmError, match=pattern):
+        realm_jax.generate(realm_jax.Model(CFG, params), [[5, 6]], 2, adapters=lora.load_peft(adapter_dir, CFG))
 
 
 def test_layers_to_transform_with_regex_targets_is_refused(adapter_dir):

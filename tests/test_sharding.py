@@ -1,10 +1,13 @@
 """Sharded (data x model mesh on 8 simulated CPU devices) equals single device; every leaf is
 laid out as its rule says; bad meshes are refused; multi-process evaluation gathers in order.
 
-The single-device run is the reference: same params, same inputs, plain ``jit`` on device 0.
+The single-device run is the reference: the same canonical params prepared without a mesh
+(``runtime.prepare(params, cfg, layout=...)``), same inputs, plain ``jit`` on device 0. The
+sharded run is ``runtime.prepare(params, cfg, mesh=mesh, layout=...)`` (or ``load(..., mesh=)``).
 """
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -21,16 +24,22 @@ import pytest
 from jax.sharding import NamedSharding
 
 import realm_jax
+from realm_jax import lora, runtime
 from realm_jax import sharding as sh
-from realm_jax.generation import generate
+from realm_jax.generation import generate, new_cache
 from realm_jax.kv_cache import init_cache
 from realm_jax.loading import Model
 from realm_jax.model import forward_cached_jit, forward_jit
+from realm_jax.params import LEAVES, init_params, param_shapes
+from realm_jax.runtime import Weight
 from realm_jax.scoring import score
+
+LAYOUTS = ("per_layer", "stacked")
 
 
 def random_params(cfg, seed):
-    """Params of ``param_shapes(cfg)`` from numpy (jax.random would cost seconds of compiling)."""
+    """Params of ``param_shapes(cfg)`` from numpy, weights of std 0.3 (larger than ``init_params``'
+    0.02, so that logits spread and a misplaced column shows)."""
     rng = np.random.default_rng(seed)
 
     def leaf(path, shape):
@@ -38,7 +47,7 @@ def random_params(cfg, seed):
         x = 1.0 + 0.1 * rng.standard_normal(shape) if "norm" in name else 0.3 * rng.standard_normal(shape)
         return jnp.asarray(x, jnp.float32)
 
-    return jax.tree_util.tree_map_with_path(leaf, realm_jax.param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree_util.tree_map_with_path(leaf, param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
 
 
 def random_batch(rng, vocab, lengths):
@@ -47,6 +56,14 @@ def random_batch(rng, vocab, lengths):
     tokens = np.where(np.arange(lengths.max())[None] < lengths[:, None],
                       rng.integers(3, vocab, (len(lengths), lengths.max())), 0)
     return tokens.astype(np.int32), lengths
+
+
+def with_runtime(model: Model, **choices) -> Model:
+    """A Model sharing ``model``'s params and tokenizer, its runtime prepared with ``choices``
+    (session fixtures keep their own runtime)."""
+    m = Model(model.config, model.params, model.tokenizer, model.source)
+    m.prepare(**choices)
+    return m
 
 
 MESHES = [(8, 1), (1, 8), (2, 4), (4, 2)]
@@ -72,11 +89,15 @@ EXPECTED = {
 }
 
 
-def expected_spec(name, ndim, cfg, model_axis):
+def _sharded(what, cfg, model_axis) -> bool:
     counts = {"N": cfg.num_heads, "K": cfg.num_kv_heads, "F": cfg.intermediate_size, "V": cfg.vocab_size}
+    return model_axis > 1 and counts[what] % model_axis == 0
+
+
+def expected_spec(name, ndim, cfg, model_axis):
     spec = [None] * ndim
     for dim, what in EXPECTED[name].items():
-        if model_axis > 1 and counts[what] % model_axis == 0:
+        if _sharded(what, cfg, model_axis):
             spec[dim] = "model"
     return tuple(spec)
 
@@ -91,10 +112,15 @@ def assert_laid_out(arr, full, spec, mesh):
     assert isinstance(arr.sharding, NamedSharding) and arr.sharding.mesh == mesh
     assert norm_spec(arr.sharding.spec, arr.ndim) == spec, (arr.sharding.spec, spec)
     full = np.asarray(full)
+    assert arr.shape == full.shape, (arr.shape, full.shape)
     block = [s // (mesh.shape[a] if a else 1) for s, a in zip(full.shape, spec)]
     for shard in arr.addressable_shards:
         assert shard.data.shape == tuple(block)
         np.testing.assert_array_equal(np.asarray(shard.data), full[shard.index])
+
+
+def canonical_leaves(params):
+    return {**{k: v for k, v in params.items() if k != "layers"}, **params["layers"]}
 
 
 @pytest.fixture(scope="module")
@@ -102,81 +128,245 @@ def models():
     return {name: random_params(cfg, i) for i, (name, cfg) in enumerate(CFGS.items())}
 
 
+# ---------------------------------------------------------------------------------- layouts
 @pytest.mark.parametrize("shape", MESHES, ids=[f"{d}x{m}" for d, m in MESHES])
 @pytest.mark.parametrize("name", sorted(CFGS))
 def test_every_param_sharded_as_its_rule_says(models, name, shape):
+    """Canonical params (what ``load(mesh=)`` reads into, before ``prepare``)."""
     cfg, params = CFGS[name], models[name]
     mesh = sh.make_mesh(*shape)
     sp = sh.shard_params(params, cfg, mesh)
-    leaves = {**{k: v for k, v in sp.items() if k != "layers"}, **sp["layers"]}
-    full = {**{k: v for k, v in params.items() if k != "layers"}, **params["layers"]}
+    leaves, full = canonical_leaves(sp), canonical_leaves(params)
     assert set(leaves) == set(full)
     for k, arr in leaves.items():
         assert_laid_out(arr, full[k], expected_spec(k, arr.ndim, cfg, shape[1]), mesh)
 
 
+# The runtime's matmul weights, written out independently of runtime.py: which logical count
+# splits the output (out) or the input (in) axis of each projection over "model".
+RT_SPLIT = {"wq": ("out", "N"), "wk": ("out", "K"), "wv": ("out", "K"), "wo": ("in", "N"),
+            "w_gate": ("out", "F"), "w_up": ("out", "F"), "w_down": ("in", "F"), "lm_head": ("out", "V")}
+
+
+def expected_weight(parts, groups):
+    """The fused weight [.., D_in, G*P] that device group g reads as one contiguous block: group g
+    holds the g-th G-th of every part's columns, parts in order."""
+    return np.concatenate([np.concatenate([np.split(np.asarray(p), groups, axis=-1)[g] for p in parts], -1)
+                           for g in range(groups)], -1)
+
+
+def check_runtime_layout(rt, params, cfg, mesh):
+    """Every leaf of a (float, adapter-free) runtime on ``mesh``: spec per RT_SPLIT / EXPECTED and
+    each device's block holds exactly its group of the canonical columns."""
+    m = mesh.shape["model"]
+    lead = (None,) if rt.stacked else ()
+    layer_dicts = [(rt.layers, slice(None))] if rt.stacked else [(lp, i) for i, lp in enumerate(rt.layers)]
+    fused_names = set()
+    for lp, i in layer_dicts:
+        for key, leaf in lp.items():
+            if not isinstance(leaf, Weight):  # norms and biases: their table rule, one layer or all
+                spec = expected_spec(key, len(LEAVES[key].axes), cfg, m)[1:]
+                assert_laid_out(leaf, np.asarray(params["layers"][key])[i], lead + spec, mesh)
+                continue
+            names = key.split("+")
+            assert tuple(names) == leaf.names and leaf.scale is None and leaf.rank == 0
+            fused_names.update(names)
+            splits = {(RT_SPLIT[n][0], _sharded(RT_SPLIT[n][1], cfg, m)) for n in names}
+            assert len(splits) == 1, f"{key}: parts that shard differently are fused"
+            (side, sharded), = splits
+            split = "model" if sharded else None
+            groups = m if (split and side == "out") else 1
+            full = expected_weight([np.asarray(params["layers"][n])[i] for n in names], groups)
+            spec = (None, split) if side == "out" else (split, None)  # [D_in, D_out]
+            if leaf.transposed:
+                full, spec = np.swapaxes(full, -1, -2), spec[::-1]
+            assert_laid_out(leaf.w, full, lead + spec, mesh)
+            if split and side == "out":  # each device: 1/m of the output axis, its whole group
+                out_axis = -2 if leaf.transposed else -1
+                for shard in leaf.w.addressable_shards:
+                    assert shard.data.shape[out_axis] == leaf.w.shape[out_axis] // m
+    assert fused_names == {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"}
+    # the head: lm_head [D, V] (vocab on model when it divides), or the tied embedding [V, D] itself
+    v_split = "model" if _sharded("V", cfg, m) else None
+    if cfg.tie_word_embeddings:
+        assert_laid_out(rt.head.w, params["embed"], (v_split, None), mesh)
+    else:
+        full, spec = np.asarray(params["lm_head"]), (None, v_split)
+        if rt.head.transposed:
+            full, spec = full.T, spec[::-1]
+        assert_laid_out(rt.head.w, full, spec, mesh)
+    assert_laid_out(rt.embed, params["embed"], (v_split, None), mesh)
+    assert_laid_out(rt.final_norm, params["final_norm"], (None,), mesh)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(2, 4), (1, 4), (8, 1)], ids=["2x4", "1x4", "8x1"])
+@pytest.mark.parametrize("name", sorted(CFGS))
+def test_runtime_leaves_sharded_fused_groups_contiguous(models, name, shape, layout):
+    """``prepare(mesh=)``: fused q|k|v and gate|up are arranged per device group, so each
+    device's slice of the output axis is one contiguous block holding its heads of every part."""
+    cfg, params = CFGS[name], models[name]
+    mesh = sh.make_mesh(*shape)
+    rt = runtime.prepare(params, cfg, mesh=mesh, layout=layout)
+    assert rt.mesh is mesh and rt.stacked == (layout == "stacked")
+    check_runtime_layout(rt, params, cfg, mesh)
+    # K=2 on a model axis of 4: k/v are replicated, so q and k|v are separate weights
+    keys = set(rt.layers if rt.stacked else rt.layers[0])
+    qkv_fused = _sharded("K", cfg, shape[1]) or shape[1] == 1
+    assert ("wq+wk+wv" in keys) == qkv_fused and ({"wq", "wk+wv"} <= keys) == (not qkv_fused)
+    assert "w_gate+w_up" in keys
+
+
+def test_per_layer_fused_qkv_is_sharded_a_quarter_per_device(models):
+    """The fast decode layout on a (1, 4) mesh: the fused wq+wk+wv weight has ``model`` on its
+    output axis and each device holds a quarter of it (2 query heads, 2 KV heads)."""
+    cfg, params = CFGS["llama_k8"], models["llama_k8"]
+    mesh = sh.make_mesh(1, 4)
+    rt = runtime.prepare(params, cfg, mesh=mesh, layout="per_layer")
+    for lp in rt.layers:
+        w = lp["wq+wk+wv"]
+        out_axis = 0 if w.transposed else 1
+        total = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        assert w.w.shape[out_axis] == total
+        assert norm_spec(w.w.sharding.spec, 2)[out_axis] == "model"
+        assert norm_spec(w.w.sharding.spec, 2)[1 - out_axis] is None
+        shards = w.w.addressable_shards
+        assert len(shards) == 4 and {s.data.shape[out_axis] for s in shards} == {total // 4}
+        assert {s.data.shape[1 - out_axis] for s in shards} == {cfg.hidden_size}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_int8_runtime_sharded_like_its_float_weights(models, layout):
+    cfg, params = CFGS["llama_k8"], models["llama_k8"]
+    mesh = sh.make_mesh(2, 4)
+    rt = runtime.prepare(params, cfg, mesh=mesh, layout=layout, quantize="int8")
+    lead = (None,) if rt.stacked else ()
+    for lp in ([rt.layers] if rt.stacked else rt.layers):
+        for key in ("wq+wk+wv", "w_gate+w_up", "wo", "w_down"):
+            w = lp[key]
+            assert w.w.dtype == jnp.int8 and w.scale.dtype == jnp.float32
+            out = "model" if key in ("wq+wk+wv", "w_gate+w_up") else None
+            inp = None if out else "model"
+            spec = (out, inp) if w.transposed else (inp, out)
+            assert norm_spec(w.w.sharding.spec, w.w.ndim) == lead + spec
+            assert norm_spec(w.scale.sharding.spec, w.scale.ndim) == lead + (out,)
+
+
+# ---------------------------------------------------------------------------------- equal results
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", MESHES, ids=[f"{d}x{m}" for d, m in MESHES])
-def test_sharded_forward_generate_score_equal_single_device(models, shape):
+def test_sharded_forward_generate_score_equal_single_device(models, shape, layout):
     mesh = sh.make_mesh(*shape)
     rng = np.random.default_rng(0)
     tokens, lengths = random_batch(rng, 97, [6, 3, 5, 1, 6, 2, 4, 6])
     worst = 0.0
     for name, cfg in CFGS.items():
         params = models[name]
-        ref = np.asarray(forward_jit(params, cfg, tokens, lengths))
-        sp = sh.shard_params(params, cfg, mesh)
-        out = forward_jit(sp, cfg, sh.shard_batch(tokens, mesh), sh.shard_batch(lengths, mesh))
+        ref = np.asarray(forward_jit(runtime.prepare(params, cfg, layout=layout), cfg, tokens, lengths))
+        rt = runtime.prepare(params, cfg, mesh=mesh, layout=layout)
+        out = forward_jit(rt, cfg, sh.shard_batch(tokens, mesh), sh.shard_batch(lengths, mesh))
         assert norm_spec(out.sharding.spec, 3)[0] == ("data" if shape[0] > 1 else None)
         for b, n in enumerate(lengths):
             np.testing.assert_allclose(np.asarray(out)[b, :n], ref[b, :n], atol=1e-5, rtol=0)
             worst = max(worst, float(np.abs(np.asarray(out)[b, :n] - ref[b, :n]).max()))
-    print(f"mesh {shape}: max |dlogit| sharded vs single = {worst:.1e}")
+    print(f"mesh {shape} {layout}: max |dlogit| sharded vs single = {worst:.1e}")
 
-    # generate and score run unchanged on a Model whose params are sharded
+    # generate and score run unchanged on a Model whose runtime is sharded
     cfg, params = CFGS["qwen_k2_tied_bias"], models["qwen_k2_tied_bias"]
-    sp = sh.shard_params(params, cfg, mesh)
+    one = with_runtime(Model(cfg, params), layout=layout)
+    many = with_runtime(Model(cfg, params), mesh=mesh, layout=layout)
+    assert many.runtime.mesh is mesh
     prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (5, 3, 7, 2, 6, 4, 1, 8)]
-    ref_gen = generate(Model(cfg, params), prompts, 6)
-    got_gen = generate(Model(cfg, sp), prompts, 6)
+    ref_gen = generate(one, prompts, 6)
+    got_gen = generate(many, prompts, 6)
     assert got_gen.tokens == ref_gen.tokens
     requests = [(p[:3], rng.integers(3, cfg.vocab_size, 1 + len(p) % 3).tolist()) for p in prompts]
-    ref_sc = score(Model(cfg, params), requests, batch_size=8)
-    got_sc = score(Model(cfg, sp), requests, batch_size=8)
+    ref_sc = score(one, requests, batch_size=8)
+    got_sc = score(many, requests, batch_size=8)
     for a, b in zip(got_sc, ref_sc):
         np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-5, rtol=0)
         assert a.is_greedy == b.is_greedy
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(2, 2), (1, 4), (2, 4)], ids=["2x2", "1x4", "2x4"])
+@pytest.mark.parametrize("name", sorted(CFGS))
+def test_gqa_greedy_decode_on_mesh_equals_single_device(name, shape, layout):
+    """Tiny GQA models (``init_params``): greedy ``generate`` tokens on the mesh, float32, equal the
+    single-device tokens. qwen_k2: K=2 is sharded on model=2, replicated on model=4."""
+    cfg = CFGS[name]
+    params = init_params(cfg, 10)
+    rng = np.random.default_rng(9)
+    prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (4, 7, 1, 5)]
+    ref = generate(with_runtime(Model(cfg, params), layout=layout), prompts, 8)
+    many = with_runtime(Model(cfg, params), mesh=sh.make_mesh(*shape), layout=layout)
+    got = generate(many, prompts, 8)
+    assert got.tokens == ref.tokens
+    assert [len(t) for t in got.tokens] == [8] * 4
+
+
+@pytest.fixture(scope="module")
+def smollm2_single_tokens(smollm2):
+    """Greedy tokens of SmolLM2 on one device (stacked: the cheap compile; test_runtime checks the
+    per-layer and stacked layouts against the same reference)."""
+    prompts = [smollm2.tokenizer.encode(p) for p in ("The capital of France is", "One, two, three,")]
+    return prompts, generate(with_runtime(smollm2, layout="stacked"), prompts, 6).tokens
+
+
+@pytest.mark.parametrize("layout,shape", [("per_layer", (2, 3)), ("stacked", (1, 3))])
+def test_real_model_greedy_decode_on_mesh_equals_single_device(smollm2, smollm2_single_tokens, layout, shape):
+    """SmolLM2-135M (N=9, K=3: model axis 3), float32: greedy tokens on the mesh equal one device's."""
+    prompts, ref = smollm2_single_tokens
+    mesh = sh.make_mesh(*shape)
+    model = with_runtime(smollm2, mesh=mesh, layout=layout)
+    rt = model.runtime
+    assert rt.mesh is mesh and rt.stacked == (layout == "stacked")
+    qkv = (rt.layers if rt.stacked else rt.layers[0])["wq+wk+wv"].w
+    assert "model" in norm_spec(qkv.sharding.spec, qkv.ndim)
+    assert generate(model, prompts, 6).tokens == ref
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", [(2, 4), (4, 2)], ids=["2x4", "4x2"])
-def test_sharded_cache_decode_loop_equals_single_device(models, shape):
+def test_sharded_cache_decode_loop_equals_single_device(models, shape, layout):
     """prefill + one token at a time through ``init_cache_like`` caches (sharded per
-    ``cache_specs``) gives the single-device logits, and the donated cache keeps its layout."""
+    ``cache_specs``: B on data, K on model) gives the single-device logits, and the donated cache
+    keeps its layout."""
     cfg, params = CFGS["llama_k8"], models["llama_k8"]
     mesh = sh.make_mesh(*shape)
-    sp = sh.shard_params(params, cfg, mesh)
+    rt = runtime.prepare(params, cfg, mesh=mesh, layout=layout)
     rng = np.random.default_rng(3)
     full, _ = random_batch(rng, cfg.vocab_size, [9] * 4)
     prompt_lens = np.array([4, 2, 5, 3], np.int32)
-    ref = np.asarray(forward_jit(params, cfg, full, np.full(4, 9, np.int32)))
-    cache = sh.init_cache_like(sp, cfg, 4, 16, jnp.float32)
+    ref = np.asarray(forward_jit(runtime.prepare(params, cfg, layout=layout), cfg, full, np.full(4, 9, np.int32)))
+    cache = sh.init_cache_like(rt, cfg, 4, 16, jnp.float32)
+    assert cache.per_layer == (layout == "per_layer")
     b_axis = "data" if shape[0] > 1 else None
     kv_axis = "model" if cfg.num_kv_heads % shape[1] == 0 else None
-    assert norm_spec(cache.k.sharding.spec, 5) == (None, b_axis, None, kv_axis, None)
-    assert norm_spec(cache.lengths.sharding.spec, 1) == (b_axis,)
+
+    def check_layout(cache):
+        for k in (cache.k if cache.per_layer else [cache.k]) + (cache.v if cache.per_layer else [cache.v]):
+            want = (b_axis, None, kv_axis, None) if cache.per_layer else (None, b_axis, None, kv_axis, None)
+            assert norm_spec(k.sharding.spec, k.ndim) == want
+        assert norm_spec(cache.lengths.sharding.spec, 1) == (b_axis,)
+
+    check_layout(cache)
     prompt = np.where(np.arange(5)[None] < prompt_lens[:, None], full[:, :5], 0).astype(np.int32)
-    logits, cache = forward_cached_jit(sp, cfg, *sh.shard_batch((prompt, prompt_lens), mesh), cache)
+    logits, cache = forward_cached_jit(rt, cfg, *sh.shard_batch((prompt, prompt_lens), mesh), cache)
     for b, n in enumerate(prompt_lens):
         np.testing.assert_allclose(np.asarray(logits)[b, :n], ref[b, :n], atol=1e-5, rtol=0)
     pos = prompt_lens.copy()
     while (pos < 9).any():
         adv = (pos < 9).astype(np.int32)
         step = full[np.arange(4), np.minimum(pos, 8)][:, None].astype(np.int32)
-        logits, cache = forward_cached_jit(sp, cfg, *sh.shard_batch((step, adv), mesh), cache)
+        logits, cache = forward_cached_jit(rt, cfg, *sh.shard_batch((step, adv), mesh), cache)
         for b in np.flatnonzero(adv):
             np.testing.assert_allclose(np.asarray(logits)[b, 0], ref[b, pos[b]], atol=1e-5, rtol=0)
         pos += adv
-    assert norm_spec(cache.k.sharding.spec, 5) == (None, b_axis, None, kv_axis, None)
+    check_layout(cache)
     np.testing.assert_array_equal(np.asarray(cache.lengths), [9] * 4)
+    # generation.new_cache is the same cache
+    check_layout(new_cache(cfg, rt, 4, 16))
 
 
 def test_place_batch_makes_scoring_data_parallel(models):
@@ -185,37 +375,45 @@ def test_place_batch_makes_scoring_data_parallel(models):
 
     cfg, params = CFGS["llama_k8"], models["llama_k8"]
     mesh = sh.make_mesh(4, 2)
-    sp = sh.shard_params(params, cfg, mesh)
+    rt = runtime.prepare(params, cfg, mesh=mesh)
+    rt1 = runtime.prepare(params, cfg)
     rng = np.random.default_rng(5)
     tokens, lengths = random_batch(rng, cfg.vocab_size, [7, 5, 6, 3, 7, 2, 4, 7])
     starts = np.maximum(lengths - 2, 0).astype(np.int32)
     targets = rng.integers(3, cfg.vocab_size, (8, 2)).astype(np.int32)
-    ref = continuation_logprobs(params, cfg, tokens, lengths, starts, targets, chunk=2)
-    placed = sh.place_batch((tokens, lengths, starts, targets), sp)
+    ref = continuation_logprobs(rt1, cfg, tokens, lengths, starts, targets, chunk=2)
+    placed = sh.place_batch((tokens, lengths, starts, targets), rt)
     for a in placed:
         assert norm_spec(a.sharding.spec, a.ndim)[0] == "data"
-    got = continuation_logprobs(sp, cfg, *placed, chunk=2)
+    got = continuation_logprobs(rt, cfg, *placed, chunk=2)
     np.testing.assert_allclose(np.asarray(got[0]), np.asarray(ref[0]), atol=1e-5, rtol=0)
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(ref[1]))
     assert norm_spec(got[0].sharding.spec, 2)[0] == "data"
-    assert sh.place_batch(tokens, params) is tokens  # params not on a mesh: untouched
+    assert sh.place_batch(tokens, rt1) is tokens  # a runtime not on a mesh: untouched
     with pytest.raises(sh.ShardingError, match=r"batch size 6 .* 'data' axis \(4\)"):
-        sh.place_batch(tokens[:6], sp)
-    loose = sh.place_batch(tokens[:6], sp, strict=False)
+        sh.place_batch(tokens[:6], rt)
+    loose = sh.place_batch(tokens[:6], rt, strict=False)
     assert norm_spec(loose.sharding.spec, 2) == (None, None)
 
 
-def test_lora_adapters_and_quantized_weights_follow_their_weights(models):
-    cfg, params = CFGS["qwen_k2_tied_bias"], models["qwen_k2_tied_bias"]
-    mesh = sh.make_mesh(2, 4)
-    # a stack of A=2 adapters of rank R=3 on every projection (layout of lora.stack_adapters)
+def lora_stack(params):
+    """A stack of A=2 adapters of rank R=3 on every projection (layout of lora.stack_adapters);
+    layer 1 of adapter 1 is untouched (scale 0)."""
     rng = np.random.default_rng(4)
     stack = {"layers": {}}
     for proj in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
         _, din, dout = params["layers"][proj].shape
-        stack["layers"][proj] = {"a": jnp.asarray(rng.standard_normal((2, 2, din, 3)), jnp.float32),
+        stack["layers"][proj] = {"a": jnp.asarray(rng.standard_normal((2, 2, din, 3)) / np.sqrt(din), jnp.float32),
                                  "b": jnp.asarray(0.3 * rng.standard_normal((2, 2, 3, dout)), jnp.float32),
                                  "scale": jnp.asarray([[0.5, 1.0], [1.0, 0.0]], jnp.float32)}
+    return stack
+
+
+def test_canonical_lora_stacks_follow_their_weights(models):
+    """``shard_adapters``: a canonical stack's factors split like the rows / columns of their weight."""
+    cfg, params = CFGS["qwen_k2_tied_bias"], models["qwen_k2_tied_bias"]
+    mesh = sh.make_mesh(2, 4)
+    stack = lora_stack(params)
     ss = sh.shard_adapters(stack, cfg, mesh)
     for proj, leaf in ss["layers"].items():
         w = np.asarray(params["layers"][proj])
@@ -225,26 +423,113 @@ def test_lora_adapters_and_quantized_weights_follow_their_weights(models):
         assert_laid_out(leaf["scale"], stack["layers"][proj]["scale"], (None, None), mesh)
         assert w.shape[1:] == (leaf["a"].shape[2], leaf["b"].shape[3])
 
-    # int8 weight + per-column scale (the form layers.linear takes): q as W, scale as W's columns
-    qparams = jax.tree_util.tree_map(lambda x: x, params)
-    w = np.asarray(params["layers"]["w_up"])
-    scale = np.abs(w).max(axis=1) / 127.0  # [L, F]
-    qparams["layers"]["w_up"] = {"q": jnp.asarray(np.round(w / scale[:, None, :]).astype(np.int8)),
-                                 "scale": jnp.asarray(scale.astype(np.float32))}
-    sq = sh.shard_params(qparams, cfg, mesh)
-    assert_laid_out(sq["layers"]["w_up"]["q"], qparams["layers"]["w_up"]["q"], (None, None, "model"), mesh)
-    assert_laid_out(sq["layers"]["w_up"]["scale"], qparams["layers"]["w_up"]["scale"], (None, "model"), mesh)
 
+# int8 and LoRA compose with the mesh. Both runtimes quantize the same float weights column by
+# column (per-column max |w| / 127: elementwise, and a max is exact however it is split), so they
+# hold the same int8 values and scales; what differs is only the order of float32 summation
+# (wo / w_down partial sums all-reduced over "model"): relative ~1e-7 of each logit, here
+# logits are O(10), so atol 1e-5 (the float32 bound of every test here) holds with margin.
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("adapters", ["none", "stack", "folded"])
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("name,shape", [("qwen_k2_tied_bias", (2, 4)), ("llama_k8", (1, 4))], ids=["qwen-2x4", "llama-1x4"])
+def test_int8_and_lora_stack_on_mesh_equal_single_device(models, name, shape, quantize, adapters, layout):
+    cfg, params = CFGS[name], models[name]
+    mesh = sh.make_mesh(*shape)
+    kw = dict(quantize=quantize, layout=layout)
+    if adapters != "none":
+        kw.update(adapters=lora_stack(params), fold=adapters == "folded")
+    rt1 = runtime.prepare(params, cfg, **kw)
+    rt = runtime.prepare(params, cfg, mesh=mesh, **kw)
+    assert rt.num_adapters == (0 if adapters == "none" else 2) and rt.folded == (adapters == "folded")
     rng = np.random.default_rng(6)
     tokens, lengths = random_batch(rng, cfg.vocab_size, [5, 2, 4, 5])
-    ids = np.array([0, -1, 1, 0], np.int32)
-    ref = np.asarray(forward_jit(qparams, cfg, tokens, lengths, adapters=stack, adapter_ids=ids))
-    got = forward_jit(sq, cfg, *sh.shard_batch((tokens, lengths), mesh), adapters=ss,
-                      adapter_ids=sh.shard_batch(ids, mesh))
+    ids = None if adapters == "none" else np.array([0, -1, 1, 0], np.int32)
+    ref = np.asarray(forward_jit(rt1, cfg, tokens, lengths, adapter_ids=ids))
+    got = forward_jit(rt, cfg, *sh.shard_batch((tokens, lengths), mesh),
+                      adapter_ids=None if ids is None else sh.shard_batch(ids, mesh))
     for b, n in enumerate(lengths):
         np.testing.assert_allclose(np.asarray(got)[b, :n], ref[b, :n], atol=1e-5, rtol=0)
+    # and the adapters change the output (rows with an adapter differ from the base row's model)
+    if adapters != "none":
+        base = np.asarray(forward_jit(runtime.without_adapters(rt), cfg, *sh.shard_batch((tokens, lengths), mesh)))
+        assert np.abs(base[0, :5] - np.asarray(got)[0, :5]).max() > 1e-2
+        np.testing.assert_allclose(base[1, :2], np.asarray(got)[1, :2], atol=1e-5, rtol=0)
 
 
+def test_with_adapters_on_a_sharded_runtime_equals_single_device(models):
+    """``with_adapters`` (what generate / score do with per-call adapters) keeps the mesh."""
+    cfg, params = CFGS["llama_k8"], models["llama_k8"]
+    mesh = sh.make_mesh(2, 4)
+    stack = lora_stack(params)
+    rt = runtime.with_adapters(runtime.prepare(params, cfg, mesh=mesh, layout="per_layer"), cfg, stack)
+    rt1 = runtime.with_adapters(runtime.prepare(params, cfg, layout="per_layer"), cfg, stack)
+    assert rt.mesh is mesh and rt.num_adapters == 2
+    for ll in rt.lora:
+        for lo in ll.values():
+            assert isinstance(lo.b.sharding, NamedSharding) and lo.b.sharding.mesh == mesh
+    rng = np.random.default_rng(7)
+    tokens, lengths = random_batch(rng, cfg.vocab_size, [5, 2, 4, 5])
+    ids = np.array([1, 0, -1, 1], np.int32)
+    ref = np.asarray(forward_jit(rt1, cfg, tokens, lengths, adapter_ids=ids))
+    got = np.asarray(forward_jit(rt, cfg, *sh.shard_batch((tokens, lengths, ids), mesh)[:2],
+                                 adapter_ids=sh.shard_batch(ids, mesh)))
+    for b, n in enumerate(lengths):
+        np.testing.assert_allclose(got[b, :n], ref[b, :n], atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------- no reshards
+COLLECTIVES = ("all-gather", "collective-permute", "all-reduce", "all-to-all", "reduce-scatter")
+_COLLECTIVE = re.compile(r"\s(%s)(?:-start)?\(" % "|".join(COLLECTIVES))
+
+
+def collectives(hlo: str) -> dict[str, list[str]]:
+    """{collective: [its HLO instruction lines]} of a compiled module's text."""
+    out = {c: [] for c in COLLECTIVES}
+    for line in hlo.splitlines():
+        m = _COLLECTIVE.search(line)
+        if m:
+            out[m.group(1)].append(line.strip())
+    return out
+
+
+def _describe(lines):
+    """'name = shape op(...) ... op_name="..."' -> 'shape <- op_name' per line (for failure messages)."""
+    out = []
+    for line in lines:
+        shape = line.split("=", 1)[1].split()[0]
+        op = re.search(r'op_name="([^"]*)"', line)
+        out.append(f"{shape} from {op.group(1) if op else '?'}")
+    return out
+
+
+@pytest.mark.parametrize("name,shape", [("llama_k8", (1, 4)), ("llama_k8", (2, 2)), ("qwen_k2_tied_bias", (2, 2)),
+                                        ("qwen_k2_tied_bias", (1, 4))],
+                         ids=["k8-1x4", "k8-2x2", "k2-2x2", "k2-replicated-1x4"])
+def test_per_layer_decode_step_moves_no_weights(models, name, shape):
+    """The compiled decode step of a per-layer runtime (tokens [B, 1] into a sharded cache) has no
+    all-gather and no collective-permute: every device multiplies its own contiguous slice of each
+    fused weight and writes its own cache rows and KV heads. The only collectives are the
+    Megatron all-reduces: one after wo and one after w_down per layer, plus one for the
+    embedding lookup when the vocab is split over ``model`` (each device holds V/m rows; the
+    head's logits stay split, so it needs none). K=2 on model=4: k/v replicated (wq and wk|wv
+    are separate weights), which must not cost a reshard either."""
+    cfg, params = CFGS[name], models[name]
+    mesh = sh.make_mesh(*shape)
+    rt = runtime.prepare(params, cfg, mesh=mesh, layout="per_layer")
+    B = 4
+    cache = new_cache(cfg, rt, B, 16)
+    tokens, lengths = sh.shard_batch((np.full((B, 1), 5, np.int32), np.ones((B,), np.int32)), mesh)
+    hlo = forward_cached_jit.lower(rt, cfg, tokens, lengths, cache).compile().as_text()
+    found = collectives(hlo)
+    moves = {c: _describe(found[c]) for c in ("all-gather", "collective-permute", "all-to-all", "reduce-scatter")}
+    assert not any(moves.values()), f"reshards in the decode step on mesh {shape}: {moves}"
+    embed_split = _sharded("V", cfg, shape[1])
+    n_reduce = len(found["all-reduce"])
+    assert 0 < n_reduce <= 2 * cfg.num_layers + int(embed_split), _describe(found["all-reduce"])
+
+
+# ---------------------------------------------------------------------------------- loading
 def test_load_with_mesh_places_each_tensor_sharded(tmp_path):
     from hf_reference import make_hf_model
 
@@ -256,19 +541,23 @@ def test_load_with_mesh_places_each_tensor_sharded(tmp_path):
     sh_put = lambda x, s: placed.append(s) or real_put(x, s)  # noqa: E731
     try:
         sh._put = sh_put
-        model = realm_jax.load(directory, dtype="float32", mesh=mesh)
+        model = realm_jax.load(directory, dtype="float32", mesh=mesh, layout="per_layer")
     finally:
         sh._put = real_put
     cfg = model.config
     n_leaves = len(jax.tree_util.tree_leaves(model.params))
     assert len(placed) == n_leaves  # each leaf placed once, as it was read
-    for k, arr in {**model.params["layers"], **{k: v for k, v in model.params.items() if k != "layers"}}.items():
-        full = plain.params["layers"][k] if k in plain.params["layers"] else plain.params[k]
-        assert_laid_out(arr, full, expected_spec(k, arr.ndim, cfg, 2), mesh)
+    full = canonical_leaves(plain.params)
+    for k, arr in canonical_leaves(model.params).items():
+        assert_laid_out(arr, full[k], expected_spec(k, arr.ndim, cfg, 2), mesh)
+    # the runtime was prepared on the mesh, in the layout asked for
+    rt = model._runtime
+    assert rt is not None and rt.mesh is mesh and not rt.stacked
+    check_runtime_layout(rt, plain.params, cfg, mesh)
     rng = np.random.default_rng(1)
     tokens, lengths = random_batch(rng, cfg.vocab_size, [7, 4, 2, 7])
-    ref = np.asarray(forward_jit(plain.params, cfg, tokens, lengths))
-    got = np.asarray(forward_jit(model.params, cfg, *sh.shard_batch((tokens, lengths), mesh)))
+    ref = np.asarray(forward_jit(runtime.prepare(plain.params, cfg, layout="per_layer"), cfg, tokens, lengths))
+    got = np.asarray(forward_jit(model.runtime, cfg, *sh.shard_batch((tokens, lengths), mesh)))
     for b, n in enumerate(lengths):
         np.testing.assert_allclose(got[b, :n], ref[b, :n], atol=1e-5, rtol=0)
     # a mesh that cannot hold the model is refused before any tensor is read
@@ -283,18 +572,21 @@ def test_load_with_mesh_places_each_tensor_sharded(tmp_path):
 def test_real_model_gguf_loaded_onto_a_mesh(smollm2, smollm2_gguf):
     """SmolLM2-135M (N=9, K=3, F=1536, V=49152) from its GGUF onto a 2 x 3 mesh: every leaf as
     its rule says (the GGUF reader places leaves before the config is known to the placer; KV
-    projections are then moved into place), logits equal the single-device model's."""
+    projections are then moved into place), the runtime is prepared on the mesh, logits equal the
+    single-device model's."""
     mesh = sh.make_mesh(2, 3)
     model = realm_jax.load(smollm2_gguf, dtype="float32", mesh=mesh)
     cfg = model.config
-    for k, arr in {**model.params["layers"], **{k: v for k, v in model.params.items() if k != "layers"}}.items():
-        full = smollm2.params["layers"][k] if k in smollm2.params["layers"] else smollm2.params[k]
-        assert_laid_out(arr, full, expected_spec(k, arr.ndim, cfg, 3), mesh)
+    full = canonical_leaves(smollm2.params)
+    for k, arr in canonical_leaves(model.params).items():
+        assert_laid_out(arr, full[k], expected_spec(k, arr.ndim, cfg, 3), mesh)
+    assert model._runtime is not None and model.runtime.mesh is mesh
     ids = smollm2.tokenizer.encode("The quick brown fox jumps over the lazy dog.")
     tokens = np.array([ids, ids[::-1]], np.int32)
     lengths = np.array([len(ids), len(ids) - 3], np.int32)
-    ref = np.asarray(forward_jit(smollm2.params, cfg, tokens, lengths))
-    got = np.asarray(forward_jit(model.params, cfg, *sh.shard_batch((tokens, lengths), mesh)))
+    rt1 = runtime.prepare(smollm2.params, cfg, layout="stacked" if model.runtime.stacked else "per_layer")
+    ref = np.asarray(forward_jit(rt1, cfg, tokens, lengths))
+    got = np.asarray(forward_jit(model.runtime, cfg, *sh.shard_batch((tokens, lengths), mesh)))
     scale = np.abs(ref).max()
     for b, n in enumerate(lengths):
         np.testing.assert_allclose(got[b, :n], ref[b, :n], atol=1e-5 * scale, rtol=0)
@@ -302,12 +594,22 @@ def test_real_model_gguf_loaded_onto_a_mesh(smollm2, smollm2_gguf):
           f" (logits up to {scale:.0f})")
 
 
+# ---------------------------------------------------------------------------------- refusals
 def test_bad_meshes_are_refused_naming_the_dimension():
     cfg = CFGS["llama_k8"]
     with pytest.raises(sh.ShardingError, match=r"num_heads=6 is not divisible by the mesh 'model' axis \(4\)"):
         sh.param_specs(cfg.replace(num_heads=6, num_kv_heads=2), sh.make_mesh(2, 4))
     with pytest.raises(sh.ShardingError, match=r"intermediate_size=50 is not divisible by the mesh 'model' axis \(4\)"):
         sh.param_placer(sh.make_mesh(2, 4), cfg.replace(intermediate_size=50))
+    # prepare checks the mesh against the model before building anything
+    bad = cfg.replace(num_heads=6, num_kv_heads=2)
+    with pytest.raises(sh.ShardingError, match=r"num_heads=6 is not divisible by the mesh 'model' axis \(4\)"):
+        runtime.prepare(init_params(bad, 0), bad, mesh=sh.make_mesh(2, 4))
+    bad = cfg.replace(intermediate_size=50)
+    with pytest.raises(sh.ShardingError, match=r"intermediate_size=50 is not divisible"):
+        runtime.prepare(init_params(bad, 0), bad, mesh=sh.make_mesh(1, 4), layout="per_layer")
+    with pytest.raises(sh.ShardingError, match=r"mesh: expected a jax.sharding.Mesh"):
+        runtime.prepare(init_params(cfg, 0), cfg, mesh="2x4")
     # K and V that do not divide are replicated, not refused
     specs = sh.param_specs(cfg.replace(num_kv_heads=2, vocab_size=97), sh.make_mesh(1, 8))
     assert norm_spec(specs["layers"]["wk"], 3) == (None, None, None)
@@ -317,6 +619,8 @@ def test_bad_meshes_are_refused_naming_the_dimension():
         sh.shard_batch(np.zeros((3, 5), np.int32), mesh)
     with pytest.raises(sh.ShardingError, match=r"batch size 3 is not divisible by the mesh 'data' axis \(2\)"):
         sh.shard_cache(init_cache(cfg, 3, 8, jnp.float32), mesh)
+    with pytest.raises(sh.ShardingError, match=r"batch size 3 is not divisible by the mesh 'data' axis \(2\)"):
+        sh.shard_cache(init_cache(cfg, 3, 8, jnp.float32, per_layer=True), mesh)
     with pytest.raises(sh.ShardingError, match=r"data=3 x model=3 needs 9 devices, available: 8"):
         sh.make_mesh(3, 3)
     with pytest.raises(sh.ShardingError, match=r"model=3 does not divide the number of devices \(8\)"):
@@ -329,6 +633,7 @@ def test_bad_meshes_are_refused_naming_the_dimension():
     assert m.shape == {"data": 1, "model": 3} and m.axis_names == ("data", "model")
 
 
+# ---------------------------------------------------------------------------------- multi-host
 def test_initialize_distributed_checks_its_arguments():
     assert sh.initialize_distributed() is False  # single process: nothing to do
     with pytest.raises(sh.ShardingError, match="together"):
@@ -368,7 +673,7 @@ def test_two_processes_share_evaluation_and_gather_in_order(models, tmp_path):
         assert p.returncode == 0, o[-3000:]
     requests, tokens, lengths = _worker_inputs(cfg)
     ref = np.array([s.logprob for s in score(Model(cfg, params), requests, batch_size=2)])
-    ref_logits = np.asarray(forward_jit(params, cfg, tokens, lengths))
+    ref_logits = np.asarray(forward_jit(runtime.prepare(params, cfg), cfg, tokens, lengths))
     for i in range(2):
         got = np.load(tmp_path / f"result{i}.npz")
         np.testing.assert_allclose(got["scores"], ref, atol=1e-5, rtol=0)
@@ -394,7 +699,9 @@ def _worker(pid: int, port: int, out_dir: str) -> None:
     # evaluation: each process scores its share on a mesh of its own devices
     local = sh.make_mesh(2, 2, devices=jax.local_devices())
     mine = sh.process_shard(requests)
-    scores = score(Model(cfg, sh.shard_params(params, cfg, local)), mine, batch_size=2)
+    model = Model(cfg, params)
+    model.prepare(mesh=local)
+    scores = score(model, mine, batch_size=2)
     gathered = sh.gather_in_order(np.array([s.logprob for s in scores]), len(requests))  # arrays
     objects = sh.gather_in_order(scores, len(requests))  # any picklable results
     assert [s.token_ids for s in objects] == [tuple(c) for _, c in requests]
@@ -402,8 +709,8 @@ def _worker(pid: int, port: int, out_dir: str) -> None:
     # one program over all 8 devices: each process feeds its half of the batch
     glob = sh.make_mesh(2, 4)
     half = slice(2 * pid, 2 * pid + 2)
-    out = forward_jit(sh.shard_params(params, cfg, glob), cfg, sh.shard_batch(tokens[half], glob),
-                      sh.shard_batch(lengths[half], glob))
+    rt = runtime.prepare(sh.shard_params(params, cfg, glob), cfg, mesh=glob)
+    out = forward_jit(rt, cfg, sh.shard_batch(tokens[half], glob), sh.shard_batch(lengths[half], glob))
     from jax.experimental import multihost_utils
 
     logits = multihost_utils.process_allgather(out, tiled=True)

@@ -19,9 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--layout", default="decode", choices=["decode", "stacked"],
-                   help="params layout (model.decode_layout is the fast one for small batches)")
-    p.add_argument("--int8", action="store_true", help="int8 weight-only params (realm_jax.quantize)")
+    p.add_argument("--layout", default="per_layer", choices=["per_layer", "stacked"],
+                   help="runtime layout (runtime.prepare; per_layer is the fast one for small batches on GPU)")
+    p.add_argument("--int8", action="store_true", help="int8 weight-only (runtime.prepare(quantize='int8'))")
     p.add_argument("--repeats", type=int, default=3)
 
 
@@ -31,8 +31,7 @@ def run(args) -> int:
     from .. import bench
     from ..config import ModelConfig
     from ..errors import RealmError
-    from ..model import decode_layout
-    from ..quantization import quantize
+    from ..runtime import prepare
 
     for name in ("prompt_len", "new_tokens", "repeats"):
         if getattr(args, name) < (2 if name == "new_tokens" else 1):
@@ -49,10 +48,7 @@ def run(args) -> int:
         label = args.shape or "llama-1b"
         cfg = ModelConfig(**bench.SHAPES[label])
         params = bench.random_params(cfg, dtype)
-    if args.int8:
-        params = quantize(params)
-    if args.layout == "decode":
-        params = decode_layout(params)
+    params = prepare(params, cfg, quantize="int8" if args.int8 else None, layout=args.layout)
     env = bench.environment()
     bw = bench.copy_bandwidth()
     rows = []

@@ -1,4 +1,5 @@
-"""The continuous-batching engine's device side: fixed-shape slot state and its two jitted steps.
+"""The engine's device side: fixed-shape slot state, its two jitted steps, and ``Device``, which
+holds that state with the served params and makes the engine's device calls.
 
 B = the engine's slots, S = its cache length, P = rows per prefill call, T = a prompt bucket,
 E = the stop-id table width, W = tokens a decode call can hand back per slot.
@@ -18,25 +19,32 @@ engine never recompiles whatever requests come.
 
 Host <-> device traffic is one array each way per call: an admission is an int32 table
 [P, T + E + 6] and a float32 table [P, 2] (``admission``); ``admit`` answers [P, 2] and
-``decode`` [B, W + 6] (``ADMIT_COLS``, ``DECODE_COLS``).
+``decode`` [B, W + 6] (``ADMIT_COLS``, ``DECODE_COLS``). An empty slot holds the settings of a
+padding row of that table.
 
 Sampling is per row and batch-invariant: a slot's t-th token uses ``fold_in(key(seed), t)``
 exactly as ``generate`` does (speculative rounds use speculative's per-row keys), so a request's
 tokens do not depend on the other slots.
+
+``prepare_adapters`` is the one place that puts adapters (and, folded, the params) into the
+layout the params are served in.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import itertools
+import time
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ModelConfig
-from .generation import Controls, DecodeState, decode_step, emit, init_state, new_cache, prefill
-from .kv_cache import KVCache, insert_rows
-from .sampling import SamplingParams
+from ..config import ModelConfig
+from ..errors import RealmError
+from ..generation import Controls, DecodeState, decode_step, emit, init_state, new_cache, prefill
+from ..kv_cache import KVCache, insert_rows
+from ..sampling import SamplingParams
 
 
 class EngineState(NamedTuple):
@@ -74,6 +82,7 @@ DECODE_COLS = ("count", "status", "live", "passes", "drafted", "accepted")
 RUNNING, ENDED, STOPPED = 0, 1, 2
 
 
+# ------------------------------------------------------------------------------ host tables
 def request_settings(stop_ids, stop_width: int, limit: int, top_k: int, seed: int, adapter_id: int) -> np.ndarray:
     """One request's fixed part of an admission row: stop ids [E] (-1 = none) then
     ``SETTINGS_COLS``; int32 [E + 4]."""
@@ -83,22 +92,39 @@ def request_settings(stop_ids, stop_width: int, limit: int, top_k: int, seed: in
     return row
 
 
-def admission(rows: int, bucket: int, stop_width: int, slots: int) -> tuple[np.ndarray, np.ndarray]:
+def admission(rows: int, bucket: int, stop_width: int, slots: int, fill=()) -> tuple[np.ndarray, np.ndarray]:
     """Host tables for a prefill call of ``rows`` (P) prompts padded to ``bucket`` (T), every row
     padding (length 0, limit 0, slot B = dropped): ints [P, T + E + 6] = prompt [T] | stop ids [E]
-    | ``SETTINGS_COLS`` | ``PLACE_COLS``; floats [P, 2] = temperature, top_p."""
+    | ``SETTINGS_COLS`` | ``PLACE_COLS``; floats [P, 2] = temperature, top_p. ``fill``: the first
+    rows' (slot, prompt ids [<= T], ``request_settings`` [E + 4], floats [2])."""
     ints = np.zeros((rows, bucket + stop_width + len(SETTINGS_COLS) + len(PLACE_COLS)), np.int32)
     ints[:, bucket:bucket + stop_width] = -1
     ints[:, -1] = slots
     floats = np.zeros((rows, 2), np.float32)
     floats[:, 1] = 1.0
+    e = bucket + stop_width + len(SETTINGS_COLS)
+    for i, (s, ids, settings, row_floats) in enumerate(fill):
+        ints[i, :len(ids)] = ids
+        ints[i, bucket:e] = settings
+        ints[i, e:] = (len(ids), s)
+        floats[i] = row_floats
     return ints, floats
+
+
+def _columns(ints: jax.Array, floats: jax.Array, stop_width: int):
+    """An admission's tables by column: prompts [P, T], the rows' ``Controls`` [P] (stop ids
+    [P, E]), adapter ids, lengths and slots [P]."""
+    t = ints.shape[1] - stop_width - len(SETTINGS_COLS) - len(PLACE_COLS)
+    limits, top_k, seed, adapter_ids = (ints[:, t + stop_width + j] for j in range(len(SETTINGS_COLS)))
+    sp = SamplingParams(floats[:, 0], top_k, floats[:, 1], jax.lax.bitcast_convert_type(seed, jnp.uint32))
+    return ints[:, :t], Controls(sp, limits, ints[:, t:t + stop_width]), adapter_ids, ints[:, -2], ints[:, -1]
 
 
 def _status(done: jax.Array, stopped: jax.Array) -> jax.Array:
     return jnp.where(stopped, STOPPED, jnp.where(done, ENDED, RUNNING)).astype(jnp.int32)
 
 
+# ------------------------------------------------------------------------------ device programs
 def empty_state(params, cfg: ModelConfig, slots: int, max_len: int, stop_width: int, *,
                 spec=None, dparams=None) -> EngineState:
     """Every slot empty (done, limit 0); the cache [B, S] in the params dtype and layout."""
@@ -106,8 +132,8 @@ def empty_state(params, cfg: ModelConfig, slots: int, max_len: int, stop_width: 
     zi = jnp.zeros((b,), jnp.int32)
     dec = DecodeState(new_cache(cfg, params, b, max_len), zi, zi, jnp.ones((b,), bool), jnp.zeros((b,), bool),
                       jnp.zeros((b, max_len), jnp.int32))
-    sp = SamplingParams(jnp.zeros((b,), jnp.float32), zi, jnp.ones((b,), jnp.float32), jnp.zeros((b,), jnp.uint32))
-    ctl = Controls(sp, zi, jnp.full((b, stop_width), -1, jnp.int32))
+    ints, floats = admission(b, 0, stop_width, b)  # B padding rows: greedy, limit 0, no stop ids
+    _, ctl, _, _, _ = _columns(jnp.asarray(ints), jnp.asarray(floats), stop_width)
     state = EngineState(dec, ctl, jnp.full((b,), -1, jnp.int32), zi, zi)
     if spec is None:
         return state
@@ -129,22 +155,17 @@ def _insert_draft(dst, src, slots):
     raise TypeError(f"the engine cannot insert a draft state of type {type(dst).__name__}")
 
 
-def admit(params, cfg: ModelConfig, state: EngineState, ints: jax.Array, floats: jax.Array, *, adapters=None,
+def admit(params, cfg: ModelConfig, state: EngineState, ints: jax.Array, floats: jax.Array, *,
           dparams=None, spec=None) -> tuple[EngineState, jax.Array]:
     """Prefill the prompts of an admission (``admission``'s tables: ints [P, T + E + 6], floats
     [P, 2]; length 0 = padding row), sample the first tokens with the rows' settings and insert
     everything into the rows' slots (B = drop). Returns the state and [P, 2] (``ADMIT_COLS``)."""
     p = ints.shape[0]
-    e = state.ctl.stop_ids.shape[1]
-    t = ints.shape[1] - e - len(SETTINGS_COLS) - len(PLACE_COLS)
-    tokens, stop = ints[:, :t], ints[:, t:t + e]
-    limits, top_k, seed, adapter_ids = (ints[:, t + e + j] for j in range(len(SETTINGS_COLS)))
-    lengths, slots = ints[:, -2], ints[:, -1]
-    sp = SamplingParams(floats[:, 0], top_k, floats[:, 1], jax.lax.bitcast_convert_type(seed, jnp.uint32))
-    ctl = Controls(sp, limits, stop)
-    aid = adapter_ids if adapters is not None else None
-    logits, cache = prefill(params, cfg, tokens, lengths, new_cache(cfg, params, p, t),
-                            adapters=adapters, adapter_ids=aid, empty_cache=True)
+    tokens, ctl, adapter_ids, lengths, slots = _columns(ints, floats, state.ctl.stop_ids.shape[1])
+    t = tokens.shape[1]
+    aid = adapter_ids if params.num_adapters else None
+    logits, cache = prefill(params, cfg, tokens, lengths, new_cache(cfg, params, p, t), adapter_ids=aid,
+                            empty_cache=True)
     rows = emit(init_state(cache, ctl.limits, 1), logits, ctl)
     d = state.dec
     dec = DecodeState(insert_rows(d.cache, rows.cache, slots), _put(d.last, rows.last, slots),
@@ -165,18 +186,18 @@ def admit(params, cfg: ModelConfig, state: EngineState, ints: jax.Array, floats:
 
 
 def decode(params, cfg: ModelConfig, state: EngineState, kill: jax.Array, *, steps: int, window: int,
-           adapters=None, dparams=None, spec=None, k: int = 0) -> tuple[EngineState, jax.Array]:
+           dparams=None, spec=None, k: int = 0) -> tuple[EngineState, jax.Array]:
     """Mark ``kill`` [B] slots done (cancelled), run up to ``steps`` steps (rounds, with a draft)
     while any slot is live; returns the state and [B, W + 6]: the tokens each slot made since the
     last call, then ``DECODE_COLS`` (this call's counts per slot; ``live``: running at its start).
 
     A slot running at the start makes at least one token per step until it ends, so one whose
     token budget has at most ``steps`` tokens left is certain to have ended after the call."""
-    from .speculative import SpecState, speculative_round
+    from ..speculative import SpecState, speculative_round
 
     dec = state.dec._replace(done=state.dec.done | kill)
     ctl = state.ctl
-    aid = state.adapter_ids if adapters is not None else None
+    aid = state.adapter_ids if params.num_adapters else None
 
     def cond(carry):
         s, i = carry
@@ -185,7 +206,7 @@ def decode(params, cfg: ModelConfig, state: EngineState, kill: jax.Array, *, ste
     if spec is None:
         def body(carry):
             s, i = carry
-            return decode_step(params, cfg, s, ctl, adapters=adapters, adapter_ids=aid), i + 1
+            return decode_step(params, cfg, s, ctl, adapter_ids=aid), i + 1
 
         dec, _ = jax.lax.while_loop(cond, body, (dec, jnp.int32(0)))
         new = state._replace(dec=dec)
@@ -195,7 +216,7 @@ def decode(params, cfg: ModelConfig, state: EngineState, kill: jax.Array, *, ste
         def body(carry):
             s, i = carry
             return speculative_round(params, dparams, cfg, spec, k, state.prompt_len, ctl, s,
-                                     adapters=adapters, adapter_ids=aid), i + 1
+                                     adapter_ids=aid), i + 1
 
         start = SpecState(dec, state.seq, state.draft, state.passes, state.drafted, state.accepted)
         ss, _ = jax.lax.while_loop(cond, body, (start, jnp.int32(0)))
@@ -216,3 +237,92 @@ def decode(params, cfg: ModelConfig, state: EngineState, kill: jax.Array, *, ste
 empty_state_jit = jax.jit(empty_state, static_argnames=("cfg", "slots", "max_len", "stop_width", "spec"))
 admit_jit = jax.jit(admit, static_argnames=("cfg", "spec"), donate_argnames=("state",))
 decode_jit = jax.jit(decode, static_argnames=("cfg", "steps", "window", "spec", "k"), donate_argnames=("state",))
+
+
+# ------------------------------------------------------------------------------ served params
+def check_adapters(model, adapters: Mapping[str, Any]) -> tuple[str, ...]:
+    """Validate {name: single adapter} against the model; the names, in order."""
+    from .. import lora
+
+    if not isinstance(adapters, Mapping) or not adapters:
+        raise RealmError(f"adapters: expected a non-empty dict {{name: adapter}}, got {type(adapters).__name__}")
+    cfg = model.config
+    dims = lora.projection_dims(cfg)
+    for name, ad in adapters.items():
+        if not isinstance(name, str) or not name:
+            raise RealmError(f"adapters: names must be non-empty strings, got {name!r}")
+        lora.check_adapter(ad, dims, cfg.num_layers, f"adapters[{name!r}]", stacked=False)
+    return tuple(adapters)
+
+
+def prepare_adapters(model, adapters: Sequence, fold: bool = False):
+    """Stack checked adapters once and return the runtime they are served by: ``model.runtime``'s
+    base weights with the stack (``runtime.with_adapters``), or with ``fold`` a new runtime with
+    the stack folded into its weights (``prepare(..., fold=True)``, ``model.runtime``'s choices)."""
+    from .. import lora
+    from ..runtime import choices_of, prepare, with_adapters
+
+    cfg = model.config
+    stack = lora.stack_adapters(list(adapters), dtype=model.dtype)
+    if fold:
+        return prepare(model.params, cfg, adapters=stack, fold=True, **choices_of(model.runtime))
+    return with_adapters(model.runtime, cfg, stack)
+
+
+# ------------------------------------------------------------------------------ the engine's device calls
+class Device:
+    """The slot state [B] on the device, the params it is served with, and the engine's three
+    device calls: ``admit`` (prefill + insert: tables [P, T + E + 6], [P, 2] -> [P, 2]), ``decode``
+    (one call of ``steps`` steps: kill flags [B] -> [B, W + 6]) and ``fetch`` (a result to the
+    host). Dispatches are asynchronous; every result starts its copy to the host at once.
+    ``dispatch_s`` / ``wait_s``: host seconds spent dispatching / waiting for results. Only the
+    thread driving the engine calls these."""
+
+    def __init__(self, params, cfg: ModelConfig, *, slots: int, max_len: int, stop_width: int, steps: int,
+                 draft=None, k: int = 0):
+        self.params = params  # the target's params as served (folded with fold_adapters)
+        self.cfg = cfg
+        self.slots = slots
+        self.stop_width = stop_width
+        self.spec = None if draft is None else draft.spec
+        self.dparams = None if draft is None else draft.params
+        self.steps = steps
+        self.k = k
+        self.window = steps * (k + 1)  # W
+        self.state = empty_state_jit(params, cfg, slots=slots, max_len=max_len, stop_width=stop_width,
+                                     spec=self.spec, dparams=self.dparams)
+        self.no_kill = jax.device_put(np.zeros((slots,), bool))  # passed when nothing was cancelled
+        self.dispatch_s = 0.0
+        self.wait_s = 0.0
+
+    def _dispatch(self, program, *args, **static) -> jax.Array:
+        t = time.perf_counter()
+        self.state, out = program(self.params, self.cfg, self.state, *args,
+                                  dparams=self.dparams, spec=self.spec, **static)
+        out.copy_to_host_async()  # comes back as soon as it is ready
+        self.dispatch_s += time.perf_counter() - t
+        return out
+
+    def admit(self, ints: np.ndarray, floats: np.ndarray) -> jax.Array:
+        """Prefill and insert one admission (``admission``'s tables); its [P, 2] (``ADMIT_COLS``)."""
+        return self._dispatch(admit_jit, ints, floats)
+
+    def decode(self, kill) -> jax.Array:
+        """One decode call over all slots, ``kill`` [B] cancelled first; its [B, W + 6]."""
+        return self._dispatch(decode_jit, kill, steps=self.steps, window=self.window, k=self.k)
+
+    def fetch(self, out: jax.Array) -> np.ndarray:
+        t = time.perf_counter()
+        host = np.asarray(out)
+        self.wait_s += time.perf_counter() - t
+        return host
+
+    def warmup(self, prefill_rows: Sequence[int], buckets: Sequence[int], kill: np.ndarray) -> None:
+        """Compile every program now: one (padding) admission per (rows, bucket), and a decode with
+        each kind of kill flags (``no_kill`` and a host [B] ``kill``). Not counted as dispatch time."""
+        dispatched = self.dispatch_s
+        outs = [self.admit(*admission(p, t, self.stop_width, self.slots))
+                for p, t in itertools.product(prefill_rows, buckets)]
+        outs += [self.decode(self.no_kill), self.decode(kill)]
+        jax.block_until_ready(outs)
+        self.dispatch_s = dispatched  # compilation is not serving time

@@ -1,0 +1,54 @@
+"""Continuous batching: a fixed set of slots that admits waiting requests as others finish.
+
+    engine = Engine(model, max_slots=8, max_seq_len=1024)
+    h = engine.submit("Hello", 32, temperature=0.7, seed=1)      # from any thread
+    engine.run_until_idle()                                        # or engine.start() ... stop()
+    h.result().tokens, h.result().text, h.result().finish_reason
+
+A static batch runs until its longest row ends; the engine instead keeps every slot busy. Each
+``step`` of the host loop:
+
+1. **admit**: waiting requests (first come, first served) take free slots, several per prefill
+   call (``prefill_batch`` rows; the admitted are grouped by prompt length, and each group's
+   prompts are right-padded to the smallest of ``prefill_buckets`` that fits its longest); the
+   prefill also samples each row's first token and **inserts** the rows' cache, counters and
+   settings into their slots (one jitted, donated call);
+2. **decode**: dispatch ``decode_steps_per_call`` steps over all slots as one jitted call (empty
+   and finished slots idle); with a ``draft``, speculative rounds instead (up to k+1 tokens each);
+3. **evict**: while that call runs, fetch the *previous* decode call's tokens and hand them to
+   their requests' handles (``stream``); finished rows resolve their handles (``result``) and free
+   their slots for the next step's admission. Then the admitted rows' first tokens.
+
+JAX dispatch is asynchronous and the state stays on the device, so the host's bookkeeping overlaps
+the device's work: the device always has the next call queued. The price: a row that ends by a
+stop id is seen one call late, and its slot idles through that call (the device's done flag stops
+it making tokens). A row that runs out of its token budget costs nothing: the host knows a slot
+whose budget ends within the call in flight is free once that call is done, and admits into it
+right away (the admission runs after that call on the device).
+
+Every device call has a fixed shape (see ``state``): after ``warmup()`` (or once every bucket was
+used) nothing recompiles. Requests are validated on the host at ``submit`` with generation's own
+checks (a bad request raises there; others are unaffected). Per-request sampling settings, stop
+ids and LoRA adapters (``adapters={name: adapter}``, stacked once) live in per-slot arrays; a
+request's output equals ``generate`` on it alone (greedy: the same tokens; sampled: the same tokens
+for the same seed).
+
+Threads: ``submit``/``cancel`` are safe from any thread. Requests advance when someone drives
+the loop: ``start()`` runs it on a background thread; otherwise ``run_until_idle()``,
+``generate_many``, ``handle.result()`` and ``handle.stream()`` drive it from the caller.
+
+The parts, B = slots, P = rows per prefill call, T = a prompt bucket, E = stop-id table width,
+W = tokens per slot a decode call hands back:
+
+- ``core``: the ``Engine`` (settings, submission, the loop wiring the three below);
+- ``scheduler``: the queue, slot owners, kill flags [B], admission policy and bucket choice;
+- ``state``: the device state [B, ...], its jitted ``admit`` ([P, T + E + 6] + [P, 2] -> [P, 2])
+  and ``decode`` ([B] kill flags -> [B, W + 6]), and ``Device``, which makes those calls;
+- ``delivery``: request handles and results, handing device results to them, statistics.
+"""
+
+from .core import Engine
+from .delivery import CANCELLED, EngineStats, RequestHandle, RequestResult
+from .scheduler import default_buckets
+
+__all__ = ["CANCELLED", "Engine", "EngineStats", "RequestHandle", "RequestResult", "default_buckets"]

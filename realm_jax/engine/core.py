@@ -1,0 +1,382 @@
+"""The ``Engine`` class: its settings, request validation and submission, and the host loop that
+wires the scheduler (``scheduler``), the device (``state``) and delivery (``delivery``) together.
+
+B = ``max_slots``, P = rows per prefill call, T = a prompt bucket, E = the stop-id table width,
+W = tokens a decode call hands back per slot. The loop moves host tables of an admission (int32
+[P, T + E + 6], float32 [P, 2]) and kill flags (bool [B]) to the device, and its answers ([P, 2]
+per admission, [B, W + 6] per decode call) back; see the package doc for the order of a step.
+
+Locks: ``_lock`` guards the scheduler's and the statistics' bookkeeping (``_wake`` is its
+condition); ``_drive`` is held by whoever runs steps (the device's calls and their timings).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import RealmError
+from ..generation import GenerationResult, default_stop_ids, next_pow2, prepare_prompts, validate_request
+from . import delivery
+from . import state as es
+from .delivery import CANCELLED, EngineStats, RequestHandle, Stats
+from .scheduler import Call, Scheduler, _check_pos_int
+
+
+class Engine:
+    """A continuous-batching engine over ``max_slots`` fixed slots (see the ``realm_jax.engine`` doc).
+
+    model: a loaded ``Model`` (config, params in the stacked or decode layout, tokenizer or None).
+    max_slots (B): sequences decoded together. max_seq_len (S): prompt + new tokens of any one
+    request (default: min(1024, the model's max_position_embeddings)). prefill_buckets: prompt
+    lengths compiled for (default: powers of two from 16, and S; the largest bounds prompts).
+    prefill_batch: rows per prefill call (P), an int or several sizes (default (1, min(B, 8))):
+    each admission uses the smallest size that holds the free slots' worth of waiting prompts
+    with at most half of its rows padding (else smaller calls); every (rows, bucket) pair is one
+    compiled program. Prefill is about a quarter of the device's time on a mixed workload, and
+    its padding is set by these two: finer buckets and more row sizes waste less but compile more
+    programs (H100, 1B shape: buckets 128/256/384/512 with rows 1/2/4/8 gave 2.08x static
+    batching, 128/256/512 with rows 1/8 1.97x). decode_steps_per_call:
+    decode steps (or speculative rounds) per device call: enough that a call outlasts the host's
+    bookkeeping of one step (so the device never waits), few enough that a row ending by a stop id
+    (its slot idles until the end of the next call) wastes little. Default 16: on an H100 (1B shape,
+    32 slots, mixed workload) 16 gave 1.99x static batching and 8 gave 1.88x (on the GPU a call
+    with a decode loop returns from dispatch only once its last step is launched, so the host's
+    bookkeeping, ~0.5 ms per call there, overlaps only the call's last steps). max_stop_ids (E):
+    stop ids per request.
+    adapters: {name: single LoRA adapter}, stacked once; requests pick one by name.
+    fold_adapters: serve the adapters folded (``runtime.prepare(..., fold=True)`` with
+    ``model.runtime``'s choices): their A factors appended to the base weights, one matmul fewer
+    per projection and step (H100, 4 adapters, rank 16: +9.5% over the base model on the 8B shape
+    instead of +16.5%). The engine then holds a folded copy of the weights besides
+    ``model.runtime``.
+    draft: a draft for speculative decoding (a loaded Model, "self:N", "lookup" or a
+    ``drafts.Draft``), k tokens per round.
+    """
+
+    def __init__(self, model, *, max_slots: int = 8, max_seq_len: int | None = None,
+                 prefill_buckets: Sequence[int] | None = None, prefill_batch: int | None = None,
+                 decode_steps_per_call: int = 16, max_stop_ids: int = 8,
+                 adapters: Mapping[str, Any] | None = None, fold_adapters: bool = False, draft=None,
+                 k: int = 4):
+        cfg = model.config
+        self.model = model
+        self.max_slots = _check_pos_int("max_slots", max_slots)
+        if max_seq_len is None:
+            max_seq_len = min(1024, cfg.max_position_embeddings)
+        self.max_seq_len = _check_pos_int("max_seq_len", max_seq_len, 2)
+        if self.max_seq_len > cfg.max_position_embeddings:
+            raise RealmError(f"max_seq_len: expected at most the model's max_position_embeddings="
+                             f"{cfg.max_position_embeddings}, got {max_seq_len}")
+        self._sched = Scheduler(self.max_slots, self.max_seq_len, prefill_buckets, prefill_batch,
+                                decode_steps_per_call)
+        self.prefill_buckets = self._sched.prefill_buckets
+        self.max_prompt_len = self._sched.max_prompt_len
+        self.prefill_rows = self._sched.prefill_rows
+        self.decode_steps_per_call = self._sched.decode_steps_per_call
+        self.max_stop_ids = _check_pos_int("max_stop_ids", max_stop_ids)
+        self.stop_width = max(4, next_pow2(self.max_stop_ids))
+
+        self.adapter_names: tuple[str, ...] = ()
+        params = model.runtime  # the target's runtime as served (with the adapters, folded or not)
+        if fold_adapters and (adapters is None or draft is not None):
+            raise RealmError("fold_adapters: needs adapters, and no draft (a draft runs the unfolded weights)")
+        if adapters is not None:
+            self.adapter_names = es.check_adapters(model, adapters)
+            params = es.prepare_adapters(model, [adapters[n] for n in self.adapter_names], fold_adapters)
+        self.draft = None
+        self.k = 0
+        if draft is not None:
+            from ..drafts import make_draft
+
+            self.k = _check_pos_int("k", k)
+            self.draft = make_draft(model, draft)
+        self._device = es.Device(params, cfg, slots=self.max_slots, max_len=self.max_seq_len,
+                                 stop_width=self.stop_width, steps=self.decode_steps_per_call,
+                                 draft=self.draft, k=self.k)
+        self.window = self._device.window
+
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._drive = threading.Lock()  # whoever holds it runs steps
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._error: BaseException | None = None
+        self._stats = Stats()
+
+    # white-box views of the parts (tests read them)
+    @property
+    def _params(self):
+        return self._device.params
+
+    @property
+    def _state(self) -> es.EngineState:
+        return self._device.state
+
+    @property
+    def _queue(self):
+        return self._sched.queue
+
+    def _plan(self):
+        """Under the lock: ``Scheduler.plan``."""
+        return self._sched.plan()
+
+    # ------------------------------------------------------------------ submission
+    def _validate(self, prompt, max_new_tokens, *, temperature=0.0, top_k=None, top_p=None, seed=0,
+                  stop_ids=None, adapter=None, chat=False) -> RequestHandle:
+        """All host checks; a handle not yet queued."""
+        if isinstance(prompt, np.ndarray):
+            prompt = prompt.tolist()
+        ids = prepare_prompts(self.model, [prompt], chat)
+        if stop_ids is None:
+            stop_ids = default_stop_ids(self.model)
+        req = validate_request(self.model.config, ids, max_new_tokens, max_len=self.max_seq_len, stop_ids=stop_ids,
+                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        n = int(req.prompt_lengths[0])
+        if n > self.max_prompt_len:
+            raise RealmError(f"prompt has {n} tokens, over the engine's longest prompt bucket "
+                             f"{self.max_prompt_len} (prefill_buckets={list(self.prefill_buckets)})")
+        stops = req.stop_ids[0]
+        if len(stops) > self.max_stop_ids:
+            raise RealmError(f"stop_ids: expected at most max_stop_ids={self.max_stop_ids} ids, got {len(stops)}")
+        if adapter is None:
+            aid = -1
+        elif isinstance(adapter, str) and adapter in self.adapter_names:
+            aid = self.adapter_names.index(adapter)
+        else:
+            known = list(self.adapter_names) or "none (the engine was built without adapters)"
+            raise RealmError(f"adapter: unknown name {adapter!r}; expected one of {known} or None (base model)")
+        sp = req.sampling
+        limit = int(req.max_new_tokens[0])
+        settings = es.request_settings(stops, self.stop_width, limit, int(sp.top_k[0]), int(sp.seed[0]), aid)
+        floats = np.array([sp.temperature[0], sp.top_p[0]], np.float32)
+        return RequestHandle(self, -1, req.prompt_ids[0], limit, adapter, settings, floats)
+
+    def submit(self, prompt, max_new_tokens: int, *, temperature=0.0, top_k=None, top_p=None, seed=0,
+               stop_ids=None, adapter: str | None = None, chat: bool = False) -> RequestHandle:
+        """Queue one request; returns its handle at once (thread-safe).
+
+        prompt: a string (needs the model's tokenizer; ``chat=True`` applies the chat template),
+        chat messages (with ``chat=True``) or token ids. max_new_tokens >= 1; prompt +
+        max_new_tokens <= max_seq_len. temperature (0 = greedy), top_k, top_p, seed: this
+        request's sampling. stop_ids: None = the model's eos ids; [] = none. adapter: a name
+        given at construction, or None for the base model. Raises ``RealmError`` for bad input
+        (nothing is queued; other requests are unaffected).
+        """
+        try:
+            h = self._validate(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                               seed=seed, stop_ids=stop_ids, adapter=adapter, chat=chat)
+        except RealmError:
+            with self._lock:
+                self._stats.n["rejected"] += 1
+            raise
+        self._enqueue([h])
+        return h
+
+    def _check_alive(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"the engine stopped after a device error: {self._error}") from self._error
+
+    def _enqueue(self, handles: list[RequestHandle]) -> None:
+        with self._lock:
+            self._check_alive()
+            self._sched.enqueue(handles)
+            self._stats.n["submitted"] += len(handles)
+            self._wake.notify_all()
+
+    def generate_many(self, requests: Sequence, **defaults) -> GenerationResult:
+        """Run many requests to completion; a ``GenerationResult`` in request order.
+
+        Each request is a dict of ``submit`` arguments (``prompt``, ``max_new_tokens``, ...) or
+        just a prompt; ``defaults`` fill in what a request leaves out. All are validated before
+        any is queued.
+        """
+        if isinstance(requests, (str, dict)) or not isinstance(requests, (list, tuple)):
+            raise RealmError(f"requests: expected a list of prompts or dicts of submit arguments, "
+                             f"got {type(requests).__name__}")
+        handles = []
+        for i, r in enumerate(requests):
+            kw = dict(defaults)
+            kw.update(r if isinstance(r, Mapping) else {"prompt": r})
+            if "prompt" not in kw or "max_new_tokens" not in kw:
+                raise RealmError(f"requests[{i}]: needs 'prompt' and 'max_new_tokens' (in the request or as defaults)")
+            try:
+                handles.append(self._validate(kw.pop("prompt"), kw.pop("max_new_tokens"), **kw))
+            except RealmError as e:
+                raise type(e)(f"requests[{i}]: {e}") from None
+            except TypeError as e:
+                raise RealmError(f"requests[{i}]: {e}") from None
+        self._enqueue(handles)
+        rows = [h.result() for h in handles]
+        return GenerationResult([r.tokens for r in rows], [r.text for r in rows], [r.finish_reason for r in rows],
+                                [r.prompt_length for r in rows])
+
+    def _cancel(self, h: RequestHandle) -> bool:
+        with self._lock:
+            if h.done:
+                return False
+            self._sched.cancel(h)
+            ok = h._push([], CANCELLED)
+            if ok:
+                self._stats.n["cancelled"] += 1
+            self._wake.notify_all()
+            return ok
+
+    # ------------------------------------------------------------------ the loop
+    @property
+    def _background(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _drive_once(self) -> None:
+        self._check_alive()
+        with self._drive:
+            self._step()
+
+    def step(self) -> bool:
+        """One round (from the calling thread): admit into free slots, dispatch a decode call, and
+        deliver the previous call's tokens and the admitted rows' first tokens. False if there was
+        nothing to do."""
+        if self._background:
+            raise RealmError("step: the background loop is running (engine.start()); stop() it first")
+        with self._drive:
+            return self._step()
+
+    def _admission(self, p: int, slots: list[int], hs: list[RequestHandle]) -> tuple[np.ndarray, np.ndarray]:
+        """The host tables of one prefill call (``state.admission``) in the scheduler's bucket."""
+        return es.admission(p, self._sched.bucket_for(hs), self.stop_width, self.max_slots,
+                            [(s, h.prompt_ids, h._settings, h._floats) for s, h in zip(slots, hs)])
+
+    def _step(self) -> bool:
+        """Caller holds ``_drive``. Admit, dispatch decode N, then (while it runs) deliver decode
+        N - 1 and the admitted rows' first tokens."""
+        t0 = time.perf_counter()
+        dev, sched = self._device, self._sched
+        with self._lock:
+            if not sched.has_work():
+                return False
+            groups, kill = sched.plan()
+            owners = list(sched.slots)
+            run = sched.needs_decode(kill, owners)
+        try:
+            admitted = [(slots, hs, dev.admit(*self._admission(rows, slots, hs))) for rows, slots, hs in groups]
+            call = None
+            if run:
+                call = Call(dev.decode(kill if kill.any() else dev.no_kill), owners)
+            if sched.inflight is not None:
+                self._deliver_decode(sched.inflight.owners, dev.fetch(sched.inflight.out))
+            sched.inflight = call
+            for slots, hs, out in admitted:
+                first = dev.fetch(out)
+                self._deliver([(s, h, [int(first[i, 0])], int(first[i, 1])) for i, (s, h) in enumerate(zip(slots, hs))])
+        except BaseException as e:  # the donated state is gone: fail everything in flight
+            self._crash(e)
+            raise
+        with self._lock:
+            self._stats.n["prefill_calls"] += len(groups)
+            self._stats.busy += time.perf_counter() - t0
+            self._wake.notify_all()
+        return True
+
+    def _deliver_decode(self, owners: list, out: np.ndarray) -> None:
+        """Hand a decode call's results [B, W + 6] to the handles that owned the slots when it was
+        dispatched; count the call."""
+        items, passes, drafted, accepted, live = delivery.decode_items(owners, out, self.window)
+        self._deliver(items)
+        with self._lock:
+            self._stats.decoded(passes, drafted, accepted, live / self.max_slots)
+        if self.draft is not None and drafted:
+            self.draft.record(drafted, accepted)
+
+    def _deliver(self, items: list[tuple[int, RequestHandle, list[int], int]]) -> None:
+        """Hand (slot, handle, new tokens, status) to the handles (``delivery.push``); a finished
+        one resolves and frees its slot (unless the slot was already given to a new request)."""
+        delivered = delivery.push(items)
+        with self._lock:
+            for s, h, _, done in delivered:
+                if done:
+                    self._sched.release(s, h)
+            self._stats.delivered(delivered)
+
+    def _crash(self, err: BaseException) -> None:
+        with self._lock:
+            self._error = err
+            pending = self._sched.drain()
+            self._wake.notify_all()
+        for h in pending:
+            h._fail(err)
+
+    def run_until_idle(self, timeout: float | None = None) -> None:
+        """Drive the loop until no request is queued or running (with a background loop: wait)."""
+        deadline = None if timeout is None else time.perf_counter() + timeout
+
+        def timeout_error():
+            return TimeoutError(f"run_until_idle: still busy after {timeout} s")
+
+        if self._background:
+            with self._lock:
+                while self._sched.has_work() and self._error is None:
+                    delivery.wait_a_while(self._wake, deadline, timeout_error)
+            return
+        with self._drive:
+            while self._step():
+                if delivery.past(deadline):
+                    raise timeout_error()
+
+    def start(self) -> "Engine":
+        """Run the loop on a background thread (``stop()`` ends it). Returns the engine."""
+        with self._lock:
+            if self._background:
+                return self
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="realm-jax-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """End the background loop after its current step. Queued and running requests stay;
+        ``start()`` or ``run_until_idle()`` continues them."""
+        with self._lock:
+            self._stopping = True
+            self._wake.notify_all()
+            t = self._thread
+        if t is not None:
+            t.join(timeout)
+        self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._sched.has_work():
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            try:
+                with self._drive:
+                    self._step()
+            except BaseException:
+                return  # handles were failed by _crash
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ warm-up and statistics
+    def warmup(self) -> None:
+        """Compile every device program now (one prefill per bucket, one decode) so that no
+        request waits for a compilation. Only while idle."""
+        with self._drive:
+            with self._lock:
+                if self._sched.has_work():
+                    raise RealmError("warmup: the engine is busy; call it before submitting requests")
+            self._device.warmup(self.prefill_rows, self.prefill_buckets, self._sched.kill.copy())
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return self._stats.snapshot(queue_length=len(self._sched.queue), active=self._sched.active(),
+                                        max_slots=self.max_slots, wait_s=self._device.wait_s,
+                                        dispatch_s=self._device.dispatch_s)

@@ -1,0 +1,321 @@
+"""The engine's delivery and statistics: request handles (results, streaming, finish reasons,
+waiting with a timeout), handing device results to them, and the engine's counters and timings.
+
+B = the engine's slots, W = tokens a decode call can hand back per slot, E = the stop-id table
+width. Arrays here are host numpy: a decode call's results [B, W + 6] (``state.decode``: the new
+tokens, then ``state.DECODE_COLS``), and each handle's fixed admission row, int32 [E + 4]
+(``state.request_settings``) and float32 [2] (temperature, top_p). Tokens reach handles as Python
+ints.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from typing import Iterator
+
+import numpy as np
+
+from ..generation import _row_text
+from . import state as es
+
+CANCELLED = "cancelled"
+
+
+@dataclasses.dataclass
+class RequestResult:
+    """One request's output, the per-row fields of ``GenerationResult``: ``tokens`` (new ids; a
+    stop id that ended it is the last), ``text`` (None without a tokenizer), ``finish_reason``
+    ("stop", "length" or "cancelled") and ``prompt_length``."""
+
+    tokens: list[int]
+    text: str | None
+    finish_reason: str
+    prompt_length: int
+
+
+class RequestHandle:
+    """A submitted request: ``result()``, ``stream()``, ``cancel()``, timings."""
+
+    def __init__(self, engine, rid: int, prompt_ids: list[int], max_new_tokens: int,
+                 adapter: str | None, settings: np.ndarray, floats: np.ndarray):
+        self._engine = engine
+        self.id = rid
+        self.prompt_ids = prompt_ids
+        self.max_new_tokens = max_new_tokens
+        self.adapter = adapter
+        self._settings = settings  # int32 [E + 4]: its part of an admission row (state.request_settings)
+        self._floats = floats  # float32 [2]: temperature, top_p
+        self._tokens: list[int] = []
+        self._cond = threading.Condition()
+        self._finish: str | None = None
+        self._error: BaseException | None = None
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+
+    # ---------------------------------------------------------------- state
+    @property
+    def prompt_length(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def done(self) -> bool:
+        return self._finish is not None or self._error is not None
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._finish
+
+    @property
+    def tokens(self) -> list[int]:
+        """The tokens produced so far (a copy)."""
+        with self._cond:
+            return list(self._tokens)
+
+    @property
+    def ttft(self) -> float | None:
+        """Seconds from ``submit`` to the first token reaching the host."""
+        return None if self.first_token_at is None else self.first_token_at - self.submitted_at
+
+    @property
+    def latency(self) -> float | None:
+        """Seconds from ``submit`` to the last token (None while running)."""
+        return None if self.finished_at is None else self.finished_at - self.submitted_at
+
+    # ---------------------------------------------------------------- engine side
+    def _push(self, tokens: list[int], finish: str | None = None) -> bool:
+        """Append tokens (Python ints) and finish; False if the handle had already finished
+        (e.g. cancelled)."""
+        with self._cond:
+            if self.done:
+                return False
+            now = time.perf_counter()
+            if tokens and self.first_token_at is None:
+                self.first_token_at = now
+            self._tokens.extend(tokens)
+            if finish is not None:
+                self._finish = finish
+                self.finished_at = now
+            self._cond.notify_all()
+            return True
+
+    def _fail(self, err: BaseException) -> None:
+        with self._cond:
+            if not self.done:
+                self._error = err
+                self.finished_at = time.perf_counter()
+            self._cond.notify_all()
+
+    # ---------------------------------------------------------------- user side
+    def _wait(self, until, timeout: float | None) -> None:
+        """Block until ``until()`` holds, driving the engine when no background loop runs."""
+        deadline = None if timeout is None else time.perf_counter() + timeout
+
+        def timeout_error():
+            return TimeoutError(f"request {self.id}: not finished after {timeout} s")
+
+        while True:
+            with self._cond:
+                if until():
+                    return
+                if self._engine._background:
+                    wait_a_while(self._cond, deadline, timeout_error)
+                    continue
+            if past(deadline):
+                raise timeout_error()
+            self._engine._drive_once()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"request {self.id} failed: {self._error}") from self._error
+
+    def result(self, timeout: float | None = None) -> RequestResult:
+        """Block until the request ends; its ``RequestResult``. Re-raises a device error."""
+        self._wait(lambda: self.done, timeout)
+        self._raise_error()
+        stopped = self._finish == "stop"
+        tok = getattr(self._engine.model, "tokenizer", None)
+        with self._cond:
+            tokens = list(self._tokens)
+        return RequestResult(tokens, _row_text(tok, tokens, stopped), self._finish, self.prompt_length)
+
+    def stream(self, timeout: float | None = None) -> Iterator[int]:
+        """Yield the request's tokens as they reach the host, until it ends."""
+        i = 0
+        while True:
+            self._wait(lambda: len(self._tokens) > i or self.done, timeout)
+            with self._cond:
+                new = self._tokens[i:]
+                finished = self.done
+            for t in new:
+                yield t
+            i += len(new)
+            if finished and i >= len(self._tokens):
+                self._raise_error()
+                return
+
+    def cancel(self) -> bool:
+        """Stop the request now (its slot frees at the next step); ``result()`` then gives the
+        tokens so far with finish reason "cancelled". False if it had already ended."""
+        return self._engine._cancel(self)
+
+    def __repr__(self) -> str:
+        state = self._finish or ("error" if self._error else "running")
+        return f"RequestHandle(id={self.id}, prompt_length={self.prompt_length}, tokens={len(self._tokens)}, {state})"
+
+
+# ------------------------------------------------------------------------------ waiting
+def wait_a_while(cond: threading.Condition, deadline: float | None, timeout_error) -> None:
+    """With ``cond`` held: wait on it up to 0.1 s, not past ``deadline`` (``perf_counter`` time;
+    None = none); raise ``timeout_error()`` if the deadline has passed."""
+    left = None if deadline is None else deadline - time.perf_counter()
+    if left is not None and left <= 0:
+        raise timeout_error()
+    cond.wait(0.1 if left is None else min(left, 0.1))
+
+
+def past(deadline: float | None) -> bool:
+    return deadline is not None and time.perf_counter() > deadline
+
+
+# ------------------------------------------------------------------------------ handing results over
+def finish_reason(status: int) -> str | None:
+    """A device status (``state.RUNNING``/``ENDED``/``STOPPED``) as a finish reason (None: running)."""
+    return None if status == es.RUNNING else ("stop" if status == es.STOPPED else "length")
+
+
+def push(items: list) -> list[tuple[int, RequestHandle, int, bool]]:
+    """Hand (slot, handle, new tokens, status) to the handles; (slot, handle, tokens taken,
+    finished) for each that took them. A handle that finished meanwhile (cancelled) takes nothing."""
+    delivered = []
+    for s, h, tokens, status in items:
+        finish = finish_reason(status)
+        if h._push(tokens, finish):
+            delivered.append((s, h, len(tokens), finish is not None))
+    return delivered
+
+
+def decode_items(owners: list, out: np.ndarray, window: int):
+    """A decode call's results [B, W + 6] as ``push`` items for the handles that owned the slots
+    when it was dispatched (rows with new tokens or a new end), and the call's totals: target
+    passes, drafted, accepted, and live slots at its start."""
+    count, status, live, passes, drafted, accepted = (out[:, window + j] for j in range(len(es.DECODE_COLS)))
+    rows = np.flatnonzero((count > 0) | (status != es.RUNNING))
+    items = [(s, owners[s], out[s, :count[s]].tolist(), int(status[s]))
+             for s in rows.tolist() if owners[s] is not None and not owners[s].done]
+    return items, int(passes.sum()), int(drafted.sum()), int(accepted.sum()), int(live.sum())
+
+
+# ------------------------------------------------------------------------------ statistics
+@dataclasses.dataclass
+class EngineStats:
+    """A snapshot. Times in seconds; ``tokens_per_s`` = generated tokens / time spent in steps
+    (``busy_s``), of which ``wait_s`` the host waited for device results and ``dispatch_s`` it
+    spent inside the jitted calls' dispatch (argument transfer, launch; blocking there means the
+    device is the bottleneck); the rest is host bookkeeping, which overlaps the device's work.
+    ``mean_occupancy`` = slots running at the start of a decode
+    call / max_slots, averaged over decode calls; TTFT and latency over finished (not cancelled)
+    requests; speculative counts are 0 without a draft."""
+
+    queue_length: int
+    active_slots: int
+    max_slots: int
+    occupancy: float
+    mean_occupancy: float
+    submitted: int
+    completed: int
+    cancelled: int
+    rejected: int
+    generated_tokens: int
+    busy_s: float
+    tokens_per_s: float
+    prefill_calls: int
+    decode_calls: int
+    ttft_mean_s: float | None
+    ttft_p50_s: float | None
+    ttft_p90_s: float | None
+    latency_mean_s: float | None
+    latency_p50_s: float | None
+    latency_p90_s: float | None
+    target_passes: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    wait_s: float = 0.0
+    dispatch_s: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+    def summary(self) -> str:
+        def ms(x):
+            return "-" if x is None else f"{1e3 * x:.1f} ms"
+
+        s = (f"queue={self.queue_length} slots={self.active_slots}/{self.max_slots} "
+             f"mean_occupancy={self.mean_occupancy:.2f} done={self.completed} cancelled={self.cancelled} "
+             f"tokens={self.generated_tokens} tokens/s={self.tokens_per_s:.1f} "
+             f"ttft p50={ms(self.ttft_p50_s)} latency p50={ms(self.latency_p50_s)}")
+        if self.drafted:
+            s += f" acceptance={self.acceptance_rate:.2f}"
+        return s
+
+
+def _percentile(xs: list[float], q: float) -> float | None:
+    return float(np.percentile(xs, q)) if xs else None
+
+
+def _spread(xs: list[float]) -> tuple[float | None, float | None, float | None]:
+    """Mean, p50, p90 (None each without samples)."""
+    return (float(np.mean(xs)) if xs else None), _percentile(xs, 50), _percentile(xs, 90)
+
+
+class Stats:
+    """The engine's counters (``n``: submitted, rejected, cancelled, completed, generated_tokens,
+    prefill_calls, decode_calls, target_passes, drafted, accepted), the host seconds spent in steps
+    (``busy``), the summed occupancy of decode calls, and the finished requests' TTFTs and
+    latencies (the last 100,000). Updated under the engine's lock."""
+
+    def __init__(self):
+        self.n = collections.Counter()
+        self.busy = 0.0
+        self.occupancy_sum = 0.0
+        self.ttfts: collections.deque[float] = collections.deque(maxlen=100_000)
+        self.latencies: collections.deque[float] = collections.deque(maxlen=100_000)
+
+    def delivered(self, delivered: list[tuple[int, RequestHandle, int, bool]]) -> None:
+        """Count what ``push`` delivered: tokens, and the requests it finished."""
+        for _, h, n, done in delivered:
+            self.n["generated_tokens"] += n
+            if done:
+                self.n["completed"] += 1
+                self.ttfts.append(h.ttft)
+                self.latencies.append(h.latency)
+
+    def decoded(self, passes: int, drafted: int, accepted: int, occupancy: float) -> None:
+        """Count one decode call (``decode_items``' totals; occupancy = live slots / B)."""
+        self.n["decode_calls"] += 1
+        self.n["target_passes"] += passes
+        self.n["drafted"] += drafted
+        self.n["accepted"] += accepted
+        self.occupancy_sum += occupancy
+
+    def snapshot(self, *, queue_length: int, active: int, max_slots: int, wait_s: float,
+                 dispatch_s: float) -> EngineStats:
+        n = self.n
+        calls = n["decode_calls"]
+        ttft_mean, ttft_p50, ttft_p90 = _spread(list(self.ttfts))
+        lat_mean, lat_p50, lat_p90 = _spread(list(self.latencies))
+        return EngineStats(
+            queue_length=queue_length, active_slots=active, max_slots=max_slots,
+            occupancy=active / max_slots, mean_occupancy=self.occupancy_sum / calls if calls else 0.0,
+            submitted=n["submitted"], completed=n["completed"], cancelled=n["cancelled"], rejected=n["rejected"],
+            generated_tokens=n["generated_tokens"], busy_s=self.busy,
+            tokens_per_s=n["generated_tokens"] / self.busy if self.busy > 0 else 0.0,
+            prefill_calls=n["prefill_calls"], decode_calls=calls,
+            ttft_mean_s=ttft_mean, ttft_p50_s=ttft_p50, ttft_p90_s=ttft_p90,
+            latency_mean_s=lat_mean, latency_p50_s=lat_p50, latency_p90_s=lat_p90,
+            target_passes=n["target_passes"], drafted=n["drafted"], accepted=n["accepted"], wait_s=wait_s,
+            dispatch_s=dispatch_s)

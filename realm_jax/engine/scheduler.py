@@ -1,0 +1,172 @@
+"""The engine's scheduling: the request queue, which slot each request runs in, and the admission
+policy (first come, first served; the admitted grouped by prompt length; the prefill size and
+prompt bucket of each group).
+
+B = the engine's slots, P = rows per prefill call, T = a prompt bucket. The host arrays here are
+the kill flags, bool [B] (slots whose request was cancelled, to be marked done by the next decode
+call), and a decode call's results [B, W + 6] held in ``Call`` until they are fetched (see
+``state``). A ``Scheduler`` is plain host bookkeeping: every method runs under the engine's lock.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import time
+from typing import NamedTuple, Sequence
+
+import jax
+import numpy as np
+
+from ..errors import RealmError
+from ..generation import _is_int
+
+
+class Call(NamedTuple):
+    """A decode call dispatched and not yet fetched: its results [B, W + 6] (``state.decode``)
+    and the handles that owned the slots when it was dispatched."""
+
+    out: jax.Array
+    owners: list
+
+
+def default_buckets(max_seq_len: int) -> tuple[int, ...]:
+    """Powers of two from 16 below ``max_seq_len``, then ``max_seq_len``."""
+    out, b = [], 16
+    while b < max_seq_len:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (max_seq_len,)
+
+
+def _check_pos_int(name: str, value, low: int = 1) -> int:
+    if not _is_int(value) or value < low:
+        raise RealmError(f"{name}: expected an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+class Scheduler:
+    """The queue and the B slots' owners (a ``RequestHandle`` or None), with the settings that
+    decide admissions: ``prefill_buckets`` (prompt lengths compiled for), ``prefill_rows`` (rows
+    per prefill call) and ``decode_steps_per_call`` (validated here, with the engine's errors)."""
+
+    def __init__(self, max_slots: int, max_seq_len: int, prefill_buckets: Sequence[int] | None,
+                 prefill_batch, decode_steps_per_call):
+        self.max_slots = max_slots
+        buckets = default_buckets(max_seq_len) if prefill_buckets is None else prefill_buckets
+        if (not isinstance(buckets, (list, tuple)) or not buckets
+                or not all(_is_int(b) and 1 <= b <= max_seq_len for b in buckets)):
+            raise RealmError(f"prefill_buckets: expected a non-empty list of ints in [1, max_seq_len="
+                             f"{max_seq_len}], got {buckets!r}")
+        self.prefill_buckets = tuple(sorted(set(int(b) for b in buckets)))
+        self.max_prompt_len = min(self.prefill_buckets[-1], max_seq_len - 1)
+        if prefill_batch is None:
+            prefill_batch = tuple(sorted({1, min(max_slots, 8)}))
+        sizes = prefill_batch if isinstance(prefill_batch, (list, tuple)) else (prefill_batch,)
+        if not sizes or not all(_is_int(r) and 1 <= r <= max_slots for r in sizes):
+            raise RealmError(f"prefill_batch: expected an int or a list of ints in [1, max_slots={max_slots}], "
+                             f"got {prefill_batch!r}")
+        self.prefill_rows = tuple(sorted(set(int(r) for r in sizes)))
+        self.decode_steps_per_call = _check_pos_int("decode_steps_per_call", decode_steps_per_call)
+
+        self.queue: collections.deque = collections.deque()  # RequestHandles, in arrival order
+        self.slots: list = [None] * max_slots  # the RequestHandle in each slot, or None
+        self.kill = np.zeros((max_slots,), bool)
+        self.inflight: Call | None = None  # the decode call dispatched, results not yet fetched
+        self._ids = itertools.count()
+
+    # ---------------------------------------------------------------- the queue
+    def enqueue(self, handles: list) -> None:
+        for h in handles:
+            h.id = next(self._ids)
+            h.submitted_at = time.perf_counter()
+            self.queue.append(h)
+
+    def has_work(self) -> bool:
+        return bool(self.queue) or self.inflight is not None or any(h is not None for h in self.slots)
+
+    def active(self) -> int:
+        return sum(h is not None for h in self.slots)
+
+    def cancel(self, h) -> None:
+        """Take ``h`` out of the queue, or out of its slot (marking the slot to kill)."""
+        if h in self.queue:
+            self.queue.remove(h)
+        else:
+            for s, owner in enumerate(self.slots):
+                if owner is h:
+                    self.slots[s] = None
+                    self.kill[s] = True
+
+    def release(self, s: int, h) -> None:
+        """``h`` finished: free slot ``s`` unless it was already given to a new request."""
+        if self.slots[s] is h:
+            self.slots[s] = None
+
+    def drain(self) -> list:
+        """Empty the queue and the slots and forget the call in flight; every handle they held."""
+        pending = list(self.queue) + [h for h in self.slots if h is not None]
+        if self.inflight is not None:
+            pending += [h for h in self.inflight.owners if h is not None]
+        self.queue.clear()
+        self.slots = [None] * self.max_slots
+        self.inflight = None
+        return pending
+
+    # ---------------------------------------------------------------- admission
+    def ends_in_flight(self, s: int, h) -> bool:
+        """Whether slot ``s``'s request ``h`` is certain to end within the decode call in flight:
+        it was in that call with at most ``decode_steps_per_call`` tokens of its budget left
+        (every token before that call has been delivered)."""
+        return (self.inflight is not None and self.inflight.owners[s] is h
+                and h.max_new_tokens - len(h._tokens) <= self.decode_steps_per_call)
+
+    def free_slots(self) -> list[int]:
+        """Empty slots, then (while requests wait) slots whose request ends within the decode call
+        in flight. An admission into such a slot runs after that call on the device; the request
+        still gets its last tokens from that call."""
+        free = [s for s, h in enumerate(self.slots) if h is None]
+        if len(free) < len(self.queue):
+            free += [s for s, h in enumerate(self.slots) if h is not None and self.ends_in_flight(s, h)]
+        return free
+
+    def plan(self) -> tuple[list[tuple[int, list[int], list]], np.ndarray]:
+        """Assign queued requests to free slots, in prefill-sized groups (rows, slots, handles);
+        take the cancelled slots' kill flags [B]."""
+        groups = []
+        free = self.free_slots()
+        # first come, first served decides who is admitted; within the admitted, prompts of
+        # similar length share a prefill call, so each call's bucket fits its group tightly
+        admitted = sorted((self.queue.popleft() for _ in range(min(len(free), len(self.queue)))),
+                          key=lambda h: h.prompt_length)
+        while admitted:
+            rows = self.rows_for(len(admitted))
+            hs, admitted = admitted[:rows], admitted[rows:]
+            slots, free = free[:len(hs)], free[len(hs):]
+            for s, h in zip(slots, hs):
+                self.slots[s] = h
+                self.kill[s] = False  # the insert overwrites a cancelled row
+            groups.append((rows, slots, hs))
+        kill = self.kill.copy()
+        self.kill[:] = False
+        return groups, kill
+
+    def rows_for(self, g: int) -> int:
+        """The prefill size for ``g`` waiting prompts: the smallest size >= g unless more than
+        half of it would be padding, else the largest size <= g (then more calls follow)."""
+        up = [r for r in self.prefill_rows if r >= g]
+        down = [r for r in self.prefill_rows if r <= g]
+        if up and (not down or up[0] <= 2 * g):
+            return up[0]
+        return down[-1] if down else self.prefill_rows[-1]
+
+    def bucket_for(self, hs: list) -> int:
+        """The prompt bucket (T) of a prefill call of ``hs``: the smallest that fits the longest."""
+        longest = max((h.prompt_length for h in hs), default=1)
+        return next(b for b in self.prefill_buckets if b >= longest)
+
+    def needs_decode(self, kill: np.ndarray, owners: list) -> bool:
+        """Whether a decode call is needed: unless every request in a slot ends at its admission
+        (a budget of one token) or within the call in flight, and no slot is to be killed."""
+        return bool(kill.any()) or any(h is not None and h.max_new_tokens > 1 and not self.ends_in_flight(s, h)
+                                       for s, h in enumerate(owners))

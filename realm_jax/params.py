@@ -1,0 +1,171 @@
+"""The canonical params tree and its one table of per-leaf facts.
+
+Canonical params (what files, PEFT, merge, save, quantize and the reference forward see)::
+
+    {"embed": [V, D],
+     "layers": {"attn_norm": [L, D], "wq": [L, D, N*H], "wk": [L, D, K*H], "wv": [L, D, K*H],
+                "wo": [L, N*H, D], "mlp_norm": [L, D],
+                "w_gate": [L, D, F], "w_up": [L, D, F], "w_down": [L, F, D],
+                # optional: "bq" [L, N*H], "bk"/"bv" [L, K*H] (qkv_bias), "bo" [L, D] (o_bias),
+                #           "q_norm"/"k_norm" [L, H] (qk_norm)
+               },
+     "final_norm": [D],
+     "lm_head": [D, V]}            # absent when cfg.tie_word_embeddings (embed.T is used)
+
+Matmul weights are ``[D_in, D_out]`` (applied as ``x @ W``); layer leaves carry L first.
+
+``LEAVES`` holds, for every leaf, everything the rest of the package needs to know about it:
+its logical axes (which give its shape and its sharding), its HF and GGUF tensor names, and
+whether it is a matmul weight, int8-quantizable and a LoRA target (with its PEFT module name).
+A new architecture adds rows here; loaders, sharding rules, PEFT and the runtime form read them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig
+
+Params = dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """Facts about one canonical params leaf.
+
+    axes: logical axis names (see ``axis_sizes``); a layer leaf starts with ``"layers"``.
+    hf / gguf: tensor name in an HF checkpoint / a GGUF file (``{i}`` = layer index).
+    hf_transposed: the file stores the weight ``[D_out, D_in]`` (torch ``nn.Linear``).
+    matmul: a projection weight ``[.., D_in, D_out]``; quantizable: int8 weight-only applies.
+    peft: the PEFT / HF module name when the leaf is a LoRA target (e.g. ``"q_proj"``).
+    when: the config flag that adds the leaf (``qkv_bias``, ``o_bias``, ``qk_norm``) or
+    ``"untied"`` (present unless ``tie_word_embeddings``); None = always present.
+    init: how ``init_params`` draws it: ``normal`` (std 0.02), ``embed`` (std 0.08),
+    ``norm`` (around 1), ``bias`` (std 0.1).
+    """
+
+    name: str
+    axes: tuple[str, ...]
+    hf: str
+    gguf: str | None = None
+    hf_transposed: bool = False
+    matmul: bool = False
+    quantizable: bool = False
+    peft: str | None = None
+    when: str | None = None
+    init: str = "normal"
+
+    @property
+    def is_layer(self) -> bool:
+        return self.axes[0] == "layers"
+
+    @property
+    def lora_target(self) -> bool:
+        return self.peft is not None
+
+
+def _proj(name, axes, module, gguf, hf_block="self_attn"):
+    return Leaf(name, ("layers",) + axes, f"model.layers.{{i}}.{hf_block}.{module}.weight", f"blk.{{i}}.{gguf}.weight",
+                hf_transposed=True, matmul=True, quantizable=True, peft=module)
+
+
+def _vec(name, axes, hf, gguf, when=None, init="norm"):
+    return Leaf(name, ("layers",) + axes, f"model.layers.{{i}}.{hf}", f"blk.{{i}}.{gguf}", when=when, init=init)
+
+
+LEAVES: dict[str, Leaf] = {leaf.name: leaf for leaf in (
+    Leaf("embed", ("vocab", "embed"), "model.embed_tokens.weight", "token_embd.weight", init="embed"),
+    Leaf("final_norm", ("embed",), "model.norm.weight", "output_norm.weight", init="norm"),
+    Leaf("lm_head", ("embed", "vocab"), "lm_head.weight", "output.weight", hf_transposed=True, matmul=True,
+         quantizable=True, when="untied"),
+    _vec("attn_norm", ("embed",), "input_layernorm.weight", "attn_norm.weight"),
+    _proj("wq", ("embed", "q_heads"), "q_proj", "attn_q"),
+    _proj("wk", ("embed", "kv_heads"), "k_proj", "attn_k"),
+    _proj("wv", ("embed", "kv_heads"), "v_proj", "attn_v"),
+    _proj("wo", ("q_heads", "embed"), "o_proj", "attn_output"),
+    _vec("bq", ("q_heads",), "self_attn.q_proj.bias", "attn_q.bias", "qkv_bias", "bias"),
+    _vec("bk", ("kv_heads",), "self_attn.k_proj.bias", "attn_k.bias", "qkv_bias", "bias"),
+    _vec("bv", ("kv_heads",), "self_attn.v_proj.bias", "attn_v.bias", "qkv_bias", "bias"),
+    _vec("bo", ("embed",), "self_attn.o_proj.bias", "attn_output.bias", "o_bias", "bias"),
+    _vec("q_norm", ("head_dim",), "self_attn.q_norm.weight", "attn_q_norm.weight", "qk_norm"),
+    _vec("k_norm", ("head_dim",), "self_attn.k_norm.weight", "attn_k_norm.weight", "qk_norm"),
+    _vec("mlp_norm", ("embed",), "post_attention_layernorm.weight", "ffn_norm.weight"),
+    _proj("w_gate", ("embed", "mlp"), "gate_proj", "ffn_gate", "mlp"),
+    _proj("w_up", ("embed", "mlp"), "up_proj", "ffn_up", "mlp"),
+    _proj("w_down", ("mlp", "embed"), "down_proj", "ffn_down", "mlp"),
+)}
+
+# The LoRA targets (the layer projections), in their canonical order.
+PROJECTIONS: tuple[str, ...] = tuple(n for n, leaf in LEAVES.items() if leaf.lora_target)
+# PEFT module name <-> projection leaf ("q_proj" <-> "wq").
+PEFT_MODULES: dict[str, str] = {LEAVES[p].peft: p for p in PROJECTIONS}
+
+
+def axis_sizes(cfg: ModelConfig) -> dict[str, int]:
+    """Logical axis -> its size for this model (in elements: ``q_heads`` is N*H columns)."""
+    H = cfg.head_dim
+    return {"layers": cfg.num_layers, "embed": cfg.hidden_size, "q_heads": cfg.num_heads * H,
+            "kv_heads": cfg.num_kv_heads * H, "mlp": cfg.intermediate_size, "vocab": cfg.vocab_size,
+            "head_dim": H}
+
+
+def present(leaf: Leaf, cfg: ModelConfig) -> bool:
+    """Whether this config has the leaf."""
+    if leaf.when is None:
+        return True
+    if leaf.when == "untied":
+        return not cfg.tie_word_embeddings
+    return bool(getattr(cfg, leaf.when))
+
+
+def model_leaves(cfg: ModelConfig) -> list[Leaf]:
+    """The leaves this config has, in table order."""
+    return [leaf for leaf in LEAVES.values() if present(leaf, cfg)]
+
+
+def leaf_shape(leaf: Leaf, cfg: ModelConfig) -> tuple[int, ...]:
+    sizes = axis_sizes(cfg)
+    return tuple(sizes[a] for a in leaf.axes)
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """The expected shape of every leaf, as the params tree (the single source for loaders and checks)."""
+    top, layers = {}, {}
+    for leaf in model_leaves(cfg):
+        (layers if leaf.is_layer else top)[leaf.name] = leaf_shape(leaf, cfg)
+    return {"embed": top["embed"], "layers": layers, **{k: v for k, v in top.items() if k != "embed"}}
+
+
+def projection_dims(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """{projection: (D_in, D_out)} for this model."""
+    shapes = param_shapes(cfg)["layers"]
+    return {p: shapes[p][1:] for p in PROJECTIONS}
+
+
+def init_params(cfg: ModelConfig, key, dtype=jnp.float32) -> Params:
+    """Random canonical params in ``dtype``: weights N(0, 0.02²) (embedding 0.08), norms around 1,
+    biases N(0, 0.1²). ``key``: a PRNG key, or an int seed (drawn on the host with numpy: no
+    compilation, as tests and benchmarks of large shapes want)."""
+    shapes = param_shapes(cfg)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    host = isinstance(key, (int, np.integer))
+    rng = np.random.default_rng(int(key)) if host else None
+    keys = None if host else jax.random.split(key, len(flat))
+    out = []
+    for j, (path, shape) in enumerate(flat):
+        kind = LEAVES[str(path[-1].key)].init
+        z = rng.standard_normal(shape, np.float32) if host else jax.random.normal(keys[j], shape, jnp.float32)
+        x = 1.0 + 0.1 * z if kind == "norm" else {"bias": 0.1, "embed": 0.08}.get(kind, 0.02) * z
+        out.append(jnp.asarray(x, dtype) if host else x.astype(dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def param_bytes(tree) -> int:
+    """Bytes of the array leaves of a pytree (int8 counted as 1 byte; a buffer that appears twice,
+    like a tied embedding serving as the head, counted once): what a decode step reads at least."""
+    leaves = {id(x): x for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "shape")}
+    return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves.values()))
