@@ -43,8 +43,10 @@ _EXPORTS = {
     "perplexity": "scoring",
     # sharding
     "make_mesh": "sharding",
-    # quantization
-    "quantize": "quantization",
+    # the runtime form
+    "prepare": "runtime",
+    "Runtime": "runtime",
+    "reference": None,
 }
 
 

@@ -25,7 +25,6 @@ import numpy as np
 from . import generation as gen
 from .config import ModelConfig
 from .params import init_params, param_bytes
-from .sampling import SamplingParams
 
 
 def time_call(fn: Callable[..., Any], make_args: Callable[[], tuple] | None = None, *, warmup: int = 1,

@@ -48,3 +48,11 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def initialize_from_args(args) -> bool:
+    """``sharding.initialize_distributed`` from the options of ``add_distributed_arguments``."""
+    from .sharding import initialize_distributed
+
+    return initialize_distributed(getattr(args, "coordinator_address", None),
+                                  getattr(args, "num_processes", None), getattr(args, "process_id", None))

@@ -41,7 +41,7 @@ from .model import forward_cached, forward_cached_hidden
 from .runtime import without_adapters
 from .sampling import SamplingParams, processed_logits
 
-DEFAULT_PAIRINGS = Path(__file__).resolve().parent.parent / "configs" / "drafts.json"
+DEFAULT_PAIRINGS = Path(__file__).resolve().parent / "drafts.json"  # installed with the package
 
 
 class DraftError(RealmError):
@@ -240,7 +240,7 @@ def check_compatible(target, draft) -> None:
 
 
 def load_pairings(path: str | Path | None = None) -> list[dict]:
-    """The draft pairings config (``configs/drafts.json``): a list of
+    """The draft pairings config (``realm_jax/drafts.json``): a list of
     ``{"target": SOURCE, "draft": SOURCE | "self:N" | "lookup", "k": int, ...}``."""
     path = Path(path) if path is not None else DEFAULT_PAIRINGS
     if not path.is_file():
@@ -271,7 +271,7 @@ def resolve_draft(target, source: str, *, dtype=None, pairings: str | Path | Non
     """A ``--draft`` value -> (draft for ``make_draft``, k from the pairing or None).
 
     ``"self:N"`` and ``"lookup"`` pass through; ``"paired"`` takes the pairing of the target's
-    source from the pairings config (``configs/drafts.json``); anything else is a checkpoint
+    source from the pairings config (``realm_jax/drafts.json``); anything else is a checkpoint
     source loaded like the target (a name without a path is also looked up beside the
     target's checkpoint) and checked against it.
     """

@@ -32,7 +32,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import RealmError
-from .kv_cache import KVCache, init_cache
+from .kv_cache import KVCache
 from .model import forward_cached, forward_cached_hidden, lm_head
 from .sampling import SamplingParams, sample
 

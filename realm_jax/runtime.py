@@ -41,7 +41,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import RealmError
-from .params import LEAVES, PROJECTIONS, param_shapes, projection_dims
+from .params import LEAVES, param_shapes, projection_dims
 from .quantization import SCHEMES, quantize_columns
 
 ATTENTION_ENV = "REALM_JAX_ATTENTION"  # auto (default) | reference | cudnn | xla

@@ -438,12 +438,6 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     return True
 
 
-def initialize_from_args(args) -> bool:
-    """``initialize_distributed`` from the options of ``cli.add_distributed_arguments``."""
-    return initialize_distributed(getattr(args, "coordinator_address", None),
-                                  getattr(args, "num_processes", None), getattr(args, "process_id", None))
-
-
 def _share(total: int, count: int) -> int:
     return math.ceil(total / count) if total else 0
 

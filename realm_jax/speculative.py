@@ -426,20 +426,3 @@ def speculative_generate(target, draft, prompts, max_new_tokens, *, k: int | str
     dr.record(stats.drafted, stats.accepted)
     res = result_of(target, req, out, num_new, stopped)
     return SpeculativeResult(res.tokens, res.texts, res.finish_reasons, res.prompt_lengths, stats)
-
-
-def speculative_from_cli(target, prompts, max_new_tokens, *, draft: str, k: str | None = None,
-                         **kw) -> SpeculativeResult:
-    """``realm-jax generate --draft SOURCE|self:N|lookup|paired --k K|auto``: resolve the draft
-    (``drafts.resolve_draft``), parse k (default: the pairing's, else 4), run."""
-    from .drafts import resolve_draft
-
-    d, paired_k = resolve_draft(target, draft)
-    if k is None:
-        k = paired_k if paired_k is not None else 4
-    if isinstance(k, str) and k != "auto":
-        try:
-            k = int(k)
-        except ValueError:
-            raise RealmError(f"--k: expected an integer >= 0 or 'auto', got {k!r}") from None
-    return speculative_generate(target, d, prompts, max_new_tokens, k=k, **kw)

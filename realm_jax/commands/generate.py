@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", action="append", default=[], metavar="NAME",
                    help="adapter per prompt, in prompt order ('base' = none; once = all prompts)")
     p.add_argument("--draft", default=None, metavar="SOURCE|self:N|lookup|paired",
-                   help="speculative decoding with this draft (paired: from configs/drafts.json); prints statistics")
+                   help="speculative decoding with this draft (paired: from realm_jax/drafts.json); prints statistics")
     p.add_argument("--k", default=None, metavar="K|auto", help="tokens drafted per round (default 4 or the pairing's)")
 
 
@@ -45,6 +45,7 @@ def _parse_ids(text: str, i: int) -> list[int]:
 
 def run(args) -> int:
     from .. import lora
+    from .adapters import plan_adapters
     from ..errors import RealmError
     from ..generation import generate, generate_stream
     from ..loading import DEFAULT_MODEL, load
@@ -52,7 +53,7 @@ def run(args) -> int:
     prompts: list = list(args.prompt) + [_parse_ids(t, i) for i, t in enumerate(args.prompt_ids)]
     if not prompts:
         raise RealmError("give at least one --prompt TEXT (or --prompt-ids IDS)")
-    plan = lora.plan_adapters(args.lora, args.adapter, len(prompts))  # checked before loading anything
+    plan = plan_adapters(args.lora, args.adapter, len(prompts))  # checked before loading anything
     model = load(args.model or DEFAULT_MODEL, dtype=args.dtype)
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
               max_len=args.max_len, chat=args.chat)
@@ -68,7 +69,6 @@ def run(args) -> int:
         return 0
 
     if args.draft:
-        from ..speculative import speculative_from_cli
 
         res = speculative_from_cli(model, prompts, args.max_new_tokens, draft=args.draft, k=args.k, **kw)
         print(f"speculative: {res.stats.summary()}", file=sys.stderr)
@@ -84,3 +84,22 @@ def run(args) -> int:
                 print(f"--- [{i}] {labels[i]}")
             print(body)
     return 0
+
+
+def speculative_from_cli(target, prompts, max_new_tokens, *, draft: str, k: str | None = None,
+                         **kw):
+    """``realm-jax generate --draft SOURCE|self:N|lookup|paired --k K|auto``: resolve the draft
+    (``drafts.resolve_draft``), parse k (default: the pairing's, else 4), run."""
+    from ..drafts import resolve_draft
+    from ..errors import RealmError
+    from ..speculative import speculative_generate
+
+    d, paired_k = resolve_draft(target, draft)
+    if k is None:
+        k = paired_k if paired_k is not None else 4
+    if isinstance(k, str) and k != "auto":
+        try:
+            k = int(k)
+        except ValueError:
+            raise RealmError(f"--k: expected an integer >= 0 or 'auto', got {k!r}") from None
+    return speculative_generate(target, d, prompts, max_new_tokens, k=k, **kw)

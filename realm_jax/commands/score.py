@@ -197,7 +197,8 @@ def run(args) -> int:
         raise RealmError(f"--chunk-size: expected a positive int, got {chunk}")
     if args.max_length is not None and args.max_length < 1:
         raise RealmError(f"--max-length: expected a positive int, got {args.max_length}")
-    from ..sharding import gather_in_order, initialize_from_args, process_shard
+    from ..cli import initialize_from_args
+    from ..sharding import gather_in_order, process_shard
 
     initialize_from_args(args)  # multi-host: every process runs this command; process 0 writes
     import jax
