@@ -14,9 +14,10 @@ The pieces, each reusable on its own (the engine and speculative decoding build 
 ``generate_stream`` runs prefill, then ``chunk`` steps per jitted call (``decode_loop_jit``,
 same shapes every chunk, so nothing retraces) and yields tokens and text as they come.
 
-Shapes are bucketed so that new prompts rarely retrace: the batch to a power of two (padding rows
-are born done), the prompt length to a power of two >= 16 (multiples of 512 past 512), the cache
-length S to a multiple of 64 (or exactly ``max_len``), the stop-id table to a power of two >= 4.
+Shapes are bucketed (``buckets.py``, the one rule) so that new prompts rarely retrace: the batch
+to a power of two (padding rows are born done), the prompt length to a power of two >= 16
+(multiples of 512 past 512), the cache length S to a multiple of 64 (or exactly ``max_len``),
+the stop-id table to a power of two >= 4.
 A row stops when it emits one of its stop ids (the id is kept as its last token, with finish
 reason "stop") or after its ``max_new_tokens`` (finish reason "length").
 """
@@ -30,35 +31,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .buckets import bucket_batch, bucket_cache, bucket_length, bucket_table, next_pow2  # noqa: F401
 from .config import ModelConfig
 from .errors import RealmError
 from .kv_cache import KVCache
 from .model import forward_cached, forward_cached_hidden, lm_head
 from .sampling import SamplingParams, sample
 
-CACHE_BUCKET = 64
 
 
 # ------------------------------------------------------------------------------------------ host
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def bucket_batch(b: int) -> int:
-    """Rows -> a power of two."""
-    return next_pow2(b)
-
-
-def bucket_prompt(t: int) -> int:
-    """Prompt length -> a power of two >= 16, or a multiple of 512 past 512."""
-    return max(16, next_pow2(t)) if t <= 512 else -(-t // 512) * 512
-
-
-def bucket_cache(s: int) -> int:
-    """Cache length -> a multiple of CACHE_BUCKET."""
-    return -(-s // CACHE_BUCKET) * CACHE_BUCKET
 
 
 def _is_int(x) -> bool:
@@ -243,7 +225,7 @@ def pad_request(req: Request, batch: int | None = None) -> Padded:
     bp = bucket_batch(b) if batch is None else batch
     if bp < b:
         raise RealmError(f"batch: {bp} rows cannot hold {b} prompts")
-    tp = bucket_prompt(int(req.prompt_lengths.max()))
+    tp = bucket_length(int(req.prompt_lengths.max()))
     tokens = np.zeros((bp, tp), np.int32)
     for i, p in enumerate(req.prompt_ids):
         tokens[i, :len(p)] = p
@@ -251,7 +233,7 @@ def pad_request(req: Request, batch: int | None = None) -> Padded:
     lengths[:b] = req.prompt_lengths
     limits = np.zeros((bp,), np.int32)
     limits[:b] = req.max_new_tokens
-    e = max(4, next_pow2(max([len(s) for s in req.stop_ids] + [1])))
+    e = bucket_table(max(len(s) for s in req.stop_ids))
     stop = np.full((bp, e), -1, np.int32)
     for i, s in enumerate(req.stop_ids):
         stop[i, :len(s)] = s

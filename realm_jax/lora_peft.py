@@ -6,6 +6,7 @@ adapter pytree (see ``lora.py``): ``read_peft_config``, ``peft_targets``, ``load
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -173,7 +174,13 @@ def peft_targets(c: Mapping, cfg: ModelConfig) -> dict[tuple[str, int], tuple[st
         alpha = _pattern_value(alpha_pat, key, alpha0)
         if not isinstance(r, int) or r <= 0:
             raise CheckpointError(f"rank_pattern: rank for {key!r} must be a positive int, got {r!r}")
-        out[(proj, layer)] = (key, r, lora_scale(r, alpha, rs))
+        try:
+            scale = lora_scale(r, alpha, rs)
+        except (TypeError, ValueError):
+            scale = float("nan")
+        if not math.isfinite(scale):
+            raise CheckpointError(f"lora_alpha / alpha_pattern: alpha for {key!r} must be a finite number, got {alpha!r}")
+        out[(proj, layer)] = (key, r, scale)
         hit.add(key)
     if isinstance(tm, str):
         if not hit:

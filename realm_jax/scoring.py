@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .buckets import bucket_length, bucket_table
 from .errors import RealmError
 from .model import forward_hidden, lm_head
 
@@ -160,18 +161,6 @@ def tokenize_requests(model, requests: Sequence) -> list[tuple[list[int], list[i
 
 
 # ----------------------------------------------------------------------------- shapes
-def bucket_length(n: int) -> int:
-    """Model input length bucket: powers of two from 16 to 512, then multiples of 512."""
-    if n <= 512:
-        return max(16, 1 << (max(n, 1) - 1).bit_length())
-    return -(-n // 512) * 512
-
-
-def bucket_span(n: int, t: int) -> int:
-    """Scored span bucket: the next power of two >= n (at least 4), at most t."""
-    return min(t, max(4, 1 << (max(n, 1) - 1).bit_length()))
-
-
 def _logits_chunk(b: int, c: int, v: int) -> int:
     """Largest power of two dividing c with b * chunk * v <= LOGITS_BUDGET (at least 1)."""
     chunk = c & -c
@@ -273,7 +262,7 @@ def iter_scores(model, requests: Sequence, *, batch_size: int = 8, max_length: i
 
     def dispatch(idx):
         t = bucket_length(max(len(fulls[i]) - 1 for i in idx))
-        c = bucket_span(max(len(conts[i]) for i in idx), t)
+        c = bucket_table(max(len(conts[i]) for i in idx), cap=t)
         tokens = np.zeros((batch_size, t), np.int32)
         lengths = np.ones(batch_size, np.int32)
         starts = np.zeros(batch_size, np.int32)

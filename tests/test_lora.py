@@ -2,8 +2,6 @@
 batches through the runtime forms (stacked / per-layer, transposed or not, folded, int8), cached
 decode, generate, no retracing, and every bad input refused by name."""
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -19,7 +19,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import RealmError
-from ..generation import GenerationResult, default_stop_ids, next_pow2, prepare_prompts, validate_request
+from ..buckets import bucket_table
+from ..generation import GenerationResult, default_stop_ids, prepare_prompts, validate_request
 from . import delivery
 from . import state as es
 from .delivery import CANCELLED, EngineStats, RequestHandle, Stats
@@ -78,7 +79,7 @@ class Engine:
         self.prefill_rows = self._sched.prefill_rows
         self.decode_steps_per_call = self._sched.decode_steps_per_call
         self.max_stop_ids = _check_pos_int("max_stop_ids", max_stop_ids)
-        self.stop_width = max(4, next_pow2(self.max_stop_ids))
+        self.stop_width = bucket_table(self.max_stop_ids)
 
         self.adapter_names: tuple[str, ...] = ()
         params = model.runtime  # the target's runtime as served (with the adapters, folded or not)

@@ -18,6 +18,7 @@ from typing import NamedTuple, Sequence
 import jax
 import numpy as np
 
+from ..buckets import bucket_length
 from ..errors import RealmError
 from ..generation import _is_int
 
@@ -31,11 +32,12 @@ class Call(NamedTuple):
 
 
 def default_buckets(max_seq_len: int) -> tuple[int, ...]:
-    """Powers of two from 16 below ``max_seq_len``, then ``max_seq_len``."""
-    out, b = [], 16
+    """``buckets.bucket_length``'s sizes below ``max_seq_len`` (powers of two from 16, then
+    multiples of 512), then ``max_seq_len``."""
+    out, b = [], bucket_length(1)
     while b < max_seq_len:
         out.append(b)
-        b *= 2
+        b = bucket_length(b + 1)
     return tuple(out) + (max_seq_len,)
 
 
