@@ -9,6 +9,9 @@ and the Llama-3-8B shape (L32 D4096 F14336 N32 K8 H128 V128256), the built-in Sm
 (real weights, cast to bf16), and ``tiny``. Every row: ``--prompt-len`` random prompt tokens per
 row, ``--new-tokens`` greedy new tokens, no stop ids (every row runs to the limit).
 
+The JAX side runs the runtime form ``runtime.prepare(params, cfg, layout=--layout)``
+(per-layer by default: each layer's weights their own buffers).
+
 Method (JAX side), all through ``realm_jax.generation``'s jitted building blocks:
 - prefill: ``start_jit`` (prefill of the [B, P] batch + the first token), a fresh cache per call.
 - decode: ``decode_loop_jit`` alone, on a state just prefilled (untimed), running the whole
@@ -51,12 +54,16 @@ import numpy as np  # noqa: E402
 
 import common  # noqa: E402
 from realm_jax.config import ModelConfig  # noqa: E402
+from realm_jax.runtime import prepare  # noqa: E402
 
 from realm_jax.bench import CONFIGS, SHAPES, bench_jax, bytes_per_step, random_params  # noqa: E402,F401
 
 
+LAYOUT_ALIASES = {"decode": "per_layer"}  # the old name of the per-layer runtime
+
+
 def load_config(name: str, dtype):
-    """(cfg, params) for a benchmark config."""
+    """(cfg, canonical params) for a benchmark config."""
     if name == "smollm2":
         import realm_jax
 
@@ -122,8 +129,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=None, help="default 128 (16 with --tiny)")
     ap.add_argument("--new-tokens", type=int, default=None, help="default 256 (16 with --tiny)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--layout", default="decode", choices=["decode", "stacked"],
-                    help="params layout: 'decode' (model.decode_layout: fused, per-layer buffers) or 'stacked'")
+    ap.add_argument("--layout", default="per_layer", choices=["per_layer", "stacked", "decode"],
+                    help="runtime layout (runtime.prepare): 'per_layer' (fused, per-layer buffers; 'decode' is "
+                         "an alias) or 'stacked' ([L, ...] leaves, lax.scan)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--peer", choices=["hf"], default=None, help="also run HF transformers generate")
@@ -131,6 +139,7 @@ def main(argv=None) -> int:
                     help="run only the peer (e.g. in its own process, so JAX's memory pool cannot starve it)")
     ap.add_argument("--out", default=None, help="JSON results path (default benchmarks/results/decode-<device>.json)")
     args = ap.parse_args(argv)
+    args.layout = LAYOUT_ALIASES.get(args.layout, args.layout)
     if args.peer_only and not args.peer:
         ap.error("--peer-only needs --peer")
 
@@ -159,14 +168,12 @@ def main(argv=None) -> int:
                     common.write_json(args.out, {"environment": env, "rows": rows})
             continue
         cfg, params = load_config(name, dtype)
-        if args.layout == "decode":
-            from realm_jax import model as model_lib
-
-            if hasattr(model_lib, "decode_layout"):
-                params = model_lib.decode_layout(params)
+        rt = prepare(params, cfg, layout=args.layout)
+        del params  # the runtime holds its own copy of the projections
+        gc.collect()
         for b in args.batch:
             r = {"config": name, "layout": args.layout, "dtype": args.dtype}
-            r.update(bench_jax(cfg, params, b, plen, ntok, args.warmup, args.repeats))
+            r.update(bench_jax(cfg, rt, b, plen, ntok, args.warmup, args.repeats))
             step_s = r["decode_ms_per_step"] / 1e3
             r["gb_per_step"] = (r["param_bytes_per_step"] + r["kv_bytes_per_step"]) / 1e9
             r["mbu"] = (r["param_bytes_per_step"] + r["kv_bytes_per_step"]) / step_s / bw["bytes_per_s"]
@@ -175,7 +182,7 @@ def main(argv=None) -> int:
             rows.append(r)
             print(f"{name} B={b}: prefill {r['prefill_ms']:.2f} ms, decode {r['decode_ms_per_step']:.3f} ms/step, "
                   f"{r['tokens_per_s']:.0f} tok/s, MBU {r['mbu']:.1%}", flush=True)
-        del params
+        del rt
         gc.collect()
         if args.peer == "hf":
             for r in [r for r in rows if r["config"] == name]:

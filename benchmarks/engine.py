@@ -47,7 +47,6 @@ import numpy as np  # noqa: E402
 
 import common  # noqa: E402
 from decode import SHAPES, random_params  # noqa: E402
-from realm_jax import model as model_lib  # noqa: E402
 from realm_jax.config import ModelConfig  # noqa: E402
 from realm_jax.engine import Engine  # noqa: E402
 from realm_jax.generation import bucket_cache, generate  # noqa: E402
@@ -165,7 +164,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=None, choices=["llama-1b", "llama-8b", "tiny"])
     ap.add_argument("--tiny", action="store_true", help="tiny config and small workload (CPU smoke test)")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="default bf16 (f32 with --tiny)")
-    ap.add_argument("--layout", default="decode", choices=["decode", "stacked"])
+    ap.add_argument("--layout", default="per_layer", choices=["per_layer", "stacked", "decode"],
+                    help="the model's runtime layout (runtime.prepare); 'decode' is the old name of per_layer")
     ap.add_argument("--requests", type=int, default=None, help="default 256 (48 with --tiny)")
     ap.add_argument("--slots", type=int, default=None, help="engine slots = static batch size; default 32 (8 tiny)")
     ap.add_argument("--prompt-min", type=int, default=None, help="default 32 (4 tiny)")
@@ -199,10 +199,10 @@ def main(argv=None) -> int:
     dtype = jnp.dtype(d(args.dtype, "bfloat16", "float32"))
 
     cfg = ModelConfig(**SHAPES[name])
-    params = random_params(cfg, dtype)
     if args.layout == "decode":
-        params = model_lib.decode_layout(params)
-    model = Model(cfg, params, None)
+        args.layout = "per_layer"
+    model = Model(cfg, random_params(cfg, dtype), None)
+    model.prepare(layout=args.layout)  # the runtime the engine and generate serve
     prompts, news = workload(n, cfg.vocab_size, pmin, pmax, new_mean, new_max, args.seed)
     max_seq_len = bucket_cache(pmax + new_max)
     top = 1 << (pmax - 1).bit_length()  # four prompt buckets: multiples of a quarter of pmax (power of two)

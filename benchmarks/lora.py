@@ -4,21 +4,21 @@ adapters in one batch (one per row), on the same base model.
     python benchmarks/lora.py                   # Llama-3.2-1B shape, bf16, rank 16, batch 4 and 16
     python benchmarks/lora.py --tiny            # a tiny config: a CPU smoke test
 
-Rows (same random base weights, same prompts, greedy, no stop ids):
+Rows (same random base weights, same prompts, greedy, no stop ids), each a runtime
+(``runtime.prepare(..., layout=--layout)``, built before timing):
 - ``base``: no adapter.
-- ``merged``: one adapter folded into the weights (``lora.merge``); should equal ``base``.
-- ``unmerged x1``: one adapter applied unmerged to every row.
-- ``unmerged x4``: a stack of 4 adapters (``lora.stack_adapters``), row b uses adapter b mod 4.
-- ``unmerged x4 fused`` (decode layout only): the same stack in ``lora.decode_layout(..,
-  concat=False)`` (per-layer buffers, q|k|v and gate|up factors fused, served by ``lora_delta``).
-- ``unmerged x4 concat``: the same stack in the concatenated serving layout (``lora.decode_layout``
-  for the decode layout, ``lora.concat_layout`` for stacked params): every adapter's factors side
-  by side on the rank axis, two matmuls per (fused) projection and a per-row mask, no gather.
-- ``unmerged x4 folded`` (decode layout only): ``lora.fold_layout``: the concatenated A factors
-  appended to the base weights (folded params, built once before timing), so the base matmul
-  also gives the rank activations: one extra matmul (``@ b``) per (fused) projection and a mask.
-Adapters target all seven projections at ``--rank``. Every unmerged x4 row checks that its tokens
+- ``merged``: one adapter merged into the canonical weights (``lora.merge``), then prepared;
+  should cost what ``base`` does.
+- ``unmerged x1``: one adapter served unmerged to every row (``runtime.with_adapters``).
+- ``unmerged x4``: a stack of 4 adapters (``lora.stack_adapters``), row b uses adapter b mod 4:
+  ``with_adapters(base, cfg, stack)`` (every adapter's factors side by side on the rank axis,
+  q|k|v and gate|up fused: two matmuls per fused projection and a per-row mask, no gather).
+- ``unmerged x4 folded``: ``prepare(params, cfg, adapters=stack, fold=True)``: the A factors
+  appended to the base weights, so the base matmul also gives the rank activations: one extra
+  matmul (``@ b``) per fused projection and a mask.
+Adapters target all seven projections at ``--rank``. The folded row checks that its tokens
 match the plain stack's (``same_tokens_as_stack``: 90% of them, bf16 rounding may flip a few).
+(``--only`` still takes the old names ``unmerged x4 fused`` / ``concat``: both are ``unmerged x4`` now.)
 
 ``--hlo`` adds op counts of one compiled decode step (``generation.decode_step``) per row: dots
 (matmul ops and gemm library calls), gathers, concatenates (a concatenate of weights in every step
@@ -51,8 +51,7 @@ import decode  # noqa: E402  (the decode benchmark: model shapes and random weig
 from realm_jax import generation as gen  # noqa: E402
 from realm_jax import lora as lora_lib  # noqa: E402
 from realm_jax.config import ModelConfig  # noqa: E402
-from realm_jax.model import decode_layout  # noqa: E402
-from realm_jax.sampling import SamplingParams  # noqa: E402
+from realm_jax.runtime import prepare, with_adapters  # noqa: E402
 
 
 _NOT_KERNELS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "opt-barrier"}
@@ -82,36 +81,31 @@ def hlo_counts(text: str) -> dict:
     return counts
 
 
-def bench_decode(cfg, params, batch, prompt_len, new_tokens, warmup, repeats, adapters=None, seed=0,
-                 hlo=False) -> dict:
-    """Decode-loop timing for one (params, adapters) setting; rows use adapter ``b % A``.
+def bench_decode(cfg, rt, batch, prompt_len, new_tokens, warmup, repeats, seed=0, hlo=False) -> dict:
+    """Decode-loop timing for one runtime (and the adapters it serves: rows use adapter ``b % A``).
     ``hlo``: also ``hlo_counts`` of one compiled decode step."""
     rng = np.random.default_rng(seed)
     prompts = rng.integers(3, cfg.vocab_size, (batch, prompt_len)).tolist()
-    ids = None
-    if adapters is not None:
-        num = lora_lib.check_adapter(adapters, lora_lib.projection_dims(cfg), cfg.num_layers) or 1
-        ids = [b % num for b in range(batch)]
-    req = gen.validate_request(cfg, prompts, new_tokens, stop_ids=[], adapters=adapters, adapter_ids=ids)
+    num = rt.num_adapters
+    ids = [b % num for b in range(batch)] if num else None
+    req = gen.validate_request(cfg, prompts, new_tokens, stop_ids=[], adapter_ids=ids, num_adapters=num)
     pad = gen.pad_request(req)
     bp, s = pad.tokens.shape[0], pad.cache_len
-    ctl = gen.Controls(SamplingParams(*(jnp.asarray(x) for x in pad.sampling)), jnp.asarray(pad.limits),
-                       jnp.asarray(pad.stop_ids))
+    ctl = gen.Controls.of(pad)
     tokens, lengths = jnp.asarray(pad.tokens), jnp.asarray(pad.lengths)
     aid = None if pad.adapter_ids is None else jnp.asarray(pad.adapter_ids)
 
     def prefilled():
-        cache = gen.new_cache(cfg, params, bp, s)
-        return (gen.start_jit(params, cfg, tokens, lengths, cache, ctl, out_len=s, adapters=adapters,
-                              adapter_ids=aid),)
+        cache = gen.new_cache(cfg, rt, bp, s)
+        return (gen.start_jit(rt, cfg, tokens, lengths, cache, ctl, out_len=s, adapter_ids=aid),)
 
     def run(state):
-        return gen.decode_loop_jit(params, cfg, state, ctl, adapters=adapters, adapter_ids=aid)
+        return gen.decode_loop_jit(rt, cfg, state, ctl, adapter_ids=aid)
 
     counts = {}
     if hlo:
         step = jax.jit(gen.decode_step, static_argnames=("cfg",))
-        text = step.lower(params, cfg, *prefilled(), ctl, adapters=adapters, adapter_ids=aid).compile().as_text()
+        text = step.lower(rt, cfg, *prefilled(), ctl, adapter_ids=aid).compile().as_text()
         counts = {"hlo_" + k: v for k, v in hlo_counts(text).items()}
     t = common.time_call(run, prefilled, warmup=warmup, repeats=repeats)
     final = run(*prefilled())
@@ -135,15 +129,17 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=None, help="default 128 (16 with --tiny)")
     ap.add_argument("--new-tokens", type=int, default=None, help="default 256 (16 with --tiny)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--layout", default="decode", choices=["decode", "stacked"],
-                    help="params layout: 'decode' (model.decode_layout) or 'stacked'")
+    ap.add_argument("--layout", default="per_layer", choices=["per_layer", "stacked", "decode"],
+                    help="runtime layout (runtime.prepare): 'per_layer' ('decode' is an alias) or 'stacked'")
     ap.add_argument("--hlo", action="store_true", help="add op counts of one compiled decode step per row")
     ap.add_argument("--only", nargs="+", default=None, metavar="SETTING",
-                    help='run only these settings (and "base"), e.g. "unmerged x4 concat"')
+                    help='run only these settings (and "base"), e.g. "unmerged x4 folded"')
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None, help="JSON results path (default benchmarks/results/lora-<device>.json)")
     args = ap.parse_args(argv)
+    if args.layout == "decode":
+        args.layout = "per_layer"
 
     name = args.config or ("tiny" if args.tiny else "llama-1b")
     batches = args.batch or ([4] if args.tiny else [4, 16])
@@ -156,28 +152,21 @@ def main(argv=None) -> int:
     print(f"# LoRA serving benchmark\n\n{common.environment_line(env)}\n", flush=True)
 
     cfg = ModelConfig(**decode.SHAPES[name])
-    stacked = decode.random_params(cfg, dtype)
+    params = decode.random_params(cfg, dtype)  # canonical
     adapters = [lora_lib.init_adapter(cfg, 100 + i, rank=args.rank, b_std=0.02, dtype=dtype)
                 for i in range(args.adapters)]
     stack = lora_lib.stack_adapters(adapters)
-    fast = args.layout == "decode"
-    base = decode_layout(stacked) if fast else stacked
+    base = prepare(params, cfg, layout=args.layout)
     multi = f"unmerged x{args.adapters}"
-    # (label, build () -> (params, adapters)): each setting is built right before it runs and
-    # dropped after, so that an 8B model's copies (merged, folded) are never all alive at once
-    def merged():
-        m = lora_lib.merge(stacked, adapters[0])
-        return (decode_layout(m) if fast else m), None
-
-    settings = [("base", lambda: (base, None)), ("merged", merged),
-                ("unmerged x1", lambda: (base, adapters[0])), (multi, lambda: (base, stack))]
-    if fast:
-        settings.append((f"{multi} fused", lambda: (base, lora_lib.decode_layout(stack, cfg, concat=False))))
-    settings.append((f"{multi} concat", lambda: (base, lora_lib.decode_layout(stack, cfg) if fast
-                                                 else lora_lib.concat_layout(stack, cfg))))
-    if fast:
-        settings.append((f"{multi} folded", lambda: lora_lib.fold_layout(base, stack, cfg)))
+    # (label, build () -> runtime): each setting is built right before it runs and dropped after,
+    # so that an 8B model's copies (merged, folded) are never all alive at once
+    settings = [("base", lambda: base),
+                ("merged", lambda: prepare(lora_lib.merge(params, adapters[0]), cfg, layout=args.layout)),
+                ("unmerged x1", lambda: with_adapters(base, cfg, adapters[0])),
+                (multi, lambda: with_adapters(base, cfg, stack)),
+                (f"{multi} folded", lambda: prepare(params, cfg, adapters=stack, fold=True, layout=args.layout))]
     if args.only:
+        args.only = [multi if o in (f"{multi} fused", f"{multi} concat") else o for o in args.only]  # old names
         unknown = set(args.only) - {label for label, _ in settings}
         if unknown:
             ap.error(f"--only: unknown settings {sorted(unknown)}; known: {[label for label, _ in settings]}")
@@ -187,10 +176,10 @@ def main(argv=None) -> int:
     for b in batches:
         ref = stack_tokens = None
         for label, build in settings:
-            params, ads = build()
+            rt = build()
             r = {"config": name, "layout": args.layout, "dtype": args.dtype, "rank": args.rank, "setting": label}
-            r.update(bench_decode(cfg, params, b, plen, ntok, args.warmup, args.repeats, adapters=ads, hlo=args.hlo))
-            del params, ads
+            r.update(bench_decode(cfg, rt, b, plen, ntok, args.warmup, args.repeats, hlo=args.hlo))
+            del rt
             gc.collect()
             toks = r.pop("tokens")
             if label == "base":

@@ -7,7 +7,8 @@
 JAX side: ``generation.prefill`` (jitted, the cache donated, ``empty_cache=True``) of a
 ``[B, P]`` batch of random full-length prompts into a fresh cache of P slots, logits at each
 row's last token; warm-up first, median of ``--repeats``. Run once per attention choice in
-``--attention`` (``auto`` = cuDNN flash attention on a GPU, ``reference`` = the einsum path), and
+``--attention`` (the per-layer runtime ``runtime.prepare(params, cfg, layout="per_layer",
+attention=choice)``; ``auto`` = cuDNN flash attention on a GPU, ``reference`` = the einsum path), and
 the max |difference| of the last-token logits between the choices is recorded.
 
 HF peer (``--peer-only``, in its own process so the two memory pools do not meet):
@@ -36,12 +37,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from realm_jax import attention, generation as gen  # noqa: E402
+from realm_jax import generation as gen  # noqa: E402
 from realm_jax.bench import (SHAPES, environment, environment_line, markdown_table, random_params,  # noqa: E402
                              time_call, write_json)
 from realm_jax.config import ModelConfig  # noqa: E402
-from realm_jax.model import decode_layout  # noqa: E402
 from realm_jax.params import param_bytes  # noqa: E402
+from realm_jax.runtime import prepare  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak (SXM), FLOP/s
 
@@ -60,20 +61,21 @@ def matmul_rate(n: int = 8192, repeats: int = 10) -> float:
 
 
 def flops(cfg: ModelConfig, params, batch: int, plen: int) -> float:
+    """``params``: canonical (the layer leaves are the non-embedding weights)."""
     non_embed = param_bytes(params["layers"]) // jnp.dtype(params["embed"].dtype).itemsize
     attn = 2 * cfg.num_layers * batch * plen ** 2 * cfg.num_heads * cfg.head_dim
     head = 2 * cfg.hidden_size * cfg.vocab_size * batch
     return 2 * non_embed * batch * plen + attn + head
 
 
-def bench_jax(cfg, params, batch, plen, repeats, seed=0):
+def bench_jax(cfg, rt, batch, plen, repeats, seed=0):
     r = np.random.default_rng(seed)
     tokens = jnp.asarray(r.integers(3, cfg.vocab_size, (batch, plen)), jnp.int32)
     lengths = jnp.full((batch,), plen, jnp.int32)
     fn = jax.jit(lambda p, t, n, c: gen.prefill(p, cfg, t, n, c, empty_cache=True)[0], donate_argnums=3)
 
     def args():
-        return params, tokens, lengths, gen.new_cache(cfg, params, batch, plen)
+        return rt, tokens, lengths, gen.new_cache(cfg, rt, batch, plen)
 
     t = time_call(fn, args, warmup=1, repeats=repeats)
     logits = np.asarray(fn(*args()), np.float32)
@@ -135,13 +137,14 @@ def main(argv=None) -> int:
             print(f"{name} B={b} P={plen} HF: {med * 1e3:.1f} ms", flush=True)
     else:
         peak, measured = peak_flops(), matmul_rate() if jax.default_backend() != "cpu" else None
-        params = decode_layout(random_params(cfg, jnp.bfloat16 if not args.tiny else jnp.float32))
+        params = random_params(cfg, jnp.bfloat16 if not args.tiny else jnp.float32)
         for b in args.batch:
             ref_logits = None
             for choice in args.attention:
-                os.environ[attention.ATTENTION_ENV] = choice
-                jax.clear_caches()
-                t, logits = bench_jax(cfg, params, b, plen, args.repeats)
+                rt = prepare(params, cfg, layout="per_layer", attention=choice)  # a static choice of the runtime
+                t, logits = bench_jax(cfg, rt, b, plen, args.repeats)
+                del rt
+                gc.collect()
                 f = flops(cfg, params, b, plen)
                 row = {"config": name, "batch": b, "prompt_len": plen, "impl": f"jax/{choice}",
                        "ms": t["median_s"] * 1e3, "tflops": f / t["median_s"] / 1e12, "flops": f,

@@ -32,8 +32,7 @@ import numpy as np  # noqa: E402
 from realm_jax import generation as gen  # noqa: E402
 from realm_jax.bench import SHAPES, random_params  # noqa: E402
 from realm_jax.config import ModelConfig  # noqa: E402
-from realm_jax.model import decode_layout  # noqa: E402
-from realm_jax.sampling import SamplingParams  # noqa: E402
+from realm_jax.runtime import prepare  # noqa: E402
 
 
 def device_events(trace: dict) -> list[dict]:
@@ -59,28 +58,26 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=33)
     ap.add_argument("--top", type=int, default=30, help="kernels to list")
-    ap.add_argument("--stacked", action="store_true", help="profile the stacked layout instead")
+    ap.add_argument("--stacked", action="store_true", help="profile the stacked runtime instead of the per-layer one")
     args = ap.parse_args(argv)
     cfg = ModelConfig(**SHAPES["tiny" if args.tiny else args.config])
-    params = random_params(cfg, jnp.float32 if args.tiny else jnp.bfloat16)
-    if not args.stacked:
-        params = decode_layout(params)
+    rt = prepare(random_params(cfg, jnp.float32 if args.tiny else jnp.bfloat16), cfg,
+                 layout="stacked" if args.stacked else "per_layer")  # the runtime the loop runs
     prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (args.batch, args.prompt_len)).tolist()
     pad = gen.pad_request(gen.validate_request(cfg, prompts, args.new_tokens, stop_ids=[]))
-    ctl = gen.Controls(SamplingParams(*(jnp.asarray(a) for a in pad.sampling)), jnp.asarray(pad.limits),
-                       jnp.asarray(pad.stop_ids))
+    ctl = gen.Controls.of(pad)
 
     def prefilled():
-        cache = gen.new_cache(cfg, params, pad.tokens.shape[0], pad.cache_len)
-        return gen.start_jit(params, cfg, jnp.asarray(pad.tokens), jnp.asarray(pad.lengths), cache, ctl,
+        cache = gen.new_cache(cfg, rt, pad.tokens.shape[0], pad.cache_len)
+        return gen.start_jit(rt, cfg, jnp.asarray(pad.tokens), jnp.asarray(pad.lengths), cache, ctl,
                              out_len=pad.cache_len)
 
-    jax.block_until_ready(gen.decode_loop_jit(params, cfg, prefilled(), ctl))  # compile
+    jax.block_until_ready(gen.decode_loop_jit(rt, cfg, prefilled(), ctl))  # compile
     state = jax.block_until_ready(prefilled())
     steps = args.new_tokens - 1
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
-            jax.block_until_ready(gen.decode_loop_jit(params, cfg, state, ctl))
+            jax.block_until_ready(gen.decode_loop_jit(rt, cfg, state, ctl))
         path = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)[0]
         with gzip.open(path) as f:
             events = device_events(json.load(f))

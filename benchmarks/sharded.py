@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     from realm_jax.generation import prefill as prefill_fn
     from realm_jax.model import forward_cached
     from realm_jax.params import init_params, param_shapes
+    from realm_jax.runtime import prepare
     from realm_jax.scoring import continuation_logprobs
 
     if args.tiny:
@@ -79,12 +80,13 @@ def main(argv=None) -> int:
           f"K={cfg.num_kv_heads} V={cfg.vocab_size}", flush=True)
     results = {"device": devices[0].device_kind, "config": cfg.to_dict(), "decode": [], "score": []}
 
-    def make_params(mesh):
-        """Random params created directly in their sharded layout (no device holds it all)."""
+    def make_runtime(mesh):
+        """The runtime on ``mesh`` (``runtime.prepare(..., mesh=mesh)``, the default layout) of random
+        canonical params created directly in their sharded layout (no device holds it all)."""
         specs = sh.param_specs(cfg, mesh)
         shardings = jax.tree_util.tree_map(lambda s: jax.sharding.NamedSharding(mesh, s), specs)
         init = jax.jit(partial(init_params, cfg, dtype=dtype), out_shardings=shardings)
-        return jax.block_until_ready(init(jax.random.PRNGKey(0)))
+        return jax.block_until_ready(prepare(init(jax.random.PRNGKey(0)), cfg, mesh=mesh))
 
     def timed(fn, *a):
         best = float("inf")
@@ -96,11 +98,11 @@ def main(argv=None) -> int:
 
     # ------------------------------------------------------------------ decode
     @partial(jax.jit, static_argnames=("n",), donate_argnames=("cache",))
-    def decode(params, first, cache, n):
+    def decode(rt, first, cache, n):
         """n greedy steps from tokens first [B]: returns the last tokens and the cache."""
         def body(_, carry):
             tok, cache = carry
-            logits, cache = forward_cached(params, cfg, tok[:, None], jnp.ones_like(tok), cache)
+            logits, cache = forward_cached(rt, cfg, tok[:, None], jnp.ones_like(tok), cache)
             return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), cache
         return jax.lax.fori_loop(0, n, body, (first, cache))
 
@@ -109,20 +111,20 @@ def main(argv=None) -> int:
         param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))) * jnp.dtype(dtype).itemsize
     for tp in (1, args.tp):
         mesh = sh.make_mesh(1, tp)
-        params = make_params(mesh)
+        rt = make_runtime(mesh)
         for b in args.batches:
             rng = np.random.default_rng(0)
             prompt = rng.integers(0, cfg.vocab_size, (b, prompt_len)).astype(np.int32)
             max_len = -(-(prompt_len + steps + 1) // 64) * 64
 
             def run_once():
-                cache = sh.init_cache_like(params, cfg, b, max_len, dtype)
+                cache = sh.init_cache_like(rt, cfg, b, max_len, dtype)
                 lengths = np.full(b, prompt_len, np.int32)
-                logits, cache = prefill(params, cfg, *sh.place_batch((prompt, lengths), params, strict=False), cache)
+                logits, cache = prefill(rt, cfg, *sh.place_batch((prompt, lengths), rt, strict=False), cache)
                 first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
                 jax.block_until_ready(cache)
                 t0 = time.perf_counter()
-                out = jax.block_until_ready(decode(params, first, cache, steps))
+                out = jax.block_until_ready(decode(rt, first, cache, steps))
                 return time.perf_counter() - t0, out
 
             t0 = time.perf_counter()
@@ -135,7 +137,7 @@ def main(argv=None) -> int:
             results["decode"].append(row)
             print(f"decode  tp={tp} batch={b:3d}: {row['ms_per_step']:8.2f} ms/step  {row['tokens_per_s']:10.1f} tok/s  "
                   f"(weights read at {row['weights_GBps_per_device']:.1f} GB/s per device)", flush=True)
-        del params
+        del rt
 
     # ------------------------------------------------------------------ scoring
     rng = np.random.default_rng(1)
@@ -150,12 +152,12 @@ def main(argv=None) -> int:
     chunk = 1 << (chunk.bit_length() - 1)
     for dp in (1, args.dp):
         mesh = sh.make_mesh(dp, 1)
-        params = make_params(mesh)
+        rt = make_runtime(mesh)
         if score_b % dp:
             print(f"skip dp={dp}: --score-batch {score_b} is not a multiple of it")
             continue
-        inputs = sh.place_batch((tokens, lengths, starts, targets), params)
-        run = partial(continuation_logprobs, params, cfg, *inputs, chunk=chunk)
+        inputs = sh.place_batch((tokens, lengths, starts, targets), rt)
+        run = partial(continuation_logprobs, rt, cfg, *inputs, chunk=chunk)
         t0 = time.perf_counter()
         jax.block_until_ready(run())
         compile_s = time.perf_counter() - t0
@@ -165,7 +167,7 @@ def main(argv=None) -> int:
         results["score"].append(row)
         print(f"score   dp={dp} batch={score_b} x {score_t} tokens: {best * 1e3:9.1f} ms  "
               f"{row['tokens_per_s']:12.0f} tok/s", flush=True)
-        del params
+        del rt
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

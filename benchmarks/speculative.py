@@ -71,16 +71,17 @@ TEXT_PROMPTS = [
 
 
 def _model(shape: str, dtype, seed: int) -> Model:
-    """A Model in the decode layout: SmolLM2 (real weights) or a random-weight shape."""
-    from realm_jax import model as model_lib
-
+    """A Model served by the per-layer runtime: SmolLM2 (real weights) or a random-weight shape."""
     if shape == "smollm2":
         import realm_jax
 
-        m = realm_jax.load("smollm2-135m-instruct", dtype=dtype)
-        return Model(m.config, model_lib.decode_layout(m.params), m.tokenizer, shape)
+        m = realm_jax.load("smollm2-135m-instruct", dtype=dtype, layout="per_layer")
+        m.source = shape
+        return m
     cfg = ModelConfig(**SHAPES[shape])
-    return Model(cfg, model_lib.decode_layout(random_params(cfg, dtype, seed)), None, shape)
+    m = Model(cfg, random_params(cfg, dtype, seed), None, shape)
+    m.prepare(layout="per_layer")
+    return m
 
 
 def _prompts(model: Model, batch: int, plen: int, text: bool, seed: int = 0):
