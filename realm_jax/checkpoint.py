@@ -3,7 +3,8 @@
 Reading is tensor by tensor (each stacked leaf is built from its L per-layer tensors, then the
 per-layer pieces are dropped), so the weights are never held twice. Every name and shape is
 checked against the leaf table ``params.LEAVES`` and a problem is a ``CheckpointError`` naming the tensor
-and file.
+and file. All headers (names, shapes, dtypes, which shard holds what) are checked before the
+first tensor is read. Only safetensors files are read; pickles (``*.bin``, ``*.pt``) never are.
 """
 
 from __future__ import annotations
@@ -45,19 +46,36 @@ def file_shape(leaf: Leaf, cfg: ModelConfig) -> tuple[int, ...]:
     return shape[::-1] if leaf.hf_transposed else shape
 
 
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors dtypes we read (cast to the params dtype)
+
+
+def _shard_name(index: Path, name) -> str:
+    """A file name from an index's weight_map: a plain name in the checkpoint directory."""
+    if not isinstance(name, str) or not name.endswith(".safetensors") or Path(name).name != name \
+            or name in (".", ".."):
+        raise CheckpointError(f"{index}: weight_map names file {name!r}; expected a *.safetensors file name "
+                              f"in the checkpoint directory (no folders)")
+    return name
+
+
 class _TensorIndex:
-    """Maps tensor name -> open safetensors file; opens each shard once."""
+    """Maps tensor name -> open safetensors file; opens each shard once. Reads only headers."""
 
     def __init__(self, directory: Path):
         from safetensors import safe_open
 
+        from .config import read_json
+
         index = directory / "model.safetensors.index.json"
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index}: malformed index ({e})") from None
-            files = sorted(set(weight_map.values()))
+            data = read_json(index)
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(k, str) for k in weight_map):
+                got = (f"a weight_map of type {type(weight_map).__name__}" if isinstance(data, dict)
+                       else f"a JSON {type(data).__name__}")
+                raise CheckpointError(f"{index}: malformed index: expected {{\"weight_map\": {{tensor name: "
+                                      f"file name}}}}, got {got}")
+            files = sorted({_shard_name(index, f) for f in weight_map.values()})
         else:
             files = sorted(p.name for p in directory.glob("*.safetensors"))
             if not files:
@@ -67,7 +85,7 @@ class _TensorIndex:
         self.where: dict[str, str] = {}
         for fname in files:
             path = directory / fname
-            if not path.exists():
+            if not path.is_file():
                 raise CheckpointError(f"{path}: listed in the index but missing")
             try:
                 h = safe_open(str(path), framework="flax")
@@ -76,7 +94,11 @@ class _TensorIndex:
                 raise CheckpointError(f"{path}: unreadable or truncated safetensors file ({e})") from None
             self.handles[fname] = h
             for k in keys:
-                self.where[k] = fname
+                if k in self.where and weight_map is None:
+                    raise CheckpointError(f"tensor {k!r} is in both {self.where[k]} and {fname} (and there is no "
+                                          f"model.safetensors.index.json saying which is meant)")
+                if weight_map is None or weight_map.get(k) == fname:
+                    self.where[k] = fname
         if weight_map is not None:
             for k, f in weight_map.items():
                 if self.where.get(k) != f:
@@ -84,6 +106,9 @@ class _TensorIndex:
 
     def shape(self, name: str) -> tuple:
         return tuple(self.handles[self.where[name]].get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        return str(self.handles[self.where[name]].get_slice(name).get_dtype())
 
     def get(self, name: str) -> jax.Array:
         fname = self.where[name]
@@ -93,13 +118,9 @@ class _TensorIndex:
             raise CheckpointError(f"tensor {name!r} in {fname}: cannot be read ({e})") from None
 
 
-def read_hf_params(directory: str | os.PathLike, cfg: ModelConfig, dtype=jnp.float32,
-                   place=None) -> dict:
-    """Read ``*.safetensors`` under ``directory`` into a params pytree of ``dtype``.
-
-    ``place(path, array) -> array`` may put each finished leaf on devices (sharding); default:
-    the default device. Raises ``CheckpointError`` for missing, unexpected or mis-shaped tensors.
-    """
+def check_hf_headers(directory: str | os.PathLike, cfg: ModelConfig) -> tuple[_TensorIndex, dict]:
+    """Every safetensors header of the checkpoint against ``cfg``, before any tensor is read:
+    names (missing, unexpected, duplicated), shapes and dtypes. Returns (index, {leaf: names})."""
     directory = Path(directory)
     idx = _TensorIndex(directory)
     needed = tensor_names(cfg)
@@ -114,16 +135,33 @@ def read_hf_params(directory: str | os.PathLike, cfg: ModelConfig, dtype=jnp.flo
                               f"(the config does not describe this checkpoint)")
     by_leaf: dict[Leaf, list[str]] = {}
     for name, (leaf, _) in needed.items():
+        expect, got = file_shape(leaf, cfg), idx.shape(name)
+        if got != expect:
+            raise CheckpointError(f"tensor {name!r} in {idx.where[name]} has shape {got}, expected {expect} "
+                                  f"(from config.json)")
+        dt = idx.dtype(name)
+        if dt not in FLOAT_DTYPES:
+            raise CheckpointError(f"tensor {name!r} in {idx.where[name]} has dtype {dt}; expected a float "
+                                  f"({', '.join(FLOAT_DTYPES)})")
         by_leaf.setdefault(leaf, []).append(name)
+    return idx, by_leaf
+
+
+def read_hf_params(directory: str | os.PathLike, cfg: ModelConfig, dtype=jnp.float32,
+                   place=None) -> dict:
+    """Read ``*.safetensors`` under ``directory`` into a params pytree of ``dtype``.
+
+    ``place(path, array) -> array`` may put each finished leaf on devices (sharding); default:
+    the default device. Every header is checked first (``check_hf_headers``): a missing,
+    unexpected, duplicated or mis-shaped tensor is a ``CheckpointError`` before any is read.
+    """
+    idx, by_leaf = check_hf_headers(directory, cfg)
     place = place or (lambda path, a: a)
     params: dict = {"layers": {}}
     for leaf, names in by_leaf.items():
-        tr, expect = leaf.hf_transposed, file_shape(leaf, cfg)
+        tr = leaf.hf_transposed
         pieces = []
         for name in names:
-            got = idx.shape(name)
-            if got != expect:
-                raise CheckpointError(f"tensor {name!r} in {idx.where[name]} has shape {got}, expected {expect}")
             t = idx.get(name).astype(dtype)
             pieces.append(t.T if tr else t)
         arr = jnp.stack(pieces) if leaf.is_layer else pieces[0]

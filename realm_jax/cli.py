@@ -1,5 +1,10 @@
 """The ``realm-jax`` command. Each subcommand lives in ``realm_jax/commands/<name>.py`` and
-exposes ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``."""
+exposes ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
+
+Errors: bad arguments, every ``RealmError`` and every ``OSError`` (a file that cannot be read or
+written, a directory where a file belongs, a full disk) end the command with exit code 2 and
+one line on stderr, ``realm-jax <command>: error: <message>``, no traceback. Anything else is a
+bug and keeps its traceback."""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("generate", "convert", "score", "perplexity", "bench")
+COMMANDS = ("generate", "convert", "score", "perplexity", "bench", "eval")
 
 
 def _available():
@@ -29,9 +34,28 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--process-id", type=int, default=None)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``PROG: error: MESSAGE (see PROG --help)``, exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def one_line(message) -> str:
+    """A message on one line (newlines and runs of blanks become single spaces)."""
+    return " ".join(str(message).split())
+
+
+def describe(e: BaseException) -> str:
+    """The one-line text of a ``RealmError`` or ``OSError`` (an OSError names its path)."""
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        return one_line(f"{e.filename}: {e.strerror}")
+    return one_line(e) or type(e).__name__
+
+
 def main(argv=None) -> int:
     mods = _available()
-    parser = argparse.ArgumentParser(prog="realm-jax", description="JAX inference for Llama-family LLMs")
+    parser = _Parser(prog="realm-jax", description="JAX inference for Llama-family LLMs")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, mod in mods.items():
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
@@ -41,13 +65,9 @@ def main(argv=None) -> int:
 
     try:
         return int(mods[args.command].run(args) or 0)
-    except (RealmError, FileNotFoundError, FileExistsError) as e:
-        print(f"realm-jax {args.command}: error: {e}", file=sys.stderr)
+    except (RealmError, OSError) as e:
+        print(f"realm-jax {args.command}: error: {describe(e)}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def initialize_from_args(args) -> bool:
@@ -56,3 +76,7 @@ def initialize_from_args(args) -> bool:
 
     return initialize_distributed(getattr(args, "coordinator_address", None),
                                   getattr(args, "num_processes", None), getattr(args, "process_id", None))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

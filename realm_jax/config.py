@@ -4,19 +4,133 @@ Built from an HF ``config.json`` (``from_hf_dict``) for llama, mistral, qwen2, q
 llama), in both dialects: classic ``rope_theta``/``rope_scaling``/``torch_dtype`` and
 transformers-5 ``rope_parameters``/``dtype``. GGUF metadata maps onto the same fields
 (see ``gguf.py``). Anything we cannot honour raises ``UnsupportedModelError`` naming it.
+
+Validation happens here, on the host, before any tensor is read: every key of a config.json is
+checked for presence, type and range (``check_int`` / ``check_float`` / ``check_bool`` /
+``check_token_id`` / ``check_dtype_name``), and so is every field of a ``ModelConfig`` however
+it was built. A problem is a ``ConfigError`` naming the file, the key, what was expected and
+what was given (e.g. a hidden size that the heads do not divide, 0 heads, a string where a
+number belongs, ``sliding_window <= 0``, a special token id outside the vocabulary).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Mapping
 
-from .errors import UnsupportedModelError
+import numpy as np
+
+from .errors import CheckpointError, ConfigError, UnsupportedModelError
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+INT_LIMIT = 2 ** 31  # sizes, positions and token ids are int32 on the device
+
+_MISSING = object()
+
+
+# ---------------------------------------------------------------------------- value checks
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def _shown(v) -> str:
+    text = repr(v)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{text} ({type(v).__name__})" if isinstance(v, str) else text
+
+
+def check_int(where: str, v, *, low: int = 1, high: int = INT_LIMIT) -> int:
+    """``v`` as an int in ``[low, high)``, else ``ConfigError`` naming ``where`` (the file and key)."""
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+        v = int(v)
+    if not _is_int(v) or not low <= int(v) < high:
+        what = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise ConfigError(f"{where}: expected {what}" + (f" below {high}" if high != INT_LIMIT else "")
+                          + f", got {_shown(v)}")
+    return int(v)
+
+
+def check_float(where: str, v, *, positive: bool = True) -> float:
+    """``v`` as a finite float (> 0 with ``positive``) that float32 can hold, else ``ConfigError``."""
+    ok = _is_number(v) and math.isfinite(float(v)) and abs(float(v)) < 3.4e38 and (not positive or float(v) > 0)
+    if not ok:
+        raise ConfigError(f"{where}: expected a finite {'positive ' if positive else ''}number, got {_shown(v)}")
+    return float(v)
+
+
+def check_bool(where: str, v) -> bool:
+    if not isinstance(v, (bool, np.bool_)):
+        raise ConfigError(f"{where}: expected true or false, got {_shown(v)}")
+    return bool(v)
+
+
+def check_token_id(where: str, v, vocab_size: int) -> int:
+    """A special token id: an integer in [0, vocab_size)."""
+    if not _is_int(v) or not 0 <= int(v) < vocab_size:
+        raise ConfigError(f"{where}: expected a token id in [0, {vocab_size}) (the vocabulary), got {_shown(v)}")
+    return int(v)
+
+
+def check_dtype_name(where: str, v) -> str:
+    """A floating-point dtype name (float32, bfloat16, float16, ...)."""
+    import jax.numpy as jnp
+
+    try:
+        ok = isinstance(v, str) and jnp.issubdtype(jnp.dtype(v), jnp.floating)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"{where}: expected a floating-point dtype name such as 'float32', 'bfloat16' or "
+                          f"'float16', got {_shown(v)}")
+    return str(v)
+
+
+class _Keys:
+    """Reads the keys of one mapping (a config.json, GGUF metadata), each check naming
+    ``source`` and the key."""
+
+    def __init__(self, d: Mapping[str, Any], source: str, prefix: str = ""):
+        self.d, self.source, self.prefix = d, source, prefix
+
+    def where(self, key: str) -> str:
+        return f"{self.source}: key {self.prefix + key!r}"
+
+    def get(self, key, default=_MISSING):
+        v = self.d.get(key)
+        if v is None:
+            if default is _MISSING:
+                raise ConfigError(f"{self.source}: missing key {self.prefix + key!r} (required)")
+            return default
+        return v
+
+    def int(self, key, default=_MISSING, **kw) -> int:
+        v = self.get(key, default)
+        return v if v is None else check_int(self.where(key), v, **kw)
+
+    def float(self, key, default=_MISSING, **kw) -> float:
+        v = self.get(key, default)
+        return v if v is None else check_float(self.where(key), v, **kw)
+
+    def bool(self, key, default) -> bool:
+        return check_bool(self.where(key), self.get(key, default))
+
+
+def head_dim_of(hidden: int, num_heads: int, head_dim, where: str) -> int:
+    """The head dim: ``head_dim`` if given, else ``hidden / num_heads`` (which must divide)."""
+    if head_dim is not None:
+        return head_dim
+    if hidden % num_heads:
+        raise ConfigError(f"{where}: the hidden size {hidden} is not a multiple of the {num_heads} attention "
+                          f"heads, and no head dim is given: the config is inconsistent")
+    return hidden // num_heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +165,14 @@ class ModelConfig:
     dtype: str = "float32"  # the checkpoint's declared dtype (informational)
 
     def __post_init__(self):
+        """Every field checked (``ConfigError`` naming it); numpy scalars become Python values
+        and ``eos_token_ids`` a tuple, so the config stays hashable (static under jit)."""
+        def where(name):
+            return f"ModelConfig {name}"
+
+        def put(name, value):
+            object.__setattr__(self, name, value)
+
         if self.arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
                 f"architecture {self.arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
@@ -59,13 +181,37 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"rope scaling type {self.rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
             )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "max_position_embeddings", "rope_original_max_positions"):
+            put(name, check_int(where(name), getattr(self, name)))
+        for name in ("rms_norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+            put(name, check_float(where(name), getattr(self, name)))
+        for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "qk_norm"):
+            put(name, check_bool(where(name), getattr(self, name)))
         if self.num_heads % self.num_kv_heads:
-            raise UnsupportedModelError(
+            raise ConfigError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim"):
-            if getattr(self, name) <= 0:
-                raise UnsupportedModelError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.head_dim % 2:
+            raise ConfigError(f"{where('head_dim')}: expected an even number (rotary embeddings rotate pairs), "
+                              f"got {self.head_dim}")
+        if self.rope_type == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor:
+            raise ConfigError(f"{where('rope_high_freq_factor')}: expected more than rope_low_freq_factor="
+                              f"{self.rope_low_freq_factor} (llama3 rope scaling), got {self.rope_high_freq_factor}")
+        if self.sliding_window is not None:
+            put("sliding_window", check_int(where("sliding_window"), self.sliding_window))
+        v = self.vocab_size
+        for name in ("bos_token_id", "pad_token_id"):
+            if getattr(self, name) is not None:
+                put(name, check_token_id(where(name), getattr(self, name), v))
+        eos = self.eos_token_ids
+        if _is_int(eos):
+            eos = (eos,)
+        if not isinstance(eos, (tuple, list)):
+            raise ConfigError(f"{where('eos_token_ids')}: expected a tuple of token ids, got {_shown(eos)}")
+        put("eos_token_ids", tuple(check_token_id(where("eos_token_ids"), i, v) for i in eos))
+        if not isinstance(self.dtype, str):
+            raise ConfigError(f"{where('dtype')}: expected a dtype name, got {_shown(self.dtype)}")
 
     @property
     def groups(self) -> int:  # G = N / K
@@ -79,64 +225,84 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ HF config.json
     @classmethod
-    def from_hf_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, d: Mapping[str, Any], source: str | os.PathLike = "config.json") -> "ModelConfig":
+        """From an HF ``config.json``'s contents. Every key is checked (type, range, consistency)
+        and a problem is a ``ConfigError`` (or ``UnsupportedModelError``) naming ``source``, the
+        key, what was expected and what was given."""
+        source = str(source)
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{source}: expected a JSON object of settings, got {type(d).__name__}")
+        k = _Keys(d, source)
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_ARCHITECTURES:
             archs = d.get("architectures")
             raise UnsupportedModelError(
-                f"config.json model_type {model_type!r} (architectures={archs}) is not supported; "
+                f"{source}: model_type {model_type!r} (architectures={archs}) is not supported; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        if d.get("mlp_bias"):
-            raise UnsupportedModelError("config.json mlp_bias=True is not supported")
+        if k.bool("mlp_bias", False):
+            raise UnsupportedModelError(f"{source}: mlp_bias=True is not supported")
         if d.get("hidden_act", "silu") != "silu":
-            raise UnsupportedModelError(f"config.json hidden_act={d.get('hidden_act')!r} is not supported; supported: silu")
-        if model_type in ("qwen2", "qwen3") and d.get("use_sliding_window"):
-            raise UnsupportedModelError(f"{model_type} use_sliding_window=True (per-layer windows) is not supported")
+            raise UnsupportedModelError(f"{source}: hidden_act={d.get('hidden_act')!r} is not supported; "
+                                        f"supported: silu")
+        if model_type in ("qwen2", "qwen3") and k.bool("use_sliding_window", False):
+            raise UnsupportedModelError(f"{source}: {model_type} use_sliding_window=True (per-layer windows) "
+                                        f"is not supported")
         if d.get("pretraining_tp", 1) not in (1, None):
-            raise UnsupportedModelError(f"pretraining_tp={d['pretraining_tp']} is not supported")
+            raise UnsupportedModelError(f"{source}: pretraining_tp={d['pretraining_tp']} is not supported")
 
-        num_heads = int(d["num_attention_heads"])
-        hidden = int(d["hidden_size"])
-        head_dim = d.get("head_dim") or hidden // num_heads
+        vocab = k.int("vocab_size")
+        hidden = k.int("hidden_size")
+        num_heads = k.int("num_attention_heads")
+        num_kv = k.int("num_key_value_heads", num_heads)
+        if num_heads % num_kv:
+            raise ConfigError(f"{k.where('num_attention_heads')}: {num_heads} heads are not a multiple of "
+                              f"num_key_value_heads={num_kv}: the config is inconsistent")
+        head_dim = head_dim_of(hidden, num_heads, k.int("head_dim", None),
+                               f"{source}: keys 'hidden_size' and 'num_attention_heads'")
 
-        rope = _rope_from_hf(d)
+        def token(key):
+            v = d.get(key)
+            return None if v is None else check_token_id(k.where(key), v, vocab)
+
         eos = d.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        eos_list = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
+        eos_ids = tuple(check_token_id(k.where("eos_token_id"), i, vocab) for i in eos_list)
+        pad = d.get("pad_token_id")
+        if _is_int(pad) and pad < 0:  # some published configs say -1 for "no padding token"
+            pad = None
 
-        attention_bias = bool(d.get("attention_bias", False))
-        sliding = d.get("sliding_window") if model_type == "mistral" else None
+        attention_bias = k.bool("attention_bias", False)
+        sliding = k.int("sliding_window", None) if model_type == "mistral" else None
+        dtype = d.get("dtype") or d.get("torch_dtype") or "float32"
+        dtype = check_dtype_name(k.where("dtype" if d.get("dtype") else "torch_dtype"), dtype)
         return cls(
             arch=model_type,
-            vocab_size=int(d["vocab_size"]),
+            vocab_size=vocab,
             hidden_size=hidden,
-            intermediate_size=int(d["intermediate_size"]),
-            num_layers=int(d["num_hidden_layers"]),
+            intermediate_size=k.int("intermediate_size"),
+            num_layers=k.int("num_hidden_layers"),
             num_heads=num_heads,
-            num_kv_heads=int(d.get("num_key_value_heads") or num_heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            num_kv_heads=num_kv,
+            head_dim=check_even(k.where("head_dim") if "head_dim" in d else
+                                f"{source}: keys 'hidden_size' / 'num_attention_heads'", head_dim),
+            rms_norm_eps=k.float("rms_norm_eps", 1e-6),
+            max_position_embeddings=k.int("max_position_embeddings", 4096),
+            tie_word_embeddings=k.bool("tie_word_embeddings", False),
             qkv_bias=(model_type == "qwen2") or attention_bias,
             o_bias=attention_bias and model_type in ("llama", "mistral"),
             qk_norm=model_type == "qwen3",
-            sliding_window=int(sliding) if sliding else None,
-            bos_token_id=d.get("bos_token_id"),
+            sliding_window=sliding,
+            bos_token_id=token("bos_token_id"),
             eos_token_ids=eos_ids,
-            pad_token_id=d.get("pad_token_id"),
-            dtype=str(d.get("dtype") or d.get("torch_dtype") or "float32"),
-            **rope,
+            pad_token_id=None if pad is None else check_token_id(k.where("pad_token_id"), pad, vocab),
+            dtype=dtype,
+            **_rope_from_hf(d, source),
         )
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "ModelConfig":
-        with open(path, encoding="utf-8") as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise UnsupportedModelError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_hf_dict(d)
+        return cls.from_hf_dict(read_json(path, ConfigError), path)
 
     def to_hf_dict(self) -> dict:
         """An HF ``config.json`` (classic dialect) describing this model."""
@@ -176,31 +342,71 @@ class ModelConfig:
         return d
 
 
-def _rope_from_hf(d: Mapping[str, Any]) -> dict:
+def check_even(where: str, head_dim: int) -> int:
+    if head_dim % 2:
+        raise ConfigError(f"{where}: the head dim must be even (rotary embeddings rotate pairs), got {head_dim}")
+    return head_dim
+
+
+def read_json(path: str | os.PathLike, error=CheckpointError):
+    """A JSON file's contents; ``error`` (a ``RealmError`` type) naming the file when it cannot be
+    read, is not UTF-8 or not JSON (with the line and column)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except RecursionError:
+        raise error(f"{path}: not valid JSON (nested too deeply)") from None
+
+
+def _rope_from_hf(d: Mapping[str, Any], source: str = "config.json") -> dict:
     """Rope settings from either dialect: classic (rope_theta + rope_scaling) or
     transformers 5 (rope_parameters holding rope_theta and the scaling keys)."""
     params = d.get("rope_parameters")
+    key = "rope_parameters"
     if isinstance(params, Mapping) and "full_attention" in params:  # per-layer-type dict
-        params = params["full_attention"]
+        params, key = params["full_attention"], "rope_parameters.full_attention"
+    if params is not None and not isinstance(params, Mapping):
+        raise ConfigError(f"{source}: key {key!r}: expected an object, got {_shown(params)}")
     scaling = d.get("rope_scaling")
-    theta = d.get("rope_theta")
+    theta, theta_key = d.get("rope_theta"), "rope_theta"
     if isinstance(params, Mapping):
-        theta = params.get("rope_theta", theta)
-        scaling = params if scaling is None else scaling
-    theta = float(theta if theta is not None else 10000.0)
+        if params.get("rope_theta") is not None:
+            theta, theta_key = params["rope_theta"], f"{key}.rope_theta"
+        if scaling is None:
+            scaling = params
+        else:
+            key = "rope_scaling"
+    else:
+        key = "rope_scaling"
+    theta = 10000.0 if theta is None else check_float(f"{source}: key {theta_key!r}", theta)
     out: dict = {"rope_theta": theta}
     if not scaling:
         return out
+    if not isinstance(scaling, Mapping):
+        raise ConfigError(f"{source}: key {key!r}: expected an object, got {_shown(scaling)}")
+    sk = _Keys(scaling, source, key + ".")
     rtype = scaling.get("rope_type", scaling.get("type", "default"))
     if rtype not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(
-            f"rope scaling type {rtype!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            f"{source}: key {key + '.rope_type'!r}: rope scaling type {rtype!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
     out["rope_type"] = rtype
     if rtype in ("linear", "llama3"):
-        out["rope_factor"] = float(scaling["factor"])
+        out["rope_factor"] = sk.float("factor")
     if rtype == "llama3":
-        out["rope_low_freq_factor"] = float(scaling["low_freq_factor"])
-        out["rope_high_freq_factor"] = float(scaling["high_freq_factor"])
-        out["rope_original_max_positions"] = int(scaling["original_max_position_embeddings"])
+        out["rope_low_freq_factor"] = sk.float("low_freq_factor")
+        out["rope_high_freq_factor"] = sk.float("high_freq_factor")
+        out["rope_original_max_positions"] = sk.int("original_max_position_embeddings")
+        if not out["rope_high_freq_factor"] > out["rope_low_freq_factor"]:
+            raise ConfigError(f"{sk.where('high_freq_factor')}: expected more than low_freq_factor="
+                              f"{out['rope_low_freq_factor']}, got {out['rope_high_freq_factor']}")
     return out

@@ -21,6 +21,10 @@ Model drafts keep their own KV cache holding the committed text except its last 
 tokens; each ``propose`` first feeds the missing tail (``T = 2`` with per-row lengths 1 or 2),
 so a fully accepted round (whose last draft token never went through the draft) needs no
 extra draft step.
+
+k is at most ``MAX_K`` (64) and must leave room in the cache (``check_k``); every proposer's
+program has the same operations whatever k is (a scan for model drafts, one gather for prompt
+lookup), so compiling at k = 32 costs about what it costs at k = 4.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .config import ModelConfig
 from .errors import RealmError
@@ -46,6 +51,27 @@ DEFAULT_PAIRINGS = Path(__file__).resolve().parent / "drafts.json"  # installed 
 
 class DraftError(RealmError):
     """A draft that cannot be paired with the target (vocabulary, special tokens, layers)."""
+
+
+MAX_K = 64
+"""The most tokens drafted per round. Beyond it a round gains nothing measurable (all k drafts
+are accepted with probability alpha**k) while the draft logits [B, k, V] and the verify pass
+over k + 1 tokens grow with k. Every proposer's program is linear in k (a scan for model drafts,
+one gather for prompt lookup), so compile time grows about linearly up to this bound."""
+
+
+def check_k(k, cache_len: int | None = None) -> int:
+    """``k`` (tokens drafted per round): an integer in [1, MAX_K], and with ``cache_len`` (the
+    KV cache / sequence length S) small enough that a round's k + 1 verified tokens fit after at
+    least one committed token: k + 2 <= S. Raises ``RealmError`` naming k and the bound. Called by
+    the proposers at trace time (k and S are static) and by the engine at construction."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= int(k) <= MAX_K:
+        raise RealmError(f"k: expected an integer in [1, {MAX_K}] (tokens drafted per round; drafts.MAX_K), "
+                         f"got {k!r}")
+    if cache_len is not None and int(k) + 2 > int(cache_len):
+        raise RealmError(f"k: {k} drafted tokens (+1 verified, +1 committed) do not fit in a cache of "
+                         f"{cache_len} positions; expected k <= {int(cache_len) - 2}")
+    return int(k)
 
 
 def sample_rows(keys: jax.Array, logits: jax.Array, sp: SamplingParams) -> jax.Array:
@@ -83,6 +109,7 @@ class ModelDraftSpec:
 
     def propose(self, params, cache: KVCache, seq, n, active, keys, sp: SamplingParams, k: int):
         b = seq.shape[0]
+        check_k(k, seq.shape[1] - 1)  # seq holds the cache length S + 1
         start = cache.lengths
         idx = jnp.minimum(start[:, None] + jnp.arange(2, dtype=jnp.int32)[None, :], seq.shape[1] - 1)
         tail = jnp.take_along_axis(seq, idx, axis=1)
@@ -130,6 +157,7 @@ class LookupDraftSpec:
 
     def propose(self, params, state, seq, n, active, keys, sp: SamplingParams, k: int):
         b, s = seq.shape
+        check_k(k, s - 1)  # seq holds the cache length S + 1
         pos = jnp.arange(s, dtype=jnp.int32)[None, :]
         best = jnp.full((b,), -1, jnp.int32)  # start of the continuation
         for g in range(1, self.max_ngram + 1):  # longer matches override shorter ones
@@ -142,16 +170,13 @@ class LookupDraftSpec:
             last = jnp.max(jnp.where(match, pos, -1), axis=1)
             best = jnp.where(last >= 0, last + g, best)
         last_tok = jnp.take_along_axis(seq, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]
-        drafts = []
-        for i in range(k):
-            p = best + i
-            from_seq = jnp.take_along_axis(seq, jnp.clip(p, 0, s - 1)[:, None], axis=1)[:, 0]
-            tok = jnp.where(p < n, from_seq, last_tok)
-            for j, dj in enumerate(drafts):  # continuation runs into our own proposals
-                tok = jnp.where((p >= n) & (p - n == j), dj, tok)
-            tok = jnp.where(best < 0, last_tok, tok)
-            drafts.append(tok)
-        drafts = jnp.stack(drafts, axis=1).astype(jnp.int32)
+        # The continuation x[n + i] = x[best + i] runs into its own proposals once best + i >= n,
+        # so it repeats with period d = n - best: x[n + i] = seq[best + i mod d]. One gather over
+        # fixed shapes [B, k] (the program's size does not depend on k beyond that).
+        period = jnp.maximum(n - best, 1)[:, None]
+        at = jnp.clip(best[:, None] + jnp.arange(k, dtype=jnp.int32)[None, :] % period, 0, s - 1)
+        drafts = jnp.take_along_axis(seq, at, axis=1)
+        drafts = jnp.where((best < 0)[:, None], last_tok[:, None], drafts).astype(jnp.int32)
         v = jnp.arange(self.vocab_size, dtype=jnp.int32)
         q_logits = jnp.where(v[None, None, :] == drafts[:, :, None], 0.0, -jnp.inf).astype(jnp.float32)
         return drafts, q_logits, state
@@ -218,6 +243,10 @@ def make_draft(target, draft, *, prior_acceptance: float | None = None) -> Draft
     else:
         raise DraftError(f"draft: expected a loaded Model, 'self:N' or 'lookup', got {type(draft).__name__}")
     if prior_acceptance is not None:
+        ok = isinstance(prior_acceptance, (int, float, np.integer, np.floating)) and not isinstance(
+            prior_acceptance, bool) and 0.0 <= float(prior_acceptance) <= 1.0
+        if not ok:
+            raise DraftError(f"prior_acceptance: expected a rate in [0, 1], got {prior_acceptance!r}")
         d.prior_acceptance = float(prior_acceptance)
     return d
 

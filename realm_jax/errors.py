@@ -11,3 +11,9 @@ class UnsupportedModelError(RealmError):
 
 class CheckpointError(RealmError):
     """A checkpoint that is malformed: missing/extra tensors, wrong shapes, truncated files."""
+
+
+class ConfigError(UnsupportedModelError, CheckpointError):
+    """A model configuration (``config.json``, GGUF metadata or ``ModelConfig`` fields) with a
+    missing key, a value of the wrong type, or values that contradict each other. Both an
+    ``UnsupportedModelError`` and a ``CheckpointError``, so code catching either sees it."""

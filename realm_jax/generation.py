@@ -37,6 +37,7 @@ from .errors import RealmError
 from .kv_cache import KVCache
 from .model import forward_cached, forward_cached_hidden, lm_head
 from .sampling import SamplingParams, sample
+from .progress import compile_notice
 
 
 
@@ -123,19 +124,37 @@ def validate_request(cfg: ModelConfig, prompt_ids: Sequence[Sequence[int]], max_
     adapters: canonical adapters for this call; else ``num_adapters``: how many the runtime
     already serves (``adapter_ids`` index them).
     """
+    if isinstance(prompt_ids, np.ndarray):
+        prompt_ids = list(prompt_ids)
+    if not isinstance(prompt_ids, (list, tuple)):
+        raise RealmError(f"prompts: expected a list of token-id lists, got {type(prompt_ids).__name__}")
     b = len(prompt_ids)
     if b == 0:
         raise RealmError("prompts: expected at least one prompt, got an empty list")
     v = cfg.vocab_size
-    lengths = np.array([len(p) for p in prompt_ids], np.int32)
+    rows = []
     for i, p in enumerate(prompt_ids):
+        if isinstance(p, np.ndarray):
+            p = p.tolist() if p.ndim == 1 else p
+        if not isinstance(p, (list, tuple)):
+            raise RealmError(f"prompt {i}: expected a list of token ids, got {type(p).__name__}")
         if len(p) == 0:
             raise RealmError(f"prompt {i} is empty (0 tokens); every prompt needs at least one token")
-        a = np.asarray(p, np.int64)
-        bad = (a < 0) | (a >= v)
-        if bad.any():
-            j = int(np.argmax(bad))
-            raise RealmError(f"prompt {i}: token id {int(a[j])} at position {j} is outside the vocabulary [0, {v})")
+        try:
+            a = np.asarray(p)
+        except (OverflowError, ValueError):
+            a = None
+        if a is not None and a.ndim == 1 and a.dtype.kind in "iu" and not ((a < 0) | (a >= v)).any():
+            rows.append(a.tolist())
+            continue
+        for j, t in enumerate(p):  # the slow path finds the culprit (Python ints: no overflow)
+            if not _is_int(t) or not 0 <= int(t) < v:
+                what = f"{int(t)}" if _is_int(t) else f"{t!r} ({type(t).__name__})"
+                raise RealmError(f"prompt {i}: token id {what} at position {j} is outside the vocabulary [0, {v})"
+                                 + ("" if _is_int(t) else ": expected an integer"))
+        rows.append([int(t) for t in p])
+    prompt_ids = rows
+    lengths = np.array([len(p) for p in prompt_ids], np.int32)
 
     if isinstance(max_new_tokens, (list, tuple, np.ndarray)):
         mn = list(max_new_tokens)
@@ -423,6 +442,8 @@ def _setup(model, prompts, max_new_tokens, *, temperature, top_k, top_p, seed, s
                                top_p=top_p, seed=seed, stop_ids=stop_ids, max_len=max_len,
                                adapters=adapters, adapter_ids=adapter_ids, chat=chat)
     rt = runtime_for(model, adapters)
+    compile_notice(f"generate for batch {pad.tokens.shape[0]} x {pad.cache_len}",
+                   ("generate", model.config, rt.options, pad.tokens.shape, pad.cache_len))
     cache = new_cache(model.config, rt, pad.tokens.shape[0], pad.cache_len)
     aid = None if pad.adapter_ids is None else jnp.asarray(pad.adapter_ids)
     return req, pad, Controls.of(pad), cache, aid, rt

@@ -22,8 +22,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from .config import ModelConfig
-from .errors import CheckpointError, UnsupportedModelError
+from .config import ModelConfig, check_even, check_float, check_int, check_token_id, head_dim_of
+from .errors import CheckpointError, ConfigError, RealmError, UnsupportedModelError
 from .gguf_file import GGUFFile, GGUFTensor, open_gguf
 from .checkpoint import file_shape, leaf_path, tensor_names
 from .params import leaf_shape
@@ -48,97 +48,121 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- config
-def config_from_gguf(meta: Mapping[str, Any], tensors: Mapping[str, GGUFTensor] | None = None) -> ModelConfig:
+def config_from_gguf(meta: Mapping[str, Any], tensors: Mapping[str, GGUFTensor] | None = None,
+                     source: str | os.PathLike = "GGUF") -> ModelConfig:
     """``ModelConfig`` from GGUF metadata (and the tensor table, for tied embeddings, biases and
-    llama3 rope factors). Raises ``UnsupportedModelError`` naming anything we cannot honour."""
+    llama3 rope factors). Every key is checked for type and range before use; raises
+    ``ConfigError`` / ``UnsupportedModelError`` naming ``source`` (the file) and the key."""
     tensors = tensors or {}
+    source = str(source)
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:
         raise UnsupportedModelError(
-            f"GGUF general.architecture {arch!r} is not supported; supported: "
+            f"{source}: GGUF general.architecture {arch!r} is not supported; supported: "
             f"{', '.join(SUPPORTED_GGUF_ARCHITECTURES)} (Mistral files use 'llama')")
-    if int(meta.get("split.count", 1) or 1) > 1:
+    split = meta.get("split.count", 1)
+    if split is not None and check_int(f"{source}: key 'split.count'", split, low=0) > 1:
         raise UnsupportedModelError(
-            f"GGUF split.count={meta['split.count']}: split (multi-file) GGUFs are not supported; "
+            f"{source}: GGUF split.count={split}: split (multi-file) GGUFs are not supported; "
             f"merge them into one file first")
 
-    def key(name, default=None, required=False):
+    def where(name):
+        return f"{source}: key {arch + '.' + name!r}"
+
+    def raw(name, default=None, required=False):
         k = f"{arch}.{name}"
-        if k not in meta:
+        if meta.get(k) is None:
             if required:
-                raise CheckpointError(f"GGUF metadata is missing {k!r}")
+                raise ConfigError(f"{source}: GGUF metadata is missing {k!r} (required)")
             return default
         return meta[k]
 
     def scalar(name, v):
         if isinstance(v, list):
-            if len(set(v)) != 1:
-                raise UnsupportedModelError(f"GGUF {arch}.{name} varies per layer ({v}); not supported")
+            if not v or len(set(map(repr, v))) != 1:
+                raise UnsupportedModelError(f"{where(name)} varies per layer ({v}); not supported")
             return v[0]
         return v
 
-    if int(key("expert_count", 0) or 0) > 0:
-        raise UnsupportedModelError(
-            f"GGUF {arch}.expert_count={key('expert_count')}: mixture-of-experts models are not supported")
+    def integer(name, default=None, required=False, low=1):
+        v = raw(name, default, required)
+        return v if v is None else check_int(where(name), scalar(name, v), low=low)
 
-    num_heads = int(scalar("attention.head_count", key("attention.head_count", required=True)))
-    num_kv = int(scalar("attention.head_count_kv", key("attention.head_count_kv", num_heads)))
-    hidden = int(key("embedding_length", required=True))
-    head_dim = int(key("attention.key_length", hidden // num_heads))
-    value_dim = int(key("attention.value_length", head_dim))
+    def number(name, default):
+        return _f32(check_float(where(name), scalar(name, raw(name, default))))
+
+    if integer("expert_count", 0, low=0) > 0:
+        raise UnsupportedModelError(
+            f"{source}: GGUF {arch}.expert_count={raw('expert_count')}: mixture-of-experts models are not supported")
+
+    num_heads = integer("attention.head_count", required=True)
+    num_kv = integer("attention.head_count_kv", num_heads)
+    if num_heads % num_kv:
+        raise ConfigError(f"{where('attention.head_count')}: {num_heads} heads are not a multiple of "
+                          f"{arch}.attention.head_count_kv={num_kv}: the metadata is inconsistent")
+    hidden = integer("embedding_length", required=True)
+    head_dim = head_dim_of(hidden, num_heads, integer("attention.key_length"),
+                           f"{source}: keys {arch + '.embedding_length'!r} and {arch + '.attention.head_count'!r}")
+    check_even(where("attention.key_length"), head_dim)
+    value_dim = integer("attention.value_length", head_dim)
     if value_dim != head_dim:
         raise UnsupportedModelError(
-            f"GGUF {arch}.attention.value_length={value_dim} != key_length={head_dim}: not supported")
-    rope_dims = key("rope.dimension_count")
-    if rope_dims is not None and int(rope_dims) != head_dim:
+            f"{source}: GGUF {arch}.attention.value_length={value_dim} != key_length={head_dim}: not supported")
+    rope_dims = integer("rope.dimension_count")
+    if rope_dims is not None and rope_dims != head_dim:
         raise UnsupportedModelError(
-            f"GGUF {arch}.rope.dimension_count={rope_dims} != head dim {head_dim}: partial rotary is not supported")
+            f"{source}: GGUF {arch}.rope.dimension_count={rope_dims} != head dim {head_dim}: "
+            f"partial rotary is not supported")
 
     tokens = meta.get("tokenizer.ggml.tokens")
     if tokens is not None:
+        if not isinstance(tokens, list) or not tokens:
+            raise ConfigError(f"{source}: key 'tokenizer.ggml.tokens': expected a non-empty list of strings, "
+                              f"got {type(tokens).__name__}")
         vocab = len(tokens)
     elif "token_embd.weight" in tensors:
         vocab = tensors["token_embd.weight"].shape[0]
     else:
-        vocab = int(key("vocab_size", required=True))
+        vocab = integer("vocab_size", required=True)
 
-    theta = _f32(key("rope.freq_base", 10000.0))
-    rope = _rope_from_gguf(arch, key, theta, head_dim, tensors)
+    theta = number("rope.freq_base", 10000.0)
+    rope = _rope_from_gguf(arch, raw, theta, head_dim, tensors, source)
 
     qkv_bias = "blk.0.attn_q.bias" in tensors
     o_bias = "blk.0.attn_output.bias" in tensors
     if arch == "qwen2":
         qkv_bias = True
     if arch in ("qwen2", "qwen3") and o_bias:
-        raise UnsupportedModelError(f"GGUF {arch} file has attn_output.bias, which {arch} does not use")
+        raise UnsupportedModelError(f"{source}: GGUF {arch} file has attn_output.bias, which {arch} does not use")
     if arch == "llama" and qkv_bias != o_bias:
         raise UnsupportedModelError(
-            "GGUF llama file has q/k/v biases without an output bias (or the reverse): not supported")
+            f"{source}: GGUF llama file has q/k/v biases without an output bias (or the reverse): not supported")
 
-    def opt_int(k):
-        v = meta.get(k)
-        return None if v is None else int(v)
+    def token_id(key):
+        v = meta.get(key)
+        return None if v is None else check_token_id(f"{source}: key {key!r}", v, int(vocab))
 
-    eos = [opt_int(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
-    file_type = int(meta.get("general.file_type", -1))
+    eos = [token_id(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    file_type = meta.get("general.file_type", -1)
+    file_type = file_type if isinstance(file_type, int) else -1
     return ModelConfig(
         arch=arch,
-        vocab_size=int(vocab),
+        vocab_size=check_int(f"{source}: the vocabulary size", vocab),
         hidden_size=hidden,
-        intermediate_size=int(scalar("feed_forward_length", key("feed_forward_length", required=True))),
-        num_layers=int(key("block_count", required=True)),
+        intermediate_size=integer("feed_forward_length", required=True),
+        num_layers=integer("block_count", required=True),
         num_heads=num_heads,
         num_kv_heads=num_kv,
         head_dim=head_dim,
-        rms_norm_eps=_f32(key("attention.layer_norm_rms_epsilon", 1e-6)),
-        max_position_embeddings=int(key("context_length", 4096)),
+        rms_norm_eps=number("attention.layer_norm_rms_epsilon", 1e-6),
+        max_position_embeddings=integer("context_length", 4096),
         tie_word_embeddings="output.weight" not in tensors,
         qkv_bias=qkv_bias,
         o_bias=o_bias and arch == "llama",
         qk_norm=arch == "qwen3",
-        bos_token_id=opt_int("tokenizer.ggml.bos_token_id"),
+        bos_token_id=token_id("tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(dict.fromkeys(i for i in eos if i is not None)),
-        pad_token_id=opt_int("tokenizer.ggml.padding_token_id"),
+        pad_token_id=token_id("tokenizer.ggml.padding_token_id"),
         dtype={0: "float32", 1: "float16", 32: "bfloat16"}.get(file_type, "float32"),
         **rope,
     )
@@ -149,11 +173,13 @@ def _f32(v) -> float:
     return float(str(np.float32(v)))
 
 
-def _rope_from_gguf(arch, key, theta, head_dim, tensors) -> dict:
+def _rope_from_gguf(arch, key, theta, head_dim, tensors, source="GGUF") -> dict:
     out: dict = {"rope_theta": theta}
     # as llama.cpp reads it: the type defaults to linear; the factor falls back to rope.scale_linear
     stype = key("rope.scaling.type", "linear")
-    factor = _f32(key("rope.scaling.factor", key("rope.scale_linear", 0.0)) or 0.0)
+    name = "rope.scaling.factor" if key("rope.scaling.factor") is not None else "rope.scale_linear"
+    factor = key(name, 0.0)
+    factor = 0.0 if factor == 0 else _f32(check_float(f"{source}: key {arch + '.' + name!r}", factor))
     if stype not in ("none", "linear"):
         raise UnsupportedModelError(
             f"GGUF {arch}.rope.scaling.type={stype!r} is not supported; supported: none, linear "
@@ -205,7 +231,10 @@ def _llama3_rope_from_factors(t, theta: float, head_dim: int) -> dict:
     for lo, hi, orig in candidates:
         cand = dict(rope_type="llama3", rope_factor=float(str(np.float32(factor))), rope_low_freq_factor=lo,
                     rope_high_freq_factor=float(f"{hi:.6g}"), rope_original_max_positions=orig)
-        got = plain / rope_inv_freq(ModelConfig(**base, **cand)).astype(np.float64)
+        try:
+            got = plain / rope_inv_freq(ModelConfig(**base, **cand)).astype(np.float64)
+        except ConfigError:  # not a valid llama3 setting (e.g. high <= low): not this candidate
+            continue
         if np.allclose(got, want, rtol=1e-4, atol=1e-6):
             return cand
     raise UnsupportedModelError(
@@ -293,7 +322,7 @@ def load_gguf(path: str | os.PathLike, dtype=np.float32, place=None):
     from .tokenizer import Tokenizer
 
     gf = open_gguf(path)
-    cfg = config_from_gguf(gf.metadata, gf.tensors)
+    cfg = config_from_gguf(gf.metadata, gf.tensors, path)
     tok = Tokenizer.from_gguf(gf) if "tokenizer.ggml.model" in gf.metadata else None
     if tok is not None and tok.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}")
@@ -302,9 +331,17 @@ def load_gguf(path: str | os.PathLike, dtype=np.float32, place=None):
 
 
 def _np_dtype(dtype) -> np.dtype:
+    """A floating dtype (name or dtype) as numpy's; anything else is a ``RealmError`` naming it."""
     import jax.numpy as jnp
 
-    return np.dtype(jnp.dtype(dtype))
+    try:
+        dt = jnp.dtype(dtype)
+    except (TypeError, ValueError):
+        dt = None
+    if dt is None or isinstance(dtype, bool) or not jnp.issubdtype(dt, jnp.floating):
+        raise RealmError(f"dtype: expected a floating-point dtype such as 'float32', 'bfloat16' or 'float16', "
+                         f"got {dtype!r}")
+    return np.dtype(dt)
 
 
 def gguf_to_hf(path: str | os.PathLike, out_dir: str | os.PathLike, dtype="float32") -> Path:

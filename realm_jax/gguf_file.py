@@ -12,6 +12,7 @@ strings takes well under a second). Dequantizing is ``gguf.quants.dequantize``'s
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from pathlib import Path
@@ -26,6 +27,7 @@ _SCALARS = {0: ("<B", "u1"), 1: ("<b", "i1"), 2: ("<H", "<u2"), 3: ("<h", "<i2")
             5: ("<i", "<i4"), 6: ("<f", "<f4"), 7: ("<?", "?"), 10: ("<Q", "<u8"), 11: ("<q", "<i8"),
             12: ("<d", "<f8")}
 _STRING, _ARRAY = 8, 9
+MAX_DIMS = 4  # GGML_MAX_DIMS
 
 
 class GGUFTensor(NamedTuple):
@@ -52,7 +54,7 @@ class _Cursor:
         self.pos += n
         return s
 
-    def value(self, vtype: int):
+    def value(self, vtype: int, depth: int = 0):
         if vtype in _SCALARS:
             return self.unpack(_SCALARS[vtype][0])
         if vtype == _STRING:
@@ -66,7 +68,11 @@ class _Cursor:
                 out = np.frombuffer(self.buf, dt, n, self.pos).tolist()
                 self.pos += n * dt.itemsize
                 return out
-            return [self.value(itype) for _ in range(n)]
+            if depth >= 4:
+                raise CheckpointError(f"{self.path}: GGUF metadata arrays nested more than 4 deep at byte {self.pos}")
+            if self.pos + n * (8 if itype == _STRING else 12) > len(self.buf):  # each item's least size
+                raise struct.error("array runs past the end of the file")
+            return [self.value(itype, depth + 1) for _ in range(n)]
         raise CheckpointError(f"{self.path}: unknown GGUF metadata value type {vtype} at byte {self.pos}")
 
 
@@ -79,7 +85,8 @@ class GGUFFile:
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"GGUF file {str(self.path)!r} does not exist")
-        buf = np.memmap(self.path, mode="r", dtype=np.uint8)
+        size = self.path.stat().st_size
+        buf = np.memmap(self.path, mode="r", dtype=np.uint8) if size else np.zeros(0, np.uint8)
         if len(buf) < 24 or bytes(buf[:4]) != b"GGUF":
             raise CheckpointError(f"{self.path}: not a GGUF file (no 'GGUF' magic at its start)")
         c = _Cursor(buf, self.path)
@@ -90,18 +97,36 @@ class GGUFFile:
                 raise UnsupportedModelError(
                     f"{self.path}: GGUF version {version} (or a big-endian file) is not supported; supported: 2, 3")
             n_tensors, n_kv = c.unpack("<Q"), c.unpack("<Q")
+            # every metadata entry takes >= 12 bytes and every tensor info >= 24: larger counts
+            # cannot fit in the file (and would loop for a very long time)
+            if n_kv * 12 + n_tensors * 24 > len(buf):
+                raise CheckpointError(f"{self.path}: truncated or corrupt GGUF header (it claims {n_tensors} tensors "
+                                      f"and {n_kv} metadata entries, more than a {len(buf)}-byte file can hold)")
             self.metadata: dict[str, Any] = {}
             for _ in range(n_kv):
                 key = c.string()
+                if key in self.metadata:
+                    raise CheckpointError(f"{self.path}: GGUF metadata key {key!r} appears twice")
                 self.metadata[key] = c.value(c.unpack("<I"))
             infos = []
+            names = set()
             for _ in range(n_tensors):
                 name = c.string()
-                dims = [c.unpack("<Q") for _ in range(c.unpack("<I"))]
+                if name in names:
+                    raise CheckpointError(f"{self.path}: tensor {name!r} appears twice in the GGUF header")
+                names.add(name)
+                n_dims = c.unpack("<I")
+                if not 1 <= n_dims <= MAX_DIMS:
+                    raise CheckpointError(f"{self.path}: tensor {name!r} has {n_dims} dimensions; "
+                                          f"GGUF tensors have 1 to {MAX_DIMS}")
+                dims = [c.unpack("<Q") for _ in range(n_dims)]
                 infos.append((name, dims, c.unpack("<I"), c.unpack("<Q")))
         except (struct.error, UnicodeDecodeError) as e:
             raise CheckpointError(f"{self.path}: truncated or corrupt GGUF header ({e})") from None
-        align = int(self.metadata.get("general.alignment", 32))
+        align = self.metadata.get("general.alignment", 32)
+        if isinstance(align, bool) or not isinstance(align, int) or align <= 0 or align % 8:
+            raise CheckpointError(f"{self.path}: key 'general.alignment': expected a positive multiple of 8, "
+                                  f"got {align!r}")
         start = -(-c.pos // align) * align
         self.tensors: dict[str, GGUFTensor] = {}
         for name, dims, type_id, offset in infos:
@@ -109,12 +134,15 @@ class GGUFFile:
                 qtype = gguf.GGMLQuantizationType(type_id)
             except ValueError:
                 raise UnsupportedModelError(f"{self.path}: tensor {name!r} has unknown GGML type id {type_id}") from None
+            if qtype not in gguf.GGML_QUANT_SIZES:
+                raise UnsupportedModelError(f"{self.path}: tensor {name!r} has GGML type {qtype.name}, "
+                                            f"which has no known block size")
             block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-            if not dims or dims[0] % block:
+            if dims[0] % block:
                 raise CheckpointError(f"{self.path}: tensor {name!r} has shape {dims} (GGUF order), "
                                       f"not a whole number of {qtype.name} blocks of {block}")
             row_bytes = dims[0] // block * type_size
-            rows = int(np.prod(dims[1:], dtype=np.int64))
+            rows = math.prod(dims[1:])  # Python ints: no overflow whatever the header says
             begin = start + offset
             if begin + rows * row_bytes > len(buf):
                 raise CheckpointError(f"{self.path}: tensor {name!r} runs past the end of the file "

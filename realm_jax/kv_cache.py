@@ -50,10 +50,11 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16, *
 
 def write_rows(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
     """Write new [B, T, K, H] into one layer's buf [B, S, K, H] at slots start[b] + t."""
-    b, t = new.shape[:2]
-    rows = jnp.arange(b, dtype=jnp.int32)[:, None]
-    slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    return buf.at[rows, slots].set(new.astype(buf.dtype), mode="drop")
+    t = new.shape[1]
+    # per row (vmapped): with B split over a mesh's data axis each device writes its own rows;
+    # a scatter indexed by arange(B) makes XLA gather the rows and indices over the data axis
+    return jax.vmap(lambda rb, nb, sb: rb.at[sb + jnp.arange(t, dtype=jnp.int32)].set(nb.astype(buf.dtype),
+                                                                                       mode="drop"))(buf, new, start)
 
 
 def write_layer(buf: jax.Array, layer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
@@ -62,10 +63,9 @@ def write_layer(buf: jax.Array, layer: jax.Array, new: jax.Array, start: jax.Arr
     A scatter into the (donated, loop-carried) buffer: updated in place, no cache copy.
     Slots past S are dropped (they belong to padding tokens).
     """
-    b, t = new.shape[:2]
-    rows = jnp.arange(b, dtype=jnp.int32)[:, None]
-    slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    return buf.at[layer, rows, slots].set(new.astype(buf.dtype), mode="drop")
+    t = new.shape[1]
+    return jax.vmap(lambda rb, nb, sb: rb.at[layer, sb + jnp.arange(t, dtype=jnp.int32)].set(
+        nb.astype(buf.dtype), mode="drop"), in_axes=(1, 0, 0), out_axes=1)(buf, new, start)
 
 
 def rollback(cache: KVCache, lengths: jax.Array) -> KVCache:

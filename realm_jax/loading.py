@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import ModelConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, RealmError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -47,11 +47,21 @@ class Model:
         return self._runtime
 
 
+PARAM_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def resolve_dtype(dtype) -> jnp.dtype:
-    """'auto' -> float32 on CPU, bfloat16 on accelerators; else the named dtype."""
-    if dtype in (None, "auto"):
+    """'auto' -> float32 on CPU, bfloat16 on accelerators; else the named dtype (one of
+    ``PARAM_DTYPES``, as a name or a dtype); anything else is a ``RealmError`` naming it."""
+    if isinstance(dtype, str) and dtype == "auto" or dtype is None:
         return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
-    return jnp.dtype(dtype)
+    try:
+        dt = jnp.dtype(dtype)
+    except (TypeError, ValueError):
+        dt = None
+    if dt is None or isinstance(dtype, bool) or dt.name not in PARAM_DTYPES:
+        raise RealmError(f"dtype: expected 'auto' or one of {', '.join(PARAM_DTYPES)}, got {dtype!r}")
+    return dt
 
 
 def load(source: str | os.PathLike = DEFAULT_MODEL, dtype="auto", *, mesh=None, **choices) -> Model:
@@ -74,14 +84,19 @@ def load(source: str | os.PathLike = DEFAULT_MODEL, dtype="auto", *, mesh=None, 
 def _load(source, dtype, mesh) -> Model:
     from .compilation_cache import enable_compilation_cache
 
+    dt = resolve_dtype(dtype)  # every argument checked before anything is read
+    if not isinstance(source, (str, os.PathLike)):
+        raise RealmError(f"source: expected a checkpoint directory, a .gguf file or a built-in name (a string "
+                         f"or path), got {type(source).__name__}")
     enable_compilation_cache()  # on by default; REALM_JAX_COMPILATION_CACHE=0 opts out
-    dt = resolve_dtype(dtype)
     place = None
     if mesh is not None:
         from .sharding import param_placer
 
         place = param_placer(mesh)
     src = str(source)
+    if not src.strip():
+        raise CheckpointError(f"source: expected a checkpoint directory, a .gguf file or a built-in name, got {src!r}")
     from . import builtin
 
     if src in builtin.BUILTIN_MODELS:
@@ -92,12 +107,13 @@ def _load(source, dtype, mesh) -> Model:
         from .tokenizer import Tokenizer
 
         cfg_path = path / "config.json"
-        if not cfg_path.exists():
+        if not cfg_path.is_file():
             raise CheckpointError(f"{path}: no config.json (not an HF checkpoint directory)")
         cfg = ModelConfig.from_json_file(cfg_path)
         place = place and param_placer(mesh, cfg)  # with cfg: the mesh is checked before reading
-        params = read_hf_params(path, cfg, dt, place=place)
         tok = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").exists() else None
+        check_tokenizer(tok, cfg, path / "tokenizer.json")  # before any tensor is read
+        params = read_hf_params(path, cfg, dt, place=place)
         return Model(cfg, params, tok, src)
     if path.is_file() and path.suffix == ".gguf":
         from .gguf import load_gguf
@@ -113,3 +129,13 @@ def _load(source, dtype, mesh) -> Model:
     raise CheckpointError(
         f"source {src!r}: no such file or directory, and not a built-in model "
         f"(built-in: {', '.join(builtin.BUILTIN_MODELS)})")
+
+
+def check_tokenizer(tok, cfg: ModelConfig, where) -> None:
+    """A tokenizer may not have more tokens than the model's vocabulary (ids it makes would
+    index past the embedding); its special tokens must be ids of the model."""
+    if tok is None:
+        return
+    if tok.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"{where}: the tokenizer has {tok.vocab_size} tokens, but the model's vocabulary "
+                              f"(config vocab_size) only {cfg.vocab_size}")

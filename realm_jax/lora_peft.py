@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import CheckpointError, UnsupportedModelError
-from .lora import Adapter, check_adapter, lora_scale
+from .adapter_checks import Adapter, check_adapter, lora_scale
 from .params import LEAVES, PEFT_MODULES, PROJECTIONS, projection_dims
 
 # adapter_config.json fields with no effect on inference.

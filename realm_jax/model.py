@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .attention import attention_mask, fused_attention, gqa_attention
 from .config import ModelConfig
@@ -87,11 +88,34 @@ def _check(rt, cfg: ModelConfig, tokens, lengths, adapter_ids=None) -> None:
     if rt.num_layers != cfg.num_layers or tuple(rt.embed.shape) != (cfg.vocab_size, cfg.hidden_size):
         raise RealmError(f"forward: the runtime ({rt.num_layers} layers, embed {tuple(rt.embed.shape)}) does not match "
                          f"the config ({cfg.num_layers} layers, embed {(cfg.vocab_size, cfg.hidden_size)})")
+    check_inputs(cfg, tokens, lengths)
     if rt.num_adapters > 1 and adapter_ids is None:
         raise RealmError(f"adapter_ids: required (int [B], -1 = base) with a runtime serving {rt.num_adapters} adapters")
     if jnp.ndim(tokens) != 2 or jnp.shape(lengths) != jnp.shape(tokens)[:1]:
         raise RealmError(f"forward: expected tokens [B, T] and lengths [B], got tokens {jnp.shape(tokens)}, "
                          f"lengths {jnp.shape(lengths)}")
+
+
+def check_inputs(cfg: ModelConfig, tokens, lengths) -> None:
+    """Value checks of concrete inputs on the host (skipped for traced values, so free inside jit):
+    integer token ids in [0, V) and lengths in [0, T]."""
+    if isinstance(tokens, jax.core.Tracer) or isinstance(lengths, jax.core.Tracer):
+        return
+    if not all(getattr(x, "is_fully_addressable", True) for x in (tokens, lengths)):
+        return  # spans other processes' devices: each process checked its own part
+    t, n = np.asarray(tokens), np.asarray(lengths)
+    if not np.issubdtype(t.dtype, np.integer) or not np.issubdtype(n.dtype, np.integer):
+        raise RealmError(f"forward: expected integer tokens and lengths, got {t.dtype} and {n.dtype}")
+    if t.ndim != 2 or n.shape != t.shape[:1]:
+        raise RealmError(f"forward: expected tokens [B, T] and lengths [B], got tokens {t.shape}, lengths {n.shape}")
+    valid = np.arange(t.shape[1])[None] < n[:, None]
+    bad = valid & ((t < 0) | (t >= cfg.vocab_size))
+    if bad.any():
+        b, j = map(int, np.argwhere(bad)[0])
+        raise RealmError(f"forward: token id {int(t[b, j])} at row {b}, position {j} is outside the vocabulary "
+                         f"[0, {cfg.vocab_size})")
+    if n.size and (n.min() < 0 or n.max() > t.shape[1]):
+        raise RealmError(f"forward: lengths must be in [0, T={t.shape[1]}], got {n.tolist()}")
 
 
 def _layer_slices(rt: Runtime, num_layers: int | None):
@@ -203,5 +227,22 @@ def forward_cached_hidden(rt: Runtime, cfg: ModelConfig, tokens: jax.Array, leng
     return x, KVCache(ck, cv, kv_len)
 
 
-forward_jit = jax.jit(forward, static_argnums=1)
-forward_cached_jit = jax.jit(forward_cached, static_argnums=1, static_argnames=("num_layers",), donate_argnums=4)
+_forward_jit = jax.jit(forward, static_argnums=1)
+_forward_cached_jit = jax.jit(forward_cached, static_argnums=1, static_argnames=("num_layers",), donate_argnums=4)
+
+
+def forward_jit(rt: Runtime, cfg: ModelConfig, tokens, lengths, *, adapter_ids=None) -> jax.Array:
+    """``forward`` compiled (cfg static), after ``check_inputs`` on concrete inputs."""
+    check_inputs(cfg, tokens, lengths)
+    return _forward_jit(rt, cfg, tokens, lengths, adapter_ids=adapter_ids)
+
+
+def forward_cached_jit(rt: Runtime, cfg: ModelConfig, tokens, lengths, cache: KVCache, *, adapter_ids=None,
+                       num_layers: int | None = None) -> tuple[jax.Array, KVCache]:
+    """``forward_cached`` compiled (cfg and num_layers static, the cache donated), after ``check_inputs``."""
+    check_inputs(cfg, tokens, lengths)
+    return _forward_cached_jit(rt, cfg, tokens, lengths, cache, adapter_ids=adapter_ids, num_layers=num_layers)
+
+
+forward_jit.lower = _forward_jit.lower  # ahead-of-time lowering of the compiled programs
+forward_cached_jit.lower = _forward_cached_jit.lower

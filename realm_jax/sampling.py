@@ -17,21 +17,36 @@ import numpy as np
 
 from .errors import RealmError
 
+MAX_TEMPERATURE = 1e6  # beyond it every distribution is uniform in float32 anyway
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
 
 def _per_row(x, default, batch: int, name: str) -> np.ndarray:
-    """A scalar or a list of ``batch`` values (None entries = default) -> float64 [batch]."""
+    """A scalar or a list of ``batch`` values (None entries = default) -> float64 [batch].
+
+    Only real numbers are taken: a string ('0.7'), a bool or anything else is a ``RealmError``
+    naming the setting (no silent conversion)."""
     if x is None:
         x = default
-    if isinstance(x, (list, tuple, np.ndarray)):
+    if isinstance(x, np.ndarray):
+        x = x.tolist()
+    if isinstance(x, (list, tuple)):
         vals = [default if v is None else v for v in list(x)]
         if len(vals) != batch:
             raise RealmError(f"{name}: expected a scalar or {batch} values (one per prompt), got {len(vals)} values")
     else:
         vals = [x] * batch
+    for i, v in enumerate(vals):
+        if not _is_number(v):
+            row = f" (row {i})" if isinstance(x, (list, tuple)) else ""
+            raise RealmError(f"{name}: expected numbers, got {v!r} ({type(v).__name__}){row}")
     try:
-        return np.asarray(vals, dtype=np.float64).reshape(batch)
-    except (TypeError, ValueError):
-        raise RealmError(f"{name}: expected numbers, got {x!r}") from None
+        return np.asarray([float(v) for v in vals], dtype=np.float64).reshape(batch)
+    except OverflowError:  # an int beyond float64
+        raise RealmError(f"{name}: expected a number in range, got {x!r:.60}") from None
 
 
 def _first_bad(a: np.ndarray, bad: np.ndarray, name: str, expected: str):
@@ -61,9 +76,10 @@ class SamplingParams(NamedTuple):
         k = _per_row(top_k, 0, batch, "top_k")
         p = _per_row(top_p, 1.0, batch, "top_p")
         s = _per_row(seed, 0, batch, "seed")
-        _first_bad(t, ~np.isfinite(t) | (t < 0), "temperature", "finite and >= 0 (0 = greedy)")
-        _first_bad(k, ~np.isfinite(k) | (k < 0) | (k != np.round(k)), "top_k",
-                   "a non-negative integer (0 or None = off)")
+        _first_bad(t, ~np.isfinite(t) | (t < 0) | (t > MAX_TEMPERATURE), "temperature",
+                   f"finite and >= 0 (0 = greedy), at most {MAX_TEMPERATURE:g},")
+        _first_bad(k, ~np.isfinite(k) | (k < 0) | (k != np.round(k)) | (k >= 2**31), "top_k",
+                   "a non-negative integer below 2**31 (0 or None = off)")
         _first_bad(p, ~np.isfinite(p) | (p <= 0) | (p > 1), "top_p", "in (0, 1] (1 or None = off)")
         _first_bad(s, ~np.isfinite(s) | (s < 0) | (s >= 2**32) | (s != np.round(s)), "seed",
                    "an integer in [0, 2**32)")

@@ -6,11 +6,12 @@ the continuation, the whole text is encoded once and split after the context's o
 the continuation tokens are exactly those of the joint encoding; an empty context becomes the
 prefix token (BOS, else EOS).
 
-How a batch runs: requests are sorted by length (longest first) and packed into batches of a
-fixed ``batch_size`` rows (padding rows fill the last one). The model input length T is
+How a batch runs: requests are sorted by length (longest first) and packed into batches of
+``batch_size`` requests; a batch's rows are its requests rounded up to a power of two, at most
+``batch_size`` (so a lone request is not padded to a full batch). The model input length T is
 rounded up to a bucket (powers of two from 16 to 512, then multiples of 512) and the scored
 span C to a power of two, so the number of compilations is bounded by the number of
-(T, C) buckets. On device, only the C positions that predict continuation tokens go through
+(rows, T, C) buckets. On device, only the C positions that predict continuation tokens go through
 the LM head, in float32, and only their log-probs [B, C] and greedy flags [B, C] come back to
 the host, never the [B, T, V] logits. Results are returned in input order.
 """
@@ -26,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .buckets import bucket_length, bucket_table
+from . import progress as _progress
+from .buckets import bucket_batch, bucket_length, bucket_table
 from .errors import RealmError
 from .model import forward_hidden, lm_head
 
@@ -81,25 +83,30 @@ def prefix_token_id(tokenizer) -> int:
                      "but the tokenizer has neither")
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def encode_pair(tokenizer, context: str, continuation: str, *, encode=None,
+                prefix: int | None = None) -> tuple[list[int], list[int]]:
     """Harness tokenization of a string request -> (context_ids, continuation_ids).
 
     Trailing whitespace of ``context`` is moved to the front of ``continuation``; then
     ``context + continuation`` is encoded whole and split after ``len(encode(context))`` tokens.
     An empty context gives ``[prefix token]`` and the continuation encoded without special
     tokens (unless it already starts with the prefix token, which then becomes the context).
+    encode: ``encode(text)`` / ``encode(text, add_special_tokens=False)`` (default: the
+    tokenizer's, with its special tokens); prefix: the prefix token (default ``prefix_token_id``).
     """
+    if encode is None:
+        encode = tokenizer.encode
     if context == "":
-        cont = tokenizer.encode(continuation, add_special_tokens=False)
-        prefix = prefix_token_id(tokenizer)
+        cont = encode(continuation, add_special_tokens=False)
+        prefix = prefix_token_id(tokenizer) if prefix is None else prefix
         if cont and cont[0] == prefix:
             return cont[:1], cont[1:]
         return [prefix], cont
     n_ws = len(context) - len(context.rstrip())
     if n_ws:
         context, continuation = context[:-n_ws], context[-n_ws:] + continuation
-    whole = tokenizer.encode(context + continuation)
-    ctx = tokenizer.encode(context)
+    whole = encode(context + continuation)
+    ctx = encode(context)
     return ctx, whole[len(ctx):]
 
 
@@ -167,6 +174,12 @@ def _logits_chunk(b: int, c: int, v: int) -> int:
     while chunk > 1 and b * chunk * v > LOGITS_BUDGET:
         chunk //= 2
     return chunk
+
+
+def batch_rows(n: int, batch_size: int) -> int:
+    """Rows of a device batch holding n requests: n rounded up to a power of two, at most
+    batch_size (the last, short batch of a run, or a lone request, is not padded to a full one)."""
+    return min(int(batch_size), bucket_batch(n))
 
 
 # ----------------------------------------------------------------------------- device part
@@ -263,10 +276,11 @@ def iter_scores(model, requests: Sequence, *, batch_size: int = 8, max_length: i
     def dispatch(idx):
         t = bucket_length(max(len(fulls[i]) - 1 for i in idx))
         c = bucket_table(max(len(conts[i]) for i in idx), cap=t)
-        tokens = np.zeros((batch_size, t), np.int32)
-        lengths = np.ones(batch_size, np.int32)
-        starts = np.zeros(batch_size, np.int32)
-        targets = np.zeros((batch_size, c), np.int32)
+        rows = batch_rows(len(idx), batch_size)
+        tokens = np.zeros((rows, t), np.int32)
+        lengths = np.ones(rows, np.int32)
+        starts = np.zeros(rows, np.int32)
+        targets = np.zeros((rows, c), np.int32)
         for r, i in enumerate(idx):
             full, k = fulls[i], len(conts[i])
             tokens[r, :len(full) - 1] = full[:-1]
@@ -275,11 +289,13 @@ def iter_scores(model, requests: Sequence, *, batch_size: int = 8, max_length: i
             targets[r, :k] = full[-k:]
         aids = None
         if ids_per_req is not None:
-            aids = np.full(batch_size, -1, np.int32)
+            aids = np.full(rows, -1, np.int32)
             aids[:len(idx)] = ids_per_req[idx]
         elif rt.num_adapters:  # a single adapter applies to every row, as in forward
-            aids = np.zeros(batch_size, np.int32)
-        chunk = _logits_chunk(batch_size, c, cfg.vocab_size)
+            aids = np.zeros(rows, np.int32)
+        chunk = _logits_chunk(rows, c, cfg.vocab_size)
+        _progress.compile_notice(f"score for batch {rows} x {t} (span {c})",
+                                 ("score", cfg, rt.options, rows, t, c, chunk, aids is None))
         if on_mesh:  # B on the mesh's data axis: each data replica scores its own rows
             tokens, lengths, starts, targets, aids = place_batch((tokens, lengths, starts, targets, aids),
                                                                  rt, strict=False)
@@ -306,23 +322,29 @@ def iter_scores(model, requests: Sequence, *, batch_size: int = 8, max_length: i
 
 
 def score(model, requests: Sequence, *, batch_size: int = 8, max_length: int | None = None,
-          adapters=None, adapter_ids=None) -> list[Score]:
+          adapters=None, adapter_ids=None, progress: bool | str = True, unit: str = "request") -> list[Score]:
     """Log-likelihood of each continuation given its context, in input order.
 
     model: a loaded ``Model`` (config, params, tokenizer).
     requests: ``(context, continuation)`` pairs, both strings (harness tokenization, see
     ``encode_pair``) or both token id lists (context non-empty).
-    batch_size: rows per device batch (fixed; the last batch is padded).
+    batch_size: requests per device batch (a batch's rows: its requests rounded up to a power
+    of two, at most batch_size; ``batch_rows``).
     max_length: longest model input; longer requests lose context tokens from the left
     (default: no truncation).
     adapters / adapter_ids: stacked LoRA adapters and one adapter index per request
     (or one for all; -1 = base model), as in ``forward``.
+    progress: a bar on stderr (its label: "score", or the string given) when stderr is a
+    terminal and progress is not silenced (``realm_jax.progress``); False: never.
     """
     results: list[Score | None] = [None] * len(requests)
-    for idx, scores in iter_scores(model, requests, batch_size=batch_size, max_length=max_length,
-                                   adapters=adapters, adapter_ids=adapter_ids):
-        for i, s in zip(idx, scores):
-            results[i] = s
+    label = progress if isinstance(progress, str) else "score"
+    with _progress.bar(len(requests), label, unit=unit, disable=not progress) as bar:
+        for idx, scores in iter_scores(model, requests, batch_size=batch_size, max_length=max_length,
+                                       adapters=adapters, adapter_ids=adapter_ids):
+            for i, s in zip(idx, scores):
+                results[i] = s
+            bar.update(len(idx))
     return results  # type: ignore[return-value]
 
 
@@ -375,7 +397,7 @@ def _documents(model, texts_or_ids) -> list[list[int]]:
 
 
 def perplexity(model, texts_or_ids, *, max_length: int | None = None, stride: int | None = None,
-               batch_size: int = 8, adapters=None, adapter_ids=None) -> Perplexity:
+               batch_size: int = 8, adapters=None, adapter_ids=None, progress: bool | str = True) -> Perplexity:
     """Rolling-window perplexity over documents.
 
     texts_or_ids: a string, a list of token ids, or a list of either (one per document).
@@ -387,6 +409,7 @@ def perplexity(model, texts_or_ids, *, max_length: int | None = None, stride: in
     stride: how far each window moves, 1 <= stride < max_length (default max_length // 2).
     Each token is scored once, with up to max_length - 1 tokens of context (``rolling_windows``).
     adapters / adapter_ids: as in ``score``, with one adapter id per document (or one for all).
+    progress: a bar over the windows, as in ``score`` (label "perplexity").
     """
     if max_length is None:
         max_length = min(int(model.config.max_position_embeddings), 1024)
@@ -406,9 +429,90 @@ def perplexity(model, texts_or_ids, *, max_length: int | None = None, stride: in
             requests.append((ids[begin:start], ids[start:end]))
             owner.append(d)
     scores = score(model, requests, batch_size=batch_size, adapters=adapters,
-                   adapter_ids=None if doc_adapters is None else doc_adapters[owner])
+                   adapter_ids=None if doc_adapters is None else doc_adapters[owner],
+                   progress=(progress if isinstance(progress, str) else "perplexity") if progress else False,
+                   unit="window")
     token_lps: list[list[float]] = [[] for _ in docs]
     for d, s in zip(owner, scores):
         token_lps[d].extend(s.token_logprobs)
     per_doc = tuple((-math.fsum(lps), len(lps)) for lps in token_lps)
     return Perplexity(math.fsum(nll for nll, _ in per_doc), sum(n for _, n in per_doc), per_doc)
+
+
+# ----------------------------------------------------------------------------- batch size "auto"
+def _host_memory_available() -> int | None:
+    """Bytes of host memory available now (``MemAvailable``), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import os
+
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def row_bytes(cfg, length: int) -> int:
+    """Estimated peak device bytes one row of ``length`` tokens needs (scoring: one layer's float32
+    activations and attention scores at a time; generation: plus its KV cache)."""
+    t = int(length)
+    acts = t * (4 * cfg.hidden_size + (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+                + 3 * cfg.intermediate_size) + 2 * cfg.num_heads * t * t
+    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * t
+    return 4 * (acts + kv)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    text = str(e)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def fitting_batch_size(model, max_length: int, *, limit: int = 64) -> tuple[int, str]:
+    """The largest batch of ``max_length``-token rows that fits, at most ``limit``, and how it was
+    found (for the report). Powers of two only.
+
+    On an accelerator: tried, from the largest power of two <= limit down, halving on
+    out-of-memory, by running the scoring program at ``[B, bucket(max_length)]`` (the program the
+    longest requests run) -- as the harness's ``hf`` backend probes its forward.
+    On the CPU, where running out of memory is not an error one can catch: the largest B whose
+    estimated need (``row_bytes``, scoring and KV cache) is within half the available host memory.
+    """
+    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
+        raise RealmError(f"max_batch_size: expected a positive int, got {limit!r}")
+    if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 1:
+        raise RealmError(f"max_length: expected a positive int, got {max_length!r}")
+    cfg = model.config
+    top = 1 << (int(limit).bit_length() - 1)
+    t = bucket_length(int(max_length))
+    if jax.default_backend() == "cpu":
+        avail = _host_memory_available()
+        if avail is None:
+            return top, f"max_batch_size={limit} (host memory unknown)"
+        b = top
+        while b > 1 and b * row_bytes(cfg, t) > avail // 2:
+            b //= 2
+        return b, (f"estimated: {b} rows x {t} tokens need ~{b * row_bytes(cfg, t) / 2**30:.2f} GiB of "
+                   f"{avail / 2**30:.1f} GiB available host memory (at most max_batch_size={limit})")
+    rt = model.runtime
+    c = bucket_table(t, cap=t)
+    b = top
+    while True:
+        try:
+            tokens = np.ones((b, t), np.int32)
+            lengths = np.full(b, t, np.int32)
+            aids = np.zeros(b, np.int32) if rt.num_adapters else None
+            with _progress.status(f"batch_size=auto: trying {b} rows x {t} tokens"):
+                out = continuation_logprobs(rt, cfg, tokens, lengths, np.zeros(b, np.int32), np.zeros((b, c), np.int32),
+                                            aids, chunk=_logits_chunk(b, c, cfg.vocab_size))
+                jax.block_until_ready(out)
+            del out
+            return b, f"tried: {b} rows x {t} tokens ran (at most max_batch_size={limit})"
+        except Exception as e:  # noqa: BLE001 - only out-of-memory is handled
+            if not _out_of_memory(e) or b == 1:
+                raise
+            b //= 2

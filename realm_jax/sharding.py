@@ -464,7 +464,8 @@ def gather_in_order(local, total: int):
     process.
 
     local: this process's results, one per item of its share (n = ``ceil(total / processes)``):
-    either a list of Python objects (e.g. ``Score``s; sent pickled, so they must be picklable)
+    either a list of Python objects (e.g. ``Score``s; sent as JSON, never pickled: see
+    ``_allgather_objects`` for what can travel)
     -> a list of ``total`` objects; or an array-like [n, ...] (or a pytree of them) -> numpy
     [total, ...] (same pytree).
     """
@@ -495,14 +496,76 @@ def gather_in_order(local, total: int):
 
 
 def _allgather_objects(obj) -> list:
-    """``obj`` of every process (pickled), in process order."""
-    import pickle
+    """``obj`` of every process, in process order.
+
+    Sent as JSON, never pickled: a process only ever rebuilds plain data from another's bytes,
+    so a hostile or broken peer cannot make it run code. What travels: None, bools, ints,
+    floats (exact, NaN and infinities too), strings, lists, tuples, dicts with string keys, numpy
+    arrays and scalars, and dataclasses defined in ``realm_jax`` (e.g. ``Score``), rebuilt by
+    their constructor. Anything else is a ``ShardingError`` naming its type."""
+    import dataclasses
+    import json
+    import sys
 
     from jax.experimental import multihost_utils
 
-    data = np.frombuffer(pickle.dumps(obj), np.uint8)
+    def encode(x):
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        if isinstance(x, np.generic):
+            return {"__numpy__": x.dtype.str, "value": x.item()}
+        if isinstance(x, np.ndarray):
+            return {"__ndarray__": x.dtype.str, "shape": list(x.shape), "data": x.reshape(-1).tolist()}
+        if isinstance(x, list):
+            return [encode(v) for v in x]
+        if isinstance(x, tuple):
+            return {"__tuple__": [encode(v) for v in x]}
+        if isinstance(x, dict) and all(isinstance(k, str) for k in x):
+            return {"__dict__": {k: encode(v) for k, v in x.items()}}
+        cls = type(x)
+        if dataclasses.is_dataclass(x) and cls.__module__.split(".")[0] == "realm_jax":
+            return {"__dataclass__": [cls.__module__, cls.__qualname__],
+                    "fields": {f.name: encode(getattr(x, f.name)) for f in dataclasses.fields(x) if f.init}}
+        raise ShardingError(f"gather_in_order: a {cls.__module__}.{cls.__qualname__} cannot be sent between "
+                            f"processes; results travel as JSON (numbers, strings, lists, tuples, dicts, numpy "
+                            f"arrays, realm_jax dataclasses)")
+
+    def decode(x):
+        if isinstance(x, list):
+            return [decode(v) for v in x]
+        if not isinstance(x, dict):
+            return x
+        if "__tuple__" in x:
+            return tuple(decode(v) for v in x["__tuple__"])
+        if "__dict__" in x:
+            return {k: decode(v) for k, v in x["__dict__"].items()}
+        if "__numpy__" in x:
+            return np.array(x["value"], np.dtype(x["__numpy__"]))[()]
+        if "__ndarray__" in x:
+            dt = np.dtype(x["__ndarray__"])
+            if dt.hasobject:
+                raise ShardingError("gather_in_order: received an object array; only plain dtypes travel")
+            return np.asarray(x["data"], dt).reshape(x["shape"])
+        if "__dataclass__" in x:
+            module, name = x["__dataclass__"]
+            cls = getattr(sys.modules.get(module), name, None) if module.split(".")[0] == "realm_jax" else None
+            if cls is None or not dataclasses.is_dataclass(cls) or "." in name:
+                raise ShardingError(f"gather_in_order: received an unknown type {module}.{name}")
+            return cls(**{k: decode(v) for k, v in x["fields"].items()})
+        raise ShardingError(f"gather_in_order: received an object with unknown keys {sorted(x)[:4]}")
+
+    data = np.frombuffer(json.dumps(encode(obj), separators=(",", ":")).encode("utf-8"), np.uint8)
     sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32), tiled=True))
     buf = np.zeros(int(sizes.max()), np.uint8)
     buf[:data.size] = data
     every = np.asarray(multihost_utils.process_allgather(buf[None], tiled=True))
-    return [pickle.loads(every[i, :int(sizes[i])].tobytes()) for i in range(len(sizes))]
+    out = []
+    for i in range(len(sizes)):
+        try:
+            out.append(decode(json.loads(every[i, :int(sizes[i])].tobytes().decode("utf-8"))))
+        except (UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError, KeyError, RecursionError) as e:
+            if isinstance(e, ShardingError):
+                raise
+            raise ShardingError(f"gather_in_order: process {i} sent results that are not valid JSON of results "
+                                f"({type(e).__name__}: {e})") from None
+    return out

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .errors import CheckpointError, UnsupportedModelError
+from .errors import CheckpointError, RealmError, UnsupportedModelError
 
 # Pre-tokenizer regexes (applied in order, each match isolated) per GGUF ``tokenizer.ggml.pre``.
 # None stands for GPT-2's own split, which the byte-level pre-tokenizer applies itself.
@@ -58,6 +58,8 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise RealmError(f"encode: expected a string, got {type(text).__name__}")
         ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens and self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids
@@ -72,7 +74,12 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render ``messages`` ([{"role", "content"}]) with the model's chat template."""
         if not self.chat_template:
-            raise ValueError("this tokenizer has no chat template")
+            raise RealmError("chat: this tokenizer has no chat template (its tokenizer_config.json, "
+                             "chat_template.jinja or GGUF tokenizer.chat_template has none)")
+        if not isinstance(messages, (list, tuple)) or not all(
+                isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise RealmError(f"chat messages: expected a list of {{'role': str, 'content': str}}, got {messages!r:.80}")
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -81,9 +88,12 @@ class Tokenizer:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except jinja2.TemplateError as e:  # incl. the sandbox's SecurityError and raise_exception
+            raise RealmError(f"chat template: {type(e).__name__}: {e}") from None
 
     @classmethod
     def from_hf_dir(cls, directory: str | Path) -> "Tokenizer":
@@ -94,23 +104,45 @@ class Tokenizer:
             tok = HFTokenizer.from_file(str(directory / "tokenizer.json"))
         except Exception as e:
             raise CheckpointError(f"{directory / 'tokenizer.json'}: cannot be read ({e})") from None
+        from .config import read_json
+
         conf = {}
         conf_path = directory / "tokenizer_config.json"
         if conf_path.exists():
-            conf = json.loads(conf_path.read_text(encoding="utf-8"))
+            conf = read_json(conf_path)
+            if not isinstance(conf, dict):
+                raise CheckpointError(f"{conf_path}: expected a JSON object, got {type(conf).__name__}")
 
-        def tok_str(v):
-            return v.get("content") if isinstance(v, dict) else v
+        def tok_str(key):
+            v = conf.get(key)
+            v = v.get("content") if isinstance(v, dict) else v
+            if v is None:
+                return None
+            if not isinstance(v, str):
+                raise CheckpointError(f"{conf_path}: key {key!r}: expected a token string, got {v!r:.60}")
+            if tok.token_to_id(v) is None:
+                raise CheckpointError(f"{conf_path}: key {key!r}: token {v!r} is not in the vocabulary of "
+                                      f"{directory / 'tokenizer.json'}")
+            return v
 
         template = conf.get("chat_template")
         jinja = directory / "chat_template.jinja"
         if template is None and jinja.exists():
-            template = jinja.read_text(encoding="utf-8")
+            try:
+                template = jinja.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{jinja}: cannot be read as UTF-8 text ({e})") from None
         if isinstance(template, list):  # named templates: take "default"
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        return cls(tok, bos_token=tok_str(conf.get("bos_token")), eos_token=tok_str(conf.get("eos_token")),
-                   chat_template=template, add_bos=conf.get("add_bos_token"),
-                   pad_token=tok_str(conf.get("pad_token")))
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                            None)
+        if template is not None and not isinstance(template, str):
+            raise CheckpointError(f"{conf_path}: key 'chat_template': expected a string (or a list of "
+                                  f"{{'name', 'template'}}), got {template!r:.60}")
+        add_bos = conf.get("add_bos_token")
+        if add_bos is not None and not isinstance(add_bos, bool):
+            raise CheckpointError(f"{conf_path}: key 'add_bos_token': expected true or false, got {add_bos!r:.60}")
+        return cls(tok, bos_token=tok_str("bos_token"), eos_token=tok_str("eos_token"),
+                   chat_template=template, add_bos=add_bos, pad_token=tok_str("pad_token"))
 
     # ------------------------------------------------------------------ GGUF
     @classmethod
@@ -123,7 +155,7 @@ class Tokenizer:
         elif hasattr(meta, "fields"):  # gguf.GGUFReader
             meta = {k: f.contents() for k, f in meta.fields.items() if k.startswith("tokenizer.")}
         if not isinstance(meta, Mapping):
-            raise TypeError(f"from_gguf expects a GGUFFile, a gguf.GGUFReader or a dict, got {type(meta).__name__}")
+            raise RealmError(f"from_gguf expects a GGUFFile, a gguf.GGUFReader or a dict, got {type(meta).__name__}")
         model = meta.get("tokenizer.ggml.model")
         if model != "gpt2":
             raise UnsupportedModelError(
@@ -133,18 +165,26 @@ class Tokenizer:
             raise UnsupportedModelError(
                 f"GGUF tokenizer.ggml.pre {pre!r} is not supported; "
                 f"supported: {', '.join(sorted(PRE_TOKENIZER_SPLITS))}")
-        tokens = list(meta["tokenizer.ggml.tokens"])
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+            raise CheckpointError(f"GGUF key 'tokenizer.ggml.tokens': expected a non-empty list of strings, "
+                                  f"got {type(tokens).__name__}")
         merges = meta.get("tokenizer.ggml.merges")
         if not merges:
             raise CheckpointError("GGUF tokenizer has no tokenizer.ggml.merges (needed for byte-level BPE)")
-        types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+        if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+            raise CheckpointError("GGUF key 'tokenizer.ggml.merges': expected a list of strings")
+        types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        if not isinstance(types, list) or len(types) != len(tokens):
+            raise CheckpointError(f"GGUF key 'tokenizer.ggml.token_type': expected one type per token "
+                                  f"({len(tokens)}), got {len(types) if isinstance(types, list) else types!r}")
         tok = _byte_level_bpe(tokens, merges, types, PRE_TOKENIZER_SPLITS[pre])
 
         def token(key):
             i = meta.get(f"tokenizer.ggml.{key}_token_id")
             if i is None:
                 return None
-            if not 0 <= int(i) < len(tokens):
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(tokens):
                 raise CheckpointError(f"GGUF tokenizer.ggml.{key}_token_id={i} is outside the vocabulary "
                                       f"(0..{len(tokens) - 1})")
             return tokens[int(i)]
@@ -158,7 +198,8 @@ class Tokenizer:
             bid = int(meta["tokenizer.ggml.bos_token_id"])
             tok.post_processor = processors.TemplateProcessing(
                 single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bid)])
-        extra = [int(meta[k]) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in meta]
+        extra = [int(meta[k]) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+                 if k in meta and token(k.split(".")[-1][:-len("_token_id")]) is not None]
         return cls(tok, bos_token=bos, eos_token=token("eos"), pad_token=token("padding"),
                    chat_template=meta.get("tokenizer.chat_template"), add_bos=add_bos, extra_eos_ids=extra)
 

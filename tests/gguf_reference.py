@@ -243,3 +243,18 @@ def write_fake_builtin_wheel(folder, spec, seed=0):
             z.write(gguf_file, spec.member)
             z.writestr(spec.member.split("/")[0] + "/__init__.py", "")
     return model
+
+
+def pin_fake_builtin(monkeypatch, folder, name="smollm2-135m-instruct"):
+    """Make the built-in spec ``name`` pin the GGUF of the fake wheel in ``folder`` (its sha256 and size)."""
+    import dataclasses
+    import hashlib
+    import zipfile
+
+    from realm_jax import builtin
+
+    spec = builtin.BUILTIN_MODELS[name]
+    with zipfile.ZipFile(Path(folder) / spec.wheel_name) as z:
+        data = z.read(spec.member)
+    monkeypatch.setitem(builtin.BUILTIN_MODELS, name, dataclasses.replace(
+        spec, sha256=hashlib.sha256(data).hexdigest(), size=len(data)))

@@ -14,7 +14,7 @@ import realm_jax
 from realm_jax import builtin
 from realm_jax.model import forward_jit
 
-from gguf_reference import write_fake_builtin_wheel
+from gguf_reference import write_fake_builtin_wheel, pin_fake_builtin
 from hf_reference import random_batch
 
 NAME = "smollm2-135m-instruct"
@@ -49,6 +49,7 @@ def _no_network(monkeypatch):
 def test_hand_placed_wheel_is_converted_once(cache, monkeypatch):
     _no_network(monkeypatch)
     torch_model = write_fake_builtin_wheel(cache / NAME, SPEC)
+    pin_fake_builtin(monkeypatch, cache / NAME)
     hf_dir = builtin.ensure_builtin(NAME)
     assert hf_dir == cache / NAME / "hf"
     assert builtin.gguf_path(NAME) == cache / NAME / SPEC.gguf_name
@@ -60,8 +61,8 @@ def test_hand_placed_wheel_is_converted_once(cache, monkeypatch):
     from_gguf = realm_jax.load(builtin.gguf_path(NAME), dtype="float32")
     assert model.config.replace(dtype="x") == from_gguf.config.replace(dtype="x")
     tokens, lengths = random_batch(np.random.default_rng(0), model.config.vocab_size, [6, 3])
-    np.testing.assert_array_equal(np.asarray(forward_jit(model.params, model.config, tokens, lengths)),
-                                  np.asarray(forward_jit(from_gguf.params, from_gguf.config, tokens, lengths)))
+    np.testing.assert_array_equal(np.asarray(forward_jit(model.runtime, model.config, tokens, lengths)),
+                                  np.asarray(forward_jit(from_gguf.runtime, from_gguf.config, tokens, lengths)))
     tok = model.tokenizer
     assert tok.encode("the cat<|im_end|>") == from_gguf.tokenizer.encode("the cat<|im_end|>")
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == \
@@ -74,6 +75,7 @@ def test_concurrent_first_use(cache, monkeypatch):
     """Several threads asking at once: one conversion, one consistent directory, no debris."""
     _no_network(monkeypatch)
     write_fake_builtin_wheel(cache / NAME, SPEC)
+    pin_fake_builtin(monkeypatch, cache / NAME)
     import realm_jax.gguf as g
 
     calls = []

@@ -7,6 +7,7 @@ import jax
 import pytest
 
 from realm_jax.config import ModelConfig
+from realm_jax.errors import ConfigError
 
 from hf_reference import ARCH_CASES, hf_config
 
@@ -69,7 +70,10 @@ def test_explicit_head_dim():
     """head_dim given in config.json wins over hidden_size / num_heads; absent, it is their ratio."""
     d = _transformers5("qwen3_qknorm")  # D=30, N=6, head_dim=16
     assert ModelConfig.from_hf_dict(d).head_dim == 16
-    assert ModelConfig.from_hf_dict({**d, "head_dim": None}).head_dim == 5
+    three = {**d, "head_dim": None, "num_attention_heads": 3, "num_key_value_heads": 3}
+    assert ModelConfig.from_hf_dict(three).head_dim == 10
+    with pytest.raises(ConfigError, match=r"head dim must be even.*got 5"):  # 30 / 6: rotary needs pairs
+        ModelConfig.from_hf_dict({**d, "head_dim": None})
     d = _transformers5("qwen2_bias")  # no head_dim key: D=30 / N=3
     assert "head_dim" not in d or d["head_dim"] is None
     assert ModelConfig.from_hf_dict(d).head_dim == 10

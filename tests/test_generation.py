@@ -13,7 +13,7 @@ from realm_jax import generation
 from realm_jax.errors import RealmError
 from realm_jax.generation import generate, generate_stream
 from realm_jax.loading import Model
-from realm_jax.model import forward_jit
+from realm_jax.reference import forward_reference_jit
 
 from hf_reference import make_hf_model
 from compile_counter import CompileCounter
@@ -32,12 +32,13 @@ def random_prompts(rng, vocab, lengths):
 
 
 def greedy_uncached(model, prompt, n_new, width=48):
-    """The plain version: re-run the full forward (no cache) over the whole sequence each step."""
+    """The plain version: re-run the reference forward (canonical params, no cache) over the
+    whole sequence each step."""
     seq = list(prompt)
     for _ in range(n_new):
         toks = np.zeros((1, width), np.int32)
         toks[0, :len(seq)] = seq
-        logits = np.asarray(forward_jit(model.params, model.config, toks, np.array([len(seq)], np.int32)))
+        logits = np.asarray(forward_reference_jit(model.params, model.config, toks, np.array([len(seq)], np.int32)))
         seq.append(int(logits[0, len(seq) - 1].argmax()))
     return seq[len(prompt):]
 
@@ -73,7 +74,9 @@ def test_padded_batch_equals_rows_alone_and_uncached(llama):
 def test_greedy_matches_hf_generate_tiny(tmp_path):
     case = "llama_gqa_llama3_untied"
     directory, hf = make_hf_model(case, tmp_path / case)
-    model = realm_jax.load(directory, dtype="float32")
+    # the per-layer runtime (the GPU decode layout; the CPU default, stacked, runs the SmolLM2 test)
+    model = realm_jax.load(directory, dtype="float32", layout="per_layer")
+    assert not model.runtime.stacked
     rng = np.random.default_rng(1)
     prompts = random_prompts(rng, model.config.vocab_size, [7, 3, 12])
     res = generate(model, prompts, 20)  # default stop ids: the config's eos (2)
@@ -200,23 +203,42 @@ def test_per_row_adapters_equal_merged_models_alone(llama):
         merged = Model(llama.config, lora.merge(llama.params, ads[a]), None)
         assert res.tokens[row] == generate(merged, [prompts[row]], 10, stop_ids=[]).tokens[0]
         assert res.tokens[row] != base.tokens[row]  # the adapter changed the continuation
+    # the same adapters prepared into the model's runtime (plain, and folded into the weights):
+    # then only adapter_ids are passed
+    for fold in (False, True):
+        served = Model(llama.config, llama.params, None)
+        rt = served.prepare(adapters=stack, fold=fold)
+        assert rt.num_adapters == 2 and rt.folded == fold
+        assert generate(served, prompts, 10, stop_ids=[], adapter_ids=[1, -1, 0]).tokens == res.tokens, fold
 
 
 # ----------------------------------------------------------------------------- compile hygiene
 
 
 def test_no_retrace_for_new_prompts_of_similar_length(llama):
+    from realm_jax import lora
+
     rng = np.random.default_rng(6)
+    stack = lora.stack_adapters([lora.init_adapter(llama.config, jax.random.PRNGKey(20 + i), rank=4)
+                                 for i in range(2)])
     generate(llama, random_prompts(rng, 61, [5, 9, 3]), 12, temperature=0.5, seed=1)
     list(generate_stream(llama, random_prompts(rng, 61, [5, 9, 3]), 12, chunk=4))
+    generate(llama, random_prompts(rng, 61, [5, 9, 3]), 12, adapters=stack, adapter_ids=[0, 1, -1])
+    other = jax.tree_util.tree_map(lambda x: x * 1.5, stack)  # new adapter values, same shapes
     size = generation.generate_jit._cache_size()
+    rt = llama.runtime
     with CompileCounter() as cc:
         generate(llama, random_prompts(rng, 61, [7, 2, 11]), 20, temperature=[0.0, 1.0, 0.3], top_k=[0, 4, 0],
                  top_p=0.8, seed=[5, 6, 7])
         generate(llama, random_prompts(rng, 61, [12, 4, 1]), 30, stop_ids=[7, 8, 9])
         list(generate_stream(llama, random_prompts(rng, 61, [6, 6, 6, 6]), 15, chunk=4, temperature=0.9))
+        # per-call adapters (the runtime's base weights with this call's adapters): new prompts
+        # and new adapter values of the same shapes compile nothing either
+        generate(llama, random_prompts(rng, 61, [2, 8, 10]), 9, adapters=stack, adapter_ids=[1, -1, 0])
+        generate(llama, random_prompts(rng, 61, [4, 4, 13]), 9, adapters=other, adapter_ids=[0, 0, 1])
     assert cc.count == 0
     assert generation.generate_jit._cache_size() == size
+    assert llama.runtime is rt  # per-call adapters do not replace the model's runtime
 
 
 # ------------------------------------------------------------------------------------ bad input
@@ -252,7 +274,7 @@ def test_bad_input_raises_before_device_work(llama, monkeypatch, call, match):
     def no_device(*a, **k):
         raise AssertionError("device work started before validation finished")
 
-    for name in ("init_cache", "generate_jit", "start_jit", "decode_loop_jit"):
+    for name in ("new_cache", "runtime_for", "generate_jit", "start_jit", "decode_loop_jit"):
         monkeypatch.setattr(generation, name, no_device)
     with pytest.raises(RealmError, match=match):
         call(llama)

@@ -13,10 +13,9 @@ import torch
 
 import realm_jax
 from realm_jax.config import ModelConfig
-from realm_jax.model import forward_jit
 
 from gguf_reference import Q, hf_state, write_gguf, write_tiny_gguf
-from hf_reference import ARCH_CASES, hf_logits, make_hf_model, random_batch
+from hf_reference import ARCH_CASES, hf_logits, make_hf_model, random_batch, realm_logits
 
 PROMPTS = ["The capital of France is", "def fib(n):\n    return",
            "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n", "Olá, café ☕ 日本"]
@@ -50,13 +49,13 @@ def test_smollm2_gguf_matches_hf(smollm2, smollm2_batch):
     assert (cfg.arch, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == \
         ("llama", 30, 576, 9, 3, 49152)
     assert cfg.tie_word_embeddings and cfg.rope_theta == 100000.0
-    ours = np.asarray(forward_jit(smollm2.params, cfg, tokens, lengths))
-    err = _rel_err(ours, ref, lengths)
-    worst = max(float(np.abs(ours[b, :n] - ref[b, :n]).max()) for b, n in enumerate(lengths))
-    print(f"SmolLM2 GGUF vs HF: max relative logit error {err:.2e} (max |dlogit| {worst:.2e})")
-    assert err <= 1e-3
-    for b, n in enumerate(lengths):  # and the same next-token choice everywhere
-        np.testing.assert_array_equal(ours[b, :n].argmax(-1), ref[b, :n].argmax(-1))
+    for form, ours in realm_logits(smollm2.params, cfg, tokens, lengths).items():
+        err = _rel_err(ours, ref, lengths)
+        worst = max(float(np.abs(ours[b, :n] - ref[b, :n]).max()) for b, n in enumerate(lengths))
+        print(f"SmolLM2 GGUF vs HF ({form}): max relative logit error {err:.2e} (max |dlogit| {worst:.2e})")
+        assert err <= 1e-3, form
+        for b, n in enumerate(lengths):  # and the same next-token choice everywhere
+            np.testing.assert_array_equal(ours[b, :n].argmax(-1), ref[b, :n].argmax(-1), err_msg=form)
 
 
 def test_builtin_name_matches_hf(smollm2, smollm2_batch):
@@ -71,10 +70,10 @@ def test_builtin_name_matches_hf(smollm2, smollm2_batch):
         assert model.tokenizer.encode(text) == smollm2.tokenizer.encode(text)
     assert model.tokenizer.chat_template == smollm2.tokenizer.chat_template
     assert (model.tokenizer.bos_id, model.tokenizer.eos_id) == (smollm2.tokenizer.bos_id, smollm2.tokenizer.eos_id)
-    ours = np.asarray(forward_jit(model.params, model.config, tokens, lengths))
-    err = _rel_err(ours, ref, lengths)
-    print(f"built-in (converted dir) vs HF: max relative logit error {err:.2e}")
-    assert err <= 1e-3
+    for form, ours in realm_logits(model.params, model.config, tokens, lengths).items():
+        err = _rel_err(ours, ref, lengths)
+        print(f"built-in (converted dir) vs HF ({form}): max relative logit error {err:.2e}")
+        assert err <= 1e-3, form
     # transformers reads the converted directory to the same model it builds from the GGUF
     from realm_jax import builtin
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -109,11 +108,11 @@ def test_gguf_from_hf_model_round_trips(case, tmp_path):
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(m.params), jax.tree_util.tree_leaves(from_dir.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
     tokens, lengths = random_batch(np.random.default_rng(3), m.config.vocab_size, [10, 4, 7])
-    ours = np.asarray(forward_jit(m.params, m.config, tokens, lengths))
     ref = hf_logits(hf, tokens, lengths)
-    worst = max(np.abs(ours[b, :n] - ref[b, :n]).max() for b, n in enumerate(lengths))
-    print(f"{case}: GGUF round trip max |dlogit| = {worst:.2e}")
-    assert worst <= 1e-4
+    for form, ours in realm_logits(m.params, m.config, tokens, lengths).items():
+        worst = max(np.abs(ours[b, :n] - ref[b, :n]).max() for b, n in enumerate(lengths))
+        print(f"{case} ({form}): GGUF round trip max |dlogit| = {worst:.2e}")
+        assert worst <= 1e-4, form
 
 
 # ------------------------------------------------------------------ quantized types
@@ -149,11 +148,11 @@ def test_quantized_gguf_matches_hf(qtype, tmp_path):
     _check_against_expected(m, expect)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
     tokens, lengths = random_batch(np.random.default_rng(4), m.config.vocab_size, [9, 5])
-    ours = np.asarray(forward_jit(m.params, m.config, tokens, lengths))
     ref = hf_logits(hf, tokens, lengths)
-    err = _rel_err(ours, ref, lengths)
-    print(f"{qtype.name}: max relative logit error vs HF {err:.2e}")
-    assert err <= 1e-5
+    for form, ours in realm_logits(m.params, m.config, tokens, lengths).items():
+        err = _rel_err(ours, ref, lengths)
+        print(f"{qtype.name} ({form}): max relative logit error vs HF {err:.2e}")
+        assert err <= 1e-5, form
 
 
 def test_qwen2_quantized_not_permuted(tmp_path):
@@ -167,8 +166,9 @@ def test_qwen2_quantized_not_permuted(tmp_path):
     _check_against_expected(m, expect)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
     tokens, lengths = random_batch(np.random.default_rng(5), m.config.vocab_size, [6, 8])
-    err = _rel_err(np.asarray(forward_jit(m.params, m.config, tokens, lengths)), hf_logits(hf, tokens, lengths), lengths)
-    assert err <= 1e-5
+    ref = hf_logits(hf, tokens, lengths)
+    for form, ours in realm_logits(m.params, m.config, tokens, lengths).items():
+        assert _rel_err(ours, ref, lengths) <= 1e-5, form
 
 
 def test_bfloat16_load(tmp_path):

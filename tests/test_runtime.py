@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import itertools
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -29,7 +30,7 @@ import pytest
 from realm_jax import lora, reference, runtime
 from realm_jax.config import ModelConfig
 from realm_jax.generation import new_cache
-from realm_jax.model import forward_cached_jit, forward_jit
+from realm_jax.model import forward, forward_cached, forward_jit
 from realm_jax.params import LEAVES, PROJECTIONS, init_params
 from realm_jax.quantization import dequantize_columns, quantize_columns
 from realm_jax.sharding import make_mesh
@@ -105,25 +106,18 @@ def test_composition_matches_reference(setup, dtype, int8, lora_form, mesh_name)
     f32 = dt == jnp.float32
     atol = 5e-5 if f32 else 0.15
 
-    # forward, no cache, on the prompt (each row's first LENGTHS tokens)
     prompt = np.where(np.arange(T)[None] < LENGTHS[:, None], tokens[:, :T], 0)
-    out = np.asarray(forward_jit(rt, CFG, jnp.asarray(prompt), jnp.asarray(LENGTHS),
-                                 adapter_ids=None if ids is None else jnp.asarray(ids)))
+    steps = tokens[np.arange(B)[:, None], LENGTHS[:, None] + np.arange(STEPS)[None]]  # [B, STEPS]
+    out, got = _forward_and_decode(rt, CFG, jnp.asarray(prompt), jnp.asarray(LENGTHS), jnp.asarray(steps),
+                                   None if ids is None else jnp.asarray(ids))
+    out, got = np.asarray(out), np.asarray(got)
+
+    # forward, no cache, on the prompt (each row's first LENGTHS tokens)
     valid = np.arange(T)[None] < LENGTHS[:, None]
     err = np.abs(out - ref[:, :T])[valid].max()
     assert err <= atol, f"forward: max |err| {err:.3g} > {atol}"
 
-    # cached: prefill the prompt, then STEPS single-token steps feeding the reference's inputs
-    cache = new_cache(CFG, rt, B, 16)
-    aid = None if ids is None else jnp.asarray(ids)
-    logits, cache = forward_cached_jit(rt, CFG, jnp.asarray(prompt), jnp.asarray(LENGTHS), cache, adapter_ids=aid)
-    got = [np.asarray(logits)[np.arange(B), LENGTHS - 1]]
-    for s in range(STEPS):
-        step_tok = tokens[np.arange(B), LENGTHS + s][:, None]
-        logits, cache = forward_cached_jit(rt, CFG, jnp.asarray(step_tok), jnp.ones((B,), jnp.int32), cache,
-                                           adapter_ids=aid)
-        got.append(np.asarray(logits)[:, 0])
-    got = np.stack(got, 1)  # [B, STEPS + 1, V]: predictions after positions LENGTHS - 1 + s
+    # cached: prefill, then STEPS single-token steps; got [B, STEPS + 1, V] predicts after LENGTHS - 1 + s
     want = np.stack([ref[np.arange(B), LENGTHS - 1 + s] for s in range(STEPS + 1)], 1)
     err = np.abs(got - want).max()
     assert err <= atol, f"cached decode: max |err| {err:.3g} > {atol}"
@@ -132,6 +126,20 @@ def test_composition_matches_reference(setup, dtype, int8, lora_form, mesh_name)
         assert same == 1.0, "greedy tokens differ in float32"
     else:
         assert same >= 0.9, f"bf16 greedy agreement {same:.2f}"
+
+
+@partial(jax.jit, static_argnums=1)
+def _forward_and_decode(rt, cfg, prompt, lengths, steps, ids):
+    """One program per case (compiles dominate on the CPU): the uncached forward of the prompt, and
+    the cached prefill + one step per column of ``steps``, each row's last-position logits."""
+    out = forward(rt, cfg, prompt, lengths, adapter_ids=ids)
+    b = prompt.shape[0]
+    logits, cache = forward_cached(rt, cfg, prompt, lengths, new_cache(cfg, rt, b, 16), adapter_ids=ids)
+    got = [logits[jnp.arange(b), lengths - 1]]
+    for s in range(steps.shape[1]):
+        logits, cache = forward_cached(rt, cfg, steps[:, s:s + 1], jnp.ones((b,), jnp.int32), cache, adapter_ids=ids)
+        got.append(logits[:, 0])
+    return out, jnp.stack(got, 1)
 
 
 def test_runtime_shares_base_weights_and_refuses_mismatches(setup):
@@ -182,7 +190,8 @@ def _imports(path: Path) -> set[str]:
         if isinstance(node, ast.ImportFrom) and node.level:
             base = path.parent.relative_to(PKG).parts[:len(path.parent.relative_to(PKG).parts) - node.level + 1]
             mod = ".".join(base + tuple((node.module or "").split("."))).strip(".")
-            out.add(mod)
+            if node.module:  # `from . import x` imports x, not the package's own __init__
+                out.add(mod)
             for alias in node.names:
                 out.add(f"{mod}.{alias.name}".strip("."))
     return out

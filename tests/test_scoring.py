@@ -13,8 +13,9 @@ import torch
 import realm_jax
 from realm_jax import scoring
 from realm_jax.errors import RealmError
-from realm_jax.model import forward_jit
+from realm_jax.reference import forward_reference_jit
 
+from compile_counter import CompileCounter
 from hf_reference import ARCH_CASES, make_hf_model
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "a cat sat on the mat",
@@ -75,10 +76,14 @@ def random_requests(rng, vocab, shapes):
 SHAPES = [(1, 1), (5, 3), (3, 9), (40, 6), (12, 1), (2, 30), (9, 4), (6, 2)]
 
 
-@pytest.mark.parametrize("case", sorted(ARCH_CASES))
-def test_scores_match_hf(case, tmp_path):
+# scored through both runtime layouts, alternating over the cases (logits of every case in
+# both layouts are compared with HF in test_model_parity)
+@pytest.mark.parametrize("case,layout", [(c, ("per_layer", "stacked")[i % 2])
+                                         for i, c in enumerate(sorted(ARCH_CASES))])
+def test_scores_match_hf(case, layout, tmp_path):
     directory, hf = make_hf_model(case, tmp_path / case)
-    model = realm_jax.load(directory, dtype="float32")
+    model = realm_jax.load(directory, dtype="float32", layout=layout)
+    assert model.runtime.stacked == (layout == "stacked")
     rng = np.random.default_rng(3)
     reqs = random_requests(rng, model.config.vocab_size, SHAPES)
     # make one continuation greedy under the reference, so True flags are exercised too
@@ -167,21 +172,62 @@ def test_truncation_keeps_the_continuation(tiny):
         realm_jax.score(model, [(ctx, cont)], max_length=2)
 
 
-def test_compilations_are_bounded_by_buckets(tiny):
+def test_compilations_are_bounded_by_buckets(tiny, monkeypatch):
     model, _ = tiny
+    # a config of its own (an rms eps no other test uses): the jit cache starts empty for it
+    model = realm_jax.Model(model.config.replace(rms_norm_eps=1.25e-5), model.params, model.tokenizer)
     rng = np.random.default_rng(6)
     fn = scoring.continuation_logprobs
+    dispatched = []
 
-    def run(extra):  # batch size 7 is used nowhere else, so these shapes are new
+    def spy(rt, cfg, tokens, lengths, starts, targets, *a, **k):
+        dispatched.append((tokens.shape[0], tokens.shape[1], targets.shape[1]))
+        return fn(rt, cfg, tokens, lengths, starts, targets, *a, **k)
+
+    monkeypatch.setattr(scoring, "continuation_logprobs", spy)
+
+    def run(extra):
+        dispatched.clear()
         shapes = [(int(c), int(k)) for c, k in zip(rng.integers(1, 60, 20), rng.integers(1, 5, 20))]
         realm_jax.score(model, random_requests(rng, model.config.vocab_size, shapes + extra), batch_size=7)
+        return set(dispatched)
 
     before = fn._cache_size()
-    run([(59, 4), (25, 1), (2, 1)])  # one request in each T bucket
-    # model inputs of 1..62 tokens fall in T buckets {16, 32, 64}; spans of 1..4 in C=4
-    assert fn._cache_size() - before == 3
-    run([])  # new lengths in the same ranges compile nothing new
-    assert fn._cache_size() - before == 3
+    first = run([(59, 4), (25, 1), (2, 1)])  # one request in each T bucket; 23 = 3 x 7 + 2
+    # rows: 7, and 2 for the last batch of 2 requests (not padded to 7); model inputs of
+    # 1..62 tokens fall in T buckets {16, 32, 64}; spans of 1..4 in C=4
+    assert {r for r, _, _ in first} == {7, 2} and {t for _, t, _ in first} == {16, 32, 64}
+    assert {c for _, _, c in first} == {4} and dispatched[-1][0] == 2
+    assert fn._cache_size() - before == len(first)  # one compilation per (rows, T, C) bucket
+    with CompileCounter() as cc:
+        second = run([(58, 3)] + [(1, 1)] * 8)  # new lengths in the same ranges; 29 = 4 x 7 + 1
+    new = second - first
+    assert {r for r, _, _ in second} <= {7, 1} and fn._cache_size() - before == len(first | second)
+    assert cc.count == len(new) <= 2  # at most the last batch's one-row shape is new
+    with CompileCounter() as cc:
+        assert run([(58, 3)] + [(1, 1)] * 8) <= first | second
+    assert cc.count == 0
+
+
+def test_a_lone_window_is_not_padded_to_a_full_batch(tiny, monkeypatch):
+    """A batch's rows are its requests rounded up to a power of two, at most batch_size: the one
+    window of a short text runs as one row (it ran as batch_size rows, 8x the work)."""
+    model, _ = tiny
+    rows = []
+    real = scoring.continuation_logprobs
+
+    def spy(rt, cfg, tokens, *a, **k):
+        rows.append(np.shape(tokens)[0])
+        return real(rt, cfg, tokens, *a, **k)
+
+    monkeypatch.setattr(scoring, "continuation_logprobs", spy)
+    realm_jax.perplexity(model, TEXTS[1], max_length=64, batch_size=8)
+    assert rows == [1]
+    rows.clear()
+    realm_jax.perplexity(model, " ".join(TEXTS) * 2, max_length=16, stride=8, batch_size=4)
+    assert rows[0] == 4 and all(r in (1, 2, 4) for r in rows)
+    assert [scoring.batch_rows(n, 8) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 8]
+    assert [scoring.batch_rows(n, 6) for n in (1, 3, 5, 6)] == [1, 4, 6, 6]
 
 
 def test_lm_head_chunking_matches_one_chunk(tiny, monkeypatch):
@@ -222,11 +268,12 @@ def test_perplexity_matches_per_window_numpy_and_hf(tiny):
         plain_doc, n_doc = 0.0, 0
         for begin, end, trg_len in hf_doc_windows(len(ids), max_length, stride):
             window = np.asarray(ids[begin:end], np.int32)
-            # plain: our full forward on the window (padded to max_length: one compile),
+            # plain: the reference forward on the window (padded to max_length: one compile),
             # numpy log_softmax, targets = the last trg_len tokens of the window
             padded = np.zeros((1, max_length), np.int32)
             padded[0, :len(window)] = window
-            logits = np.asarray(forward_jit(model.params, model.config, padded, np.array([len(window)], np.int32)))[0]
+            logits = np.asarray(forward_reference_jit(model.params, model.config, padded,
+                                                      np.array([len(window)], np.int32)))[0]
             logits = logits[:len(window)].astype(np.float64)
             lsm = logits - logits.max(-1, keepdims=True)
             lsm = lsm - np.log(np.exp(lsm).sum(-1, keepdims=True))
@@ -327,6 +374,13 @@ def test_per_request_adapters_match_merged_weights(tiny):
             np.testing.assert_allclose(got[i].token_logprobs, r.token_logprobs, atol=1e-4, rtol=0)
     base = realm_jax.score(model, reqs, batch_size=4)
     assert max(abs(g.logprob - b.logprob) for g, b in zip(got, base)) > 1e-3  # the adapters matter
+    # the same stack prepared into the model's runtime: only adapter_ids per call
+    served = realm_jax.Model(cfg, model.params, model.tokenizer)
+    served.prepare(adapters=stack)
+    for g, s in zip(got, realm_jax.score(served, reqs, batch_size=4, adapter_ids=ids)):
+        np.testing.assert_allclose(s.token_logprobs, g.token_logprobs, atol=1e-5, rtol=0)
+    with pytest.raises(RealmError, match="adapter_ids"):
+        realm_jax.score(served, reqs, batch_size=4)
     # perplexity: one adapter id per document
     docs = [c + k for c, k in reqs[:3]]
     ppl = realm_jax.perplexity(model, docs, max_length=16, stride=5, batch_size=4, adapters=stack,

@@ -16,7 +16,7 @@ from realm_jax.drafts import DraftError, LookupDraftSpec, make_draft
 from realm_jax.errors import RealmError
 from realm_jax.generation import generate
 from realm_jax.loading import Model
-from realm_jax.model import forward_jit
+from realm_jax.reference import forward_reference_jit
 from realm_jax.sampling import SamplingParams, processed_logits
 from realm_jax.speculative import (StepCosts, accept_greedy, accept_tokens, choose_k, expected_tokens, measure_costs,
                                    predicted_speedup, speculative_generate)
@@ -187,12 +187,13 @@ def _filtered_probs(logits, temperature, top_k, top_p):
 
 
 def _sequence_probs(model, prompt, m, settings):
-    """Exact probability of every m-token continuation under ``settings`` (full forward, no cache)."""
+    """Exact probability of every m-token continuation under ``settings`` (the reference forward
+    on the canonical params, no cache)."""
     v = model.config.vocab_size
     seqs = np.array(list(itertools.product(range(v), repeat=m)), np.int32)  # [V^m, m]
     toks = np.concatenate([np.tile(prompt, (len(seqs), 1)), seqs], axis=1).astype(np.int32)
     lengths = np.full(len(seqs), toks.shape[1], np.int32)
-    logits = np.asarray(forward_jit(model.params, model.config, toks, lengths))
+    logits = np.asarray(forward_reference_jit(model.params, model.config, toks, lengths))
     prob = np.ones(len(seqs))
     for j in range(m):
         pos = len(prompt) - 1 + j

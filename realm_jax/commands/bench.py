@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="runtime layout (runtime.prepare; per_layer is the fast one for small batches on GPU)")
     p.add_argument("--int8", action="store_true", help="int8 weight-only (runtime.prepare(quantize='int8'))")
     p.add_argument("--repeats", type=int, default=3)
+    from . import show_defaults
+
+    show_defaults(p)
 
 
 def run(args) -> int:
@@ -58,13 +61,20 @@ def run(args) -> int:
         moved = r["param_bytes_per_step"] + r["kv_bytes_per_step"]
         r["gb_per_step"] = moved / 1e9
         r["floor_ms"] = moved / bw["bytes_per_s"] * 1e3
-        r["mbu_pct"] = 100 * r["floor_ms"] / r["decode_ms_per_step"]
+        r["achieved_gb_s"] = moved / r["decode_ms_per_step"] / 1e6
+        r["kernels"] = bench.kernels_per_step(params, cfg, b, r["cache_len"])
+        r["mbu_pct"] = 100 * r["floor_ms"] / r["decode_ms_per_step"] if bw["meaningful"] else "n/a"
         rows.append(r)
     cols = [("model", "model"), ("layout", "layout"), ("batch", "B"), ("prompt_len", "prompt"),
             ("new_tokens", "new"), ("prefill_ms", "prefill ms"), ("decode_ms_per_step", "decode ms/step"),
             ("tokens_per_s", "tok/s"), ("gb_per_step", "GB read/step"), ("floor_ms", "floor ms"),
-            ("mbu_pct", "MBU %")]
+            ("achieved_gb_s", "achieved GB/s"), ("kernels", "kernels/step"), ("mbu_pct", "MBU %")]
     print(bench.markdown_table(rows, cols))
-    print(f"\n{bench.environment_line(env)}; copy bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s "
-          f"(floor = bytes read per step / bandwidth)")
+    kinds = ", ".join(f"{k[:-len('_bytes_per_s')]} {v / 1e9:.0f}" for k, v in bw.items()
+                      if k.endswith("_bytes_per_s") and k != "xla_best_bytes_per_s")
+    print(f"\n{bench.environment_line(env)}; copy bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s, the best of "
+          f"({kinds}) GB/s; floor = bytes read per step / that bandwidth")
+    if not bw["meaningful"]:
+        print("MBU: not reported on the CPU (the copy measures host memory, which decode does not stream the "
+              "way an accelerator does)")
     return 0

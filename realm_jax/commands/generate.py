@@ -6,32 +6,45 @@ import argparse
 import json
 import sys
 
+from . import add_quiet, loading, show_defaults
+
 HELP = "generate text from one or more prompts"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="HF checkpoint directory, .gguf file or built-in name (default: smollm2-135m-instruct)")
-    p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeat for a batch)")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="a prompt (repeat for a batch; default: none, give this or --prompt-ids)")
     p.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
-                   help="a prompt given as comma-separated token ids (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+                   help="a prompt given as comma-separated token ids (repeatable; default: none)")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                   help="tokens to generate per prompt at most; a prompt stops earlier at an end-of-sequence "
+                        "token (default: 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default: 0)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="sample from the K most likely tokens only (default: no limit)")
+    p.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="sample from the smallest set of tokens whose probability reaches P (default: no limit)")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling (prompt i uses its own key from it)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="params dtype (auto: float32 on CPU, bfloat16 on GPU/TPU)")
+                   help="params dtype (default: auto = float32 on CPU, bfloat16 on GPU/TPU)")
     p.add_argument("--max-len", type=int, default=None, help="KV cache length (default: what the request needs)")
     p.add_argument("--lora", action="append", default=[], metavar="[NAME=]DIR",
-                   help="a PEFT LoRA adapter directory (repeatable; NAME defaults to the directory name)")
+                   help="a PEFT LoRA adapter directory (repeatable; NAME defaults to the directory name; "
+                        "default: none)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME",
-                   help="adapter per prompt, in prompt order ('base' = none; once = all prompts)")
+                   help="adapter per prompt, in prompt order ('base' = none; once = all prompts; default: the one "
+                        "--lora for all prompts)")
     p.add_argument("--draft", default=None, metavar="SOURCE|self:N|lookup|paired",
-                   help="speculative decoding with this draft (paired: from realm_jax/drafts.json); prints statistics")
-    p.add_argument("--k", default=None, metavar="K|auto", help="tokens drafted per round (default 4 or the pairing's)")
+                   help="speculative decoding with this draft (paired: from realm_jax/drafts.json); prints statistics "
+                        "(default: none, plain decoding)")
+    p.add_argument("--k", default=None, metavar="K|auto",
+                   help="tokens drafted per round (default: the pairing's, else 4)")
+    add_quiet(p)
+    show_defaults(p)
 
 
 def _parse_ids(text: str, i: int) -> list[int]:
@@ -44,6 +57,13 @@ def _parse_ids(text: str, i: int) -> list[int]:
 
 
 def run(args) -> int:
+    from .. import progress
+
+    with progress.quieted(args.quiet):
+        return _run(args)
+
+
+def _run(args) -> int:
     from .. import lora
     from .adapters import plan_adapters
     from ..errors import RealmError
@@ -54,7 +74,8 @@ def run(args) -> int:
     if not prompts:
         raise RealmError("give at least one --prompt TEXT (or --prompt-ids IDS)")
     plan = plan_adapters(args.lora, args.adapter, len(prompts))  # checked before loading anything
-    model = load(args.model or DEFAULT_MODEL, dtype=args.dtype)
+    with loading(args.model or DEFAULT_MODEL):
+        model = load(args.model or DEFAULT_MODEL, dtype=args.dtype)
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
               max_len=args.max_len, chat=args.chat)
     if plan is not None:

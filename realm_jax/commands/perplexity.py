@@ -5,20 +5,25 @@ from __future__ import annotations
 import argparse
 import json
 
+from . import add_quiet, loading, show_defaults
+
 HELP = "perplexity of a UTF-8 text file, in rolling windows (each token scored once)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="HF checkpoint directory, .gguf file or built-in name (default: smollm2-135m-instruct)")
-    p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text, scored as one document")
+    p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text, scored as one document (required)")
     p.add_argument("--max-length", type=int, default=None, metavar="T",
                    help="window length in tokens (default: the model's max_position_embeddings, at most 1024)")
     p.add_argument("--stride", type=int, default=None, metavar="N",
                    help="how far each window moves, < max length (default: half the window)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="windows per device batch (default 8)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="windows per device batch at most; fewer windows run as a smaller batch (default: 8)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="params dtype (auto: float32 on CPU, bfloat16 on GPU/TPU)")
+                   help="params dtype (default: auto = float32 on CPU, bfloat16 on GPU/TPU)")
+    add_quiet(p)
+    show_defaults(p)
 
 
 def read_text(path: str) -> str:
@@ -38,6 +43,13 @@ def read_text(path: str) -> str:
 
 
 def run(args) -> int:
+    from .. import progress
+
+    with progress.quieted(args.quiet):
+        return _run(args)
+
+
+def _run(args) -> int:
     from ..errors import RealmError
     from ..loading import DEFAULT_MODEL, load
     from ..scoring import perplexity
@@ -50,7 +62,8 @@ def run(args) -> int:
         raise RealmError(f"--stride: expected < --max-length={args.max_length} (so every token is scored), "
                          f"got {args.stride}")
     text = read_text(args.text)
-    model = load(args.model or DEFAULT_MODEL, dtype=args.dtype)
+    with loading(args.model or DEFAULT_MODEL):
+        model = load(args.model or DEFAULT_MODEL, dtype=args.dtype)
     max_length = args.max_length or min(int(model.config.max_position_embeddings), 1024)
     res = perplexity(model, text, max_length=max_length, stride=args.stride, batch_size=args.batch_size)
     print(json.dumps({"ppl": res.ppl, "nll": res.nll, "num_tokens": res.num_tokens, "max_length": max_length,

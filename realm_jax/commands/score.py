@@ -33,6 +33,8 @@ import time
 
 import numpy as np
 
+from . import add_quiet, loading, show_defaults
+
 HELP = "score (context, continuation) pairs from a JSONL file: summed and per-token log-probs"
 
 FORMAT = ('{"context": str, "continuation": str} or {"context_ids": [int, ...], "continuation_ids": [int, ...]}')
@@ -41,23 +43,25 @@ FORMAT = ('{"context": str, "continuation": str} or {"context_ids": [int, ...], 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="HF checkpoint directory, .gguf file or built-in name (default: smollm2-135m-instruct)")
-    p.add_argument("--data", required=True, metavar="FILE.jsonl", help=f"one request a line: {FORMAT}")
+    p.add_argument("--data", required=True, metavar="FILE.jsonl", help=f"one request a line (required): {FORMAT}")
     p.add_argument("--out", default=None, metavar="FILE.jsonl",
                    help="results file, written incrementally; a rerun with the same arguments resumes it "
                         "(default: stdout)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="rows per device batch (default 8)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="requests per device batch at most; fewer run as a smaller batch (default: 8)")
     p.add_argument("--chunk-size", type=int, default=None, metavar="N",
-                   help="requests per written chunk, sorted by length within it (default 16 x batch size)")
+                   help="requests per written chunk, sorted by length within it (default: 16 x batch size)")
     p.add_argument("--max-length", type=int, default=None, metavar="T",
                    help="longest model input; longer requests lose context from the left (default: no limit)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="params dtype (auto: float32 on CPU, bfloat16 on GPU/TPU)")
-    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+                   help="params dtype (default: auto = float32 on CPU, bfloat16 on GPU/TPU)")
+    add_quiet(p)
     p.add_argument("--mesh", default=None, metavar="DATA,MODEL",
                    help="run on a mesh of this process's devices, e.g. 4,2 (default: one device)")
     from ..cli import add_distributed_arguments
 
     add_distributed_arguments(p)
+    show_defaults(p)
 
 
 def parse_mesh(text: str | None):
@@ -151,29 +155,24 @@ def resume_point(out: str, digests: list[str]) -> int:
 
 
 class Progress:
-    """Plain progress on stderr: requests done, tokens per second, time left."""
+    """A bar on stderr (``realm_jax.progress``: only on a terminal, not with --quiet): requests
+    done, with tokens per second."""
 
     def __init__(self, total: int, total_tokens: int, done: int, quiet: bool):
-        self.total, self.total_tokens, self.done, self.quiet = total, total_tokens, done, quiet
+        from .. import progress
+
         self.tokens = 0
-        self.start = self.shown = time.perf_counter()
-        self.tty = sys.stderr.isatty()
+        self.start = time.perf_counter()
+        self.bar = progress.bar(total, "score", unit="request", disable=quiet, initial=done)
 
     def update(self, requests: int, tokens: int, final: bool = False) -> None:
-        self.done += requests
         self.tokens += tokens
-        now = time.perf_counter()
-        if self.quiet or not (final or now - self.shown >= (0.2 if self.tty else 10.0)):
-            return
-        self.shown = now
-        dt = max(now - self.start, 1e-9)
-        rate = self.tokens / dt
-        left = self.total_tokens - self.tokens
-        eta = f", {left / rate:.0f}s left" if rate > 0 and left > 0 else ""
-        msg = (f"score: {self.done}/{self.total} requests ({100 * self.done / self.total:.0f}%), "
-               f"{rate:.0f} tokens/s{eta}")
-        sys.stderr.write(("\r" + msg + ("\n" if final else "")) if self.tty else msg + "\n")
-        sys.stderr.flush()
+        if requests:
+            rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+            self.bar.set_postfix_str(f"{rate:.0f} tokens/s", refresh=False)
+            self.bar.update(requests)
+        if final:
+            self.bar.close()
 
 
 def result_line(i: int, s, digest: str, rid) -> str:
@@ -186,6 +185,13 @@ def result_line(i: int, s, digest: str, rid) -> str:
 
 
 def run(args) -> int:
+    from .. import progress
+
+    with progress.quieted(args.quiet):
+        return _run(args)
+
+
+def _run(args) -> int:
     from ..errors import RealmError
     from ..loading import DEFAULT_MODEL, load
     from ..scoring import iter_scores, tokenize_requests
@@ -216,7 +222,8 @@ def run(args) -> int:
             print(f"score: {args.out} already holds all {n} results", file=sys.stderr)
         return 0
 
-    model = load(args.model or DEFAULT_MODEL, dtype=args.dtype, mesh=parse_mesh(args.mesh))
+    with loading(args.model or DEFAULT_MODEL):
+        model = load(args.model or DEFAULT_MODEL, dtype=args.dtype, mesh=parse_mesh(args.mesh))
     pairs = []
     for i, r in enumerate(requests):  # tokenize (and check) everything before any device work
         try:

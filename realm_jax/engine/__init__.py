@@ -36,6 +36,8 @@ for the same seed).
 Threads: ``submit``/``cancel`` are safe from any thread. Requests advance when someone drives
 the loop: ``start()`` runs it on a background thread; otherwise ``run_until_idle()``,
 ``generate_many``, ``handle.result()`` and ``handle.stream()`` drive it from the caller.
+``close()`` (or leaving ``with Engine(...) as engine:``) shuts it down: what is still queued or
+running is cancelled (``cancel_reason`` says so) and later submissions raise ``EngineClosedError``.
 
 The parts, B = slots, P = rows per prefill call, T = a prompt bucket, E = stop-id table width,
 W = tokens per slot a decode call hands back:
@@ -47,8 +49,8 @@ W = tokens per slot a decode call hands back:
 - ``delivery``: request handles and results, handing device results to them, statistics.
 """
 
-from .core import Engine
+from .core import Engine, EngineClosedError
 from .delivery import CANCELLED, EngineStats, RequestHandle, RequestResult
 from .scheduler import default_buckets
 
-__all__ = ["CANCELLED", "Engine", "EngineStats", "RequestHandle", "RequestResult", "default_buckets"]
+__all__ = ["CANCELLED", "Engine", "EngineClosedError", "EngineStats", "RequestHandle", "RequestResult", "default_buckets"]

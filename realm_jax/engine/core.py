@@ -27,6 +27,10 @@ from .delivery import CANCELLED, EngineStats, RequestHandle, Stats
 from .scheduler import Call, Scheduler, _check_pos_int
 
 
+class EngineClosedError(RealmError):
+    """The engine was closed (``Engine.close()``): it takes no more requests."""
+
+
 class Engine:
     """A continuous-batching engine over ``max_slots`` fixed slots (see the ``realm_jax.engine`` doc).
 
@@ -91,9 +95,9 @@ class Engine:
         self.draft = None
         self.k = 0
         if draft is not None:
-            from ..drafts import make_draft
+            from ..drafts import check_k, make_draft
 
-            self.k = _check_pos_int("k", k)
+            self.k = check_k(k, self.max_seq_len)
             self.draft = make_draft(model, draft)
         self._device = es.Device(params, cfg, slots=self.max_slots, max_len=self.max_seq_len,
                                  stop_width=self.stop_width, steps=self.decode_steps_per_call,
@@ -105,6 +109,7 @@ class Engine:
         self._drive = threading.Lock()  # whoever holds it runs steps
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._closed: str | None = None  # the reason, once close() was called
         self._error: BaseException | None = None
         self._stats = Stats()
 
@@ -165,8 +170,11 @@ class Engine:
         max_new_tokens <= max_seq_len. temperature (0 = greedy), top_k, top_p, seed: this
         request's sampling. stop_ids: None = the model's eos ids; [] = none. adapter: a name
         given at construction, or None for the base model. Raises ``RealmError`` for bad input
-        (nothing is queued; other requests are unaffected).
+        (nothing is queued; other requests are unaffected), and ``EngineClosedError`` after
+        ``close()``.
         """
+        with self._lock:
+            self._check_alive()
         try:
             h = self._validate(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                seed=seed, stop_ids=stop_ids, adapter=adapter, chat=chat)
@@ -178,6 +186,8 @@ class Engine:
         return h
 
     def _check_alive(self) -> None:
+        if self._closed is not None:
+            raise EngineClosedError(f"the engine is closed ({self._closed}); build a new Engine to serve more requests")
         if self._error is not None:
             raise RuntimeError(f"the engine stopped after a device error: {self._error}") from self._error
 
@@ -195,6 +205,8 @@ class Engine:
         just a prompt; ``defaults`` fill in what a request leaves out. All are validated before
         any is queued.
         """
+        with self._lock:
+            self._check_alive()
         if isinstance(requests, (str, dict)) or not isinstance(requests, (list, tuple)):
             raise RealmError(f"requests: expected a list of prompts or dicts of submit arguments, "
                              f"got {type(requests).__name__}")
@@ -220,6 +232,7 @@ class Engine:
             if h.done:
                 return False
             self._sched.cancel(h)
+            h.cancel_reason = h.cancel_reason or "cancelled by the caller (cancel())"
             ok = h._push([], CANCELLED)
             if ok:
                 self._stats.n["cancelled"] += 1
@@ -242,6 +255,8 @@ class Engine:
         nothing to do."""
         if self._background:
             raise RealmError("step: the background loop is running (engine.start()); stop() it first")
+        with self._lock:
+            self._check_alive()
         with self._drive:
             return self._step()
 
@@ -329,6 +344,7 @@ class Engine:
     def start(self) -> "Engine":
         """Run the loop on a background thread (``stop()`` ends it). Returns the engine."""
         with self._lock:
+            self._check_alive()
             if self._background:
                 return self
             self._stopping = False
@@ -360,11 +376,40 @@ class Engine:
             except BaseException:
                 return  # handles were failed by _crash
 
+    def close(self, reason: str = "engine closed", timeout: float | None = None) -> None:
+        """Shut the engine down for good: end the background loop (after its current step),
+        cancel every queued and running request (``finish_reason`` "cancelled", the tokens so far,
+        and ``cancel_reason`` = ``reason`` on the handle and its result), and drop the device
+        state. Afterwards ``submit``, ``generate_many``, ``step``, ``start`` and ``warmup`` raise
+        ``EngineClosedError``. Idempotent."""
+        with self._lock:
+            if self._closed is not None:
+                return
+            self._closed = str(reason)
+        self.stop(timeout)
+        with self._drive:  # no step is running once this is held
+            with self._lock:
+                pending = self._sched.drain()
+                for h in dict.fromkeys(pending):  # a handle may be both in a slot and in flight
+                    if h.done:
+                        continue
+                    h.cancel_reason = self._closed
+                    if h._push([], CANCELLED):
+                        self._stats.n["cancelled"] += 1
+                self._wake.notify_all()
+            self._device.state = None  # the cache and slot buffers can be freed
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
     def __enter__(self) -> "Engine":
+        """``with Engine(...) as engine:`` runs the loop in the background and ``close()``s the
+        engine on exit (what is still queued or running is cancelled)."""
         return self.start()
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        self.close()
 
     # ------------------------------------------------------------------ warm-up and statistics
     def warmup(self) -> None:
@@ -372,6 +417,7 @@ class Engine:
         request waits for a compilation. Only while idle."""
         with self._drive:
             with self._lock:
+                self._check_alive()
                 if self._sched.has_work():
                     raise RealmError("warmup: the engine is busy; call it before submitting requests")
             self._device.warmup(self.prefill_rows, self.prefill_buckets, self._sched.kill.copy())

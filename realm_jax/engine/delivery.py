@@ -28,12 +28,14 @@ CANCELLED = "cancelled"
 class RequestResult:
     """One request's output, the per-row fields of ``GenerationResult``: ``tokens`` (new ids; a
     stop id that ended it is the last), ``text`` (None without a tokenizer), ``finish_reason``
-    ("stop", "length" or "cancelled") and ``prompt_length``."""
+    ("stop", "length" or "cancelled") and ``prompt_length``; ``cancel_reason`` says why a
+    cancelled request was (``cancel()`` or ``Engine.close()``), else None."""
 
     tokens: list[int]
     text: str | None
     finish_reason: str
     prompt_length: int
+    cancel_reason: str | None = None
 
 
 class RequestHandle:
@@ -51,6 +53,7 @@ class RequestHandle:
         self._tokens: list[int] = []
         self._cond = threading.Condition()
         self._finish: str | None = None
+        self.cancel_reason: str | None = None  # why it was cancelled (cancel() or Engine.close())
         self._error: BaseException | None = None
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None
@@ -140,7 +143,8 @@ class RequestHandle:
         tok = getattr(self._engine.model, "tokenizer", None)
         with self._cond:
             tokens = list(self._tokens)
-        return RequestResult(tokens, _row_text(tok, tokens, stopped), self._finish, self.prompt_length)
+        return RequestResult(tokens, _row_text(tok, tokens, stopped), self._finish, self.prompt_length,
+                             self.cancel_reason if self._finish == CANCELLED else None)
 
     def stream(self, timeout: float | None = None) -> Iterator[int]:
         """Yield the request's tokens as they reach the host, until it ends."""
