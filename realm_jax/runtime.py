@@ -296,7 +296,12 @@ def prepare(params, cfg: ModelConfig, *, adapters=None, fold: bool = False, quan
     opts = Options(_fusion_plan(cfg, rules), tuple(sorted(rules.items())), groups, bool(fold), quantize,
                    bool(transposed), stacked, 0, impl, mesh)
     lora_layers, opts = _checked_adapters(adapters, cfg, opts)
-    return _place(_build, (params, lora_layers), opts, cfg, lambda shapes: runtime_specs(shapes, cfg))
+    rt = _place(_build, (params, lora_layers), opts, cfg, lambda shapes: runtime_specs(shapes, cfg))
+    if mesh is None:  # jit outputs are new buffers: share the embedding and final norm with params
+        rt = dataclasses.replace(rt, embed=params["embed"], final_norm=params["final_norm"])
+    if "lm_head" not in params:  # tied: the head is the embedding buffer itself, not a second copy
+        rt = dataclasses.replace(rt, head=dataclasses.replace(rt.head, w=rt.embed))
+    return rt
 
 
 def with_adapters(rt: Runtime, cfg: ModelConfig, adapters) -> Runtime:
