@@ -47,3 +47,19 @@ def smollm2_hf_tokenizer(smollm2_gguf):
     import transformers
 
     return transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+
+
+@pytest.fixture(autouse=True)
+def _no_persistent_compilation_cache(request):
+    """Tests run with JAX's persistent compilation cache off (conftest opts out above); a test that
+    turns it on in this process (directly or through a library call) gets it turned off again
+    afterwards, so later tests never write executables into a cache directory that is gone."""
+    yield
+    if jax.config.jax_compilation_cache_dir:
+        from jax.experimental.compilation_cache import compilation_cache as cc
+
+        import warnings
+
+        warnings.warn(f"{request.node.nodeid} left JAX's persistent compilation cache on; turned off again")
+        jax.config.update("jax_compilation_cache_dir", None)
+        cc.reset_cache()
