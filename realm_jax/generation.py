@@ -34,9 +34,10 @@ import numpy as np
 from .buckets import bucket_batch, bucket_cache, bucket_length, bucket_table, next_pow2  # noqa: F401
 from .config import ModelConfig
 from .errors import RealmError
-from .kv_cache import KVCache
+from .kv_cache import KVCache, repeat_rows, rows_of
 from .model import forward_cached, forward_cached_hidden, lm_head
-from .sampling import SamplingParams, sample
+from .sampling import History, SamplingParams, adjust, sample, warp
+from .settings import Sampling
 from .progress import compile_notice
 
 
@@ -98,32 +99,50 @@ def default_stop_ids(model) -> tuple[int, ...]:
 
 @dataclasses.dataclass
 class Request:
-    """A validated batch (host numpy). B rows, before bucketing."""
+    """A validated batch (host numpy), before bucketing: B prompts, R = B * samples rows (the
+    per-row fields have R entries)."""
 
     prompt_ids: list[list[int]]
     prompt_lengths: np.ndarray  # [B] int32
     max_new_tokens: np.ndarray  # [B] int32
     stop_ids: list[tuple[int, ...]]  # per row
     cache_len: int  # S
-    sampling: SamplingParams  # numpy, [B]
-    adapter_ids: np.ndarray | None  # [B] int32 or None
+    sampling: SamplingParams  # numpy, [R]
+    adapter_ids: np.ndarray | None  # [R] int32 or None
+    settings: Sampling = Sampling()  # the call's settings (stop strings, n, logprobs, ...)
+    stop_strings: list = dataclasses.field(default_factory=list)  # [R] tuples of strings
 
     @property
     def batch(self) -> int:
+        """B: prompts."""
         return len(self.prompt_ids)
+
+    @property
+    def samples(self) -> int:
+        """Rows per prompt (``settings.samples``); rows are prompt-major: R = B * samples."""
+        return self.settings.samples
+
+    @property
+    def rows(self) -> int:
+        return self.batch * self.samples
 
 
 def validate_request(cfg: ModelConfig, prompt_ids: Sequence[Sequence[int]], max_new_tokens, *,
-                     max_len: int | None = None, stop_ids=None, temperature=0.0, top_k=None, top_p=None,
-                     seed=0, adapters=None, adapter_ids=None, num_adapters: int = 0) -> Request:
+                     max_len: int | None = None, stop_ids=None, sampling: Sampling | None = None,
+                     adapters=None, adapter_ids=None, num_adapters: int = 0, **settings) -> Request:
     """Check everything on the host; raise ``RealmError`` naming the argument and the values.
 
+    sampling / settings: a ``Sampling`` and/or its fields by name (temperature, top_k, ...);
+    per-prompt values are given once per prompt and repeated for its ``n`` (or ``best_of``)
+    samples, sample i of a prompt drawing with seed + i.
     max_new_tokens: int or one per row (>= 1). max_len: the cache length S (default: the
     prompt + max_new_tokens need, rounded up to a multiple of 64, and at most the model's
     ``max_position_embeddings``). stop_ids: ids shared by all rows, or one list per row.
     adapters: canonical adapters for this call; else ``num_adapters``: how many the runtime
     already serves (``adapter_ids`` index them).
     """
+    settings = Sampling.of(sampling, **settings)
+    settings.check_counts()
     if isinstance(prompt_ids, np.ndarray):
         prompt_ids = list(prompt_ids)
     if not isinstance(prompt_ids, (list, tuple)):
@@ -183,7 +202,18 @@ def validate_request(cfg: ModelConfig, prompt_ids: Sequence[Sequence[int]], max_
     cache_len = int(max_len) if max_len is not None else bucket_cache(int(need.max()))
 
     rows_stop = _validate_stop_ids(stop_ids, b, v)
-    sp = SamplingParams.make_host(b, temperature, top_k, top_p, seed)
+    st = settings
+    sp = SamplingParams.make_host(b, st.temperature, st.top_k, st.top_p, st.seed, min_p=st.min_p,
+                                  repetition_penalty=st.repetition_penalty, frequency_penalty=st.frequency_penalty,
+                                  presence_penalty=st.presence_penalty, logit_bias=st.logit_bias,
+                                  min_tokens=st.min_tokens, vocab_size=v)
+    stops = st.stop_strings(b)
+    m = st.samples
+    if m > 1:  # R = B * m rows, prompt-major; sample i of a prompt draws with seed + i
+        sp = jax.tree.map(lambda a: np.repeat(a, m, axis=0), sp)
+        sp = sp._replace(seed=(sp.seed.astype(np.uint64) + np.tile(np.arange(m, dtype=np.uint64), b)).astype(np.uint32))
+        mn, rows_stop = np.repeat(mn, m), [r for r in rows_stop for _ in range(m)]
+        stops = [r for r in stops for _ in range(m)]
 
     ids = None
     count = None if num_adapters <= 1 else num_adapters
@@ -199,9 +229,10 @@ def validate_request(cfg: ModelConfig, prompt_ids: Sequence[Sequence[int]], max_
             raise RealmError(f"adapter_ids: required with a stack of {count} adapters (one id per prompt, -1 = base)")
         if adapter_ids is not None:
             ids = check_adapter_ids(adapter_ids, count, b)
+            ids = ids if m == 1 else np.repeat(ids, m)
     elif adapter_ids is not None:
         raise RealmError("adapter_ids given without adapters")
-    return Request([list(p) for p in prompt_ids], lengths, mn, rows_stop, cache_len, sp, ids)
+    return Request([list(p) for p in prompt_ids], lengths, mn, rows_stop, cache_len, sp, ids, settings, stops)
 
 
 def _validate_stop_ids(stop_ids, b: int, v: int) -> list[tuple[int, ...]]:
@@ -227,42 +258,43 @@ def _validate_stop_ids(stop_ids, b: int, v: int) -> list[tuple[int, ...]]:
 
 
 class Padded(NamedTuple):
-    """Bucketed host arrays for the device. Bp >= B rows; rows >= B are padding (born done)."""
+    """Bucketed host arrays for the device: Bp >= B prompts, Rp = Bp * samples rows (prompt-major;
+    rows of padding prompts are born done)."""
 
     tokens: np.ndarray  # [Bp, Tp] int32, right-padded with 0
-    lengths: np.ndarray  # [Bp] int32 (0 for padding rows)
-    limits: np.ndarray  # [Bp] int32 max new tokens (0 for padding rows)
-    stop_ids: np.ndarray  # [Bp, E] int32, -1 = no id
-    sampling: SamplingParams  # numpy [Bp]
-    adapter_ids: np.ndarray | None  # [Bp] int32 (-1 for padding rows)
+    lengths: np.ndarray  # [Bp] int32 (0 for padding prompts)
+    limits: np.ndarray  # [Rp] int32 max new tokens (0 for padding rows)
+    stop_ids: np.ndarray  # [Rp, E] int32, -1 = no id
+    sampling: SamplingParams  # numpy [Rp]
+    adapter_ids: np.ndarray | None  # [Rp] int32 (-1 for padding rows)
     cache_len: int  # S
+    samples: int = 1  # rows per prompt
 
 
 def pad_request(req: Request, batch: int | None = None) -> Padded:
-    """Right-pad to bucketed shapes (``batch`` overrides the batch bucket)."""
-    b = req.batch
+    """Right-pad to bucketed shapes (``batch`` overrides the prompt-batch bucket)."""
+    b, m = req.batch, req.samples
     bp = bucket_batch(b) if batch is None else batch
     if bp < b:
         raise RealmError(f"batch: {bp} rows cannot hold {b} prompts")
+    r, rp = b * m, bp * m
     tp = bucket_length(int(req.prompt_lengths.max()))
     tokens = np.zeros((bp, tp), np.int32)
     for i, p in enumerate(req.prompt_ids):
         tokens[i, :len(p)] = p
     lengths = np.zeros((bp,), np.int32)
     lengths[:b] = req.prompt_lengths
-    limits = np.zeros((bp,), np.int32)
-    limits[:b] = req.max_new_tokens
+    limits = np.zeros((rp,), np.int32)
+    limits[:r] = req.max_new_tokens
     e = bucket_table(max(len(s) for s in req.stop_ids))
-    stop = np.full((bp, e), -1, np.int32)
+    stop = np.full((rp, e), -1, np.int32)
     for i, s in enumerate(req.stop_ids):
         stop[i, :len(s)] = s
-    sp = SamplingParams(*(np.pad(a, (0, bp - b), constant_values=(1.0 if n == "top_p" else 0)).astype(a.dtype)
-                          for n, a in zip(SamplingParams._fields, req.sampling)))
     ids = None
     if req.adapter_ids is not None:
-        ids = np.full((bp,), -1, np.int32)
-        ids[:b] = req.adapter_ids
-    return Padded(tokens, lengths, limits, stop, sp, ids, req.cache_len)
+        ids = np.full((rp,), -1, np.int32)
+        ids[:r] = req.adapter_ids
+    return Padded(tokens, lengths, limits, stop, req.sampling.pad(rp), ids, req.cache_len, m)
 
 
 # ---------------------------------------------------------------------------------------- device
@@ -278,8 +310,7 @@ class Controls(NamedTuple):
     @classmethod
     def of(cls, pad: "Padded") -> "Controls":
         """The device controls of a padded request."""
-        return cls(SamplingParams(*(jnp.asarray(a) for a in pad.sampling)), jnp.asarray(pad.limits),
-                   jnp.asarray(pad.stop_ids))
+        return cls(pad.sampling.to_device(), jnp.asarray(pad.limits), jnp.asarray(pad.stop_ids))
 
 
 class DecodeState(NamedTuple):
@@ -291,6 +322,41 @@ class DecodeState(NamedTuple):
     done: jax.Array  # [B] bool
     stopped: jax.Array  # [B] bool: ended by a stop id
     out: jax.Array  # [B, M] int32 emitted tokens (0 past num_new)
+    history: History | None = None  # token counts for the penalties (None: no row has one)
+    logprobs: "LogprobTrace | None" = None  # per emitted token (None: not asked for)
+    prompt_logprobs: "LogprobTrace | None" = None  # per prompt token [Bp, T] (None: not asked for)
+
+
+class LogprobTrace(NamedTuple):
+    """Log-probs per token, at the token's index (M positions; float32):
+
+    logprob [B, M]: the token under the model's distribution (log-softmax of the raw logits);
+    sampled [B, M]: under the distribution it was chosen from (the adjusted logits for greedy
+    rows, adjusted and warped for sampled rows: ``sampling``'s order); top_ids / top [B, M, N]:
+    the model's N most likely tokens and their log-probs. For prompt tokens (M = T, index t =
+    token t given tokens < t; index 0 holds nothing) ``sampled`` equals ``logprob``."""
+
+    logprob: jax.Array
+    sampled: jax.Array
+    top_ids: jax.Array
+    top: jax.Array
+
+    @classmethod
+    def empty(cls, b: int, m: int, n: int) -> "LogprobTrace":
+        z = jnp.zeros((b, m), jnp.float32)
+        return cls(z, z, jnp.zeros((b, m, n), jnp.int32), jnp.zeros((b, m, n), jnp.float32))
+
+
+def _logprobs(raw: jax.Array, dist: jax.Array, tok: jax.Array, n: int):
+    """raw / dist logits [..., V], tok [...] -> (logprob, sampled, top ids [..., n], top [..., n])."""
+    lp = jax.nn.log_softmax(raw.astype(jnp.float32), axis=-1)
+    pick = lambda x: jnp.take_along_axis(x, tok[..., None], axis=-1)[..., 0]  # noqa: E731
+    sampled = pick(jax.nn.log_softmax(dist, axis=-1)) if dist is not None else pick(lp)
+    if n:
+        top, ids = jax.lax.top_k(lp, n)
+    else:
+        top, ids = jnp.zeros(tok.shape + (0,), jnp.float32), jnp.zeros(tok.shape + (0,), jnp.int32)
+    return pick(lp), sampled, ids.astype(jnp.int32), top
 
 
 def new_cache(cfg: ModelConfig, rt, batch: int, max_len: int) -> KVCache:
@@ -311,31 +377,61 @@ def prefill(rt, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array, cache: 
     """
     hidden, cache = forward_cached_hidden(rt, cfg, tokens, lengths, cache, adapter_ids=adapter_ids,
                                           empty_cache=empty_cache)
+    return last_logits(rt, cfg, hidden, lengths), cache
+
+
+def last_logits(rt, cfg: ModelConfig, hidden: jax.Array, lengths: jax.Array) -> jax.Array:
+    """hidden [B, T, D] -> logits [B, V] at each row's last token (only those go through the head)."""
     last = jnp.maximum(lengths.astype(jnp.int32) - 1, 0)
-    h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [B, 1, D]
-    return lm_head(rt, cfg, h)[:, 0], cache
+    return lm_head(rt, cfg, jnp.take_along_axis(hidden, last[:, None, None], axis=1))[:, 0]
 
 
-def init_state(cache: KVCache, limits: jax.Array, out_len: int) -> DecodeState:
-    """A state before the first token: rows with limit 0 (padding) are born done."""
+def init_state(cache: KVCache, limits: jax.Array, out_len: int, *, history: History | None = None,
+               top_logprobs: int | None = None) -> DecodeState:
+    """A state before the first token: rows with limit 0 (padding) are born done. ``history``:
+    the penalties' token counts; ``top_logprobs``: N, to record a ``LogprobTrace``."""
     b = limits.shape[0]
     zeros = jnp.zeros((b,), jnp.int32)
+    trace = None if top_logprobs is None else LogprobTrace.empty(b, out_len, top_logprobs)
     return DecodeState(cache, zeros, zeros, limits <= 0, jnp.zeros((b,), bool),
-                       jnp.zeros((b, out_len), jnp.int32))
+                       jnp.zeros((b, out_len), jnp.int32), history, trace)
+
+
+def new_history(tokens: jax.Array, lengths: jax.Array, vocab: int) -> History:
+    """The penalties' history before the first token: no counts; the prompt's tokens seen."""
+    b, t = tokens.shape
+    ids = jnp.where(jnp.arange(t)[None, :] < lengths[:, None], tokens, vocab)  # padding falls outside
+    seen = jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], ids].set(True, mode="drop")
+    return History(jnp.zeros((b, vocab), jnp.int32), seen)
 
 
 def emit(state: DecodeState, logits: jax.Array, ctl: Controls) -> DecodeState:
-    """Sample one token per live row from logits [B, V]; record it; mark finished rows done."""
+    """Sample one token per live row from logits [B, V] (through ``sampling``'s processors);
+    record it (and its log-probs, with a trace); count it (with a history); mark finished rows."""
     live = ~state.done
-    tok = sample(logits, ctl.sampling, state.num_new)
+    sp = ctl.sampling
+    adjusted = logits
+    if sp.bias is not None or sp.penalties is not None or sp.min_tokens is not None:
+        adjusted = adjust(logits, sp, num_new=state.num_new, stop_ids=ctl.stop_ids, history=state.history)
+    tok = sample(adjusted, sp, state.num_new)
     tok = jnp.where(live, tok, state.last)
     b, m = state.out.shape
+    rows = jnp.arange(b)
     idx = jnp.where(live, state.num_new, m)  # done rows write out of range: dropped
-    out = state.out.at[jnp.arange(b), idx].set(tok, mode="drop")
+    out = state.out.at[rows, idx].set(tok, mode="drop")
+    history, trace = state.history, state.logprobs
+    if history is not None:
+        history = history._replace(counts=history.counts.at[rows, tok].add(live.astype(jnp.int32)))
+    if trace is not None:
+        adj = adjusted.astype(jnp.float32)
+        dist = jnp.where((sp.temperature <= 0)[:, None], adj, warp(adj, sp))
+        new = _logprobs(logits, dist, tok, trace.top.shape[-1])
+        trace = LogprobTrace(*(old.at[rows, idx].set(x, mode="drop") for old, x in zip(trace, new)))
     num_new = state.num_new + live.astype(jnp.int32)
     hit = live & jnp.any(tok[:, None] == ctl.stop_ids, axis=1)
     done = state.done | hit | (num_new >= ctl.limits)
-    return DecodeState(state.cache, tok, num_new, done, state.stopped | hit, out)
+    return state._replace(last=tok, num_new=num_new, done=done, stopped=state.stopped | hit, out=out,
+                          history=history, logprobs=trace)
 
 
 def decode_step(rt, cfg: ModelConfig, state: DecodeState, ctl: Controls, *, adapter_ids=None) -> DecodeState:
@@ -364,37 +460,78 @@ def decode_loop(rt, cfg: ModelConfig, state: DecodeState, ctl: Controls, *, max_
 
 
 def start(rt, cfg: ModelConfig, tokens, lengths, cache: KVCache, ctl: Controls, *, out_len: int,
-          adapter_ids=None) -> DecodeState:
-    """Prefill an empty cache, then emit each row's first token."""
-    logits, cache = prefill(rt, cfg, tokens, lengths, cache, adapter_ids=adapter_ids, empty_cache=True)
-    return emit(init_state(cache, ctl.limits, out_len), logits, ctl)
+          adapter_ids=None, samples: int = 1, top_logprobs: int | None = None,
+          prompt_logprobs: int | None = None) -> DecodeState:
+    """Prefill an empty cache with the Bp prompts tokens [Bp, T], then emit each row's first token.
+
+    samples: rows per prompt: the cache [Bp * samples] (donated; one row per prompt is
+    prefilled, then repeated), ``ctl`` and ``adapter_ids`` are per row. top_logprobs / prompt_logprobs: N, to record
+    a ``LogprobTrace`` of the generated / prompt tokens with N alternatives (None: none)."""
+    prompt_ids = adapter_ids if adapter_ids is None or samples == 1 else adapter_ids[::samples]
+    if samples > 1:  # the cache has a row per sample: prefill one per prompt (then repeat it)
+        cache = rows_of(cache, slice(None, None, samples))
+    hidden, cache = forward_cached_hidden(rt, cfg, tokens, lengths, cache, adapter_ids=prompt_ids, empty_cache=True)
+    logits = last_logits(rt, cfg, hidden, lengths)
+    prompt_trace = None
+    if prompt_logprobs is not None:
+        nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)  # position t predicts t + 1
+        lp = _logprobs(lm_head(rt, cfg, hidden), None, nxt, prompt_logprobs)
+        shift = lambda x: jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)  # noqa: E731  index = token
+        prompt_trace = LogprobTrace(*(shift(x) for x in lp))
+    history = new_history(tokens, lengths, cfg.vocab_size) if ctl.sampling.needs_history else None
+    if samples > 1:
+        rep = lambda x: jnp.repeat(x, samples, axis=0)  # noqa: E731
+        logits, history = rep(logits), None if history is None else jax.tree.map(rep, history)
+        cache = repeat_rows(cache, samples)
+    state = init_state(cache, ctl.limits, out_len, history=history, top_logprobs=top_logprobs)
+    return emit(state._replace(prompt_logprobs=prompt_trace), logits, ctl)
 
 
 def generate_on_device(rt, cfg: ModelConfig, tokens, lengths, cache: KVCache, ctl: Controls, *,
-                       out_len: int, adapter_ids=None) -> DecodeState:
+                       out_len: int, adapter_ids=None, samples: int = 1, top_logprobs: int | None = None,
+                       prompt_logprobs: int | None = None) -> DecodeState:
     """Prefill + first token + the whole decode loop (one program under ``generate_jit``)."""
-    state = start(rt, cfg, tokens, lengths, cache, ctl, out_len=out_len, adapter_ids=adapter_ids)
+    state = start(rt, cfg, tokens, lengths, cache, ctl, out_len=out_len, adapter_ids=adapter_ids, samples=samples,
+                  top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
     return decode_loop(rt, cfg, state, ctl, adapter_ids=adapter_ids)
 
 
-start_jit = jax.jit(start, static_argnames=("cfg", "out_len"), donate_argnames=("cache",))
+_STATIC = ("cfg", "out_len", "samples", "top_logprobs", "prompt_logprobs")
+start_jit = jax.jit(start, static_argnames=_STATIC, donate_argnames=("cache",))
 decode_loop_jit = jax.jit(decode_loop, static_argnames=("cfg",), donate_argnames=("state",))
-generate_jit = jax.jit(generate_on_device, static_argnames=("cfg", "out_len"), donate_argnames=("cache",))
+generate_jit = jax.jit(generate_on_device, static_argnames=_STATIC, donate_argnames=("cache",))
 
 
 # ------------------------------------------------------------------------------------------- API
 
 
+class TokenLogprob(NamedTuple):
+    """One token's log-probs (``LogprobTrace``): ``logprob`` under the model's distribution,
+    ``sampled`` under the distribution it was chosen from, ``top``: the model's most likely
+    tokens as (id, log-prob), best first."""
+
+    token: int
+    logprob: float
+    sampled: float
+    top: tuple
+
+
 @dataclasses.dataclass
 class GenerationResult:
-    """Per row: ``tokens`` (new ids; a stop id that ended the row is the last one), ``texts``
-    (decoded new text without that stop id and special tokens; None without a tokenizer),
-    ``finish_reasons`` ("stop" or "length") and ``prompt_lengths``."""
+    """Per row (prompt-major; ``n`` rows per prompt): ``tokens`` (new ids; a stop id that ended
+    the row is the last one), ``texts`` (decoded new text without that stop id and special
+    tokens, cut before a matched stop string; None without a tokenizer), ``finish_reasons``
+    ("stop" or "length") and ``prompt_lengths``. With ``logprobs``: ``logprobs`` (a
+    ``TokenLogprob`` per token) and ``cumulative_logprobs``; with ``prompt_logprobs``:
+    ``prompt_logprobs`` per row (None for the first prompt token, which nothing predicts)."""
 
     tokens: list[list[int]]
     texts: list[str | None]
     finish_reasons: list[str]
     prompt_lengths: list[int]
+    logprobs: list[list[TokenLogprob]] | None = None
+    cumulative_logprobs: list[float] | None = None
+    prompt_logprobs: list[list[TokenLogprob | None]] | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -403,25 +540,28 @@ class GenerationResult:
 @dataclasses.dataclass
 class StreamChunk:
     """What ``generate_stream`` yields: per row, the ids and text produced since the previous
-    chunk (possibly empty) and the finish reason once the row has ended (else None)."""
+    chunk (possibly empty), the finish reason once the row has ended (else None), and with
+    ``logprobs`` the new tokens' ``TokenLogprob``s."""
 
     tokens: list[list[int]]
     texts: list[str | None]
     finish_reasons: list[str | None]
+    logprobs: list[list[TokenLogprob]] | None = None
 
 
-def prepare_request(model, prompts, max_new_tokens, *, temperature=0.0, top_k=None, top_p=None, seed=0,
-                    stop_ids=None, max_len=None, adapters=None, adapter_ids=None,
-                    chat: bool = False) -> tuple[Request, Padded]:
+def prepare_request(model, prompts, max_new_tokens, *, stop_ids=None, max_len=None, adapters=None,
+                    adapter_ids=None, chat: bool = False, sampling: Sampling | None = None,
+                    **settings) -> tuple[Request, Padded]:
     """All host work of a call (prompts -> ids, default stop ids, validation, bucketed padding):
     ``(Request, Padded)``, before any device work."""
     ids = prepare_prompts(model, prompts, chat)
     if stop_ids is None:
         stop_ids = default_stop_ids(model)
     req = validate_request(model.config, ids, max_new_tokens, max_len=max_len, stop_ids=stop_ids,
-                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                           adapters=adapters, adapter_ids=adapter_ids,
-                           num_adapters=0 if adapters is not None else model.runtime.num_adapters)
+                           sampling=sampling, adapters=adapters, adapter_ids=adapter_ids,
+                           num_adapters=0 if adapters is not None else model.num_adapters, **settings)
+    if any(req.stop_strings) and getattr(model, "tokenizer", None) is None:
+        raise RealmError("stop: stop strings need the model's tokenizer (this model has none); use stop_ids")
     return req, pad_request(req)
 
 
@@ -435,18 +575,33 @@ def runtime_for(model, adapters=None):
     return with_adapters(model.runtime, model.config, adapters)
 
 
-def _setup(model, prompts, max_new_tokens, *, temperature, top_k, top_p, seed, stop_ids, max_len,
-           adapters, adapter_ids, chat):
-    """Host work (``prepare_request``), then the device arrays and a fresh cache."""
-    req, pad = prepare_request(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
-                               top_p=top_p, seed=seed, stop_ids=stop_ids, max_len=max_len,
-                               adapters=adapters, adapter_ids=adapter_ids, chat=chat)
-    rt = runtime_for(model, adapters)
+class _Call(NamedTuple):
+    """One call after its host work: the request, its padded arrays and device inputs."""
+
+    req: Request
+    pad: Padded
+    ctl: Controls
+    cache: KVCache
+    adapter_ids: jax.Array | None
+    rt: object
+
+    def static(self) -> dict:
+        """The static arguments of ``start`` / ``generate_on_device`` beyond cfg."""
+        st = self.req.settings
+        top = st.logprobs if st.logprobs is not None else (0 if st.best_of is not None else None)
+        return dict(out_len=self.pad.cache_len, samples=self.pad.samples, top_logprobs=top,
+                    prompt_logprobs=st.prompt_logprobs)
+
+
+def _setup(model, prompts, max_new_tokens, **kw) -> _Call:
+    """Host work (``prepare_request``), then the device arrays and a fresh cache (a row per sample)."""
+    req, pad = prepare_request(model, prompts, max_new_tokens, **kw)
+    rt = runtime_for(model, kw.get("adapters"))
     compile_notice(f"generate for batch {pad.tokens.shape[0]} x {pad.cache_len}",
                    ("generate", model.config, rt.options, pad.tokens.shape, pad.cache_len))
-    cache = new_cache(model.config, rt, pad.tokens.shape[0], pad.cache_len)
+    cache = new_cache(model.config, rt, pad.limits.shape[0], pad.cache_len)
     aid = None if pad.adapter_ids is None else jnp.asarray(pad.adapter_ids)
-    return req, pad, Controls.of(pad), cache, aid, rt
+    return _Call(req, pad, Controls.of(pad), cache, aid, rt)
 
 
 def _row_text(tok, ids: list[int], stopped: bool) -> str | None:
@@ -455,80 +610,189 @@ def _row_text(tok, ids: list[int], stopped: bool) -> str | None:
     return tok.decode(ids[:-1] if stopped else ids)
 
 
-def generate(model, prompts, max_new_tokens: int | Sequence[int], *, temperature=0.0, top_k=None, top_p=None,
-             seed=0, stop_ids=None, max_len: int | None = None, adapters=None, adapter_ids=None,
-             chat: bool = False) -> GenerationResult:
+def generate(model, prompts, max_new_tokens: int | Sequence[int], *, stop_ids=None, max_len: int | None = None,
+             adapters=None, adapter_ids=None, chat: bool = False, sampling: Sampling | None = None,
+             **settings) -> GenerationResult:
     """Generate up to ``max_new_tokens`` tokens for each prompt; the decode loop is one jit.
 
     model: a loaded ``Model`` (config, params, tokenizer). prompts: strings, chat message lists
-    or token-id lists (see ``prepare_prompts``). temperature / top_k / top_p / seed /
-    max_new_tokens: a scalar or one value per prompt. stop_ids: None = the model's eos ids;
-    a list shared by all rows or one list per row. max_len: the cache length (see
-    ``validate_request``). adapters / adapter_ids [B]: per-row LoRA, passed to the model as is.
+    or token-id lists (see ``prepare_prompts``). max_new_tokens: a scalar or one per prompt.
+    sampling / settings: a ``Sampling`` and/or its fields by name (temperature, top_k, top_p,
+    min_p, seed, penalties, logit_bias, min_tokens, stop, logprobs, prompt_logprobs, n,
+    best_of; see ``settings``). stop_ids: None = the model's eos ids; a list shared by all rows
+    or one list per prompt. max_len: the cache length (see ``validate_request``). adapters /
+    adapter_ids [B]: per-prompt LoRA, passed to the model as is.
+    With stop strings the loop runs in jitted chunks of decode steps, checked on the host
+    between chunks (``generate_stream``'s path), so rows end soon after a match.
     """
-    req, pad, ctl, cache, aid, rt = _setup(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
-                                           top_p=top_p, seed=seed, stop_ids=stop_ids, max_len=max_len,
-                                           adapters=adapters, adapter_ids=adapter_ids, chat=chat)
-    state = generate_jit(rt, model.config, jnp.asarray(pad.tokens), jnp.asarray(pad.lengths), cache,
-                         ctl, out_len=pad.cache_len, adapter_ids=aid)
-    return result_of(model, req, *jax.device_get((state.out, state.num_new, state.stopped)))
+    call = _setup(model, prompts, max_new_tokens, stop_ids=stop_ids, max_len=max_len, adapters=adapters,
+                  adapter_ids=adapter_ids, chat=chat, sampling=sampling, **settings)
+    if any(call.req.stop_strings):
+        return _collect(call.req, _stream(model, call, 16))
+    state = generate_jit(call.rt, model.config, jnp.asarray(call.pad.tokens), jnp.asarray(call.pad.lengths),
+                         call.cache, call.ctl, adapter_ids=call.adapter_ids, **call.static())
+    return result_of(model, call.req, *jax.device_get((state.out, state.num_new, state.stopped)),
+                     logprobs=jax.device_get(state.logprobs), prompt_logprobs=jax.device_get(state.prompt_logprobs))
 
 
-def result_of(model, req: Request, out: np.ndarray, num_new: np.ndarray, stopped: np.ndarray) -> GenerationResult:
-    """A ``GenerationResult`` from a finished decode: out [B', M] ids, num_new [B'], stopped [B']
-    (B' >= B padded rows; only the request's B rows are read)."""
+def _token_logprobs(trace, row: int, count: int, start: int = 0, first=None) -> list:
+    """Host ``LogprobTrace`` -> ``TokenLogprob``s of row ``row``, positions [start, count)."""
+    lp, sampled, top_ids, top = trace
+    tokens = first if first is not None else None
+    return [TokenLogprob(int(tokens[j]), float(lp[row, j]), float(sampled[row, j]),
+                         tuple(zip(top_ids[row, j].tolist(), top[row, j].tolist())))
+            for j in range(start, count)]
+
+
+def result_of(model, req: Request, out: np.ndarray, num_new: np.ndarray, stopped: np.ndarray, *,
+              logprobs=None, prompt_logprobs=None, cut=None) -> GenerationResult:
+    """A ``GenerationResult`` from a finished decode: out [R', M] ids, num_new [R'], stopped [R']
+    (R' >= R padded rows; only the request's R rows are read); the host ``LogprobTrace``s;
+    ``cut``: per row, (tokens kept, text length) of a matched stop string, or None. With
+    ``best_of``, each prompt's ``n`` rows of the highest cumulative log-prob, best first."""
     tok = getattr(model, "tokenizer", None)
-    tokens = [out[i, :num_new[i]].tolist() for i in range(req.batch)]
-    return GenerationResult(
-        tokens=tokens,
-        texts=[_row_text(tok, tokens[i], bool(stopped[i])) for i in range(req.batch)],
-        finish_reasons=["stop" if stopped[i] else "length" for i in range(req.batch)],
-        prompt_lengths=req.prompt_lengths.tolist())
+    st, r = req.settings, req.rows
+    cut = cut or [None] * r
+    counts = [int(num_new[i]) if cut[i] is None else cut[i][0] for i in range(r)]
+    tokens = [out[i, :counts[i]].tolist() for i in range(r)]
+    texts = []
+    for i in range(r):
+        text = _row_text(tok, tokens[i], bool(stopped[i]) and cut[i] is None)
+        texts.append(text if cut[i] is None or text is None else text[:cut[i][1]])
+    reasons = ["stop" if stopped[i] or cut[i] is not None else "length" for i in range(r)]
+    lps = cum = None
+    if logprobs is not None:
+        lps = [_token_logprobs(logprobs, i, counts[i], first=tokens[i]) for i in range(r)]
+        cum = [float(sum(t.logprob for t in row)) for row in lps]
+    plp = None
+    if prompt_logprobs is not None:
+        m = req.samples
+        plp = []
+        for i in range(r):
+            p = i // m
+            ids = req.prompt_ids[p]
+            plp.append([None] + _token_logprobs(prompt_logprobs, p, len(ids), 1, first=ids))
+    keep = list(range(r))
+    if st.best_of is not None:  # each prompt's n best of best_of by cumulative log-prob
+        m = req.samples
+        keep = [i for p in range(req.batch)
+                for i in sorted(range(p * m, p * m + m), key=lambda i: (-cum[i], i))[:st.n]]
+    pick = lambda xs: None if xs is None else [xs[i] for i in keep]  # noqa: E731
+    lengths = [int(req.prompt_lengths[i // req.samples]) for i in keep]
+    return GenerationResult(pick(tokens), pick(texts), pick(reasons), lengths,
+                            pick(lps) if st.logprobs is not None else None,
+                            pick(cum) if st.logprobs is not None else None, pick(plp))
 
 
-def generate_stream(model, prompts, max_new_tokens: int | Sequence[int], *, temperature=0.0, top_k=None,
-                    top_p=None, seed=0, stop_ids=None, max_len: int | None = None, adapters=None,
-                    adapter_ids=None, chat: bool = False, chunk: int = 8) -> Iterator[StreamChunk]:
+def _collect(req: Request, chunks: Iterator[StreamChunk]) -> GenerationResult:
+    """Concatenate a stream's chunks into the call's result (no ``best_of``: refused with stop)."""
+    r = req.rows
+    tokens, texts = [[] for _ in range(r)], [None] * r
+    reasons, lps = [None] * r, [[] for _ in range(r)]
+    for c in chunks:
+        for i in range(r):
+            tokens[i] += c.tokens[i]
+            if c.texts[i] is not None:
+                texts[i] = (texts[i] or "") + c.texts[i]
+            reasons[i] = reasons[i] or c.finish_reasons[i]
+            if c.logprobs is not None:
+                lps[i] += c.logprobs[i]
+    with_lp = req.settings.logprobs is not None
+    lengths = [int(req.prompt_lengths[i // req.samples]) for i in range(r)]
+    return GenerationResult(tokens, texts, reasons, lengths, lps if with_lp else None,
+                            [float(sum(t.logprob for t in row)) for row in lps] if with_lp else None,
+                            getattr(chunks, "prompt_logprobs", None))
+
+
+def generate_stream(model, prompts, max_new_tokens: int | Sequence[int], *, stop_ids=None,
+                    max_len: int | None = None, adapters=None, adapter_ids=None, chat: bool = False,
+                    chunk: int = 8, sampling: Sampling | None = None, **settings) -> Iterator[StreamChunk]:
     """Like ``generate`` but yields a ``StreamChunk`` after prefill and after every ``chunk``
     decode steps (each a jitted call with the same shapes). Concatenating the chunks gives
-    ``generate``'s tokens. Text deltas hold back an incomplete multi-byte character.
+    ``generate``'s tokens and texts. Text deltas hold back an incomplete multi-byte character
+    and any tail that could still begin a stop string; nothing after a stop match is yielded.
     Bad input raises here, at the call, not at the first iteration."""
     if not _is_int(chunk) or chunk < 1:
         raise RealmError(f"chunk must be an integer >= 1, got {chunk!r}")
-    req, pad, ctl, cache, aid, rt = _setup(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
-                                           top_p=top_p, seed=seed, stop_ids=stop_ids, max_len=max_len,
-                                           adapters=adapters, adapter_ids=adapter_ids, chat=chat)
-    return _stream(model, rt, req, pad, ctl, cache, aid, chunk)
+    call = _setup(model, prompts, max_new_tokens, stop_ids=stop_ids, max_len=max_len, adapters=adapters,
+                  adapter_ids=adapter_ids, chat=chat, sampling=sampling, **settings)
+    if call.req.settings.best_of is not None:
+        raise RealmError("best_of: not available when streaming (the best rows are known only at the end)")
+    return _stream(model, call, chunk)
 
 
-def _stream(model, rt, req: Request, pad: Padded, ctl: Controls, cache: KVCache, aid,
-            chunk: int) -> Iterator[StreamChunk]:
-    tok = getattr(model, "tokenizer", None)
-    b = req.batch
-    state = start_jit(rt, model.config, jnp.asarray(pad.tokens), jnp.asarray(pad.lengths), cache, ctl,
-                      out_len=pad.cache_len, adapter_ids=aid)
-    steps = jnp.int32(chunk)
-    seen = [0] * b
-    texts = [""] * b
-    finished: list[str | None] = [None] * b
-    while True:
-        out, num_new, done, stopped = jax.device_get((state.out, state.num_new, state.done, state.stopped))
-        new_tokens, deltas = [], []
-        for i in range(b):
-            n = int(num_new[i])
-            new_tokens.append(out[i, seen[i]:n].tolist())
-            seen[i] = n
-            if done[i] and finished[i] is None:
-                finished[i] = "stop" if stopped[i] else "length"
-            delta = None
-            if tok is not None:
-                full = _row_text(tok, out[i, :n].tolist(), bool(stopped[i]))
-                if finished[i] is None:
-                    full = full.rstrip("\ufffd")  # an incomplete character: wait for its other bytes
-                delta = full[len(texts[i]):]  # decoding more ids extends the text
-                texts[i] = full
-            deltas.append(delta)
-        yield StreamChunk(new_tokens, deltas, list(finished))
-        if all(done[:b]):
-            return
-        state = decode_loop_jit(rt, model.config, state, ctl, max_steps=steps, adapter_ids=aid)
+class _Stream:
+    """The chunk iterator of ``generate_stream`` (and of ``generate`` with stop strings);
+    ``prompt_logprobs`` is set once the prefill has run."""
+
+    def __init__(self, model, call: _Call, chunk: int):
+        self.model, self.call, self.chunk = model, call, chunk
+        self.prompt_logprobs = None
+        self._it = self._run()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> StreamChunk:
+        return next(self._it)
+
+    def _run(self) -> Iterator[StreamChunk]:
+        from .stop_strings import StopScan, held_back
+
+        model, (req, pad, ctl, cache, aid, rt) = self.model, self.call
+        tok = getattr(model, "tokenizer", None)
+        r = req.rows
+        state = start_jit(rt, model.config, jnp.asarray(pad.tokens), jnp.asarray(pad.lengths), cache, ctl,
+                          adapter_ids=aid, **self.call.static())
+        if state.prompt_logprobs is not None:
+            trace = jax.device_get(state.prompt_logprobs)
+            self.prompt_logprobs = [[None] + _token_logprobs(trace, i // req.samples, len(req.prompt_ids[i // req.samples]),
+                                                             1, first=req.prompt_ids[i // req.samples]) for i in range(r)]
+        scans = [StopScan(tok.decode, s) if s else None for s in req.stop_strings]
+        steps = jnp.int32(self.chunk)
+        seen, texts = [0] * r, [""] * r
+        finished: list[str | None] = [None] * r
+        while True:
+            out, num_new, done, stopped, trace = jax.device_get(
+                (state.out, state.num_new, state.done, state.stopped, state.logprobs))
+            new_tokens, deltas, new_lps, ended = [], [], [], []
+            for i in range(r):
+                n, cut = int(num_new[i]), None
+                if finished[i] is not None:
+                    n = seen[i]
+                elif scans[i] is not None:
+                    cut = scans[i].scan(out[i, :n].tolist())
+                    if cut is not None:
+                        n = cut[0]
+                        ended.append(i)
+                new_tokens.append(out[i, seen[i]:n].tolist())
+                new_lps.append(None if trace is None else _token_logprobs(trace, i, n, seen[i], first=out[i]))
+                fresh = finished[i] is None
+                if fresh and cut is not None:
+                    finished[i] = "stop"
+                elif fresh and done[i]:
+                    finished[i] = "stop" if stopped[i] else "length"
+                delta = None
+                if tok is not None and fresh:
+                    full = _row_text(tok, out[i, :n].tolist(), bool(stopped[i]) and cut is None)
+                    if cut is not None:
+                        full = full[:cut[1]]
+                    elif finished[i] is None:
+                        full = full.rstrip("\ufffd")  # an incomplete character: wait for its other bytes
+                        full = full[:len(full) - held_back(full, req.stop_strings[i])]
+                    delta = full[len(texts[i]):]  # decoding more ids extends the text
+                    texts[i] = full
+                elif tok is not None:
+                    delta = ""
+                deltas.append(delta)
+                seen[i] = n
+            yield StreamChunk(new_tokens, deltas, list(finished), None if trace is None else new_lps)
+            if all(f is not None for f in finished):
+                return
+            if ended:
+                state = state._replace(done=state.done.at[jnp.asarray(ended)].set(True))
+            state = decode_loop_jit(rt, model.config, state, ctl, max_steps=steps, adapter_ids=aid)
+
+
+def _stream(model, call: _Call, chunk: int) -> _Stream:
+    return _Stream(model, call, chunk)

@@ -92,3 +92,21 @@ def insert_rows(cache: KVCache, rows: KVCache, slots: jax.Array) -> KVCache:
         k = cache.k.at[:, slots, :t].set(rows.k.astype(cache.k.dtype), mode="drop")
         v = cache.v.at[:, slots, :t].set(rows.v.astype(cache.v.dtype), mode="drop")
     return KVCache(k, v, cache.lengths.at[slots].set(rows.lengths, mode="drop"))
+
+
+def repeat_rows(cache: KVCache, times: int) -> KVCache:
+    """Each row repeated ``times`` times in place (row b -> rows b * times .. b * times + times - 1):
+    B -> B * times rows sharing one prefill."""
+    rep = lambda x, axis: jnp.repeat(x, times, axis=axis)  # noqa: E731
+    if cache.per_layer:
+        k, v = tuple(rep(x, 0) for x in cache.k), tuple(rep(x, 0) for x in cache.v)
+    else:
+        k, v = rep(cache.k, 1), rep(cache.v, 1)
+    return KVCache(k, v, rep(cache.lengths, 0))
+
+
+def rows_of(cache: KVCache, rows) -> KVCache:
+    """The cache of the batch rows ``rows`` (an index, slice or index array)."""
+    if cache.per_layer:
+        return KVCache(tuple(x[rows] for x in cache.k), tuple(x[rows] for x in cache.v), cache.lengths[rows])
+    return KVCache(cache.k[:, rows], cache.v[:, rows], cache.lengths[rows])

@@ -38,6 +38,11 @@ class Model:
             self.prepare()
         return self._runtime
 
+    @property
+    def num_adapters(self) -> int:
+        """How many adapters ``runtime`` serves (0: none), known without preparing it."""
+        return 0 if self._runtime is None else self._runtime.num_adapters
+
     def prepare(self, **choices):
         """(Re)build ``runtime`` with ``runtime.prepare``'s choices (mesh, quantize, adapters, fold,
         layout, transposed, attention); returns it."""

@@ -174,10 +174,8 @@ def peft_targets(c: Mapping, cfg: ModelConfig) -> dict[tuple[str, int], tuple[st
         alpha = _pattern_value(alpha_pat, key, alpha0)
         if not isinstance(r, int) or r <= 0:
             raise CheckpointError(f"rank_pattern: rank for {key!r} must be a positive int, got {r!r}")
-        try:
-            scale = lora_scale(r, alpha, rs)
-        except (TypeError, ValueError):
-            scale = float("nan")
+        ok = isinstance(alpha, (int, float)) and not isinstance(alpha, bool)  # a JSON number, not "4"
+        scale = lora_scale(r, alpha, rs) if ok else float("nan")
         if not math.isfinite(scale):
             raise CheckpointError(f"lora_alpha / alpha_pattern: alpha for {key!r} must be a finite number, got {alpha!r}")
         out[(proj, layer)] = (key, r, scale)

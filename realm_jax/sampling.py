@@ -1,15 +1,27 @@
-"""Per-row sampling: greedy, temperature, top-k, top-p in one batch, with per-request PRNG keys.
+"""Per-row sampling: logit processors, then greedy or a seeded draw, many settings in one batch.
 
-Settings are arrays (one value per row), so a new mix of settings never retraces.
-Order of operations (as HF): temperature, then top-k, then top-p (top-p sees the distribution
-renormalised over the top-k survivors).
+Settings are arrays (one value per row), so a new mix of values never retraces. The optional
+processors (``min_p``, ``penalties``, ``bias``, ``min_tokens``) are None when no row uses them:
+a call without them runs the plain program, and a call with them compiles its variant once.
+
+Order of operations (HF's order where HF has the processor):
+
+1. ``adjust`` (the "processors"): logit bias (HF ``sequence_bias`` for single tokens, OpenAI
+   ``logit_bias``); repetition penalty (HF: a seen token's logit is divided by the penalty when
+   positive, multiplied when negative; seen = in the prompt or generated so far); frequency and
+   presence penalties (OpenAI: ``- frequency * count - presence * (count > 0)`` over the tokens
+   generated so far); ``min_tokens`` (the row's stop ids at -inf until it has that many tokens).
+   Greedy rows take the argmax of the adjusted logits.
+2. ``warp`` (sampled rows only): temperature, then top-k, then top-p (over the top-k survivors),
+   then min-p (keep tokens whose probability is at least ``min_p`` times the top one's).
+
 Randomness: row b at its t-th generated token uses ``fold_in(key(seed_b), t)``, so a request's
 tokens depend only on its seed and its own logits, not on the batch or its padding.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,22 +67,73 @@ def _first_bad(a: np.ndarray, bad: np.ndarray, name: str, expected: str):
         raise RealmError(f"{name} must be {expected}, got {a[i]:g} (row {i})")
 
 
+class Penalties(NamedTuple):
+    """Per-row penalties [B] f32 each: repetition (1 = off), frequency and presence (0 = off)."""
+
+    repetition: Any
+    frequency: Any
+    presence: Any
+
+
+class LogitBias(NamedTuple):
+    """A sparse per-row bias: ids [B, L] int32 (-1 = unused entry), values [B, L] f32."""
+
+    ids: Any
+    values: Any
+
+
+class History(NamedTuple):
+    """What the penalties look at, per row: counts [B, V] int32 of the tokens generated so far
+    and in_prompt [B, V] bool."""
+
+    counts: Any
+    in_prompt: Any
+
+
 class SamplingParams(NamedTuple):
     """Per-row settings. temperature [B] f32 (0 = greedy); top_k [B] int32 (0 = off);
-    top_p [B] f32 in (0, 1] (1 = off); seed [B] uint32."""
+    top_p [B] f32 in (0, 1] (1 = off); seed [B] uint32; optional (None = no row uses it):
+    min_p [B] f32 (0 = off), ``Penalties``, ``LogitBias``, min_tokens [B] int32."""
 
     temperature: jax.Array
     top_k: jax.Array
     top_p: jax.Array
     seed: jax.Array
+    min_p: Any = None
+    penalties: Any = None
+    bias: Any = None
+    min_tokens: Any = None
+
+    @property
+    def needs_history(self) -> bool:
+        return self.penalties is not None
+
+    def pad(self, rows: int) -> "SamplingParams":
+        """Host arrays padded with rows that use no setting (greedy, no penalty) up to ``rows``."""
+        def p(a, value=0):
+            a = np.asarray(a)
+            return np.pad(a, [(0, rows - a.shape[0])] + [(0, 0)] * (a.ndim - 1), constant_values=value).astype(a.dtype)
+
+        opt = lambda x, f: None if x is None else f(x)  # noqa: E731
+        return SamplingParams(p(self.temperature), p(self.top_k), p(self.top_p, 1.0), p(self.seed),
+                              opt(self.min_p, p),
+                              opt(self.penalties, lambda q: Penalties(p(q.repetition, 1.0), p(q.frequency), p(q.presence))),
+                              opt(self.bias, lambda q: LogitBias(p(q.ids, -1), p(q.values))),
+                              opt(self.min_tokens, p))
+
+    def to_device(self) -> "SamplingParams":
+        return jax.tree.map(jnp.asarray, self)
 
     @classmethod
-    def make_host(cls, batch: int, temperature=0.0, top_k=None, top_p=None, seed=0,
-                  *, pad_to: int | None = None) -> "SamplingParams":
+    def make_host(cls, batch: int, temperature=0.0, top_k=None, top_p=None, seed=0, *, min_p=None,
+                  repetition_penalty=None, frequency_penalty=None, presence_penalty=None, logit_bias=None,
+                  min_tokens=None, vocab_size: int | None = None, pad_to: int | None = None) -> "SamplingParams":
         """Validate on the host and broadcast to numpy arrays [batch].
 
-        Each setting is a scalar or one value per row (``None`` entries = the default).
-        ``pad_to`` appends greedy rows (padding of a bucketed batch) up to that many rows.
+        Each setting is a scalar or one value per row (``None`` entries = the default);
+        ``logit_bias`` is one ``{token id: bias}`` map for all rows or one per row (needs
+        ``vocab_size`` to check the ids). An optional setting that no row uses stays None.
+        ``pad_to`` appends rows that use no setting (padding of a bucketed batch).
         """
         t = _per_row(temperature, 0.0, batch, "temperature")
         k = _per_row(top_k, 0, batch, "top_k")
@@ -83,19 +146,71 @@ class SamplingParams(NamedTuple):
         _first_bad(p, ~np.isfinite(p) | (p <= 0) | (p > 1), "top_p", "in (0, 1] (1 or None = off)")
         _first_bad(s, ~np.isfinite(s) | (s < 0) | (s >= 2**32) | (s != np.round(s)), "seed",
                    "an integer in [0, 2**32)")
-        n = batch if pad_to is None else max(pad_to, batch)
-        pad = n - batch
-        return cls(np.pad(t, (0, pad)).astype(np.float32),
-                   np.pad(k, (0, pad)).astype(np.int32),
-                   np.pad(p, (0, pad), constant_values=1.0).astype(np.float32),
-                   np.pad(s, (0, pad)).astype(np.uint32))
+        mp = _per_row(min_p, 0.0, batch, "min_p")
+        _first_bad(mp, ~np.isfinite(mp) | (mp < 0) | (mp > 1), "min_p", "in [0, 1] (0 or None = off)")
+        rep = _per_row(repetition_penalty, 1.0, batch, "repetition_penalty")
+        _first_bad(rep, ~np.isfinite(rep) | (rep <= 0), "repetition_penalty", "finite and > 0 (1 or None = off)")
+        freq = _per_row(frequency_penalty, 0.0, batch, "frequency_penalty")
+        pres = _per_row(presence_penalty, 0.0, batch, "presence_penalty")
+        _first_bad(freq, ~np.isfinite(freq) | (np.abs(freq) > 2), "frequency_penalty", "in [-2, 2] (0 or None = off)")
+        _first_bad(pres, ~np.isfinite(pres) | (np.abs(pres) > 2), "presence_penalty", "in [-2, 2] (0 or None = off)")
+        mt = _per_row(min_tokens, 0, batch, "min_tokens")
+        _first_bad(mt, ~np.isfinite(mt) | (mt < 0) | (mt != np.round(mt)) | (mt >= 2**31), "min_tokens",
+                   "a non-negative integer (0 or None = off)")
+        penalties = None
+        if (rep != 1).any() or (freq != 0).any() or (pres != 0).any():
+            penalties = Penalties(rep.astype(np.float32), freq.astype(np.float32), pres.astype(np.float32))
+        host = cls(t.astype(np.float32), k.astype(np.int32), p.astype(np.float32), s.astype(np.uint32),
+                   mp.astype(np.float32) if (mp > 0).any() else None, penalties,
+                   _logit_bias(logit_bias, batch, vocab_size), mt.astype(np.int32) if (mt > 0).any() else None)
+        return host if pad_to is None else host.pad(max(pad_to, batch))
 
     @classmethod
-    def make(cls, batch: int, temperature=0.0, top_k=None, top_p=None, seed=0,
-             *, pad_to: int | None = None) -> "SamplingParams":
+    def make(cls, batch: int, temperature=0.0, top_k=None, top_p=None, seed=0, *, pad_to: int | None = None,
+             **optional) -> "SamplingParams":
         """``make_host`` (all checks before any device work), then to device arrays."""
-        host = cls.make_host(batch, temperature, top_k, top_p, seed, pad_to=pad_to)
-        return cls(*(jnp.asarray(a) for a in host))
+        return cls.make_host(batch, temperature, top_k, top_p, seed, pad_to=pad_to, **optional).to_device()
+
+
+MAX_BIAS = 100.0  # OpenAI's bound; +-100 already forces or bans a token
+
+
+def _logit_bias(bias, batch: int, vocab_size: int | None) -> LogitBias | None:
+    """None, one {token id: bias} map, or one map (or None) per row -> ``LogitBias`` (the table
+    width bucketed to a power of two >= 4), or None when every map is empty."""
+    if bias is None:
+        return None
+    rows = list(bias) if isinstance(bias, (list, tuple)) else [bias] * batch
+    if len(rows) != batch:
+        raise RealmError(f"logit_bias: expected one map or {batch} maps (one per prompt), got {len(rows)}")
+    items = []
+    for i, m in enumerate(rows):
+        m = {} if m is None else m
+        if not isinstance(m, dict):
+            raise RealmError(f"logit_bias: expected a {{token id: bias}} map, got {type(m).__name__}"
+                             + (f" (row {i})" if isinstance(bias, (list, tuple)) else ""))
+        row = []
+        for tid, val in m.items():
+            if isinstance(tid, str) and tid.strip().lstrip("-").isdigit():  # JSON object keys are strings
+                tid = int(tid)
+            if not isinstance(tid, (int, np.integer)) or isinstance(tid, bool) or (
+                    vocab_size is not None and not 0 <= tid < vocab_size):
+                raise RealmError(f"logit_bias: key {tid!r} is not a token id in [0, {vocab_size})")
+            if not _is_number(val) or not abs(float(val)) <= MAX_BIAS:
+                raise RealmError(f"logit_bias[{tid}]: expected a number in [-{MAX_BIAS:g}, {MAX_BIAS:g}], got {val!r}")
+            row.append((int(tid), float(val)))
+        items.append(row)
+    width = max(len(r) for r in items)
+    if width == 0:
+        return None
+    from .buckets import bucket_table
+
+    w = bucket_table(width)
+    ids, vals = np.full((batch, w), -1, np.int32), np.zeros((batch, w), np.float32)
+    for i, r in enumerate(items):
+        for j, (tid, val) in enumerate(r):
+            ids[i, j], vals[i, j] = tid, val
+    return LogitBias(ids, vals)
 
 
 def row_keys(seed: jax.Array, step: jax.Array) -> jax.Array:
@@ -123,29 +238,70 @@ def _filter_row(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Ar
     return jnp.where(logits >= thresh, logits, -jnp.inf)
 
 
-def processed_logits(logits: jax.Array, sp: SamplingParams) -> jax.Array:
-    """logits [B, V] -> float32 logits of the distribution actually sampled from.
+def _min_p_row(logits: jax.Array, min_p: jax.Array) -> jax.Array:
+    """HF's min-p: drop tokens whose probability is below ``min_p`` times the top probability."""
+    probs = jax.nn.softmax(logits)
+    return jnp.where(probs >= min_p * jnp.max(probs), logits, -jnp.inf)
 
-    Greedy rows (temperature 0) become one-hot (0 at the argmax, -inf elsewhere); other rows are
-    divided by the temperature and top-k / top-p filtered. ``softmax`` of the result is the
-    per-row sampling distribution (used by speculative decoding for p and q alike).
-    """
+
+def adjust(logits: jax.Array, sp: SamplingParams, *, num_new=None, stop_ids=None,
+           history: History | None = None) -> jax.Array:
+    """logits [B, V] -> float32 logits after the processors (module docstring, step 1): logit
+    bias, repetition / frequency / presence penalties (need ``history``), ``min_tokens`` (needs
+    ``num_new`` [B] and ``stop_ids`` [B, E], -1 = none). Settings left None cost nothing."""
+    logits = logits.astype(jnp.float32)
+    b, v = logits.shape
+    rows = jnp.arange(b)[:, None]
+    if sp.bias is not None:
+        ids = jnp.where(sp.bias.ids >= 0, sp.bias.ids, v)  # unused entries fall outside: dropped
+        logits = logits.at[rows, ids].add(sp.bias.values, mode="drop")
+    if sp.penalties is not None:
+        if history is None:
+            raise RealmError("penalties need the token history (generation carries it; this caller does not)")
+        pen = sp.penalties
+        seen = history.in_prompt | (history.counts > 0)
+        r = pen.repetition[:, None]
+        logits = jnp.where(seen, jnp.where(logits > 0, logits / r, logits * r), logits)
+        counts = history.counts.astype(jnp.float32)
+        logits = logits - pen.frequency[:, None] * counts - pen.presence[:, None] * (counts > 0)
+    if sp.min_tokens is not None:
+        early = (num_new < sp.min_tokens)[:, None]
+        ids = jnp.where(early & (stop_ids >= 0), stop_ids, v)
+        logits = logits.at[rows, ids].set(-jnp.inf, mode="drop")
+    return logits
+
+
+def warp(logits: jax.Array, sp: SamplingParams) -> jax.Array:
+    """Adjusted logits [B, V] -> the sampled rows' distribution (module docstring, step 2):
+    temperature, top-k, top-p, min-p; excluded entries at -inf. Greedy rows pass unscaled."""
     logits = logits.astype(jnp.float32)
     greedy = sp.temperature <= 0
     scaled = logits / jnp.where(greedy, 1.0, sp.temperature)[:, None]
     need_filter = jnp.any(~greedy & ((sp.top_k > 0) | (sp.top_p < 1.0)))
     scaled = jax.lax.cond(need_filter, lambda x: jax.vmap(_filter_row)(x, sp.top_k, sp.top_p),
                           lambda x: x, scaled)
+    if sp.min_p is not None:
+        filtered = jax.vmap(_min_p_row)(scaled, sp.min_p)
+        scaled = jnp.where((~greedy & (sp.min_p > 0))[:, None], filtered, scaled)
+    return scaled
+
+
+def processed_logits(logits: jax.Array, sp: SamplingParams) -> jax.Array:
+    """Adjusted logits [B, V] -> float32 logits of the distribution actually sampled from.
+
+    Greedy rows (temperature 0) become one-hot (0 at the argmax, -inf elsewhere); other rows are
+    ``warp``ed. ``softmax`` of the result is the per-row sampling distribution (used by
+    speculative decoding for p and q alike).
+    """
+    logits = logits.astype(jnp.float32)
     v = logits.shape[-1]
     onehot = jnp.where(jnp.arange(v)[None, :] == jnp.argmax(logits, axis=-1)[:, None], 0.0, -jnp.inf)
-    return jnp.where(greedy[:, None], onehot, scaled)
+    return jnp.where((sp.temperature <= 0)[:, None], onehot, warp(logits, sp))
 
 
 def sample(logits: jax.Array, sp: SamplingParams, step: jax.Array) -> jax.Array:
-    """logits [B, V], step [B] int32 -> tokens [B] int32 (greedy rows: argmax, no randomness).
-
-    When every row is greedy the filtering and the random draw are skipped (one ``cond``).
-    """
+    """Adjusted logits [B, V], step [B] int32 -> tokens [B] int32 (greedy rows: argmax, no
+    randomness). When every row is greedy the filtering and the random draw are skipped."""
     greedy_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw(_):

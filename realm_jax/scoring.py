@@ -257,15 +257,23 @@ def iter_scores(model, requests: Sequence, *, batch_size: int = 8, max_length: i
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise RealmError(f"batch_size: expected a positive int, got {batch_size!r}")
-    if max_length is not None and (not isinstance(max_length, (int, np.integer)) or max_length < 1):
-        raise RealmError(f"max_length: expected a positive int or None, got {max_length!r}")
+    positions = int(model.config.max_position_embeddings)
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer))
+                                   or not 1 <= max_length <= positions):
+        raise RealmError(f"max_length: expected an int in [1, {positions}] (the model's max_position_embeddings) "
+                         f"or None, got {max_length!r}")
     pairs = tokenize_requests(model, requests)
+    fulls = [_truncate(ctx, cont, max_length, i) for i, (ctx, cont) in enumerate(pairs)]
+    for i, full in enumerate(fulls):
+        if len(full) - 1 > positions:
+            raise RealmError(f"requests[{i}]: {len(full) - 1} input tokens (context + continuation - 1), more "
+                             f"than the model's max_position_embeddings={positions}; pass max_length to "
+                             f"truncate the context from the left")
+    ids_per_req = _adapter_ids_per_request(model.config, adapters, adapter_ids, len(pairs),
+                                           0 if adapters is not None else model.num_adapters)
     from .generation import runtime_for
 
     rt = runtime_for(model, adapters)
-    ids_per_req = _adapter_ids_per_request(model.config, adapters, adapter_ids, len(pairs),
-                                           0 if adapters is not None else rt.num_adapters)
-    fulls = [_truncate(ctx, cont, max_length, i) for i, (ctx, cont) in enumerate(pairs)]
     conts = [cont for _, cont in pairs]
     order = sorted(range(len(pairs)), key=lambda i: (-len(fulls[i]), -len(conts[i]), i))
     cfg = model.config
@@ -413,8 +421,10 @@ def perplexity(model, texts_or_ids, *, max_length: int | None = None, stride: in
     """
     if max_length is None:
         max_length = min(int(model.config.max_position_embeddings), 1024)
-    if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 2:
-        raise RealmError(f"max_length: expected an int >= 2, got {max_length!r}")
+    positions = int(model.config.max_position_embeddings)
+    if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or not 2 <= max_length <= positions:
+        raise RealmError(f"max_length: expected an int in [2, {positions}] (the model's max_position_embeddings), "
+                         f"got {max_length!r}")
     if stride is None:
         stride = max(1, max_length // 2)
     if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or not 1 <= stride < max_length:
@@ -422,7 +432,7 @@ def perplexity(model, texts_or_ids, *, max_length: int | None = None, stride: in
                          f"(so every token is scored), got {stride!r}")
     docs = _documents(model, texts_or_ids)
     doc_adapters = _adapter_ids_per_request(model.config, adapters, adapter_ids, len(docs),
-                                            0 if adapters is not None else model.runtime.num_adapters)
+                                            0 if adapters is not None else model.num_adapters)
     requests, owner = [], []
     for d, ids in enumerate(docs):
         for begin, start, end in rolling_windows(len(ids), max_length, stride):

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .drafts import Draft, make_draft
+from .drafts import MAX_K, Draft, check_k, make_draft
 from .errors import RealmError
 from .generation import (Controls, DecodeState, GenerationResult, bucket_cache, generate, new_cache, result_of, runtime_for,
                          prepare_request, start)
@@ -353,6 +353,11 @@ class SpeculativeResult(GenerationResult):
     stats: SpeculativeStats | None = None
 
 
+# ``Sampling`` settings that speculative decoding does not serve yet (refused when not default).
+_NOT_SPECULATIVE = ("min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "logit_bias",
+                    "min_tokens", "stop", "logprobs", "prompt_logprobs", "n", "best_of")
+
+
 def _check_int(name, value, low):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise RealmError(f"{name}: expected an integer >= {low}, got {value!r}")
@@ -361,7 +366,8 @@ def _check_int(name, value, low):
 def speculative_generate(target, draft, prompts, max_new_tokens, *, k: int | str = 4, temperature=0.0,
                          top_k=None, top_p=None, seed=0, stop_ids=None, max_len: int | None = None,
                          chat: bool = False, k_max: int = 8, costs: StepCosts | None = None,
-                         acceptance: float | None = None, adapters=None, adapter_ids=None) -> SpeculativeResult:
+                         acceptance: float | None = None, adapters=None, adapter_ids=None,
+                         sampling=None) -> SpeculativeResult:
     """``generate`` with speculative decoding; the same output distribution (greedy: the same
     tokens), fewer target passes.
 
@@ -373,11 +379,17 @@ def speculative_generate(target, draft, prompts, max_new_tokens, *, k: int | str
     ``0..k_max`` by ``choose_k`` from ``costs`` (measured once per shape when None) and the
     acceptance rate (``acceptance``, else the draft's running rate).
     adapters / adapter_ids: per-row LoRA of the target, as ``generate`` (the draft runs without).
+    sampling: a ``Sampling`` with only the draw settings (temperature, top_k, top_p, seed);
+    the others are refused for now.
     Returns a ``SpeculativeResult`` (a ``GenerationResult`` with ``stats``).
     """
     if k != "auto":
         _check_int("k", k, 0)
+        if k:
+            check_k(k)
     _check_int("k_max", k_max, 0)
+    if k_max > MAX_K:
+        raise RealmError(f"k_max: expected at most drafts.MAX_K={MAX_K} (tokens drafted per round), got {k_max}")
     if acceptance is not None:
         try:
             ok = 0.0 <= float(acceptance) <= 1.0 and not isinstance(acceptance, bool)
@@ -386,6 +398,13 @@ def speculative_generate(target, draft, prompts, max_new_tokens, *, k: int | str
         if not ok:
             raise RealmError(f"acceptance: expected a rate in [0, 1], got {acceptance!r}")
     dr = make_draft(target, draft)
+    if sampling is not None:
+        from .settings import Sampling
+
+        unsupported = [f for f in _NOT_SPECULATIVE if getattr(sampling, f) != getattr(Sampling(), f)]
+        if unsupported:
+            raise RealmError(f"speculative_generate: {', '.join(unsupported)} not supported yet (use generate)")
+        temperature, top_k, top_p, seed = sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed
     req, pad = prepare_request(target, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                seed=seed, stop_ids=stop_ids, max_len=max_len, adapters=adapters,
                                adapter_ids=adapter_ids, chat=chat)
@@ -411,8 +430,9 @@ def speculative_generate(target, draft, prompts, max_new_tokens, *, k: int | str
         zero = np.zeros_like(passes)
         stats = _stats(0, dr.name, dict(passes=passes, drafted=zero, accepted=zero, gen=passes + 1),
                        alpha, speedup, costs)
-        return SpeculativeResult(res.tokens, res.texts, res.finish_reasons, res.prompt_lengths, stats)
+        return SpeculativeResult(res.tokens, res.texts, res.finish_reasons, res.prompt_lengths, stats=stats)
 
+    check_k(chosen, cache_len)
     rt = runtime_for(target, adapters)
     cache = new_cache(target.config, rt, b, cache_len)
     final = speculative_jit(rt, dr.params, jnp.asarray(pad.tokens), jnp.asarray(pad.lengths), cache,
@@ -425,4 +445,4 @@ def speculative_generate(target, draft, prompts, max_new_tokens, *, k: int | str
                                               gen=num_new[:rb]), alpha, speedup, costs)
     dr.record(stats.drafted, stats.accepted)
     res = result_of(target, req, out, num_new, stopped)
-    return SpeculativeResult(res.tokens, res.texts, res.finish_reasons, res.prompt_lengths, stats)
+    return SpeculativeResult(res.tokens, res.texts, res.finish_reasons, res.prompt_lengths, stats=stats)

@@ -49,17 +49,17 @@ def smollm2_hf_tokenizer(smollm2_gguf):
     return transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
 
 
-@pytest.fixture(autouse=True)
-def _no_persistent_compilation_cache(request):
-    """Tests run with JAX's persistent compilation cache off (conftest opts out above); a test that
-    turns it on in this process (directly or through a library call) gets it turned off again
-    afterwards, so later tests never write executables into a cache directory that is gone."""
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop every compiled program after each test module. Each XLA:CPU executable keeps memory
+    mappings alive; the whole suite compiles thousands of programs, and the process would pass
+    the kernel's per-process mapping limit (vm.max_map_count, 65530 by default) about 75% of the
+    way through and crash inside the compiler."""
     yield
-    if jax.config.jax_compilation_cache_dir:
-        from jax.experimental.compilation_cache import compilation_cache as cc
+    import gc
 
-        import warnings
+    from realm_jax import runtime
 
-        warnings.warn(f"{request.node.nodeid} left JAX's persistent compilation cache on; turned off again")
-        jax.config.update("jax_compilation_cache_dir", None)
-        cc.reset_cache()
+    runtime._BUILDERS.clear()
+    jax.clear_caches()
+    gc.collect()

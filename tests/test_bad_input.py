@@ -175,20 +175,8 @@ def test_the_base_files_are_good(files, model):
 
 # ============================================================================ cases
 def _params(cases):
-    """(id, *arguments[, reason]) -> pytest params; a reason marks a case strict-xfail: a known
-    gap in a module this catalogue does not own (the reason names the fix)."""
-    out = []
-    for c in cases:
-        args, marks = c[1:], ()
-        if isinstance(c[-1], Gap):
-            args, marks = c[1:-1], pytest.mark.xfail(strict=True, reason=c[-1].reason)
-        out.append(pytest.param(*args, id=c[0], marks=marks))
-    return out
-
-
-class Gap:
-    def __init__(self, reason: str):
-        self.reason = reason
+    """(id, *arguments) -> pytest params."""
+    return [pytest.param(*c[1:], id=c[0]) for c in cases]
 
 
 def _hf_copy(files, tmp_path) -> Path:
@@ -715,8 +703,7 @@ PEFT_CASES = [
     ("r-0", _peft_config(r=0), CheckpointError, r"r must be a positive int, got 0"),
     ("r-string", _peft_config(r="2"), CheckpointError, r"r must be a positive int, got '2'"),
     ("alpha-nan", _peft_config(lora_alpha=float("nan")), CheckpointError, r"lora_alpha.*must be a finite number"),
-    ("alpha-string", _peft_config(lora_alpha="4"), CheckpointError, r"lora_alpha.*'4'",
-     Gap("lora_peft.peft_targets accepts lora_alpha='4' (a string); it must be a real number")),
+    ("alpha-string", _peft_config(lora_alpha="4"), CheckpointError, r"lora_alpha.*'4'"),
     ("target-unknown", _peft_config(target_modules=["qq_proj"]), UnsupportedModelError,
      r"target_modules: unknown module 'qq_proj'"),
     ("target-lm_head", _peft_config(target_modules=["lm_head"]), UnsupportedModelError, r"'lm_head'"),
@@ -872,6 +859,7 @@ SPEC_CASES = [
     ("k-above-cache", dict(k=40, max_len=40, max_new_tokens=2), RealmError,
      r"k: 40 drafted tokens .* do not fit in a cache of 40 positions"),
     ("k_max-negative", dict(k="auto", k_max=-1), RealmError, r"k_max: expected an integer >= 0"),
+    ("k_max-above-MAX_K", dict(k="auto", k_max=MAX_K + 1), RealmError, rf"k_max: expected at most drafts.MAX_K={MAX_K}"),
     ("acceptance-2", dict(k="auto", acceptance=2.0), RealmError, r"acceptance: expected a rate in \[0, 1\], got 2"),
     ("acceptance-string", dict(k="auto", acceptance="x"), RealmError, r"acceptance:.*'x'"),
     ("draft-self-0", dict(draft="self:0"), DraftError, r"draft 'self:N': expected 1 <= N < 2.*N=0"),
@@ -996,14 +984,14 @@ SCORE_CASES = [
     ("mixed-kinds", _score([("a", [3])]), RealmError, r"requests\[0\]: context and continuation must both be"),
     ("context-empty-ids", _score([([], [3])]), RealmError, r"requests\[0\]: context ids are empty"),
     ("batch_size-0", _score([([1], [3])], batch_size=0), RealmError, r"batch_size"),
-    ("longer-than-positions", _score([([1] * 100, [3] * 40)]), RealmError, r"max_position_embeddings|128",
-     Gap("scoring.score accepts a request longer than max_position_embeddings (without max_length)")),
+    ("longer-than-positions", _score([([1] * 100, [3] * 40)]), RealmError, r"requests\[0\]: 139 input tokens.*max_position_embeddings=128"),
     ("ppl-empty-text", _ppl(""), RealmError, r"texts_or_ids\[0\]: needs at least 2 tokens"),
     ("ppl-max_length-0", _ppl("hello there", max_length=0), RealmError, r"max_length"),
     ("ppl-stride-too-big", _ppl("hello there", max_length=8, stride=8), RealmError, r"stride"),
     ("ppl-max_length-above-positions", _ppl("hello there", max_length=1000), RealmError,
-     r"max_length.*128|max_position_embeddings",
-     Gap("scoring.perplexity accepts max_length above max_position_embeddings")),
+     r"max_length: expected an int in \[2, 128\].*got 1000"),
+    ("score-max_length-above-positions", _score([([1], [3])], max_length=129), RealmError,
+     r"max_length: expected an int in \[1, 128\].*got 129"),
     ("ppl-token-outside", _ppl([[1, 2, V]]), RealmError, r"271"),
 ]
 

@@ -13,7 +13,6 @@ from realm_jax.bench import SHAPES, random_params
 from realm_jax.config import ModelConfig
 from realm_jax.model import forward_cached_jit
 from realm_jax.runtime import prepare
-from realm_jax.sampling import SamplingParams
 
 
 def _setup(layout):
@@ -23,7 +22,7 @@ def _setup(layout):
     # a long cache, so that a copy of it would dwarf every activation of these short prompts
     req = gen.validate_request(cfg, [[5] * 10, [6] * 3], 8, max_len=1024, stop_ids=[])
     pad = gen.pad_request(req)
-    ctl = gen.Controls(SamplingParams(*(jnp.asarray(a) for a in pad.sampling)), jnp.asarray(pad.limits),
+    ctl = gen.Controls(pad.sampling.to_device(), jnp.asarray(pad.limits),
                        jnp.asarray(pad.stop_ids))
     cache = gen.new_cache(cfg, rt, pad.tokens.shape[0], pad.cache_len)
     assert cache.per_layer == (layout == "per_layer")
