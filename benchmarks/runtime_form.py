@@ -50,8 +50,7 @@ def main() -> None:
         for b in args.batch:
             req = gen.validate_request(cfg, [[5] * 128] * b, 128, stop_ids=[])
             pad = gen.pad_request(req)
-            ctl = gen.Controls(gen.SamplingParams(*(jnp.asarray(a) for a in pad.sampling)), jnp.asarray(pad.limits),
-                               jnp.asarray(pad.stop_ids))
+            ctl = gen.Controls.of(pad)
 
             def once():
                 cache = gen.new_cache(cfg, fast, pad.tokens.shape[0], pad.cache_len)

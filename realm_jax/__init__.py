@@ -26,6 +26,7 @@ _EXPORTS = {
     "errors": None,
     # generation
     "generate": "generation",
+    "Sampling": "settings",
     "generate_stream": "generation",
     "GenerationResult": "generation",
     "SamplingParams": "sampling",

@@ -260,10 +260,14 @@ def bytes_per_step(cfg: ModelConfig, rt, batch: int, cache_len: int, kv_itemsize
     return p, kv
 
 
-def bench_jax(cfg, params, batch, prompt_len, new_tokens, warmup, repeats, seed=0) -> dict:
+def bench_jax(cfg, params, batch, prompt_len, new_tokens, warmup, repeats, seed=0, settings=None) -> dict:
+    """Prefill, decode-loop and end-to-end timings of ``generate``'s programs; ``settings``:
+    ``Sampling`` fields for every row (e.g. logprobs, penalties), default none."""
     rng = np.random.default_rng(seed)
     prompts = rng.integers(3, cfg.vocab_size, (batch, prompt_len)).tolist()
-    req = gen.validate_request(cfg, prompts, new_tokens, stop_ids=[])
+    settings = dict(settings or {})
+    top = settings.get("logprobs")
+    req = gen.validate_request(cfg, prompts, new_tokens, stop_ids=[], **settings)
     pad = gen.pad_request(req)
     bp, s = pad.tokens.shape[0], pad.cache_len
     ctl = gen.Controls.of(pad)
@@ -273,7 +277,7 @@ def bench_jax(cfg, params, batch, prompt_len, new_tokens, warmup, repeats, seed=
         return (gen.new_cache(cfg, params, bp, s),)
 
     def start(cache):
-        return gen.start_jit(params, cfg, tokens, lengths, cache, ctl, out_len=s)
+        return gen.start_jit(params, cfg, tokens, lengths, cache, ctl, out_len=s, top_logprobs=top)
 
     def prefilled():
         return (start(*fresh_cache()),)
@@ -282,7 +286,7 @@ def bench_jax(cfg, params, batch, prompt_len, new_tokens, warmup, repeats, seed=
         return gen.decode_loop_jit(params, cfg, state, ctl)
 
     def e2e(cache):
-        return gen.generate_jit(params, cfg, tokens, lengths, cache, ctl, out_len=s)
+        return gen.generate_jit(params, cfg, tokens, lengths, cache, ctl, out_len=s, top_logprobs=top)
 
     pre = time_call(start, fresh_cache, warmup=warmup, repeats=repeats)
     dec = time_call(decode, prefilled, warmup=warmup, repeats=repeats)

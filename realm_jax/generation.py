@@ -347,11 +347,21 @@ class LogprobTrace(NamedTuple):
         return cls(z, z, jnp.zeros((b, m, n), jnp.int32), jnp.zeros((b, m, n), jnp.float32))
 
 
-def _logprobs(raw: jax.Array, dist: jax.Array, tok: jax.Array, n: int):
-    """raw / dist logits [..., V], tok [...] -> (logprob, sampled, top ids [..., n], top [..., n])."""
+def _logprobs(raw: jax.Array, dist: jax.Array | None, tok: jax.Array, n: int, warped=None):
+    """raw / dist logits [..., V], tok [...] -> (logprob, sampled, top ids [..., n], top [..., n]).
+    dist None: ``sampled`` is ``logprob``, except, with ``warped`` (the ``SamplingParams``), for
+    the rows that sample (computed only when some row does)."""
     lp = jax.nn.log_softmax(raw.astype(jnp.float32), axis=-1)
     pick = lambda x: jnp.take_along_axis(x, tok[..., None], axis=-1)[..., 0]  # noqa: E731
-    sampled = pick(jax.nn.log_softmax(dist, axis=-1)) if dist is not None else pick(lp)
+    if dist is not None:
+        sampled = pick(jax.nn.log_softmax(dist, axis=-1))
+    elif warped is not None:
+        sp = warped
+        greedy = sp.temperature <= 0
+        sampled = jax.lax.cond(jnp.all(greedy), lambda: pick(lp), lambda: jnp.where(
+            greedy, pick(lp), pick(jax.nn.log_softmax(warp(raw, sp), axis=-1))))
+    else:
+        sampled = pick(lp)
     if n:
         top, ids = jax.lax.top_k(lp, n)
     else:
@@ -423,9 +433,11 @@ def emit(state: DecodeState, logits: jax.Array, ctl: Controls) -> DecodeState:
     if history is not None:
         history = history._replace(counts=history.counts.at[rows, tok].add(live.astype(jnp.int32)))
     if trace is not None:
-        adj = adjusted.astype(jnp.float32)
-        dist = jnp.where((sp.temperature <= 0)[:, None], adj, warp(adj, sp))
-        new = _logprobs(logits, dist, tok, trace.top.shape[-1])
+        dist = None  # greedy rows without processors draw from the model's distribution itself
+        if adjusted is not logits or sp.min_p is not None:
+            adj = adjusted.astype(jnp.float32)
+            dist = jnp.where((sp.temperature <= 0)[:, None], adj, warp(adj, sp))
+        new = _logprobs(logits, dist, tok, trace.top.shape[-1], warped=None if dist is not None else sp)
         trace = LogprobTrace(*(old.at[rows, idx].set(x, mode="drop") for old, x in zip(trace, new)))
     num_new = state.num_new + live.astype(jnp.int32)
     hit = live & jnp.any(tok[:, None] == ctl.stop_ids, axis=1)

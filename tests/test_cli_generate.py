@@ -55,6 +55,23 @@ def test_json_batch_matches_generate(tiny_dir, capsys):
     assert all(t.startswith("w") for r in rows for t in r["text"].split())
 
 
+def test_json_with_sampling_surface_flags_matches_generate(tiny_dir, capsys):
+    argv = ["generate", "--model", str(tiny_dir), "--max-new-tokens", "9", "--json", "--dtype", "float32",
+            "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--temperature", "0.9", "--seed", "5", "--n", "2",
+            "--logprobs", "3", "--repetition-penalty", "1.3", "--frequency-penalty", "0.5", "--min-p", "0.02",
+            "--logit-bias", "7=2.5", "--min-tokens", "2", "--stop", "w7 w7"]
+    assert cli.main(argv) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    model = realm_jax.load(tiny_dir, dtype="float32")
+    ref = generate(model, PROMPTS[:2], 9, temperature=0.9, seed=5, n=2, logprobs=3, repetition_penalty=1.3,
+                   frequency_penalty=0.5, min_p=0.02, logit_bias={7: 2.5}, min_tokens=2, stop=["w7 w7"])
+    assert [(r["prompt"], r["sample"]) for r in rows] == [(PROMPTS[0], 0), (PROMPTS[0], 1), (PROMPTS[1], 0),
+                                                         (PROMPTS[1], 1)]
+    assert [r["tokens"] for r in rows] == ref.tokens and [r["text"] for r in rows] == ref.texts
+    assert [[t["logprob"] for t in r["logprobs"]] for r in rows] == [[t.logprob for t in row] for row in ref.logprobs]
+    assert all(len(t["top"]) == 3 for r in rows for t in r["logprobs"])
+
+
 def test_single_prompt_streams_text(tiny_dir, capsys):
     assert cli.main(["generate", "--model", str(tiny_dir), "--prompt", PROMPTS[0], "--max-new-tokens", "9",
                      "--temperature", "0.8", "--top-p", "0.9", "--seed", "11", "--dtype", "float32"]) == 0
@@ -78,6 +95,11 @@ def test_token_id_prompts(tiny_dir, capsys):
     (["--prompt", "w5", "--temperature", "-1"], "temperature must be finite and >= 0"),
     (["--prompt", "w5", "--top-p", "1.5"], "top_p must be in (0, 1]"),
     (["--prompt-ids", "5,x"], "--prompt-ids #0: expected comma-separated integers"),
+    (["--prompt", "w5", "--logit-bias", "5"], "--logit-bias: expected ID=BIAS"),
+    (["--prompt", "w5", "--min-p", "2"], "min_p must be in [0, 1]"),
+    (["--prompt", "w5", "--n", "0"], "n: expected an integer >= 1"),
+    (["--prompt", "w5", "--logprobs", "30"], "logprobs: expected None or an integer in [0, 20]"),
+    (["--prompt", "w5", "--draft", "lookup", "--stop", "x"], "--draft: not available with --stop yet"),
     (["--prompt-ids", "5,400"], "token id 400 at position 1 is outside the vocabulary [0, 97)"),
     (["--prompt", "w5", "--max-new-tokens", "300"], "max_new_tokens 300 = 301 tokens, over the model's max_position_embeddings=256"),
     ([], "give at least one --prompt"),

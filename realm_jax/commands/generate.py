@@ -27,6 +27,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None, metavar="P",
                    help="sample from the smallest set of tokens whose probability reaches P (default: no limit)")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling (prompt i uses its own key from it)")
+    p.add_argument("--min-p", type=float, default=None, metavar="P",
+                   help="drop tokens less likely than P times the most likely one (default: off)")
+    p.add_argument("--repetition-penalty", type=float, default=None, metavar="X",
+                   help="HF repetition penalty over prompt and output tokens, > 0 (default: off = 1)")
+    p.add_argument("--frequency-penalty", type=float, default=None, metavar="X",
+                   help="OpenAI frequency penalty in [-2, 2] over output tokens (default: off = 0)")
+    p.add_argument("--presence-penalty", type=float, default=None, metavar="X",
+                   help="OpenAI presence penalty in [-2, 2] over output tokens (default: off = 0)")
+    p.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
+                   help="add BIAS (in [-100, 100]) to token ID's logit (repeatable; default: none)")
+    p.add_argument("--min-tokens", type=int, default=None, metavar="N",
+                   help="no end-of-sequence before N new tokens (default: 0)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop at this string; the text is cut before it (repeatable; default: none)")
+    p.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="with --json: each token's log-prob and N top alternatives, 0..20 (default: none)")
+    p.add_argument("--n", type=int, default=1, metavar="N", help="samples per prompt, seeds seed..seed+N-1 (default: 1)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -56,6 +73,21 @@ def _parse_ids(text: str, i: int) -> list[int]:
         raise RealmError(f"--prompt-ids #{i}: expected comma-separated integers, got {text!r}") from None
 
 
+def _parse_bias(items: list[str]) -> dict[int, float]:
+    from ..errors import RealmError
+
+    out = {}
+    for item in items:
+        tid, sep, val = item.partition("=")
+        try:
+            out[int(tid)] = float(val)
+        except ValueError:
+            raise RealmError(f"--logit-bias: expected ID=BIAS (an integer id, a number), got {item!r}") from None
+        if not sep:
+            raise RealmError(f"--logit-bias: expected ID=BIAS, got {item!r}")
+    return out
+
+
 def run(args) -> int:
     from .. import progress
 
@@ -78,11 +110,18 @@ def _run(args) -> int:
         model = load(args.model or DEFAULT_MODEL, dtype=args.dtype)
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
               max_len=args.max_len, chat=args.chat)
+    extra = dict(min_p=args.min_p, repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                 presence_penalty=args.presence_penalty, logit_bias=_parse_bias(args.logit_bias) or None,
+                 min_tokens=args.min_tokens, stop=args.stop or None, logprobs=args.logprobs, n=args.n)
+    extra = {k: v for k, v in extra.items() if v is not None and not (k == "n" and v == 1)}
+    if extra and args.draft:
+        raise RealmError(f"--draft: not available with {', '.join('--' + k.replace('_', '-') for k in extra)} yet")
+    kw.update(extra)
     if plan is not None:
         kw.update(adapters=lora.load_adapters(plan.dirs, model), adapter_ids=plan.ids)
     labels = list(args.prompt) + list(args.prompt_ids)
 
-    if len(prompts) == 1 and not args.json and model.tokenizer is not None and not args.draft:
+    if len(prompts) == 1 and not args.json and model.tokenizer is not None and not args.draft and args.n == 1:
         for chunk in generate_stream(model, prompts, args.max_new_tokens, **kw):
             sys.stdout.write(chunk.texts[0])
             sys.stdout.flush()
@@ -95,14 +134,23 @@ def _run(args) -> int:
         print(f"speculative: {res.stats.summary()}", file=sys.stderr)
     else:
         res = generate(model, prompts, args.max_new_tokens, **kw)
+    m = len(res) // len(prompts)  # rows per prompt (--n)
     for i in range(len(res)):
+        label = labels[i // m]
         if args.json:
-            print(json.dumps({"prompt": labels[i], "prompt_tokens": res.prompt_lengths[i], "tokens": res.tokens[i],
-                              "text": res.texts[i], "finish_reason": res.finish_reasons[i]}, ensure_ascii=False))
+            row = {"prompt": label, "prompt_tokens": res.prompt_lengths[i], "tokens": res.tokens[i],
+                   "text": res.texts[i], "finish_reason": res.finish_reasons[i]}
+            if m > 1:
+                row["sample"] = i % m
+            if res.logprobs is not None:
+                row["logprobs"] = [{"token": t.token, "logprob": t.logprob, "sampled_logprob": t.sampled,
+                                    "top": [[tid, lp] for tid, lp in t.top]} for t in res.logprobs[i]]
+                row["cumulative_logprob"] = res.cumulative_logprobs[i]
+            print(json.dumps(row, ensure_ascii=False))
         else:
             body = res.texts[i] if res.texts[i] is not None else " ".join(map(str, res.tokens[i]))
             if len(res) > 1:
-                print(f"--- [{i}] {labels[i]}")
+                print(f"--- [{i // m}{f'.{i % m}' if m > 1 else ''}] {label}")
             print(body)
     return 0
 
