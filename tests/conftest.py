@@ -63,3 +63,16 @@ def _free_compiled_programs():
     runtime._BUILDERS.clear()
     jax.clear_caches()
     gc.collect()
+
+
+# ---------------------------------------------------------------- the slow set (-m "not slow" skips it)
+SLOW_MODULES = {"test_notebooks.py", "test_lm_eval_adapter.py", "test_cli_multihost.py", "test_draft_compile.py",
+                "test_cli_bench.py"}
+SLOW_FIXTURES = {"smollm2", "smollm2_hf", "smollm2_hf_tokenizer", "smollm2_gguf"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark as ``slow`` every test of the modules above and every test that uses the real model."""
+    for item in items:
+        if item.path.name in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
