@@ -640,50 +640,51 @@ def generate(model, prompts, max_new_tokens: int | Sequence[int], *, stop_ids=No
     call = _setup(model, prompts, max_new_tokens, stop_ids=stop_ids, max_len=max_len, adapters=adapters,
                   adapter_ids=adapter_ids, chat=chat, sampling=sampling, **settings)
     if any(call.req.stop_strings):
-        return _collect(call.req, _stream(model, call, 16))
+        return _collect(call.req, _Stream(model, call, 16))
     state = generate_jit(call.rt, model.config, jnp.asarray(call.pad.tokens), jnp.asarray(call.pad.lengths),
                          call.cache, call.ctl, adapter_ids=call.adapter_ids, **call.static())
     return result_of(model, call.req, *jax.device_get((state.out, state.num_new, state.stopped)),
                      logprobs=jax.device_get(state.logprobs), prompt_logprobs=jax.device_get(state.prompt_logprobs))
 
 
-def _token_logprobs(trace, row: int, count: int, start: int = 0, first=None) -> list:
-    """Host ``LogprobTrace`` -> ``TokenLogprob``s of row ``row``, positions [start, count)."""
+def _token_logprobs(trace, row: int, tokens, count: int, start: int = 0) -> list:
+    """Host ``LogprobTrace`` -> ``TokenLogprob``s of row ``row`` (whose ids are ``tokens``),
+    positions [start, count)."""
     lp, sampled, top_ids, top = trace
-    tokens = first if first is not None else None
     return [TokenLogprob(int(tokens[j]), float(lp[row, j]), float(sampled[row, j]),
                          tuple(zip(top_ids[row, j].tolist(), top[row, j].tolist())))
             for j in range(start, count)]
 
 
+def _prompt_logprobs(req: Request, trace) -> list[list[TokenLogprob | None]]:
+    """Host prompt ``LogprobTrace`` [Bp, T] -> per row (each sample of a prompt gets its
+    prompt's): None for the first token, then a ``TokenLogprob`` per prompt token."""
+    out = []
+    for i in range(req.rows):
+        ids = req.prompt_ids[i // req.samples]
+        out.append([None] + _token_logprobs(trace, i // req.samples, ids, len(ids), 1))
+    return out
+
+
+def _cumulative(rows: list[list[TokenLogprob]]) -> list[float]:
+    return [float(sum(t.logprob for t in row)) for row in rows]
+
+
 def result_of(model, req: Request, out: np.ndarray, num_new: np.ndarray, stopped: np.ndarray, *,
-              logprobs=None, prompt_logprobs=None, cut=None) -> GenerationResult:
+              logprobs=None, prompt_logprobs=None) -> GenerationResult:
     """A ``GenerationResult`` from a finished decode: out [R', M] ids, num_new [R'], stopped [R']
-    (R' >= R padded rows; only the request's R rows are read); the host ``LogprobTrace``s;
-    ``cut``: per row, (tokens kept, text length) of a matched stop string, or None. With
-    ``best_of``, each prompt's ``n`` rows of the highest cumulative log-prob, best first."""
+    (R' >= R padded rows; only the request's R rows are read) and the host ``LogprobTrace``s.
+    With ``best_of``, each prompt's ``n`` rows of the highest cumulative log-prob, best first."""
     tok = getattr(model, "tokenizer", None)
     st, r = req.settings, req.rows
-    cut = cut or [None] * r
-    counts = [int(num_new[i]) if cut[i] is None else cut[i][0] for i in range(r)]
-    tokens = [out[i, :counts[i]].tolist() for i in range(r)]
-    texts = []
-    for i in range(r):
-        text = _row_text(tok, tokens[i], bool(stopped[i]) and cut[i] is None)
-        texts.append(text if cut[i] is None or text is None else text[:cut[i][1]])
-    reasons = ["stop" if stopped[i] or cut[i] is not None else "length" for i in range(r)]
+    tokens = [out[i, :num_new[i]].tolist() for i in range(r)]
+    texts = [_row_text(tok, tokens[i], bool(stopped[i])) for i in range(r)]
+    reasons = ["stop" if stopped[i] else "length" for i in range(r)]
     lps = cum = None
     if logprobs is not None:
-        lps = [_token_logprobs(logprobs, i, counts[i], first=tokens[i]) for i in range(r)]
-        cum = [float(sum(t.logprob for t in row)) for row in lps]
-    plp = None
-    if prompt_logprobs is not None:
-        m = req.samples
-        plp = []
-        for i in range(r):
-            p = i // m
-            ids = req.prompt_ids[p]
-            plp.append([None] + _token_logprobs(prompt_logprobs, p, len(ids), 1, first=ids))
+        lps = [_token_logprobs(logprobs, i, tokens[i], len(tokens[i])) for i in range(r)]
+        cum = _cumulative(lps)
+    plp = None if prompt_logprobs is None else _prompt_logprobs(req, prompt_logprobs)
     keep = list(range(r))
     if st.best_of is not None:  # each prompt's n best of best_of by cumulative log-prob
         m = req.samples
@@ -696,7 +697,7 @@ def result_of(model, req: Request, out: np.ndarray, num_new: np.ndarray, stopped
                             pick(cum) if st.logprobs is not None else None, pick(plp))
 
 
-def _collect(req: Request, chunks: Iterator[StreamChunk]) -> GenerationResult:
+def _collect(req: Request, chunks: "_Stream") -> GenerationResult:
     """Concatenate a stream's chunks into the call's result (no ``best_of``: refused with stop)."""
     r = req.rows
     tokens, texts = [[] for _ in range(r)], [None] * r
@@ -712,8 +713,7 @@ def _collect(req: Request, chunks: Iterator[StreamChunk]) -> GenerationResult:
     with_lp = req.settings.logprobs is not None
     lengths = [int(req.prompt_lengths[i // req.samples]) for i in range(r)]
     return GenerationResult(tokens, texts, reasons, lengths, lps if with_lp else None,
-                            [float(sum(t.logprob for t in row)) for row in lps] if with_lp else None,
-                            getattr(chunks, "prompt_logprobs", None))
+                            _cumulative(lps) if with_lp else None, chunks.prompt_logprobs)
 
 
 def generate_stream(model, prompts, max_new_tokens: int | Sequence[int], *, stop_ids=None,
@@ -730,7 +730,7 @@ def generate_stream(model, prompts, max_new_tokens: int | Sequence[int], *, stop
                   adapter_ids=adapter_ids, chat=chat, sampling=sampling, **settings)
     if call.req.settings.best_of is not None:
         raise RealmError("best_of: not available when streaming (the best rows are known only at the end)")
-    return _stream(model, call, chunk)
+    return _Stream(model, call, chunk)
 
 
 class _Stream:
@@ -757,9 +757,7 @@ class _Stream:
         state = start_jit(rt, model.config, jnp.asarray(pad.tokens), jnp.asarray(pad.lengths), cache, ctl,
                           adapter_ids=aid, **self.call.static())
         if state.prompt_logprobs is not None:
-            trace = jax.device_get(state.prompt_logprobs)
-            self.prompt_logprobs = [[None] + _token_logprobs(trace, i // req.samples, len(req.prompt_ids[i // req.samples]),
-                                                             1, first=req.prompt_ids[i // req.samples]) for i in range(r)]
+            self.prompt_logprobs = _prompt_logprobs(req, jax.device_get(state.prompt_logprobs))
         scans = [StopScan(tok.decode, s) if s else None for s in req.stop_strings]
         steps = jnp.int32(self.chunk)
         seen, texts = [0] * r, [""] * r
@@ -778,7 +776,7 @@ class _Stream:
                         n = cut[0]
                         ended.append(i)
                 new_tokens.append(out[i, seen[i]:n].tolist())
-                new_lps.append(None if trace is None else _token_logprobs(trace, i, n, seen[i], first=out[i]))
+                new_lps.append(None if trace is None else _token_logprobs(trace, i, out[i], n, seen[i]))
                 fresh = finished[i] is None
                 if fresh and cut is not None:
                     finished[i] = "stop"
@@ -805,6 +803,3 @@ class _Stream:
                 state = state._replace(done=state.done.at[jnp.asarray(ended)].set(True))
             state = decode_loop_jit(rt, model.config, state, ctl, max_steps=steps, adapter_ids=aid)
 
-
-def _stream(model, call: _Call, chunk: int) -> _Stream:
-    return _Stream(model, call, chunk)

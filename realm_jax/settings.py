@@ -62,6 +62,10 @@ class Sampling:
                              f"{', '.join(f.name for f in dataclasses.fields(cls))}")
         return dataclasses.replace(base, **settings)
 
+    def non_default(self) -> list[str]:
+        """The names of the fields set to something other than their default, in field order."""
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) != f.default]
+
     @property
     def samples(self) -> int:
         """Rows drawn per prompt: ``best_of`` when given, else ``n``."""

@@ -399,9 +399,7 @@ def speculative_generate(target, draft, prompts, max_new_tokens, *, k: int | str
             raise RealmError(f"acceptance: expected a rate in [0, 1], got {acceptance!r}")
     dr = make_draft(target, draft)
     if sampling is not None:
-        from .settings import Sampling
-
-        unsupported = [f for f in _NOT_SPECULATIVE if getattr(sampling, f) != getattr(Sampling(), f)]
+        unsupported = [f for f in sampling.non_default() if f in _NOT_SPECULATIVE]
         if unsupported:
             raise RealmError(f"speculative_generate: {', '.join(unsupported)} not supported yet (use generate)")
         temperature, top_k, top_p, seed = sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed

@@ -1151,8 +1151,7 @@ def test_cli_subprocess(files, tmp_path, argv, match):
 def test_cli_entry_point_has_the_same_errors(tmp_path):
     """The installed ``realm-jax`` script behaves as ``python -m realm_jax.cli``."""
     exe = Path(sys.executable).parent / "realm-jax"
-    if not exe.exists():
-        pytest.skip("realm-jax entry point not installed in this environment")
+    assert exe.exists(), f"no realm-jax script beside {sys.executable}: the package is not installed (pip install -e .)"
     p = subprocess.run([str(exe), "perplexity", "--text", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Is a directory" in p.stderr
 

@@ -297,3 +297,14 @@ def test_bad_settings_are_refused_before_device_work(tiny, kw, match, monkeypatc
     monkeypatch.setattr(generation, "generate_jit", None)  # any device call would fail differently
     with pytest.raises(RealmError, match=match):
         realm_jax.generate(model, _prompts(model), 4, **kw)
+
+
+def test_speculative_takes_the_draw_settings_and_refuses_the_rest(tiny):
+    model, _ = tiny
+    prompts = _prompts(model)
+    draw = realm_jax.Sampling(temperature=0.8, top_k=7, seed=3)
+    ref = realm_jax.speculative_generate(model, "lookup", prompts, 6, k=2, stop_ids=[], temperature=0.8, top_k=7, seed=3)
+    got = realm_jax.speculative_generate(model, "lookup", prompts, 6, k=2, stop_ids=[], sampling=draw)
+    assert got.tokens == ref.tokens
+    with pytest.raises(RealmError, match=r"speculative_generate: min_p, n not supported yet"):
+        realm_jax.speculative_generate(model, "lookup", prompts, 6, sampling=realm_jax.Sampling(min_p=0.1, n=2))
