@@ -347,26 +347,34 @@ class LogprobTrace(NamedTuple):
         return cls(z, z, jnp.zeros((b, m, n), jnp.int32), jnp.zeros((b, m, n), jnp.float32))
 
 
-def _logprobs(raw: jax.Array, dist: jax.Array | None, tok: jax.Array, n: int, warped=None):
-    """raw / dist logits [..., V], tok [...] -> (logprob, sampled, top ids [..., n], top [..., n]).
-    dist None: ``sampled`` is ``logprob``, except, with ``warped`` (the ``SamplingParams``), for
-    the rows that sample (computed only when some row does)."""
+def _logprobs(raw: jax.Array, dist: jax.Array | None, tok: jax.Array, n: int):
+    """raw / dist logits [..., V], tok [...] -> (logprob, sampled, top ids [..., n], top [..., n])
+    (dist None: ``sampled`` is ``logprob``)."""
     lp = jax.nn.log_softmax(raw.astype(jnp.float32), axis=-1)
     pick = lambda x: jnp.take_along_axis(x, tok[..., None], axis=-1)[..., 0]  # noqa: E731
-    if dist is not None:
-        sampled = pick(jax.nn.log_softmax(dist, axis=-1))
-    elif warped is not None:
-        sp = warped
-        greedy = sp.temperature <= 0
-        sampled = jax.lax.cond(jnp.all(greedy), lambda: pick(lp), lambda: jnp.where(
-            greedy, pick(lp), pick(jax.nn.log_softmax(warp(raw, sp), axis=-1))))
-    else:
-        sampled = pick(lp)
-    if n:
-        top, ids = jax.lax.top_k(lp, n)
-    else:
-        top, ids = jnp.zeros(tok.shape + (0,), jnp.float32), jnp.zeros(tok.shape + (0,), jnp.int32)
-    return pick(lp), sampled, ids.astype(jnp.int32), top
+    sampled = pick(lp) if dist is None else pick(jax.nn.log_softmax(dist, axis=-1))
+    return (pick(lp), sampled) + _top_n(lp, n)
+
+
+SMALL_TOP = 8  # top-n of at most this many, over at most this many rows: n argmax passes, not a sort
+
+
+def _top_n(x: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """x [..., V] -> (ids [..., n] int32, values [..., n]), best first (ties: the lower id).
+    A few rows and a small n take n argmax passes (a sort of V per row costs more there)."""
+    lead = x.shape[:-1]
+    if n == 0:
+        return jnp.zeros(lead + (0,), jnp.int32), jnp.zeros(lead + (0,), x.dtype)
+    if n > SMALL_TOP or int(np.prod(lead)) > SMALL_TOP:
+        top, ids = jax.lax.top_k(x, n)
+        return ids.astype(jnp.int32), top
+    ids, vals, v = [], [], x.shape[-1]
+    for _ in range(n):
+        i = jnp.argmax(x, axis=-1).astype(jnp.int32)
+        vals.append(jnp.take_along_axis(x, i[..., None], axis=-1)[..., 0])
+        ids.append(i)
+        x = jnp.where(jnp.arange(v) == i[..., None], -jnp.inf, x)
+    return jnp.stack(ids, -1), jnp.stack(vals, -1)
 
 
 def new_cache(cfg: ModelConfig, rt, batch: int, max_len: int) -> KVCache:
@@ -423,21 +431,23 @@ def emit(state: DecodeState, logits: jax.Array, ctl: Controls) -> DecodeState:
     adjusted = logits
     if sp.bias is not None or sp.penalties is not None or sp.min_tokens is not None:
         adjusted = adjust(logits, sp, num_new=state.num_new, stop_ids=ctl.stop_ids, history=state.history)
-    tok = sample(adjusted, sp, state.num_new)
+    trace = state.logprobs
+    greedy = sp.temperature <= 0
+    warped = None
+    if trace is not None:  # the distribution drawn from serves the log-probs too (one warp, one sort)
+        adj = adjusted.astype(jnp.float32)
+        warped = jax.lax.cond(jnp.all(greedy), lambda x: x, lambda x: warp(x, sp), adj)
+    tok = sample(adjusted, sp, state.num_new, warped=warped)
     tok = jnp.where(live, tok, state.last)
     b, m = state.out.shape
     rows = jnp.arange(b)
     idx = jnp.where(live, state.num_new, m)  # done rows write out of range: dropped
     out = state.out.at[rows, idx].set(tok, mode="drop")
-    history, trace = state.history, state.logprobs
+    history = state.history
     if history is not None:
         history = history._replace(counts=history.counts.at[rows, tok].add(live.astype(jnp.int32)))
     if trace is not None:
-        dist = None  # greedy rows without processors draw from the model's distribution itself
-        if adjusted is not logits or sp.min_p is not None:
-            adj = adjusted.astype(jnp.float32)
-            dist = jnp.where((sp.temperature <= 0)[:, None], adj, warp(adj, sp))
-        new = _logprobs(logits, dist, tok, trace.top.shape[-1], warped=None if dist is not None else sp)
+        new = _logprobs(logits, jnp.where(greedy[:, None], adj, warped), tok, trace.top.shape[-1])
         trace = LogprobTrace(*(old.at[rows, idx].set(x, mode="drop") for old, x in zip(trace, new)))
     num_new = state.num_new + live.astype(jnp.int32)
     hit = live & jnp.any(tok[:, None] == ctl.stop_ids, axis=1)

@@ -258,6 +258,8 @@ def adjust(logits: jax.Array, sp: SamplingParams, *, num_new=None, stop_ids=None
     if sp.penalties is not None:
         if history is None:
             raise RealmError("penalties need the token history (generation carries it; this caller does not)")
+        # elementwise over [B, V], no lax.cond: on an H200 a cond here cost more than the math
+        # (benchmarks.md, sampling surface)
         pen = sp.penalties
         seen = history.in_prompt | (history.counts > 0)
         r = pen.repetition[:, None]
@@ -281,8 +283,8 @@ def warp(logits: jax.Array, sp: SamplingParams) -> jax.Array:
     scaled = jax.lax.cond(need_filter, lambda x: jax.vmap(_filter_row)(x, sp.top_k, sp.top_p),
                           lambda x: x, scaled)
     if sp.min_p is not None:
-        filtered = jax.vmap(_min_p_row)(scaled, sp.min_p)
-        scaled = jnp.where((~greedy & (sp.min_p > 0))[:, None], filtered, scaled)
+        on = ~greedy & (sp.min_p > 0)
+        scaled = jnp.where(on[:, None], jax.vmap(_min_p_row)(scaled, sp.min_p), scaled)
     return scaled
 
 
@@ -299,13 +301,14 @@ def processed_logits(logits: jax.Array, sp: SamplingParams) -> jax.Array:
     return jnp.where((sp.temperature <= 0)[:, None], onehot, warp(logits, sp))
 
 
-def sample(logits: jax.Array, sp: SamplingParams, step: jax.Array) -> jax.Array:
+def sample(logits: jax.Array, sp: SamplingParams, step: jax.Array, *, warped=None) -> jax.Array:
     """Adjusted logits [B, V], step [B] int32 -> tokens [B] int32 (greedy rows: argmax, no
-    randomness). When every row is greedy the filtering and the random draw are skipped."""
+    randomness). When every row is greedy the filtering and the random draw are skipped.
+    ``warped``: ``warp(logits, sp)`` when the caller has it already (not computed again)."""
     greedy_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw(_):
-        proc = processed_logits(logits, sp)
+        proc = processed_logits(logits, sp) if warped is None else warped
         keys = row_keys(sp.seed, step)
         drawn = jax.vmap(jax.random.categorical)(keys, proc).astype(jnp.int32)
         return jnp.where(sp.temperature <= 0, greedy_tok, drawn)

@@ -153,7 +153,8 @@ def speculative_round(tparams, dparams, tcfg, spec, k: int, lengths, ctl: Contro
     keep_len = jnp.maximum(lengths + num_new - 1, 0)
     cache = rollback(cache, keep_len)
     dstate = spec.rollback(dstate, keep_len)
-    dec = DecodeState(cache, jnp.where(active, last, dec.last), num_new, done, dec.stopped | stopped, out)
+    dec = dec._replace(cache=cache, last=jnp.where(active, last, dec.last), num_new=num_new, done=done,
+                       stopped=dec.stopped | stopped, out=out)
     a_int = active.astype(jnp.int32)
     return SpecState(dec, seq, dstate, s.passes + a_int, s.drafted + k * a_int,
                      s.accepted + jnp.where(active, acc, 0))

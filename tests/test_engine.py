@@ -172,6 +172,38 @@ def test_workload_over_time_equals_generate_alone_without_recompiling(model, ada
     assert 0 < st.dispatch_s and 0 <= st.wait_s and st.dispatch_s + st.wait_s <= st.busy_s  # parts of the loop's time
 
 
+PROCESSORS = [
+    dict(repetition_penalty=1.8),
+    dict(frequency_penalty=1.2, presence_penalty=0.5),
+    dict(logit_bias={7: 3.0, 11: -2.0}),
+    dict(min_tokens=5),
+    dict(temperature=0.9, min_p=0.2, seed=5),
+    dict(repetition_penalty=0.7, temperature=0.8, top_k=10, seed=9, logit_bias={3: 1.5}),
+    dict(),
+]
+
+
+def test_per_request_processors_equal_generate_alone_without_recompiling(model, adapters, engine):
+    """Rows with penalties, logit bias, min_tokens and min-p share slots with plain rows; each
+    request equals ``generate`` on it alone, and the warm engine compiles nothing."""
+    rng = np.random.default_rng(3)
+    reqs = []
+    for i, settings in enumerate(PROCESSORS * 2):
+        prompt = rng.integers(3, CFG.vocab_size, int(rng.integers(2, 15))).tolist()
+        adapter = [None, "a"][i % 2]
+        plain, _ = reference(model, adapters, prompt, 12, adapter)
+        stop = [plain[1]] if "min_tokens" in settings else []  # a stop id min_tokens must hold back
+        ref = reference(model, adapters, prompt, 12, adapter, stop, **settings)
+        reqs.append((dict(prompt=prompt, max_new_tokens=12, adapter=adapter, stop_ids=stop, **settings), ref))
+    with CompileCounter() as cc:
+        handles = [submit(engine, r) for r, _ in reqs]
+        engine.run_until_idle()
+    assert cc.count == 0
+    for h, (_, ref) in zip(handles, reqs):
+        assert (h.result().tokens, h.result().finish_reason) == ref
+    assert reqs[3][1][0] != reference(model, adapters, reqs[3][0]["prompt"], 12, None, reqs[3][0]["stop_ids"])[0]
+
+
 def test_stream_yields_the_result_tokens_in_order(model, adapters, engine):
     req, (toks, _) = make_workload(model, adapters, 1, seed=5)[0]
     h = submit(engine, dict(req, max_new_tokens=25, stop_ids=[]))
@@ -232,7 +264,7 @@ def test_admission_is_first_come_first_served_and_groups_similar_lengths(model):
         groups, _ = eng._plan()
     assert [[h.prompt_length for h in g] for _, _, g in groups] == [[2, 3], [14, 15]]
     assert [eng._admission(rows, slots, g)[0].shape for rows, slots, g in groups] == [
-        (2, 8 + eng.stop_width + 6), (2, 16 + eng.stop_width + 6)]
+        (2, 8 + eng.stop_width + eng.bias_width + 7), (2, 16 + eng.stop_width + eng.bias_width + 7)]
     assert list(eng._queue) == hs[4:]
 
 
@@ -318,6 +350,10 @@ def test_cancel_frees_the_slot_and_loses_no_other_request(model, adapters, engin
     (dict(prompt=[5, 6], max_new_tokens=4, seed=-3), "seed"),
     (dict(prompt=[5, 6], max_new_tokens=4, stop_ids=[61]), "stop_ids"),
     (dict(prompt=[5, 6], max_new_tokens=4, stop_ids=[3, 4, 5, 6, 7]), "max_stop_ids=4"),
+    (dict(prompt=[5, 6], max_new_tokens=4, min_p=-1), "min_p"),
+    (dict(prompt=[5, 6], max_new_tokens=4, logit_bias={i: 1.0 for i in range(3, 12)}), "max_logit_bias=8"),
+    (dict(prompt=[5, 6], max_new_tokens=4, logprobs=2), "logprobs: not served by the engine yet"),
+    (dict(prompt=[5, 6], max_new_tokens=4, stop=["x"]), "stop: not served by the engine yet"),
 ])
 def test_bad_input_is_rejected_for_that_request_only(model, adapters, engine, kwargs, match):
     good = [3, 9, 27, 4]
@@ -448,6 +484,8 @@ def test_speculative_engine_equals_generate_and_speculative_alone(models, model,
     # a pass commits 1..accepted + 1 tokens (fewer at a budget's end); the first token of a
     # request comes from its prefill
     assert st.target_passes + len(hs) <= st.generated_tokens <= st.target_passes + st.accepted + len(hs)
+    with pytest.raises(RealmError, match=r"repetition_penalty: not served by the engine with a draft yet"):
+        eng.submit(prompts[0], 4, repetition_penalty=1.2)
 
 
 def test_speculative_engine_with_adapters_equals_generate_alone(model, adapters):

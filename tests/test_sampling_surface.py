@@ -89,6 +89,8 @@ def test_sampled_logprobs_are_of_the_warped_distribution(tiny):
     model, _ = tiny
     res = realm_jax.generate(model, _prompts(model), N_NEW, stop_ids=[], temperature=0.7, top_k=5, seed=3,
                              logprobs=model.config.vocab_size if model.config.vocab_size <= 20 else 20)
+    assert res.tokens == realm_jax.generate(model, _prompts(model), N_NEW, stop_ids=[], temperature=0.7, top_k=5,
+                                            seed=3).tokens  # recording log-probs changes no draw
     for row in res.logprobs:
         for t in row:
             raw = np.full((1, model.config.vocab_size), -np.inf, np.float32)

@@ -3,7 +3,7 @@ wires the scheduler (``scheduler``), the device (``state``) and delivery (``deli
 
 B = ``max_slots``, P = rows per prefill call, T = a prompt bucket, E = the stop-id table width,
 W = tokens a decode call hands back per slot. The loop moves host tables of an admission (int32
-[P, T + E + 6], float32 [P, 2]) and kill flags (bool [B]) to the device, and its answers ([P, 2]
+[P, T + E + L + 7], float32 [P, 6 + L]) and kill flags (bool [B]) to the device, and its answers ([P, 2]
 per admission, [B, W + 6] per decode call) back; see the package doc for the order of a step.
 
 Locks: ``_lock`` guards the scheduler's and the statistics' bookkeeping (``_wake`` is its
@@ -25,6 +25,14 @@ from . import delivery
 from . import state as es
 from .delivery import CANCELLED, EngineStats, RequestHandle, Stats
 from .scheduler import Call, Scheduler, _check_pos_int
+
+
+# ``Sampling`` settings a request may set: all of them per row on the device, the same programs
+# whatever the values; with a draft only the draw (speculative rounds verify the warped
+# distribution, not the penalties).
+_SERVED = ("temperature", "top_k", "top_p", "min_p", "seed", "repetition_penalty", "frequency_penalty",
+           "presence_penalty", "logit_bias", "min_tokens")
+_SERVED_WITH_DRAFT = ("temperature", "top_k", "top_p", "seed")
 
 
 class EngineClosedError(RealmError):
@@ -51,7 +59,7 @@ class Engine:
     32 slots, mixed workload) 16 gave 1.99x static batching and 8 gave 1.88x (on the GPU a call
     with a decode loop returns from dispatch only once its last step is launched, so the host's
     bookkeeping, ~0.5 ms per call there, overlaps only the call's last steps). max_stop_ids (E):
-    stop ids per request.
+    stop ids per request. max_logit_bias (L): logit-bias entries per request.
     adapters: {name: single LoRA adapter}, stacked once; requests pick one by name.
     fold_adapters: serve the adapters folded (``runtime.prepare(..., fold=True)`` with
     ``model.runtime``'s choices): their A factors appended to the base weights, one matmul fewer
@@ -64,7 +72,7 @@ class Engine:
 
     def __init__(self, model, *, max_slots: int = 8, max_seq_len: int | None = None,
                  prefill_buckets: Sequence[int] | None = None, prefill_batch: int | None = None,
-                 decode_steps_per_call: int = 16, max_stop_ids: int = 8,
+                 decode_steps_per_call: int = 16, max_stop_ids: int = 8, max_logit_bias: int = 8,
                  adapters: Mapping[str, Any] | None = None, fold_adapters: bool = False, draft=None,
                  k: int = 4):
         cfg = model.config
@@ -84,6 +92,7 @@ class Engine:
         self.decode_steps_per_call = self._sched.decode_steps_per_call
         self.max_stop_ids = _check_pos_int("max_stop_ids", max_stop_ids)
         self.stop_width = bucket_table(self.max_stop_ids)
+        self.bias_width = bucket_table(_check_pos_int("max_logit_bias", max_logit_bias))
 
         self.adapter_names: tuple[str, ...] = ()
         params = model.runtime  # the target's runtime as served (with the adapters, folded or not)
@@ -100,7 +109,8 @@ class Engine:
             self.k = check_k(k, self.max_seq_len)
             self.draft = make_draft(model, draft)
         self._device = es.Device(params, cfg, slots=self.max_slots, max_len=self.max_seq_len,
-                                 stop_width=self.stop_width, steps=self.decode_steps_per_call,
+                                 stop_width=self.stop_width, bias_width=self.bias_width,
+                                 steps=self.decode_steps_per_call,
                                  draft=self.draft, k=self.k)
         self.window = self._device.window
 
@@ -131,16 +141,24 @@ class Engine:
         return self._sched.plan()
 
     # ------------------------------------------------------------------ submission
-    def _validate(self, prompt, max_new_tokens, *, temperature=0.0, top_k=None, top_p=None, seed=0,
-                  stop_ids=None, adapter=None, chat=False) -> RequestHandle:
+    def _validate(self, prompt, max_new_tokens, *, stop_ids=None, adapter=None, chat=False, sampling=None,
+                  **settings) -> RequestHandle:
         """All host checks; a handle not yet queued."""
+        from ..settings import Sampling
+
+        st = Sampling.of(sampling, **settings)
+        served = _SERVED if self.draft is None else _SERVED_WITH_DRAFT
+        other = [f for f in st.non_default() if f not in served]
+        if other:
+            raise RealmError(f"{', '.join(other)}: not served by the engine"
+                             + (" with a draft" if self.draft is not None else "") + " yet (use generate)")
         if isinstance(prompt, np.ndarray):
             prompt = prompt.tolist()
         ids = prepare_prompts(self.model, [prompt], chat)
         if stop_ids is None:
             stop_ids = default_stop_ids(self.model)
         req = validate_request(self.model.config, ids, max_new_tokens, max_len=self.max_seq_len, stop_ids=stop_ids,
-                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+                               sampling=st)
         n = int(req.prompt_lengths[0])
         if n > self.max_prompt_len:
             raise RealmError(f"prompt has {n} tokens, over the engine's longest prompt bucket "
@@ -157,18 +175,19 @@ class Engine:
             raise RealmError(f"adapter: unknown name {adapter!r}; expected one of {known} or None (base model)")
         sp = req.sampling
         limit = int(req.max_new_tokens[0])
-        settings = es.request_settings(stops, self.stop_width, limit, int(sp.top_k[0]), int(sp.seed[0]), aid)
-        floats = np.array([sp.temperature[0], sp.top_p[0]], np.float32)
-        return RequestHandle(self, -1, req.prompt_ids[0], limit, adapter, settings, floats)
+        ints, floats = es.request_settings(stops, self.stop_width, self.bias_width, limit, aid, sp)
+        return RequestHandle(self, -1, req.prompt_ids[0], limit, adapter, ints, floats)
 
-    def submit(self, prompt, max_new_tokens: int, *, temperature=0.0, top_k=None, top_p=None, seed=0,
-               stop_ids=None, adapter: str | None = None, chat: bool = False) -> RequestHandle:
+    def submit(self, prompt, max_new_tokens: int, *, stop_ids=None, adapter: str | None = None, chat: bool = False,
+               sampling=None, **settings) -> RequestHandle:
         """Queue one request; returns its handle at once (thread-safe).
 
         prompt: a string (needs the model's tokenizer; ``chat=True`` applies the chat template),
         chat messages (with ``chat=True``) or token ids. max_new_tokens >= 1; prompt +
-        max_new_tokens <= max_seq_len. temperature (0 = greedy), top_k, top_p, seed: this
-        request's sampling. stop_ids: None = the model's eos ids; [] = none. adapter: a name
+        max_new_tokens <= max_seq_len. sampling / settings: a ``Sampling`` and/or its fields
+        (temperature, top_k, top_p, min_p, seed, penalties, logit_bias, min_tokens; with a
+        draft only the first four, and stop strings, log-probs and n are not served yet), as
+        ``generate`` takes them. stop_ids: None = the model's eos ids; [] = none. adapter: a name
         given at construction, or None for the base model. Raises ``RealmError`` for bad input
         (nothing is queued; other requests are unaffected), and ``EngineClosedError`` after
         ``close()``.
@@ -176,8 +195,8 @@ class Engine:
         with self._lock:
             self._check_alive()
         try:
-            h = self._validate(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                               seed=seed, stop_ids=stop_ids, adapter=adapter, chat=chat)
+            h = self._validate(prompt, max_new_tokens, stop_ids=stop_ids, adapter=adapter, chat=chat,
+                               sampling=sampling, **settings)
         except RealmError:
             with self._lock:
                 self._stats.n["rejected"] += 1
@@ -262,7 +281,7 @@ class Engine:
 
     def _admission(self, p: int, slots: list[int], hs: list[RequestHandle]) -> tuple[np.ndarray, np.ndarray]:
         """The host tables of one prefill call (``state.admission``) in the scheduler's bucket."""
-        return es.admission(p, self._sched.bucket_for(hs), self.stop_width, self.max_slots,
+        return es.admission(p, self._sched.bucket_for(hs), self.stop_width, self.bias_width, self.max_slots,
                             [(s, h.prompt_ids, h._settings, h._floats) for s, h in zip(slots, hs)])
 
     def _step(self) -> bool:

@@ -49,7 +49,7 @@ class RequestHandle:
         self.max_new_tokens = max_new_tokens
         self.adapter = adapter
         self._settings = settings  # int32 [E + 4]: its part of an admission row (state.request_settings)
-        self._floats = floats  # float32 [2]: temperature, top_p
+        self._floats = floats  # float32 [6 + L]: state.FLOAT_COLS, then logit-bias values
         self._tokens: list[int] = []
         self._cond = threading.Condition()
         self._finish: str | None = None

@@ -2,7 +2,7 @@
 holds that state with the served params and makes the engine's device calls.
 
 B = the engine's slots, S = its cache length, P = rows per prefill call, T = a prompt bucket,
-E = the stop-id table width, W = tokens a decode call can hand back per slot.
+E = the stop-id table width, L = the logit-bias table width, W = tokens a decode call can hand back per slot.
 
 ``admit``  prefill P right-padded prompts [P, T] (generation's ``prefill``: a fresh [P, T] cache,
            logits at each row's last prompt token), sample each row's first token (``emit``),
@@ -18,7 +18,7 @@ settings (one ``admit`` program per (rows, prompt bucket), one ``decode`` progra
 engine never recompiles whatever requests come.
 
 Host <-> device traffic is one array each way per call: an admission is an int32 table
-[P, T + E + 6] and a float32 table [P, 2] (``admission``); ``admit`` answers [P, 2] and
+[P, T + E + L + 7] and a float32 table [P, 6 + L] (``admission``); ``admit`` answers [P, 2] and
 ``decode`` [B, W + 6] (``ADMIT_COLS``, ``DECODE_COLS``). An empty slot holds the settings of a
 padding row of that table.
 
@@ -42,9 +42,9 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import RealmError
-from ..generation import Controls, DecodeState, decode_step, emit, init_state, new_cache, prefill
+from ..generation import Controls, DecodeState, decode_step, emit, init_state, new_cache, new_history, prefill
 from ..kv_cache import KVCache, insert_rows
-from ..sampling import SamplingParams
+from ..sampling import History, SamplingParams
 
 
 class EngineState(NamedTuple):
@@ -70,10 +70,13 @@ class EngineState(NamedTuple):
     accepted: Any = None
 
 
-# Per-request columns of an admission's int32 table, after the prompt [T] and stop ids [E]:
-# what ``request_settings`` fixes at submit, then where the row goes.
-SETTINGS_COLS = ("limit", "top_k", "seed", "adapter")  # seed: the uint32's bits
+# Per-request columns of an admission's int32 table, after the prompt [T], stop ids [E] and
+# logit-bias ids [L]: what ``request_settings`` fixes at submit, then where the row goes.
+SETTINGS_COLS = ("limit", "top_k", "seed", "adapter", "min_tokens")  # seed: the uint32's bits
 PLACE_COLS = ("length", "slot")
+# The float32 table: these columns, then the logit-bias values [L]; a padding row's values.
+FLOAT_COLS = ("temperature", "top_p", "min_p", "repetition", "frequency", "presence")
+FLOAT_PAD = (0.0, 1.0, 0.0, 1.0, 0.0, 0.0)
 # ``admit`` answers [P, 2]: the first token, and its status.
 ADMIT_COLS = ("first", "status")
 # ``decode`` answers [B, W + 6]: the new tokens (the first ``count``), then these columns.
@@ -83,26 +86,45 @@ RUNNING, ENDED, STOPPED = 0, 1, 2
 
 
 # ------------------------------------------------------------------------------ host tables
-def request_settings(stop_ids, stop_width: int, limit: int, top_k: int, seed: int, adapter_id: int) -> np.ndarray:
-    """One request's fixed part of an admission row: stop ids [E] (-1 = none) then
-    ``SETTINGS_COLS``; int32 [E + 4]."""
-    row = np.full((stop_width + len(SETTINGS_COLS),), -1, np.int32)
+def request_settings(stop_ids, stop_width: int, bias_width: int, limit: int, adapter_id: int,
+                     sp: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """One request's fixed part of an admission row, from its host ``SamplingParams`` [1]:
+    ints [E + L + 5] = stop ids (-1 = none) | bias ids | ``SETTINGS_COLS``; floats [6 + L] =
+    ``FLOAT_COLS`` | bias values."""
+    row = np.full((stop_width + bias_width + len(SETTINGS_COLS),), -1, np.int32)
     row[:len(stop_ids)] = stop_ids
-    row[stop_width:] = (limit, top_k, np.array(seed, np.uint32).view(np.int32), adapter_id)
-    return row
+    floats = np.zeros((len(FLOAT_COLS) + bias_width,), np.float32)
+    floats[:len(FLOAT_COLS)] = FLOAT_PAD
+    floats[:2] = sp.temperature[0], sp.top_p[0]
+    if sp.min_p is not None:
+        floats[2] = sp.min_p[0]
+    if sp.penalties is not None:
+        floats[3:6] = sp.penalties.repetition[0], sp.penalties.frequency[0], sp.penalties.presence[0]
+    if sp.bias is not None:
+        ids, vals = sp.bias.ids[0], sp.bias.values[0]
+        n = int((ids >= 0).sum())
+        if n > bias_width:
+            raise RealmError(f"logit_bias: expected at most max_logit_bias={bias_width} entries, got {n}")
+        row[stop_width:stop_width + n], floats[len(FLOAT_COLS):len(FLOAT_COLS) + n] = ids[:n], vals[:n]
+    min_tokens = 0 if sp.min_tokens is None else int(sp.min_tokens[0])
+    row[stop_width + bias_width:] = (limit, int(sp.top_k[0]), np.array(sp.seed[0], np.uint32).view(np.int32),
+                                     adapter_id, min_tokens)
+    return row, floats
 
 
-def admission(rows: int, bucket: int, stop_width: int, slots: int, fill=()) -> tuple[np.ndarray, np.ndarray]:
+def admission(rows: int, bucket: int, stop_width: int, bias_width: int, slots: int,
+              fill=()) -> tuple[np.ndarray, np.ndarray]:
     """Host tables for a prefill call of ``rows`` (P) prompts padded to ``bucket`` (T), every row
-    padding (length 0, limit 0, slot B = dropped): ints [P, T + E + 6] = prompt [T] | stop ids [E]
-    | ``SETTINGS_COLS`` | ``PLACE_COLS``; floats [P, 2] = temperature, top_p. ``fill``: the first
-    rows' (slot, prompt ids [<= T], ``request_settings`` [E + 4], floats [2])."""
-    ints = np.zeros((rows, bucket + stop_width + len(SETTINGS_COLS) + len(PLACE_COLS)), np.int32)
-    ints[:, bucket:bucket + stop_width] = -1
+    padding (length 0, limit 0, slot B = dropped): ints [P, T + E + L + 7] = prompt [T] | stop
+    ids [E] | bias ids [L] | ``SETTINGS_COLS`` | ``PLACE_COLS``; floats [P, 6 + L]. ``fill``: the
+    first rows' (slot, prompt ids [<= T], and ``request_settings``' ints and floats)."""
+    fixed = stop_width + bias_width + len(SETTINGS_COLS)
+    ints = np.zeros((rows, bucket + fixed + len(PLACE_COLS)), np.int32)
+    ints[:, bucket:bucket + stop_width + bias_width] = -1
     ints[:, -1] = slots
-    floats = np.zeros((rows, 2), np.float32)
-    floats[:, 1] = 1.0
-    e = bucket + stop_width + len(SETTINGS_COLS)
+    floats = np.zeros((rows, len(FLOAT_COLS) + bias_width), np.float32)
+    floats[:, :len(FLOAT_COLS)] = FLOAT_PAD
+    e = bucket + fixed
     for i, (s, ids, settings, row_floats) in enumerate(fill):
         ints[i, :len(ids)] = ids
         ints[i, bucket:e] = settings
@@ -113,10 +135,16 @@ def admission(rows: int, bucket: int, stop_width: int, slots: int, fill=()) -> t
 
 def _columns(ints: jax.Array, floats: jax.Array, stop_width: int):
     """An admission's tables by column: prompts [P, T], the rows' ``Controls`` [P] (stop ids
-    [P, E]), adapter ids, lengths and slots [P]."""
-    t = ints.shape[1] - stop_width - len(SETTINGS_COLS) - len(PLACE_COLS)
-    limits, top_k, seed, adapter_ids = (ints[:, t + stop_width + j] for j in range(len(SETTINGS_COLS)))
-    sp = SamplingParams(floats[:, 0], top_k, floats[:, 1], jax.lax.bitcast_convert_type(seed, jnp.uint32))
+    [P, E], every optional sampling setting), adapter ids, lengths and slots [P]."""
+    from ..sampling import LogitBias, Penalties
+
+    lb = floats.shape[1] - len(FLOAT_COLS)
+    t = ints.shape[1] - stop_width - lb - len(SETTINGS_COLS) - len(PLACE_COLS)
+    e = t + stop_width + lb
+    limits, top_k, seed, adapter_ids, min_tokens = (ints[:, e + j] for j in range(len(SETTINGS_COLS)))
+    sp = SamplingParams(floats[:, 0], top_k, floats[:, 1], jax.lax.bitcast_convert_type(seed, jnp.uint32),
+                        floats[:, 2], Penalties(floats[:, 3], floats[:, 4], floats[:, 5]),
+                        LogitBias(ints[:, t + stop_width:e], floats[:, len(FLOAT_COLS):]), min_tokens)
     return ints[:, :t], Controls(sp, limits, ints[:, t:t + stop_width]), adapter_ids, ints[:, -2], ints[:, -1]
 
 
@@ -125,14 +153,15 @@ def _status(done: jax.Array, stopped: jax.Array) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------ device programs
-def empty_state(params, cfg: ModelConfig, slots: int, max_len: int, stop_width: int, *,
+def empty_state(params, cfg: ModelConfig, slots: int, max_len: int, stop_width: int, bias_width: int, *,
                 spec=None, dparams=None) -> EngineState:
     """Every slot empty (done, limit 0); the cache [B, S] in the params dtype and layout."""
     b = slots
     zi = jnp.zeros((b,), jnp.int32)
+    history = History(jnp.zeros((b, cfg.vocab_size), jnp.int32), jnp.zeros((b, cfg.vocab_size), bool))
     dec = DecodeState(new_cache(cfg, params, b, max_len), zi, zi, jnp.ones((b,), bool), jnp.zeros((b,), bool),
-                      jnp.zeros((b, max_len), jnp.int32))
-    ints, floats = admission(b, 0, stop_width, b)  # B padding rows: greedy, limit 0, no stop ids
+                      jnp.zeros((b, max_len), jnp.int32), history)
+    ints, floats = admission(b, 0, stop_width, bias_width, b)  # B padding rows: greedy, limit 0, no stop ids
     _, ctl, _, _, _ = _columns(jnp.asarray(ints), jnp.asarray(floats), stop_width)
     state = EngineState(dec, ctl, jnp.full((b,), -1, jnp.int32), zi, zi)
     if spec is None:
@@ -157,8 +186,8 @@ def _insert_draft(dst, src, slots):
 
 def admit(params, cfg: ModelConfig, state: EngineState, ints: jax.Array, floats: jax.Array, *,
           dparams=None, spec=None) -> tuple[EngineState, jax.Array]:
-    """Prefill the prompts of an admission (``admission``'s tables: ints [P, T + E + 6], floats
-    [P, 2]; length 0 = padding row), sample the first tokens with the rows' settings and insert
+    """Prefill the prompts of an admission (``admission``'s tables: ints [P, T + E + L + 7], floats
+    [P, 6 + L]; length 0 = padding row), sample the first tokens with the rows' settings and insert
     everything into the rows' slots (B = drop). Returns the state and [P, 2] (``ADMIT_COLS``)."""
     p = ints.shape[0]
     tokens, ctl, adapter_ids, lengths, slots = _columns(ints, floats, state.ctl.stop_ids.shape[1])
@@ -166,11 +195,12 @@ def admit(params, cfg: ModelConfig, state: EngineState, ints: jax.Array, floats:
     aid = adapter_ids if params.num_adapters else None
     logits, cache = prefill(params, cfg, tokens, lengths, new_cache(cfg, params, p, t), adapter_ids=aid,
                             empty_cache=True)
-    rows = emit(init_state(cache, ctl.limits, 1), logits, ctl)
+    rows = emit(init_state(cache, ctl.limits, 1, history=new_history(tokens, lengths, cfg.vocab_size)), logits, ctl)
     d = state.dec
     dec = DecodeState(insert_rows(d.cache, rows.cache, slots), _put(d.last, rows.last, slots),
                       _put(d.num_new, rows.num_new, slots), _put(d.done, rows.done, slots),
-                      _put(d.stopped, rows.stopped, slots), d.out.at[slots, 0].set(rows.last, mode="drop"))
+                      _put(d.stopped, rows.stopped, slots), d.out.at[slots, 0].set(rows.last, mode="drop"),
+                      jax.tree.map(lambda a, b: _put(a, b, slots), d.history, rows.history))
     new = EngineState(
         dec, jax.tree_util.tree_map(lambda a, b: _put(a, b, slots), state.ctl, ctl),
         _put(state.adapter_ids, adapter_ids, slots), _put(state.prompt_len, lengths, slots),
@@ -234,7 +264,7 @@ def decode(params, cfg: ModelConfig, state: EngineState, kill: jax.Array, *, ste
     return new, jnp.concatenate([tokens, cols], axis=1)
 
 
-empty_state_jit = jax.jit(empty_state, static_argnames=("cfg", "slots", "max_len", "stop_width", "spec"))
+empty_state_jit = jax.jit(empty_state, static_argnames=("cfg", "slots", "max_len", "stop_width", "bias_width", "spec"))
 admit_jit = jax.jit(admit, static_argnames=("cfg", "spec"), donate_argnames=("state",))
 decode_jit = jax.jit(decode, static_argnames=("cfg", "steps", "window", "spec", "k"), donate_argnames=("state",))
 
@@ -272,25 +302,26 @@ def prepare_adapters(model, adapters: Sequence, fold: bool = False):
 # ------------------------------------------------------------------------------ the engine's device calls
 class Device:
     """The slot state [B] on the device, the params it is served with, and the engine's three
-    device calls: ``admit`` (prefill + insert: tables [P, T + E + 6], [P, 2] -> [P, 2]), ``decode``
+    device calls: ``admit`` (prefill + insert: tables [P, T + E + L + 7], [P, 6 + L] -> [P, 2]), ``decode``
     (one call of ``steps`` steps: kill flags [B] -> [B, W + 6]) and ``fetch`` (a result to the
     host). Dispatches are asynchronous; every result starts its copy to the host at once.
     ``dispatch_s`` / ``wait_s``: host seconds spent dispatching / waiting for results. Only the
     thread driving the engine calls these."""
 
     def __init__(self, params, cfg: ModelConfig, *, slots: int, max_len: int, stop_width: int, steps: int,
-                 draft=None, k: int = 0):
+                 bias_width: int = 4, draft=None, k: int = 0):
         self.params = params  # the target's params as served (folded with fold_adapters)
         self.cfg = cfg
         self.slots = slots
         self.stop_width = stop_width
+        self.bias_width = bias_width
         self.spec = None if draft is None else draft.spec
         self.dparams = None if draft is None else draft.params
         self.steps = steps
         self.k = k
         self.window = steps * (k + 1)  # W
         self.state = empty_state_jit(params, cfg, slots=slots, max_len=max_len, stop_width=stop_width,
-                                     spec=self.spec, dparams=self.dparams)
+                                     bias_width=bias_width, spec=self.spec, dparams=self.dparams)
         self.no_kill = jax.device_put(np.zeros((slots,), bool))  # passed when nothing was cancelled
         self.dispatch_s = 0.0
         self.wait_s = 0.0
@@ -321,7 +352,7 @@ class Device:
         """Compile every program now: one (padding) admission per (rows, bucket), and a decode with
         each kind of kill flags (``no_kill`` and a host [B] ``kill``). Not counted as dispatch time."""
         dispatched = self.dispatch_s
-        outs = [self.admit(*admission(p, t, self.stop_width, self.slots))
+        outs = [self.admit(*admission(p, t, self.stop_width, self.bias_width, self.slots))
                 for p, t in itertools.product(prefill_rows, buckets)]
         outs += [self.decode(self.no_kill), self.decode(kill)]
         jax.block_until_ready(outs)
