@@ -27,6 +27,7 @@ _EXPORTS = {
     # generation
     "generate": "generation",
     "Sampling": "settings",
+    "Constraint": "constraints",
     "generate_stream": "generation",
     "GenerationResult": "generation",
     "SamplingParams": "sampling",

@@ -25,7 +25,7 @@ reason "stop") or after its ``max_new_tokens`` (finish reason "length").
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,7 @@ import numpy as np
 
 from .buckets import bucket_batch, bucket_cache, bucket_length, bucket_table, next_pow2  # noqa: F401
 from .config import ModelConfig
+from .constraints import step_masks
 from .errors import RealmError
 from .kv_cache import KVCache, repeat_rows, rows_of
 from .model import forward_cached, forward_cached_hidden, lm_head
@@ -111,6 +112,8 @@ class Request:
     adapter_ids: np.ndarray | None  # [R] int32 or None
     settings: Sampling = Sampling()  # the call's settings (stop strings, n, logprobs, ...)
     stop_strings: list = dataclasses.field(default_factory=list)  # [R] tuples of strings
+    constraints: list = dataclasses.field(default_factory=list)  # [R] Constraint or None
+    matchers: list | None = None  # [R] host grammar matchers (``constraints.compile_rows``), or None
 
     @property
     def batch(self) -> int:
@@ -208,12 +211,18 @@ def validate_request(cfg: ModelConfig, prompt_ids: Sequence[Sequence[int]], max_
                                   presence_penalty=st.presence_penalty, logit_bias=st.logit_bias,
                                   min_tokens=st.min_tokens, vocab_size=v)
     stops = st.stop_strings(b)
+    from .constraints import constraints_per_prompt
+
+    cons = constraints_per_prompt(st.constraint, b)
+    if any(c is not None for c in cons) and sp.min_tokens is not None:
+        raise RealmError("min_tokens: not available with a constraint (the grammar decides where the text may end)")
     m = st.samples
     if m > 1:  # R = B * m rows, prompt-major; sample i of a prompt draws with seed + i
         sp = jax.tree.map(lambda a: np.repeat(a, m, axis=0), sp)
         sp = sp._replace(seed=(sp.seed.astype(np.uint64) + np.tile(np.arange(m, dtype=np.uint64), b)).astype(np.uint32))
         mn, rows_stop = np.repeat(mn, m), [r for r in rows_stop for _ in range(m)]
         stops = [r for r in stops for _ in range(m)]
+        cons = [c for c in cons for _ in range(m)]
 
     ids = None
     count = None if num_adapters <= 1 else num_adapters
@@ -232,7 +241,7 @@ def validate_request(cfg: ModelConfig, prompt_ids: Sequence[Sequence[int]], max_
             ids = ids if m == 1 else np.repeat(ids, m)
     elif adapter_ids is not None:
         raise RealmError("adapter_ids given without adapters")
-    return Request([list(p) for p in prompt_ids], lengths, mn, rows_stop, cache_len, sp, ids, settings, stops)
+    return Request([list(p) for p in prompt_ids], lengths, mn, rows_stop, cache_len, sp, ids, settings, stops, cons)
 
 
 def _validate_stop_ids(stop_ids, b: int, v: int) -> list[tuple[int, ...]]:
@@ -306,11 +315,17 @@ class Controls(NamedTuple):
     sampling: SamplingParams  # [B] each
     limits: jax.Array  # [B] int32 max new tokens
     stop_ids: jax.Array  # [B, E] int32 (-1 = none)
+    constraint: Any = None  # [B] int32 keys of the rows' grammar matchers (-1 = none; ``constraints``)
 
     @classmethod
-    def of(cls, pad: "Padded") -> "Controls":
-        """The device controls of a padded request."""
-        return cls(pad.sampling.to_device(), jnp.asarray(pad.limits), jnp.asarray(pad.stop_ids))
+    def of(cls, pad: "Padded", constraint_keys: np.ndarray | None = None) -> "Controls":
+        """The device controls of a padded request (``constraint_keys`` [R]: padded with -1)."""
+        keys = None
+        if constraint_keys is not None:
+            keys = np.full(pad.limits.shape, -1, np.int32)
+            keys[:len(constraint_keys)] = constraint_keys
+            keys = jnp.asarray(keys)
+        return cls(pad.sampling.to_device(), jnp.asarray(pad.limits), jnp.asarray(pad.stop_ids), keys)
 
 
 class DecodeState(NamedTuple):
@@ -428,6 +443,11 @@ def emit(state: DecodeState, logits: jax.Array, ctl: Controls) -> DecodeState:
     record it (and its log-probs, with a trace); count it (with a history); mark finished rows."""
     live = ~state.done
     sp = ctl.sampling
+    raw, finish = logits, None
+    if ctl.constraint is not None:  # the grammar's mask first: no processor can bring a token back
+        allowed, finish = step_masks(ctl.constraint, state.last, state.num_new, state.done, logits.shape[-1])
+        logits = jnp.where(allowed, logits, -jnp.inf)
+        live = live & ~finish
     adjusted = logits
     if sp.bias is not None or sp.penalties is not None or sp.min_tokens is not None:
         adjusted = adjust(logits, sp, num_new=state.num_new, stop_ids=ctl.stop_ids, history=state.history)
@@ -447,10 +467,12 @@ def emit(state: DecodeState, logits: jax.Array, ctl: Controls) -> DecodeState:
     if history is not None:
         history = history._replace(counts=history.counts.at[rows, tok].add(live.astype(jnp.int32)))
     if trace is not None:
-        new = _logprobs(logits, jnp.where(greedy[:, None], adj, warped), tok, trace.top.shape[-1])
+        new = _logprobs(raw, jnp.where(greedy[:, None], adj, warped), tok, trace.top.shape[-1])
         trace = LogprobTrace(*(old.at[rows, idx].set(x, mode="drop") for old, x in zip(trace, new)))
     num_new = state.num_new + live.astype(jnp.int32)
     hit = live & jnp.any(tok[:, None] == ctl.stop_ids, axis=1)
+    if finish is not None:  # the grammar ended a row that has no stop id
+        hit = hit | (finish & ~state.done)
     done = state.done | hit | (num_new >= ctl.limits)
     return state._replace(last=tok, num_new=num_new, done=done, stopped=state.stopped | hit, out=out,
                           history=history, logprobs=trace)
@@ -584,6 +606,10 @@ def prepare_request(model, prompts, max_new_tokens, *, stop_ids=None, max_len=No
                            num_adapters=0 if adapters is not None else model.num_adapters, **settings)
     if any(req.stop_strings) and getattr(model, "tokenizer", None) is None:
         raise RealmError("stop: stop strings need the model's tokenizer (this model has none); use stop_ids")
+    if any(c is not None for c in req.constraints):
+        from .constraints import compile_rows
+
+        req.matchers = compile_rows(model, req.constraints, req.stop_ids)
     return req, pad_request(req)
 
 
@@ -606,6 +632,7 @@ class _Call(NamedTuple):
     cache: KVCache
     adapter_ids: jax.Array | None
     rt: object
+    constraint_keys: np.ndarray | None = None  # [R] registered matchers (``constraints.register``)
 
     def static(self) -> dict:
         """The static arguments of ``start`` / ``generate_on_device`` beyond cfg."""
@@ -623,13 +650,32 @@ def _setup(model, prompts, max_new_tokens, **kw) -> _Call:
                    ("generate", model.config, rt.options, pad.tokens.shape, pad.cache_len))
     cache = new_cache(model.config, rt, pad.limits.shape[0], pad.cache_len)
     aid = None if pad.adapter_ids is None else jnp.asarray(pad.adapter_ids)
-    return _Call(req, pad, Controls.of(pad), cache, aid, rt)
+    keys = None
+    if req.matchers is not None:
+        from .constraints import register
+
+        keys = register(req.matchers)
+    return _Call(req, pad, Controls.of(pad, keys), cache, aid, rt, keys)
 
 
-def _row_text(tok, ids: list[int], stopped: bool) -> str | None:
+def _release(call: _Call) -> None:
+    """Forget the call's grammar matchers; a matcher that met an error (a bug: the mask should
+    have kept every refused token out) is raised here."""
+    if call.constraint_keys is None:
+        return
+    from .constraints import release
+
+    errors = release(call.constraint_keys)
+    if errors:
+        raise RealmError(f"constraint: the grammar engine failed: {errors[0]}")
+
+
+def _row_text(tok, ids: list[int], stopped: bool, stop_ids=()) -> str | None:
+    """The text of a row's ids, without the stop id that ended it (``stopped``: the row ended by a
+    stop id or, with a constraint, by its grammar, which emits none; ``stop_ids``: the row's)."""
     if tok is None:
         return None
-    return tok.decode(ids[:-1] if stopped else ids)
+    return tok.decode(ids[:-1] if stopped and ids and ids[-1] in stop_ids else ids)
 
 
 def generate(model, prompts, max_new_tokens: int | Sequence[int], *, stop_ids=None, max_len: int | None = None,
@@ -651,8 +697,12 @@ def generate(model, prompts, max_new_tokens: int | Sequence[int], *, stop_ids=No
                   adapter_ids=adapter_ids, chat=chat, sampling=sampling, **settings)
     if any(call.req.stop_strings):
         return _collect(call.req, _Stream(model, call, 16))
-    state = generate_jit(call.rt, model.config, jnp.asarray(call.pad.tokens), jnp.asarray(call.pad.lengths),
-                         call.cache, call.ctl, adapter_ids=call.adapter_ids, **call.static())
+    try:
+        state = generate_jit(call.rt, model.config, jnp.asarray(call.pad.tokens), jnp.asarray(call.pad.lengths),
+                             call.cache, call.ctl, adapter_ids=call.adapter_ids, **call.static())
+        state = jax.block_until_ready(state)
+    finally:
+        _release(call)
     return result_of(model, call.req, *jax.device_get((state.out, state.num_new, state.stopped)),
                      logprobs=jax.device_get(state.logprobs), prompt_logprobs=jax.device_get(state.prompt_logprobs))
 
@@ -688,7 +738,7 @@ def result_of(model, req: Request, out: np.ndarray, num_new: np.ndarray, stopped
     tok = getattr(model, "tokenizer", None)
     st, r = req.settings, req.rows
     tokens = [out[i, :num_new[i]].tolist() for i in range(r)]
-    texts = [_row_text(tok, tokens[i], bool(stopped[i])) for i in range(r)]
+    texts = [_row_text(tok, tokens[i], bool(stopped[i]), req.stop_ids[i]) for i in range(r)]
     reasons = ["stop" if stopped[i] else "length" for i in range(r)]
     lps = cum = None
     if logprobs is not None:
@@ -759,9 +809,15 @@ class _Stream:
         return next(self._it)
 
     def _run(self) -> Iterator[StreamChunk]:
+        try:
+            yield from self._chunks()
+        finally:  # the end, an error or the stream closed / dropped: forget the grammar matchers
+            _release(self.call)
+
+    def _chunks(self) -> Iterator[StreamChunk]:
         from .stop_strings import StopScan, held_back
 
-        model, (req, pad, ctl, cache, aid, rt) = self.model, self.call
+        model, (req, pad, ctl, cache, aid, rt) = self.model, self.call[:6]
         tok = getattr(model, "tokenizer", None)
         r = req.rows
         state = start_jit(rt, model.config, jnp.asarray(pad.tokens), jnp.asarray(pad.lengths), cache, ctl,
@@ -794,7 +850,7 @@ class _Stream:
                     finished[i] = "stop" if stopped[i] else "length"
                 delta = None
                 if tok is not None and fresh:
-                    full = _row_text(tok, out[i, :n].tolist(), bool(stopped[i]) and cut is None)
+                    full = _row_text(tok, out[i, :n].tolist(), bool(stopped[i]) and cut is None, req.stop_ids[i])
                     if cut is not None:
                         full = full[:cut[1]]
                     elif finished[i] is None:

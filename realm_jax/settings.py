@@ -17,6 +17,9 @@ Fields:
     n: samples per prompt (sample i of a prompt uses seed + i), sharing one prefill.
     best_of: draw this many samples per prompt and keep the ``n`` with the highest cumulative
     log-prob (of the model's distribution).
+    constraint: None, a ``Constraint`` (JSON schema, regex, choice list or Lark grammar; or a
+    one-key dict ``{kind: value}``), or one per prompt: the output must match it
+    (``constraints``; needs the ``constrained`` extra).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class Sampling:
     prompt_logprobs: int | None = None
     n: int = 1
     best_of: int | None = None
+    constraint: Any = None
 
     @classmethod
     def of(cls, sampling: "Sampling | None" = None, **settings) -> "Sampling":

@@ -43,8 +43,9 @@ def hf_config(model_type: str, **overrides):
     return cls(**kw)
 
 
-def make_hf_model(case: str, directory: Path, seed: int = 0, classic_dialect: bool = False):
+def make_hf_model(case: str, directory: Path, seed: int = 0, classic_dialect: bool = False, **overrides):
     """Build the case's HF model with large-ish random weights, save it, return (dir, model).
+    ``overrides``: config values replacing the case's (e.g. ``vocab_size``).
 
     ``classic_dialect`` rewrites config.json with the pre-v5 keys (rope_theta / rope_scaling /
     torch_dtype), the form most published checkpoints have.
@@ -52,7 +53,7 @@ def make_hf_model(case: str, directory: Path, seed: int = 0, classic_dialect: bo
     import transformers
 
     model_type, over = ARCH_CASES[case]
-    cfg = hf_config(model_type, **over)
+    cfg = hf_config(model_type, **{**over, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
     with torch.no_grad():

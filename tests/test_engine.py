@@ -264,7 +264,7 @@ def test_admission_is_first_come_first_served_and_groups_similar_lengths(model):
         groups, _ = eng._plan()
     assert [[h.prompt_length for h in g] for _, _, g in groups] == [[2, 3], [14, 15]]
     assert [eng._admission(rows, slots, g)[0].shape for rows, slots, g in groups] == [
-        (2, 8 + eng.stop_width + eng.bias_width + 7), (2, 16 + eng.stop_width + eng.bias_width + 7)]
+        (2, 8 + eng.stop_width + eng.bias_width + 8), (2, 16 + eng.stop_width + eng.bias_width + 8)]
     assert list(eng._queue) == hs[4:]
 
 

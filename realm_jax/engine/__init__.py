@@ -44,7 +44,7 @@ W = tokens per slot a decode call hands back:
 
 - ``core``: the ``Engine`` (settings, submission, the loop wiring the three below);
 - ``scheduler``: the queue, slot owners, kill flags [B], admission policy and bucket choice;
-- ``state``: the device state [B, ...], its jitted ``admit`` ([P, T + E + L + 7] + [P, 6 + L] -> [P, 2])
+- ``state``: the device state [B, ...], its jitted ``admit`` ([P, T + E + L + 8] + [P, 6 + L] -> [P, 2])
   and ``decode`` ([B] kill flags -> [B, W + 6]), and ``Device``, which makes those calls;
 - ``delivery``: request handles and results, handing device results to them, statistics.
 """

@@ -3,7 +3,7 @@ wires the scheduler (``scheduler``), the device (``state``) and delivery (``deli
 
 B = ``max_slots``, P = rows per prefill call, T = a prompt bucket, E = the stop-id table width,
 W = tokens a decode call hands back per slot. The loop moves host tables of an admission (int32
-[P, T + E + L + 7], float32 [P, 6 + L]) and kill flags (bool [B]) to the device, and its answers ([P, 2]
+[P, T + E + L + 8], float32 [P, 6 + L]) and kill flags (bool [B]) to the device, and its answers ([P, 2]
 per admission, [B, W + 6] per decode call) back; see the package doc for the order of a step.
 
 Locks: ``_lock`` guards the scheduler's and the statistics' bookkeeping (``_wake`` is its
@@ -68,13 +68,16 @@ class Engine:
     ``model.runtime``.
     draft: a draft for speculative decoding (a loaded Model, "self:N", "lookup" or a
     ``drafts.Draft``), k tokens per round.
+    constrained: serve requests with a ``constraint`` (JSON schema, regex, choice, grammar;
+    ``realm_jax.constraints``). The programs then ask the host for the grammar masks once per
+    step whenever a live slot has a constraint (needs the ``constrained`` extra; no draft yet).
     """
 
     def __init__(self, model, *, max_slots: int = 8, max_seq_len: int | None = None,
                  prefill_buckets: Sequence[int] | None = None, prefill_batch: int | None = None,
                  decode_steps_per_call: int = 16, max_stop_ids: int = 8, max_logit_bias: int = 8,
                  adapters: Mapping[str, Any] | None = None, fold_adapters: bool = False, draft=None,
-                 k: int = 4):
+                 k: int = 4, constrained: bool = False):
         cfg = model.config
         self.model = model
         self.max_slots = _check_pos_int("max_slots", max_slots)
@@ -94,6 +97,15 @@ class Engine:
         self.stop_width = bucket_table(self.max_stop_ids)
         self.bias_width = bucket_table(_check_pos_int("max_logit_bias", max_logit_bias))
 
+        if not isinstance(constrained, bool):
+            raise RealmError(f"constrained: expected True or False, got {constrained!r}")
+        if constrained:
+            if draft is not None:
+                raise RealmError("constrained: not available with a draft yet (constraints need the one-token decode)")
+            from ..constraints import _llguidance
+
+            _llguidance()
+        self.constrained = constrained
         self.adapter_names: tuple[str, ...] = ()
         params = model.runtime  # the target's runtime as served (with the adapters, folded or not)
         if fold_adapters and (adapters is None or draft is not None):
@@ -111,7 +123,7 @@ class Engine:
         self._device = es.Device(params, cfg, slots=self.max_slots, max_len=self.max_seq_len,
                                  stop_width=self.stop_width, bias_width=self.bias_width,
                                  steps=self.decode_steps_per_call,
-                                 draft=self.draft, k=self.k)
+                                 draft=self.draft, k=self.k, constrained=constrained)
         self.window = self._device.window
 
         self._lock = threading.Lock()
@@ -148,7 +160,9 @@ class Engine:
 
         st = Sampling.of(sampling, **settings)
         served = _SERVED if self.draft is None else _SERVED_WITH_DRAFT
-        other = [f for f in st.non_default() if f not in served]
+        other = [f for f in st.non_default() if f not in served + (("constraint",) if self.constrained else ())]
+        if other == ["constraint"] and self.draft is None:
+            raise RealmError("constraint: this engine was built without constrained=True")
         if other:
             raise RealmError(f"{', '.join(other)}: not served by the engine"
                              + (" with a draft" if self.draft is not None else "") + " yet (use generate)")
@@ -175,8 +189,13 @@ class Engine:
             raise RealmError(f"adapter: unknown name {adapter!r}; expected one of {known} or None (base model)")
         sp = req.sampling
         limit = int(req.max_new_tokens[0])
-        ints, floats = es.request_settings(stops, self.stop_width, self.bias_width, limit, aid, sp)
-        return RequestHandle(self, -1, req.prompt_ids[0], limit, adapter, ints, floats)
+        key = -1
+        if req.constraints[0] is not None:  # last: nothing can refuse the request after this
+            from ..constraints import compile_rows, register
+
+            key = int(register(compile_rows(self.model, req.constraints, req.stop_ids))[0])
+        ints, floats = es.request_settings(stops, self.stop_width, self.bias_width, limit, aid, sp, key)
+        return RequestHandle(self, -1, req.prompt_ids[0], limit, adapter, ints, floats, key)
 
     def submit(self, prompt, max_new_tokens: int, *, stop_ids=None, adapter: str | None = None, chat: bool = False,
                sampling=None, **settings) -> RequestHandle:
@@ -185,8 +204,9 @@ class Engine:
         prompt: a string (needs the model's tokenizer; ``chat=True`` applies the chat template),
         chat messages (with ``chat=True``) or token ids. max_new_tokens >= 1; prompt +
         max_new_tokens <= max_seq_len. sampling / settings: a ``Sampling`` and/or its fields
-        (temperature, top_k, top_p, min_p, seed, penalties, logit_bias, min_tokens; with a
-        draft only the first four, and stop strings, log-probs and n are not served yet), as
+        (temperature, top_k, top_p, min_p, seed, penalties, logit_bias, min_tokens, and
+        constraint when built ``constrained``; with a draft only the first four, and stop
+        strings, log-probs and n are not served yet), as
         ``generate`` takes them. stop_ids: None = the model's eos ids; [] = none. adapter: a name
         given at construction, or None for the base model. Raises ``RealmError`` for bad input
         (nothing is queued; other requests are unaffected), and ``EngineClosedError`` after

@@ -42,7 +42,7 @@ class RequestHandle:
     """A submitted request: ``result()``, ``stream()``, ``cancel()``, timings."""
 
     def __init__(self, engine, rid: int, prompt_ids: list[int], max_new_tokens: int,
-                 adapter: str | None, settings: np.ndarray, floats: np.ndarray):
+                 adapter: str | None, settings: np.ndarray, floats: np.ndarray, constraint_key: int = -1):
         self._engine = engine
         self.id = rid
         self.prompt_ids = prompt_ids
@@ -50,6 +50,7 @@ class RequestHandle:
         self.adapter = adapter
         self._settings = settings  # int32 [E + 4]: its part of an admission row (state.request_settings)
         self._floats = floats  # float32 [6 + L]: state.FLOAT_COLS, then logit-bias values
+        self._constraint_key = constraint_key  # its grammar matcher (constraints.register), -1 = none
         self._tokens: list[int] = []
         self._cond = threading.Condition()
         self._finish: str | None = None
@@ -102,14 +103,24 @@ class RequestHandle:
             if finish is not None:
                 self._finish = finish
                 self.finished_at = now
+                self._release()
             self._cond.notify_all()
             return True
+
+    def _release(self) -> None:
+        """Forget the request's grammar matcher (it has ended)."""
+        if self._constraint_key >= 0:
+            from ..constraints import release
+
+            release([self._constraint_key])
+            self._constraint_key = -1
 
     def _fail(self, err: BaseException) -> None:
         with self._cond:
             if not self.done:
                 self._error = err
                 self.finished_at = time.perf_counter()
+                self._release()
             self._cond.notify_all()
 
     # ---------------------------------------------------------------- user side
@@ -143,7 +154,8 @@ class RequestHandle:
         tok = getattr(self._engine.model, "tokenizer", None)
         with self._cond:
             tokens = list(self._tokens)
-        return RequestResult(tokens, _row_text(tok, tokens, stopped), self._finish, self.prompt_length,
+        stop_ids = [int(i) for i in self._settings[:self._engine.stop_width] if i >= 0]
+        return RequestResult(tokens, _row_text(tok, tokens, stopped, stop_ids), self._finish, self.prompt_length,
                              self.cancel_reason if self._finish == CANCELLED else None)
 
     def stream(self, timeout: float | None = None) -> Iterator[int]:

@@ -18,7 +18,7 @@ settings (one ``admit`` program per (rows, prompt bucket), one ``decode`` progra
 engine never recompiles whatever requests come.
 
 Host <-> device traffic is one array each way per call: an admission is an int32 table
-[P, T + E + L + 7] and a float32 table [P, 6 + L] (``admission``); ``admit`` answers [P, 2] and
+[P, T + E + L + 8] and a float32 table [P, 6 + L] (``admission``); ``admit`` answers [P, 2] and
 ``decode`` [B, W + 6] (``ADMIT_COLS``, ``DECODE_COLS``). An empty slot holds the settings of a
 padding row of that table.
 
@@ -72,7 +72,8 @@ class EngineState(NamedTuple):
 
 # Per-request columns of an admission's int32 table, after the prompt [T], stop ids [E] and
 # logit-bias ids [L]: what ``request_settings`` fixes at submit, then where the row goes.
-SETTINGS_COLS = ("limit", "top_k", "seed", "adapter", "min_tokens")  # seed: the uint32's bits
+# constraint: the key of the request's grammar matcher (``constraints.register``; -1 = none)
+SETTINGS_COLS = ("limit", "top_k", "seed", "adapter", "min_tokens", "constraint")  # seed: the uint32's bits
 PLACE_COLS = ("length", "slot")
 # The float32 table: these columns, then the logit-bias values [L]; a padding row's values.
 FLOAT_COLS = ("temperature", "top_p", "min_p", "repetition", "frequency", "presence")
@@ -87,9 +88,9 @@ RUNNING, ENDED, STOPPED = 0, 1, 2
 
 # ------------------------------------------------------------------------------ host tables
 def request_settings(stop_ids, stop_width: int, bias_width: int, limit: int, adapter_id: int,
-                     sp: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+                     sp: SamplingParams, constraint_key: int = -1) -> tuple[np.ndarray, np.ndarray]:
     """One request's fixed part of an admission row, from its host ``SamplingParams`` [1]:
-    ints [E + L + 5] = stop ids (-1 = none) | bias ids | ``SETTINGS_COLS``; floats [6 + L] =
+    ints [E + L + 6] = stop ids (-1 = none) | bias ids | ``SETTINGS_COLS``; floats [6 + L] =
     ``FLOAT_COLS`` | bias values."""
     row = np.full((stop_width + bias_width + len(SETTINGS_COLS),), -1, np.int32)
     row[:len(stop_ids)] = stop_ids
@@ -108,14 +109,14 @@ def request_settings(stop_ids, stop_width: int, bias_width: int, limit: int, ada
         row[stop_width:stop_width + n], floats[len(FLOAT_COLS):len(FLOAT_COLS) + n] = ids[:n], vals[:n]
     min_tokens = 0 if sp.min_tokens is None else int(sp.min_tokens[0])
     row[stop_width + bias_width:] = (limit, int(sp.top_k[0]), np.array(sp.seed[0], np.uint32).view(np.int32),
-                                     adapter_id, min_tokens)
+                                     adapter_id, min_tokens, constraint_key)
     return row, floats
 
 
 def admission(rows: int, bucket: int, stop_width: int, bias_width: int, slots: int,
               fill=()) -> tuple[np.ndarray, np.ndarray]:
     """Host tables for a prefill call of ``rows`` (P) prompts padded to ``bucket`` (T), every row
-    padding (length 0, limit 0, slot B = dropped): ints [P, T + E + L + 7] = prompt [T] | stop
+    padding (length 0, limit 0, slot B = dropped): ints [P, T + E + L + 8] = prompt [T] | stop
     ids [E] | bias ids [L] | ``SETTINGS_COLS`` | ``PLACE_COLS``; floats [P, 6 + L]. ``fill``: the
     first rows' (slot, prompt ids [<= T], and ``request_settings``' ints and floats)."""
     fixed = stop_width + bias_width + len(SETTINGS_COLS)
@@ -133,19 +134,21 @@ def admission(rows: int, bucket: int, stop_width: int, bias_width: int, slots: i
     return ints, floats
 
 
-def _columns(ints: jax.Array, floats: jax.Array, stop_width: int):
+def _columns(ints: jax.Array, floats: jax.Array, stop_width: int, constrained: bool):
     """An admission's tables by column: prompts [P, T], the rows' ``Controls`` [P] (stop ids
-    [P, E], every optional sampling setting), adapter ids, lengths and slots [P]."""
+    [P, E], every optional sampling setting; the constraint keys when ``constrained``), adapter
+    ids, lengths and slots [P]."""
     from ..sampling import LogitBias, Penalties
 
     lb = floats.shape[1] - len(FLOAT_COLS)
     t = ints.shape[1] - stop_width - lb - len(SETTINGS_COLS) - len(PLACE_COLS)
     e = t + stop_width + lb
-    limits, top_k, seed, adapter_ids, min_tokens = (ints[:, e + j] for j in range(len(SETTINGS_COLS)))
+    limits, top_k, seed, adapter_ids, min_tokens, keys = (ints[:, e + j] for j in range(len(SETTINGS_COLS)))
     sp = SamplingParams(floats[:, 0], top_k, floats[:, 1], jax.lax.bitcast_convert_type(seed, jnp.uint32),
                         floats[:, 2], Penalties(floats[:, 3], floats[:, 4], floats[:, 5]),
                         LogitBias(ints[:, t + stop_width:e], floats[:, len(FLOAT_COLS):]), min_tokens)
-    return ints[:, :t], Controls(sp, limits, ints[:, t:t + stop_width]), adapter_ids, ints[:, -2], ints[:, -1]
+    ctl = Controls(sp, limits, ints[:, t:t + stop_width], keys if constrained else None)
+    return ints[:, :t], ctl, adapter_ids, ints[:, -2], ints[:, -1]
 
 
 def _status(done: jax.Array, stopped: jax.Array) -> jax.Array:
@@ -154,15 +157,16 @@ def _status(done: jax.Array, stopped: jax.Array) -> jax.Array:
 
 # ------------------------------------------------------------------------------ device programs
 def empty_state(params, cfg: ModelConfig, slots: int, max_len: int, stop_width: int, bias_width: int, *,
-                spec=None, dparams=None) -> EngineState:
-    """Every slot empty (done, limit 0); the cache [B, S] in the params dtype and layout."""
+                spec=None, dparams=None, constrained: bool = False) -> EngineState:
+    """Every slot empty (done, limit 0); the cache [B, S] in the params dtype and layout.
+    ``constrained``: the programs ask the host for grammar masks (``constraints``)."""
     b = slots
     zi = jnp.zeros((b,), jnp.int32)
     history = History(jnp.zeros((b, cfg.vocab_size), jnp.int32), jnp.zeros((b, cfg.vocab_size), bool))
     dec = DecodeState(new_cache(cfg, params, b, max_len), zi, zi, jnp.ones((b,), bool), jnp.zeros((b,), bool),
                       jnp.zeros((b, max_len), jnp.int32), history)
     ints, floats = admission(b, 0, stop_width, bias_width, b)  # B padding rows: greedy, limit 0, no stop ids
-    _, ctl, _, _, _ = _columns(jnp.asarray(ints), jnp.asarray(floats), stop_width)
+    _, ctl, _, _, _ = _columns(jnp.asarray(ints), jnp.asarray(floats), stop_width, constrained)
     state = EngineState(dec, ctl, jnp.full((b,), -1, jnp.int32), zi, zi)
     if spec is None:
         return state
@@ -186,11 +190,12 @@ def _insert_draft(dst, src, slots):
 
 def admit(params, cfg: ModelConfig, state: EngineState, ints: jax.Array, floats: jax.Array, *,
           dparams=None, spec=None) -> tuple[EngineState, jax.Array]:
-    """Prefill the prompts of an admission (``admission``'s tables: ints [P, T + E + L + 7], floats
+    """Prefill the prompts of an admission (``admission``'s tables: ints [P, T + E + L + 8], floats
     [P, 6 + L]; length 0 = padding row), sample the first tokens with the rows' settings and insert
     everything into the rows' slots (B = drop). Returns the state and [P, 2] (``ADMIT_COLS``)."""
     p = ints.shape[0]
-    tokens, ctl, adapter_ids, lengths, slots = _columns(ints, floats, state.ctl.stop_ids.shape[1])
+    tokens, ctl, adapter_ids, lengths, slots = _columns(ints, floats, state.ctl.stop_ids.shape[1],
+                                                        state.ctl.constraint is not None)
     t = tokens.shape[1]
     aid = adapter_ids if params.num_adapters else None
     logits, cache = prefill(params, cfg, tokens, lengths, new_cache(cfg, params, p, t), adapter_ids=aid,
@@ -264,7 +269,8 @@ def decode(params, cfg: ModelConfig, state: EngineState, kill: jax.Array, *, ste
     return new, jnp.concatenate([tokens, cols], axis=1)
 
 
-empty_state_jit = jax.jit(empty_state, static_argnames=("cfg", "slots", "max_len", "stop_width", "bias_width", "spec"))
+empty_state_jit = jax.jit(empty_state, static_argnames=("cfg", "slots", "max_len", "stop_width", "bias_width", "spec",
+                                                     "constrained"))
 admit_jit = jax.jit(admit, static_argnames=("cfg", "spec"), donate_argnames=("state",))
 decode_jit = jax.jit(decode, static_argnames=("cfg", "steps", "window", "spec", "k"), donate_argnames=("state",))
 
@@ -302,14 +308,14 @@ def prepare_adapters(model, adapters: Sequence, fold: bool = False):
 # ------------------------------------------------------------------------------ the engine's device calls
 class Device:
     """The slot state [B] on the device, the params it is served with, and the engine's three
-    device calls: ``admit`` (prefill + insert: tables [P, T + E + L + 7], [P, 6 + L] -> [P, 2]), ``decode``
+    device calls: ``admit`` (prefill + insert: tables [P, T + E + L + 8], [P, 6 + L] -> [P, 2]), ``decode``
     (one call of ``steps`` steps: kill flags [B] -> [B, W + 6]) and ``fetch`` (a result to the
     host). Dispatches are asynchronous; every result starts its copy to the host at once.
     ``dispatch_s`` / ``wait_s``: host seconds spent dispatching / waiting for results. Only the
     thread driving the engine calls these."""
 
     def __init__(self, params, cfg: ModelConfig, *, slots: int, max_len: int, stop_width: int, steps: int,
-                 bias_width: int = 4, draft=None, k: int = 0):
+                 bias_width: int = 4, draft=None, k: int = 0, constrained: bool = False):
         self.params = params  # the target's params as served (folded with fold_adapters)
         self.cfg = cfg
         self.slots = slots
@@ -321,7 +327,8 @@ class Device:
         self.k = k
         self.window = steps * (k + 1)  # W
         self.state = empty_state_jit(params, cfg, slots=slots, max_len=max_len, stop_width=stop_width,
-                                     bias_width=bias_width, spec=self.spec, dparams=self.dparams)
+                                     bias_width=bias_width, spec=self.spec, dparams=self.dparams,
+                                     constrained=constrained)
         self.no_kill = jax.device_put(np.zeros((slots,), bool))  # passed when nothing was cancelled
         self.dispatch_s = 0.0
         self.wait_s = 0.0

@@ -1,0 +1,307 @@
+"""Constrained decoding: a per-row token mask from a grammar engine, applied before sampling.
+
+The grammar engine is llguidance (the ``constrained`` extra). It takes JSON schemas, regular
+expressions, choice lists and context-free (Lark) grammars, and answers each step's allowed
+tokens as a bitmask over the vocabulary, computed on the host from the tokens so far. It has no
+token-level automaton to put on the device (its lexer is lazy and its parser an Earley parser),
+so the decode loop stays one jitted program and asks the host for the mask once per step
+through ``jax.experimental.io_callback`` (``step_masks``). docs/constrained.md says why this
+engine and what a step costs.
+
+Flow: ``Constraint`` (what the user asks for) -> ``compile_rows`` on the host, before any device
+work (a bad schema or grammar is a ``RealmError`` naming the row) -> ``RowMatchers`` registered
+under process-wide keys -> ``Controls.constraint`` [B] int32 keys (-1 = unconstrained) ->
+``emit`` calls ``step_masks`` and masks the logits -> ``release`` when the call ends.
+
+Stopping: where the grammar allows the end of its text, the row's own stop ids are allowed (the
+grammar engine's end-of-sequence token stands for them). A row that has no stop ids and whose
+grammar can take nothing more ends there, with finish reason "stop".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import threading
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import RealmError
+
+KINDS = ("json_schema", "regex", "choice", "grammar")
+# JSON output without free whitespace between tokens unless a schema asks for it
+# (``"x-guidance": {"whitespace_flexible": true}`` in the schema).
+JSON_DEFAULTS = {"whitespace_flexible": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class Constraint:
+    """What a row's output must match. ``kind``: one of ``KINDS``; ``value``: a JSON schema
+    (dict or JSON text), a regex (the whole output must match it), a list of strings (the
+    output is one of them) or a Lark grammar (llguidance's dialect: ``start`` is the root)."""
+
+    kind: str
+    value: Any
+
+    @classmethod
+    def json_schema(cls, schema) -> "Constraint":
+        return cls("json_schema", schema)
+
+    @classmethod
+    def json_object(cls) -> "Constraint":
+        """Any JSON object (OpenAI's ``response_format={"type": "json_object"}``)."""
+        return cls("json_schema", {"type": "object"})
+
+    @classmethod
+    def regex(cls, pattern: str) -> "Constraint":
+        return cls("regex", pattern)
+
+    @classmethod
+    def choice(cls, options: Sequence[str]) -> "Constraint":
+        return cls("choice", tuple(options) if isinstance(options, list) else options)
+
+    @classmethod
+    def grammar(cls, lark: str) -> "Constraint":
+        return cls("grammar", lark)
+
+    @classmethod
+    def of(cls, x, where: str = "constraint") -> "Constraint | None":
+        """None, a ``Constraint``, or a one-key dict ``{kind: value}`` -> a checked ``Constraint``."""
+        if x is None:
+            return None
+        if isinstance(x, dict) and len(x) == 1:
+            (kind, value), = x.items()
+            x = cls(kind, value)
+        if not isinstance(x, Constraint):
+            raise RealmError(f"{where}: expected a realm_jax.Constraint, a one-key dict {{kind: value}} with kind "
+                             f"in {list(KINDS)}, or None; got {type(x).__name__}")
+        x.check(where)
+        return x
+
+    def check(self, where: str = "constraint") -> None:
+        """Host checks of the value's type (the grammar itself is checked by ``lark_of``)."""
+        k, v = self.kind, self.value
+        if k not in KINDS:
+            raise RealmError(f"{where}: unknown kind {k!r}; expected one of {list(KINDS)}")
+        if k == "json_schema":
+            if isinstance(v, str):
+                try:
+                    v = json.loads(v)
+                except ValueError as e:
+                    raise RealmError(f"{where}: the JSON schema is not valid JSON ({e})") from None
+            if not isinstance(v, (dict, bool)):
+                raise RealmError(f"{where}: a JSON schema must be an object (or true/false), got {type(v).__name__}")
+        elif k in ("regex", "grammar"):
+            if not isinstance(v, str) or not v:
+                raise RealmError(f"{where}: a {k} must be a non-empty string, got {v!r:.60}")
+        elif not isinstance(v, (list, tuple)) or not v or not all(isinstance(s, str) and s for s in v):
+            raise RealmError(f"{where}: a choice must be a non-empty list of non-empty strings, got {v!r:.80}")
+
+    def lark_of(self) -> str:
+        """The llguidance grammar text of this constraint."""
+        llg = _llguidance()
+        k, v = self.kind, self.value
+        if k == "json_schema":
+            schema = json.loads(v) if isinstance(v, str) else v
+            try:
+                return llg.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_DEFAULTS)
+            except ValueError as e:
+                raise RealmError(f"constraint: the JSON schema is not usable ({e})") from None
+        if k == "regex":
+            return llg.LLMatcher.grammar_from_regex(v)
+        if k == "choice":
+            return llg.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(s) for s in v))
+        return llg.LLMatcher.grammar_from_lark(v)
+
+
+def _llguidance():
+    try:
+        import llguidance
+    except ImportError:
+        raise RealmError("constrained decoding needs llguidance: pip install 'realm-jax[constrained]'") from None
+    return llguidance
+
+
+def constraints_per_prompt(x, batch: int) -> list[Constraint | None]:
+    """``Sampling.constraint``: None, one constraint for all prompts, or one (or None) per prompt."""
+    if isinstance(x, (list, tuple)) and not (isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)):
+        if len(x) != batch:
+            raise RealmError(f"constraint: expected one constraint or {batch} (one per prompt), got {len(x)}")
+        return [Constraint.of(c, f"constraint (prompt {i})") for i, c in enumerate(x)]
+    return [Constraint.of(x)] * batch
+
+
+# ---------------------------------------------------------------------------------- host side
+_TOKENIZERS: dict = {}
+
+
+def grammar_tokenizer(tokenizer, vocab_size: int, eos_ids: Sequence[int]):
+    """The llguidance tokenizer of a realm_jax ``Tokenizer`` over the model's vocabulary
+    (``vocab_size`` >= the tokenizer's); built once per (tokenizer, vocab, eos ids), ~1 s."""
+    if tokenizer is None:
+        raise RealmError("constraint: constrained decoding needs the model's tokenizer (this model has none)")
+    if not eos_ids:
+        raise RealmError("constraint: constrained decoding needs an end-of-sequence id (the model has none)")
+    key = (id(tokenizer), vocab_size, tuple(eos_ids))
+    hit = _TOKENIZERS.get(key)
+    if hit is not None and hit[0] is tokenizer:
+        return hit[1]
+    llg = _llguidance()
+    lt = llg.LLTokenizer(tokenizer._tok.to_str(), n_vocab=vocab_size, eos_token=list(eos_ids))
+    _TOKENIZERS[key] = (tokenizer, lt)
+    return lt
+
+
+class _Row:
+    """One row's matcher: tokens consumed so far, its stop ids (allowed where the grammar may end)."""
+
+    __slots__ = ("matcher", "consumed", "stops", "eos", "error")
+
+    def __init__(self, matcher, stops: Sequence[int], eos: Sequence[int]):
+        self.matcher, self.consumed, self.error = matcher, 0, None
+        self.stops, self.eos = [int(s) for s in stops], [int(e) for e in eos]
+
+
+def compile_rows(model, constraints: Sequence[Constraint | None], stop_ids: Sequence[Sequence[int]]) -> list:
+    """Per row: None or a fresh matcher (``_Row``) of its constraint, built on the host.
+    A grammar llguidance refuses is a ``RealmError`` naming the row and llguidance's message."""
+    if all(c is None for c in constraints):
+        return [None] * len(constraints)
+    from .generation import default_stop_ids
+
+    llg = _llguidance()
+    lt = grammar_tokenizer(getattr(model, "tokenizer", None), model.config.vocab_size, default_stop_ids(model))
+    grammars: dict = {}
+    rows = []
+    for i, (c, stops) in enumerate(zip(constraints, stop_ids)):
+        if c is None:
+            rows.append(None)
+            continue
+        text = grammars.get(id(c))
+        if text is None:
+            text = grammars[id(c)] = c.lark_of()
+        m = llg.LLMatcher(lt, text, log_level=0)
+        if m.is_error():
+            raise RealmError(f"constraint (row {i}, {c.kind}): {m.get_error()}")
+        rows.append(_Row(m, stops, lt.eos_tokens))
+    return rows
+
+
+_LOCK = threading.Lock()
+_ROWS: dict[int, _Row] = {}
+_KEYS = itertools.count()
+_EXECUTOR = None
+
+
+def register(rows: Sequence) -> np.ndarray:
+    """Matchers -> their keys [R] int32 (-1 for None), valid until ``release``."""
+    keys = np.full((len(rows),), -1, np.int32)
+    with _LOCK:
+        for i, r in enumerate(rows):
+            if r is not None:
+                k = next(_KEYS) % (2**31 - 1)
+                _ROWS[k] = r
+                keys[i] = k
+    return keys
+
+
+def release(keys) -> list[str]:
+    """Forget the matchers under ``keys``; returns the errors any of them met."""
+    errors = []
+    with _LOCK:
+        for k in np.asarray(keys).tolist():
+            r = _ROWS.pop(int(k), None)
+            if r is not None and r.error:
+                errors.append(r.error)
+    return errors
+
+
+def _executor():
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        _EXECUTOR = _llguidance().LLExecutor()
+    return _EXECUTOR
+
+
+def host_masks(keys: np.ndarray, last: np.ndarray, num_new: np.ndarray, done: np.ndarray, width: int):
+    """The host half of a step: keys / last / num_new [B] int32, done [B] bool -> (bits [B, W]
+    int32, bit v % 32 of word v // 32 = token v allowed; finish [B] bool).
+
+    A live constrained row first consumes its latest token if it has one more token than its
+    matcher has seen, then gets the grammar's mask, with the grammar's end standing for the
+    row's stop ids. Other rows get all ones."""
+    b = keys.shape[0]
+    bits = np.full((b, width), -1, np.int32)
+    finish = np.zeros((b,), bool)
+    todo = []
+    with _LOCK:
+        rows = [(_ROWS.get(int(k)) if k >= 0 and not d else None) for k, d in zip(keys, done)]
+    for i, r in enumerate(rows):
+        if r is None:
+            continue
+        n = int(num_new[i])
+        if n == r.consumed + 1:
+            if not r.matcher.consume_token(int(last[i])):
+                r.error = r.error or f"token {int(last[i])} refused: {r.matcher.get_error()}"
+            r.consumed = n
+        elif n != r.consumed:
+            r.error = r.error or f"matcher out of step: it saw {r.consumed} tokens, the row has {n}"
+        if r.error or r.matcher.is_error():
+            r.error = r.error or r.matcher.get_error()
+            finish[i] = True
+            continue
+        todo.append((r.matcher, i))
+    if todo:
+        from llguidance.numpy import fill_next_token_bitmask_par
+
+        fill_next_token_bitmask_par(_executor(), todo, bits)
+        words = bits.view(np.uint32)
+        for m, i in todo:
+            r, w = rows[i], words[i]
+            can_end = any((w[e >> 5] >> np.uint32(e & 31)) & 1 for e in r.eos)
+            for e in r.eos:  # the grammar's end of sequence stands for the row's stop ids
+                w[e >> 5] &= ~np.uint32(1 << (e & 31))
+            if can_end:
+                for s in r.stops:
+                    w[s >> 5] |= np.uint32(1 << (int(s) & 31))
+            finish[i] = not w.any()  # nothing may follow and the row has no stop id
+    return bits, finish
+
+
+# -------------------------------------------------------------------------------- device side
+_CALLBACKS: dict = {}
+
+
+def _callback(width: int):
+    """One host function per mask width, so that a traced program always names the same one."""
+    fn = _CALLBACKS.get(width)
+    if fn is None:
+        def fn(keys, last, num_new, done):
+            return host_masks(np.asarray(keys), np.asarray(last), np.asarray(num_new), np.asarray(done), width)
+
+        _CALLBACKS[width] = fn
+    return fn
+
+
+def step_masks(keys, last, num_new, done, vocab: int):
+    """Device half of a step: keys / last / num_new [B] int32, done [B] bool -> (allowed [B, V]
+    bool, finish [B] bool), through one host callback (skipped when no live row is constrained)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import io_callback
+
+    b, w = keys.shape[0], (vocab + 31) // 32
+    shapes = (jax.ShapeDtypeStruct((b, w), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.bool_))
+
+    def ask(_):
+        return io_callback(_callback(w), shapes, keys, last, num_new, done)
+
+    def skip(_):
+        return jnp.full((b, w), -1, jnp.int32), jnp.zeros((b,), bool)
+
+    bits, finish = jax.lax.cond(jnp.any((keys >= 0) & ~done), ask, skip, None)
+    v = jnp.arange(vocab, dtype=jnp.int32)
+    allowed = (jnp.right_shift(bits[:, v >> 5], v & 31) & 1) == 1
+    return allowed, finish
