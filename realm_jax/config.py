@@ -384,7 +384,8 @@ class ModelConfig:
             d.pop("hidden_act")
             d["hidden_act" if self.arch == "gemma" else "hidden_activation"] = "gelu_pytorch_tanh"
         if self.arch in ("gemma2", "gemma3_text"):
-            d.update(query_pre_attn_scalar=self.query_pre_attn_scalar, sliding_window=self.sliding_window,
+            scalar = self.query_pre_attn_scalar
+            d.update(query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar, sliding_window=self.sliding_window,
                      attn_logit_softcapping=self.attn_softcap, final_logit_softcapping=self.final_softcap,
                      layer_types=[LAYER_TYPES[0] if f else LAYER_TYPES[1] for f in self.layer_local])
         if self.arch == "gemma3_text":
