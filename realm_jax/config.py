@@ -4,8 +4,8 @@ Built from an HF ``config.json`` (``from_hf_dict``) for llama, mistral, qwen2, q
 llama), gemma, gemma2 and gemma3_text, in both dialects: classic ``rope_theta``/``rope_scaling``/
 ``torch_dtype`` and transformers-5 ``rope_parameters``/``dtype``. A family is a set of feature
 fields (``hidden_act``, ``norm_plus_one``, ``post_norms``, soft-caps, per-layer sliding windows,
-...), read by the one forward; ``gemma_fields`` maps the Gemma keys onto them. GGUF metadata maps onto the same fields
-(see ``gguf.py``). Anything we cannot honour raises ``UnsupportedModelError`` naming it.
+...), read by the one forward; ``gemma_fields`` maps the Gemma keys onto them. GGUF metadata
+maps onto the same fields (see ``gguf.py``). Anything we cannot honour raises ``UnsupportedModelError`` naming it.
 
 Validation happens here, on the host, before any tensor is read: every key of a config.json is
 checked for presence, type and range (``check_int`` / ``check_float`` / ``check_bool`` /
@@ -385,8 +385,9 @@ class ModelConfig:
             d["hidden_act" if self.arch == "gemma" else "hidden_activation"] = "gelu_pytorch_tanh"
         if self.arch in ("gemma2", "gemma3_text"):
             scalar = self.query_pre_attn_scalar
-            d.update(query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar, sliding_window=self.sliding_window,
-                     attn_logit_softcapping=self.attn_softcap, final_logit_softcapping=self.final_softcap,
+            d.update(query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
+                     sliding_window=self.sliding_window, attn_logit_softcapping=self.attn_softcap,
+                     final_logit_softcapping=self.final_softcap,
                      layer_types=[LAYER_TYPES[0] if f else LAYER_TYPES[1] for f in self.layer_local])
         if self.arch == "gemma3_text":
             d["rope_local_base_freq"] = self.rope_local_theta

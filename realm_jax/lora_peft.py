@@ -60,8 +60,8 @@ def _hf_modules(cfg: ModelConfig) -> list[tuple[str, str | None, int | None]]:
         out += [(f"{pre}.mlp", None, None)]
         out += [(_module_path(p, i), p, i) for p in ("w_gate", "w_up", "w_down")]
         out += [(f"{pre}.mlp.act_fn", None, None)]
-        out += [(file_name(leaf, cfg).format(i=i).removesuffix(".weight"), None, None)
-                for leaf in model_leaves(cfg) if leaf.is_layer and leaf.init == "norm"]  # the layer's norms (q/k norms, gemma2's four)
+        out += [(file_name(leaf, cfg).format(i=i).removesuffix(".weight"), None, None)  # the layer's norms
+                for leaf in model_leaves(cfg) if leaf.is_layer and leaf.init == "norm"]
     out += [("model.norm", None, None), ("model.rotary_emb", None, None), ("lm_head", None, None)]
     return out
 

@@ -219,3 +219,53 @@ def test_layer_kinds_follow_the_config():
     d = hf_config("gemma").to_dict()
     assert ModelConfig.from_hf_dict(d).layer_local == (False,) * d["num_hidden_layers"]
     assert dataclasses.asdict(cfg("gemma2_softcap_window"))["attn_softcap"] == 3.0
+
+
+# ------------------------------------------------------------------ the rest of the package
+@pytest.mark.slow  # ~30 s a case on a 2-core CPU (three programs compiled)
+def test_mesh_speculative_and_engine_equal_generate(gemma):
+    """Greedy tokens of ``generate`` (one device) equal: a (2, 2) mesh (Gemma's single KV head
+    and Gemma 2's three are replicated over ``model``), the self-speculative draft (the first
+    layers: local and global alike) and the engine."""
+    from realm_jax import sharding
+    from realm_jax.engine import Engine
+    from realm_jax.loading import Model
+    from realm_jax.speculative import speculative_generate
+
+    case, _, _, model = gemma
+    cfg = model.config
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (9, 2, 6)]
+    ref = generate(model, prompts, 10, stop_ids=[]).tokens
+    meshed = Model(cfg, model.params)
+    meshed.prepare(mesh=sharding.make_mesh(2, 2))
+    assert generate(meshed, prompts, 10, stop_ids=[]).tokens == ref, "mesh"
+    assert speculative_generate(model, "self:2", prompts, 10, stop_ids=[], k=3).tokens == ref, "self-speculative"
+    eng = Engine(model, max_slots=2, max_seq_len=32, prefill_buckets=(16,), prefill_batch=1)
+    handles = [eng.submit(p, 10, stop_ids=[]) for p in prompts]
+    eng.run_until_idle()
+    assert [h.result().tokens for h in handles] == ref, "engine"
+
+
+@pytest.mark.parametrize("case,change,error,pattern", [
+    ("gemma_mqa", dict(use_bidirectional_attention=True), "UnsupportedModelError", r"use_bidirectional_attention"),
+    ("gemma_mqa", dict(hidden_act="silu"), "UnsupportedModelError", r"'hidden_act': 'silu' is not supported"),
+    ("gemma2_softcap_window", dict(hidden_activation="gelu"), "UnsupportedModelError",
+     r"'hidden_activation': 'gelu' is not supported for gemma2"),
+    ("gemma2_softcap_window", dict(attn_logit_softcapping=0), "ConfigError", r"'attn_logit_softcapping'.*positive"),
+    ("gemma2_softcap_window", dict(query_pre_attn_scalar="x"), "ConfigError", r"'query_pre_attn_scalar'"),
+    ("gemma2_softcap_window", dict(layer_types=["sliding_attention"] * 3), "ConfigError",
+     r"'layer_types': expected 4 entries"),
+    ("gemma3_pattern_rope", dict(rope_parameters={"sliding_attention": {"rope_type": "linear", "factor": 2.0},
+                                                  "full_attention": {"rope_type": "default"}}),
+     "UnsupportedModelError", r"only plain rope is supported on local layers"),
+])
+def test_bad_gemma_configs_are_refused_by_key(case, change, error, pattern):
+    from realm_jax import errors
+    from realm_jax.config import ModelConfig
+
+    from hf_reference import ARCH_CASES, hf_config
+
+    d = {**hf_config(ARCH_CASES[case][0], **ARCH_CASES[case][1]).to_dict(), **change}
+    with pytest.raises(getattr(errors, error), match=pattern):
+        ModelConfig.from_hf_dict(d)
