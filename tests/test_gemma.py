@@ -5,7 +5,6 @@ the reference and the fused attention paths); greedy tokens against HF ``generat
 against its reference twin; a checkpoint written back and read by transformers; and each
 feature shown to matter: switched off, in our config or in HF's, the logits move clearly."""
 
-import dataclasses
 from functools import partial
 
 import jax
@@ -218,7 +217,8 @@ def test_layer_kinds_follow_the_config():
     assert g3.layer_local == (False,) * 5 and g3.rope_local_theta == 100.0
     d = hf_config("gemma").to_dict()
     assert ModelConfig.from_hf_dict(d).layer_local == (False,) * d["num_hidden_layers"]
-    assert dataclasses.asdict(cfg("gemma2_softcap_window"))["attn_softcap"] == 3.0
+    g2 = cfg("gemma2_softcap_window")
+    assert (g2.attn_softcap, g2.final_softcap, g2.query_pre_attn_scalar, g2.rope_local_theta) == (3.0, 4.0, 12.0, None)
 
 
 # ------------------------------------------------------------------ the rest of the package
