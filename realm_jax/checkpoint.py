@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .params import LEAVES, Leaf, leaf_shape, model_leaves
+from .params import LEAVES, Leaf, file_name, leaf_shape, model_leaves
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -29,7 +29,7 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 def tensor_names(cfg: ModelConfig, fmt: str = "hf") -> dict[str, tuple[Leaf, int | None]]:
     """Every tensor name this config has in a file (``fmt``: ``"hf"`` or ``"gguf"``, the ``Leaf``
     field) -> (leaf, layer index or None)."""
-    return {getattr(leaf, fmt).format(i=i): (leaf, i) for leaf in model_leaves(cfg)
+    return {file_name(leaf, cfg, fmt).format(i=i): (leaf, i) for leaf in model_leaves(cfg)
             for i in (range(cfg.num_layers) if leaf.is_layer else (None,))}
 
 

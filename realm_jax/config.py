@@ -1,9 +1,11 @@
-"""ModelConfig: a frozen, hashable description of a Llama-family model (static under jit).
+"""ModelConfig: a frozen, hashable description of a decoder-only model (static under jit).
 
 Built from an HF ``config.json`` (``from_hf_dict``) for llama, mistral, qwen2, qwen3 (SmolLM2 is
-llama), in both dialects: classic ``rope_theta``/``rope_scaling``/``torch_dtype`` and
-transformers-5 ``rope_parameters``/``dtype``. GGUF metadata maps onto the same fields
-(see ``gguf.py``). Anything we cannot honour raises ``UnsupportedModelError`` naming it.
+llama), gemma, gemma2 and gemma3_text, in both dialects: classic ``rope_theta``/``rope_scaling``/
+``torch_dtype`` and transformers-5 ``rope_parameters``/``dtype``. A family is a set of feature
+fields (``hidden_act``, ``norm_plus_one``, ``post_norms``, soft-caps, per-layer sliding windows,
+...), read by the one forward; ``gemma_fields`` maps the Gemma keys onto them. GGUF metadata
+maps onto the same fields (see ``gguf.py``). Anything we cannot honour raises ``UnsupportedModelError`` naming it.
 
 Validation happens here, on the host, before any tensor is read: every key of a config.json is
 checked for presence, type and range (``check_int`` / ``check_float`` / ``check_bool`` /
@@ -25,7 +27,12 @@ import numpy as np
 
 from .errors import CheckpointError, ConfigError, UnsupportedModelError
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3_text")
+HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+              "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+              "gemma3_text": "Gemma3ForCausalLM"}
+ACTIVATIONS = ("silu", "gelu_tanh")  # the MLP gate: SwiGLU, GeGLU with the tanh approximation
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 INT_LIMIT = 2 ** 31  # sizes, positions and token ids are int32 on the device
 
@@ -159,6 +166,15 @@ class ModelConfig:
     o_bias: bool = False  # llama attention_bias=True
     qk_norm: bool = False  # qwen3: RMSNorm over H on q and k before rope
     sliding_window: int | None = None  # mistral: a query sees at most this many keys (itself incl.)
+    sliding_layers: tuple[bool, ...] | None = None  # gemma2/3: which layers are local (window); None = all
+    hidden_act: str = "silu"  # the MLP gate (ACTIVATIONS): silu (SwiGLU) or gelu_tanh (GeGLU, gemma)
+    embed_scale: bool = False  # gemma: embeddings times sqrt(D), rounded to the params dtype
+    norm_plus_one: bool = False  # gemma: every RMSNorm scales by (1 + w), multiplied in float32
+    post_norms: bool = False  # gemma2/3: RMSNorm on the attention and MLP outputs before each residual add
+    query_pre_attn_scalar: float | None = None  # gemma2/3: scores scaled by this ** -0.5 (None: H ** -0.5)
+    attn_softcap: float | None = None  # gemma2: scores -> c * tanh(scores / c), before the mask
+    final_softcap: float | None = None  # gemma2: logits -> c * tanh(logits / c)
+    rope_local_theta: float | None = None  # gemma3: plain rope with this base on local layers
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -186,8 +202,21 @@ class ModelConfig:
             put(name, check_int(where(name), getattr(self, name)))
         for name in ("rms_norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
             put(name, check_float(where(name), getattr(self, name)))
-        for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "qk_norm"):
+        for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "qk_norm", "embed_scale", "norm_plus_one",
+                     "post_norms"):
             put(name, check_bool(where(name), getattr(self, name)))
+        for name in ("query_pre_attn_scalar", "attn_softcap", "final_softcap", "rope_local_theta"):
+            if getattr(self, name) is not None:
+                put(name, check_float(where(name), getattr(self, name)))
+        if self.hidden_act not in ACTIVATIONS:
+            raise UnsupportedModelError(f"{where('hidden_act')}: {self.hidden_act!r} is not supported; "
+                                        f"supported: {', '.join(ACTIVATIONS)}")
+        if self.sliding_layers is not None:
+            flags = self.sliding_layers
+            if not isinstance(flags, (tuple, list)) or len(flags) != self.num_layers:
+                raise ConfigError(f"{where('sliding_layers')}: expected {self.num_layers} flags (one a layer), "
+                                  f"got {_shown(flags)}")
+            put("sliding_layers", tuple(check_bool(where("sliding_layers"), f) for f in flags))
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
@@ -217,6 +246,23 @@ class ModelConfig:
     def groups(self) -> int:  # G = N / K
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def layer_local(self) -> tuple[bool, ...]:
+        """Per layer: True for a local layer (``sliding_window`` and, with ``rope_local_theta``,
+        the local rope). Without ``sliding_layers`` every layer is local iff there is a window."""
+        if self.sliding_layers is not None:
+            return self.sliding_layers
+        return (self.sliding_window is not None,) * self.num_layers
+
+    def window(self, local: bool) -> int | None:
+        """The sliding window of a local (True) or global (False) layer; None = no window."""
+        return self.sliding_window if local else None
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor on q . k: ``query_pre_attn_scalar ** -0.5``, else ``H ** -0.5``."""
+        return (self.query_pre_attn_scalar if self.query_pre_attn_scalar is not None else self.head_dim) ** -0.5
+
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
 
@@ -242,7 +288,8 @@ class ModelConfig:
             )
         if k.bool("mlp_bias", False):
             raise UnsupportedModelError(f"{source}: mlp_bias=True is not supported")
-        if d.get("hidden_act", "silu") != "silu":
+        gemma = model_type in GEMMA_ARCHITECTURES
+        if not gemma and d.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"{source}: hidden_act={d.get('hidden_act')!r} is not supported; "
                                         f"supported: silu")
         if model_type in ("qwen2", "qwen3") and k.bool("use_sliding_window", False):
@@ -274,6 +321,8 @@ class ModelConfig:
 
         attention_bias = k.bool("attention_bias", False)
         sliding = k.int("sliding_window", None) if model_type == "mistral" else None
+        num_layers = k.int("num_hidden_layers")
+        family = gemma_fields(d, k, model_type, num_layers) if gemma else {"rope": _rope_from_hf(d, source)}
         dtype = d.get("dtype") or d.get("torch_dtype") or "float32"
         dtype = check_dtype_name(k.where("dtype" if d.get("dtype") else "torch_dtype"), dtype)
         return cls(
@@ -281,23 +330,24 @@ class ModelConfig:
             vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=k.int("intermediate_size"),
-            num_layers=k.int("num_hidden_layers"),
+            num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=num_kv,
             head_dim=check_even(k.where("head_dim") if "head_dim" in d else
                                 f"{source}: keys 'hidden_size' / 'num_attention_heads'", head_dim),
             rms_norm_eps=k.float("rms_norm_eps", 1e-6),
             max_position_embeddings=k.int("max_position_embeddings", 4096),
-            tie_word_embeddings=k.bool("tie_word_embeddings", False),
+            tie_word_embeddings=k.bool("tie_word_embeddings", gemma),
             qkv_bias=(model_type == "qwen2") or attention_bias,
-            o_bias=attention_bias and model_type in ("llama", "mistral"),
-            qk_norm=model_type == "qwen3",
-            sliding_window=sliding,
+            o_bias=attention_bias and model_type in ("llama", "mistral") + GEMMA_ARCHITECTURES,
+            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            sliding_window=family.pop("sliding_window", sliding),
             bos_token_id=token("bos_token_id"),
             eos_token_ids=eos_ids,
             pad_token_id=None if pad is None else check_token_id(k.where("pad_token_id"), pad, vocab),
             dtype=dtype,
-            **_rope_from_hf(d, source),
+            **family.pop("rope"),
+            **family,
         )
 
     @classmethod
@@ -308,8 +358,7 @@ class ModelConfig:
         """An HF ``config.json`` (classic dialect) describing this model."""
         d = {
             "model_type": self.arch,
-            "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                               "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[self.arch]],
+            "architectures": [HF_CLASSES[self.arch]],
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -327,10 +376,21 @@ class ModelConfig:
             "pad_token_id": self.pad_token_id,
             "torch_dtype": self.dtype,
         }
-        if self.arch in ("llama", "mistral"):
+        if self.arch in ("llama", "mistral") + GEMMA_ARCHITECTURES:
             d["attention_bias"] = self.o_bias
         if self.arch == "mistral":
             d["sliding_window"] = self.sliding_window
+        if self.arch in GEMMA_ARCHITECTURES:
+            d.pop("hidden_act")
+            d["hidden_act" if self.arch == "gemma" else "hidden_activation"] = "gelu_pytorch_tanh"
+        if self.arch in ("gemma2", "gemma3_text"):
+            scalar = self.query_pre_attn_scalar
+            d.update(query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
+                     sliding_window=self.sliding_window, attn_logit_softcapping=self.attn_softcap,
+                     final_logit_softcapping=self.final_softcap,
+                     layer_types=[LAYER_TYPES[0] if f else LAYER_TYPES[1] for f in self.layer_local])
+        if self.arch == "gemma3_text":
+            d["rope_local_base_freq"] = self.rope_local_theta
         if self.rope_type == "linear":
             d["rope_scaling"] = {"rope_type": "linear", "factor": self.rope_factor}
         elif self.rope_type == "llama3":
@@ -366,9 +426,66 @@ def read_json(path: str | os.PathLike, error=CheckpointError):
         raise error(f"{path}: not valid JSON (nested too deeply)") from None
 
 
-def _rope_from_hf(d: Mapping[str, Any], source: str = "config.json") -> dict:
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def gemma_fields(d: Mapping[str, Any], k: "_Keys", model_type: str, num_layers: int) -> dict:
+    """The Gemma family's feature fields (and ``rope``: the rope fields) from a config.json,
+    with transformers' defaults for absent keys. gemma: GeGLU (gelu-tanh), sqrt(D)-scaled
+    embeddings, (1 + w) norms. gemma2 adds post-norms, ``query_pre_attn_scalar``, soft-caps
+    (50 / 30 when absent) and local layers (``layer_types``, else every other layer from the
+    first). gemma3_text adds q/k norms (set by the caller), a local:global pattern
+    (``layer_types`` or ``sliding_window_pattern``, default 6) and the local layers' own rope base
+    (``rope_local_base_freq`` or ``rope_parameters.sliding_attention``)."""
+    source = k.source
+    if k.bool("use_bidirectional_attention", False):
+        raise UnsupportedModelError(f"{source}: use_bidirectional_attention=True (an encoder) is not supported")
+    key = "hidden_activation" if d.get("hidden_activation") is not None else "hidden_act"
+    act = d.get(key) or "gelu_pytorch_tanh"
+    accepted = ("gelu_pytorch_tanh", "gelu") if model_type == "gemma" else ("gelu_pytorch_tanh",)
+    if act not in accepted:  # gemma's "gelu" is its legacy name of the tanh approximation (as transformers reads it)
+        raise UnsupportedModelError(f"{k.where(key)}: {act!r} is not supported for {model_type}; "
+                                    f"supported: {', '.join(accepted)}")
+    out: dict = dict(hidden_act="gelu_tanh", embed_scale=True, norm_plus_one=True)
+    if model_type == "gemma":
+        out["rope"] = _rope_from_hf(d, source)
+        return out
+    out.update(post_norms=True, query_pre_attn_scalar=k.float("query_pre_attn_scalar", 256.0),
+               sliding_window=k.int("sliding_window", None) if "sliding_window" in d else 4096)
+    caps = (50.0, 30.0) if model_type == "gemma2" else (None, None)
+    for name, key, default in zip(("attn_softcap", "final_softcap"),
+                                  ("attn_logit_softcapping", "final_logit_softcapping"), caps):
+        out[name] = k.float(key, None) if key in d else default
+    types = d.get("layer_types")
+    if types is None:
+        every = 2 if model_type == "gemma2" else k.int("sliding_window_pattern", 6)
+        types = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(num_layers)]
+    if not isinstance(types, (list, tuple)) or len(types) != num_layers or any(t not in LAYER_TYPES for t in types):
+        raise ConfigError(f"{k.where('layer_types')}: expected {num_layers} entries (one a layer), each one of "
+                          f"{', '.join(LAYER_TYPES)}, got {_shown(types)}")
+    out["sliding_layers"] = tuple(t == "sliding_attention" for t in types)
+    if model_type == "gemma2":
+        out["rope"] = _rope_from_hf(d, source)
+        return out
+    out["rope"] = _rope_from_hf(d, source, default_theta=1_000_000.0)
+    params = d.get("rope_parameters")
+    local = params.get("sliding_attention") if isinstance(params, Mapping) else None
+    if local is not None:
+        if not isinstance(local, Mapping) or local.get("rope_type", "default") != "default":
+            raise UnsupportedModelError(f"{source}: key 'rope_parameters.sliding_attention': only plain rope is "
+                                        f"supported on local layers, got {_shown(local)}")
+        theta = local.get("rope_theta")
+        where = f"{source}: key 'rope_parameters.sliding_attention.rope_theta'"
+    else:
+        theta, where = d.get("rope_local_base_freq"), k.where("rope_local_base_freq")
+    out["rope_local_theta"] = 10_000.0 if theta is None else check_float(where, theta)
+    return out
+
+
+def _rope_from_hf(d: Mapping[str, Any], source: str = "config.json", default_theta: float = 10000.0) -> dict:
     """Rope settings from either dialect: classic (rope_theta + rope_scaling) or
-    transformers 5 (rope_parameters holding rope_theta and the scaling keys)."""
+    transformers 5 (rope_parameters holding rope_theta and the scaling keys; for a per-layer-type
+    dict, its ``full_attention`` entry). ``default_theta``: the base when none is given."""
     params = d.get("rope_parameters")
     key = "rope_parameters"
     if isinstance(params, Mapping) and "full_attention" in params:  # per-layer-type dict
@@ -386,7 +503,7 @@ def _rope_from_hf(d: Mapping[str, Any], source: str = "config.json") -> dict:
             key = "rope_scaling"
     else:
         key = "rope_scaling"
-    theta = 10000.0 if theta is None else check_float(f"{source}: key {theta_key!r}", theta)
+    theta = default_theta if theta is None else check_float(f"{source}: key {theta_key!r}", theta)
     out: dict = {"rope_theta": theta}
     if not scaling:
         return out

@@ -1,7 +1,9 @@
-"""Building blocks: RMSNorm, rotary embedding (default / linear / llama3 scaling).
+"""Building blocks: RMSNorm, rotary embedding (default / linear / llama3 scaling), the MLP gate,
+scaled embeddings and tanh soft-capping; each takes the config's feature fields.
 
 Numerics (documented choice, matching HF transformers):
-- RMSNorm computes in float32 and casts back to the input dtype before the weight multiply.
+- RMSNorm computes in float32 and casts back to the input dtype before the weight multiply;
+  a ``norm_plus_one`` (Gemma) norm multiplies by (1 + w) in float32 and then casts.
 - Rotary angles are computed in float32; the rotation is done in float32 and cast back.
 - Matmuls take operands in the params dtype and accumulate in float32
   (``preferred_element_type``), then cast to the params dtype; logits are float32.
@@ -18,19 +20,47 @@ import numpy as np
 from .config import ModelConfig
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """x [..., D], weight [D] -> [..., D] in x.dtype."""
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, plus_one: bool = False) -> jax.Array:
+    """x [..., D], weight [D] -> [..., D] in x.dtype; ``plus_one``: scaled by (1 + weight) in float32."""
     xf = x.astype(jnp.float32)
     var = jnp.mean(xf * xf, axis=-1, keepdims=True)
-    y = (xf * jax.lax.rsqrt(var + eps)).astype(x.dtype)
-    return weight.astype(x.dtype) * y
+    y = xf * jax.lax.rsqrt(var + eps)
+    if plus_one:
+        return (y * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+    return weight.astype(x.dtype) * y.astype(x.dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies [H/2] float32, with the config's scaling applied (as HF computes them)."""
+def norm(cfg: ModelConfig, x: jax.Array, weight: jax.Array) -> jax.Array:
+    """The config's RMSNorm (eps, (1 + w) or w): x [..., D], weight [D] -> [..., D]."""
+    return rms_norm(x, weight, cfg.rms_norm_eps, cfg.norm_plus_one)
+
+
+def gate(cfg: ModelConfig, g: jax.Array) -> jax.Array:
+    """The MLP gate activation: silu (SwiGLU) or tanh-approximated gelu (GeGLU)."""
+    return jax.nn.silu(g) if cfg.hidden_act == "silu" else jax.nn.gelu(g, approximate=True)
+
+
+def embed_tokens(cfg: ModelConfig, embed: jax.Array, tokens: jax.Array) -> jax.Array:
+    """embed [V, D], tokens [B, T] -> [B, T, D]; times sqrt(D) rounded to embed.dtype with ``embed_scale``."""
+    x = jnp.take(embed, tokens, axis=0)
+    return x * jnp.asarray(np.float32(math.sqrt(cfg.hidden_size)), embed.dtype) if cfg.embed_scale else x
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(x / cap) (identity for cap None), in x.dtype."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> np.ndarray:
+    """Inverse frequencies [H/2] float32, with the config's scaling applied (as HF computes them).
+    ``local``: for a local layer, plain rope with base ``rope_local_theta`` when the config has one."""
     h = cfg.head_dim
-    inv = 1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, h, 2, dtype=np.int64).astype(np.float32) / np.float32(h)))
+    local = local and cfg.rope_local_theta is not None
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
+    inv = 1.0 / (np.float32(theta) ** (np.arange(0, h, 2, dtype=np.int64).astype(np.float32) / np.float32(h)))
     inv = inv.astype(np.float32)
+    if local:
+        return inv
     if cfg.rope_type == "linear":
         inv = inv / np.float32(cfg.rope_factor)
     elif cfg.rope_type == "llama3":
@@ -46,9 +76,10 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return inv
 
 
-def rope_cos_sin(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """positions [B, T] int -> cos, sin [B, T, H] float32 (halves repeated, HF layout)."""
-    inv = jnp.asarray(rope_inv_freq(cfg))
+def rope_cos_sin(cfg: ModelConfig, positions: jax.Array, local: bool = False) -> tuple[jax.Array, jax.Array]:
+    """positions [B, T] int -> cos, sin [B, T, H] float32 (halves repeated, HF layout); ``local``
+    as in ``rope_inv_freq``."""
+    inv = jnp.asarray(rope_inv_freq(cfg, local))
     ang = positions.astype(jnp.float32)[..., None] * inv  # [B, T, H/2]
     ang = jnp.concatenate([ang, ang], axis=-1)
     return jnp.cos(ang), jnp.sin(ang)

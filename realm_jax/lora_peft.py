@@ -20,7 +20,7 @@ import numpy as np
 from .config import ModelConfig
 from .errors import CheckpointError, UnsupportedModelError
 from .adapter_checks import Adapter, check_adapter, lora_scale
-from .params import LEAVES, PEFT_MODULES, PROJECTIONS, projection_dims
+from .params import LEAVES, PEFT_MODULES, PROJECTIONS, file_name, model_leaves, projection_dims
 
 # adapter_config.json fields with no effect on inference.
 _PEFT_HARMLESS = {
@@ -57,12 +57,11 @@ def _hf_modules(cfg: ModelConfig) -> list[tuple[str, str | None, int | None]]:
         pre = f"model.layers.{i}"
         out += [(pre, None, None), (f"{pre}.self_attn", None, None)]
         out += [(_module_path(p, i), p, i) for p in ("wq", "wk", "wv", "wo")]
-        if cfg.qk_norm:
-            out += [(f"{pre}.self_attn.q_norm", None, None), (f"{pre}.self_attn.k_norm", None, None)]
         out += [(f"{pre}.mlp", None, None)]
         out += [(_module_path(p, i), p, i) for p in ("w_gate", "w_up", "w_down")]
-        out += [(f"{pre}.mlp.act_fn", None, None), (f"{pre}.input_layernorm", None, None),
-                (f"{pre}.post_attention_layernorm", None, None)]
+        out += [(f"{pre}.mlp.act_fn", None, None)]
+        out += [(file_name(leaf, cfg).format(i=i).removesuffix(".weight"), None, None)  # the layer's norms
+                for leaf in model_leaves(cfg) if leaf.is_layer and leaf.init == "norm"]
     out += [("model.norm", None, None), ("model.rotary_emb", None, None), ("lm_head", None, None)]
     return out
 

@@ -20,16 +20,17 @@ from .attention import attention_mask, fused_attention, gqa_attention
 from .config import ModelConfig
 from .errors import RealmError
 from .kv_cache import KVCache, write_layer, write_rows
-from .layers import apply_rope, rms_norm, rope_cos_sin
+from .layers import apply_rope, embed_tokens, gate, norm, rope_cos_sin, softcap
 from .runtime import Runtime, head_logits, projections
 
 
 def _layer(cfg: ModelConfig, x, lp, ll, ids, cos, sin, attend):
     """One decoder layer. x [B, T, D]; lp / ll: the layer's leaves and adapters (or None);
-    ``attend(q, k, v) -> o`` hides cache vs no cache."""
+    cos, sin [B, T, H]: its rope; ``attend(q, k, v) -> o`` hides cache vs no cache (and the
+    layer's mask)."""
     b, t, _ = x.shape
     H = cfg.head_dim
-    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+    h = norm(cfg, x, lp["attn_norm"])
     qkv = projections(h, lp, ll, ids, ("wq", "wk", "wv"))
     q, k, v = qkv["wq"], qkv["wk"], qkv["wv"]
     if cfg.qkv_bias:
@@ -38,46 +39,79 @@ def _layer(cfg: ModelConfig, x, lp, ll, ids, cos, sin, attend):
     k = k.reshape(b, t, cfg.num_kv_heads, H)
     v = v.reshape(b, t, cfg.num_kv_heads, H)
     if cfg.qk_norm:
-        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
-        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+        q, k = norm(cfg, q, lp["q_norm"]), norm(cfg, k, lp["k_norm"])
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     o = attend(q, k, v).reshape(b, t, cfg.num_heads * H)
     o = projections(o, lp, ll, ids, ("wo",))["wo"]
     if cfg.o_bias:
         o = o + lp["bo"].astype(o.dtype)
+    if cfg.post_norms:
+        o = norm(cfg, o, lp["post_attn_norm"])
     x = x + o
-    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+    h = norm(cfg, x, lp["mlp_norm"])
     gu = projections(h, lp, ll, ids, ("w_gate", "w_up"))
-    return x + projections(jax.nn.silu(gu["w_gate"]) * gu["w_up"], lp, ll, ids, ("w_down",))["w_down"]
+    y = projections(gate(cfg, gu["w_gate"]) * gu["w_up"], lp, ll, ids, ("w_down",))["w_down"]
+    if cfg.post_norms:
+        y = norm(cfg, y, lp["post_mlp_norm"])
+    return x + y
 
 
-def _attention_core(cfg: ModelConfig, impl: str, t: int, mask, kv_len, lengths, num_keys: int, *, fresh: bool):
-    """Pick the attention for one call: ``core(q, k, v, k_all, v_all) -> o``.
+def _attention_core(cfg: ModelConfig, impl: str, t: int, mask, kv_len, lengths, num_keys: int, *, fresh: bool,
+                    window: int | None):
+    """Pick the attention for one call and one kind of layer (``window``: its sliding window):
+    ``core(q, k, v, k_all, v_all) -> o``.
 
     q [B, T, N, H]; k, v [B, T, K, H] this call's keys; k_all, v_all [B, S, K, H] the keys the
     reference attends over (the cache, or k, v themselves without one); mask [B, T, S].
     ``impl`` (the runtime's static choice): "reference" is the einsum; otherwise the fused
     kernel (``attention.fused_attention``) replaces it where its mask is the same: a prompt pass
     over an empty cache (``fresh``: causal over this call's keys, lengths [B]) and single-token
-    decode without an active sliding window (keys s < kv_len [B]).
+    decode without an active sliding window (keys s < kv_len [B]). Attention-logit soft-capping
+    (``cfg.attn_softcap``) always takes the reference: the fused kernel cannot do it.
     """
-    window = cfg.sliding_window
     win = window if window is not None and window < t else None
-    fused = impl != "reference"
+    scale = None if cfg.query_pre_attn_scalar is None else cfg.attention_scale
+    cap = cfg.attn_softcap
+    fused = impl != "reference" and cap is None
     # cuDNN's sliding-window support depends on its version and was not measured: keep windowed
     # prompt passes on the reference there (the XLA implementation, used by the tests, has it)
     if fused and fresh and t > 1 and (win is None or impl == "xla"):
         return lambda q, k, v, ka, va: fused_attention(q, k, v, lengths, causal=True, window=win,
-                                                       implementation=impl)
+                                                       implementation=impl, scale=scale)
     if fused and t == 1 and (window is None or window >= num_keys):
         return lambda q, k, v, ka, va: fused_attention(q, ka, va, kv_len, causal=False, window=None,
-                                                       implementation=impl)
-    return lambda q, k, v, ka, va: gqa_attention(q, ka, va, mask)
+                                                       implementation=impl, scale=scale)
+    return lambda q, k, v, ka, va: gqa_attention(q, ka, va, mask, scale=scale, softcap=cap)
+
+
+def _kinds(cfg: ModelConfig, impl: str, positions, kv_len, lengths, num_keys: int, *, fresh: bool,
+           num_layers: int | None = None) -> dict:
+    """{local flag: (cos, sin, core)} for each kind of layer among the first ``num_layers``:
+    global and local layers differ in their window (mask) and, with ``rope_local_theta``, rope.
+    positions [B, T]; kv_len [B] (keys valid after this call); lengths [B] (this call's tokens)."""
+    out = {}
+    for local in sorted(set(cfg.layer_local[:num_layers])):
+        window = cfg.window(local)
+        cos, sin = rope_cos_sin(cfg, positions, local)
+        mask = attention_mask(positions, kv_len, num_keys, window)
+        out[local] = (cos, sin, _attention_core(cfg, impl, positions.shape[1], mask, kv_len, lengths, num_keys,
+                                                fresh=fresh, window=window))
+    return out
+
+
+def _kind_of(kinds: dict, local) -> tuple:
+    """The (cos, sin, core) of one layer: static ``local`` (a bool), or traced (a scan over both
+    kinds: rope selected, attention through ``lax.cond``)."""
+    if len(kinds) == 1 or isinstance(local, (bool, np.bool_)):
+        return kinds[bool(local)] if len(kinds) > 1 else next(iter(kinds.values()))
+    (cg, sg, core_g), (cl, sl, core_l) = kinds[False], kinds[True]
+    return (jnp.where(local, cl, cg), jnp.where(local, sl, sg),
+            lambda *a: jax.lax.cond(local, core_l, core_g, *a))
 
 
 def lm_head(rt: Runtime, cfg: ModelConfig, x: jax.Array) -> jax.Array:
-    """Final norm + vocab projection: x [B, T, D] -> float32 logits [B, T, V]."""
-    return head_logits(rms_norm(x, rt.final_norm, cfg.rms_norm_eps), rt.head)
+    """Final norm + vocab projection (+ ``final_softcap``): x [B, T, D] -> float32 logits [B, T, V]."""
+    return softcap(head_logits(norm(cfg, x, rt.final_norm), rt.head), cfg.final_softcap)
 
 
 def _check(rt, cfg: ModelConfig, tokens, lengths, adapter_ids=None) -> None:
@@ -118,16 +152,18 @@ def check_inputs(cfg: ModelConfig, tokens, lengths) -> None:
         raise RealmError(f"forward: lengths must be in [0, T={t.shape[1]}], got {n.tolist()}")
 
 
-def _layer_slices(rt: Runtime, num_layers: int | None):
-    """[(layer leaves, layer adapters)] per layer (per-layer runtime), or the stacked pair."""
+def _layer_slices(rt: Runtime, cfg: ModelConfig, num_layers: int | None):
+    """[(layer leaves, layer adapters, local flag)] per layer (per-layer runtime), or the
+    stacked triple (flags [L] bool) for a scan."""
     layers, lora = rt.layers, rt.lora
+    local = cfg.layer_local[:num_layers]
     if num_layers is not None:
         cut = (lambda t: t[:num_layers]) if not rt.stacked else \
             (lambda t: jax.tree_util.tree_map(lambda a: a[:num_layers], t))
         layers, lora = cut(layers), None if lora is None else cut(lora)
     if rt.stacked:
-        return layers, lora
-    return list(zip(layers, lora if lora is not None else [None] * len(layers)))
+        return layers, lora, jnp.asarray(local)
+    return list(zip(layers, lora if lora is not None else [None] * len(layers), local))
 
 
 def forward(rt: Runtime, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array, *, adapter_ids=None) -> jax.Array:
@@ -145,24 +181,19 @@ def forward_hidden(rt: Runtime, cfg: ModelConfig, tokens: jax.Array, lengths: ja
     _check(rt, cfg, tokens, lengths, adapter_ids)
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    cos, sin = rope_cos_sin(cfg, positions)
     lengths = lengths.astype(jnp.int32)
-    mask = attention_mask(positions, lengths, t, cfg.sliding_window)
-    x = jnp.take(rt.embed, tokens, axis=0)
-    core = _attention_core(cfg, rt.attention, t, mask, lengths, lengths, t, fresh=True)
+    kinds = _kinds(cfg, rt.attention, positions, lengths, lengths, t, fresh=True)
+    x = embed_tokens(cfg, rt.embed, tokens)
 
-    def attend(q, k, v):
-        return core(q, k, v, k, v)
+    def layer(x, lp, ll, local):
+        cos, sin, core = _kind_of(kinds, local)
+        return _layer(cfg, x, lp, ll, adapter_ids, cos, sin, lambda q, k, v: core(q, k, v, k, v))
 
     if not rt.stacked:
-        for lp, ll in _layer_slices(rt, None):
-            x = _layer(cfg, x, lp, ll, adapter_ids, cos, sin, attend)
+        for lp, ll, local in _layer_slices(rt, cfg, None):
+            x = layer(x, lp, ll, local)
         return x
-
-    def body(x, xs):
-        return _layer(cfg, x, xs[0], xs[1], adapter_ids, cos, sin, attend), None
-
-    x, _ = jax.lax.scan(body, x, _layer_slices(rt, None))
+    x, _ = jax.lax.scan(lambda x, xs: (layer(x, *xs), None), x, _layer_slices(rt, cfg, None))
     return x
 
 
@@ -183,7 +214,8 @@ def forward_cached_hidden(rt: Runtime, cfg: ModelConfig, tokens: jax.Array, leng
     (0 = the row does not advance). Token t of row b sits at position ``cache.lengths[b] + t``.
     Returns hidden [B, T, D] and the cache with ``lengths += lengths``. The cache is per-layer
     (a tuple of [B, S, K, H]) for a per-layer runtime and stacked [L, B, S, K, H] for a stacked
-    one (``generation.new_cache`` makes the right one).
+    one (``generation.new_cache`` makes the right one). Local (sliding-window) layers keep every
+    position too: their window is a mask over the full cache.
     ``num_layers`` runs only the first layers (self-speculative draft); the cache must have
     that many layers. ``empty_cache=True`` promises every ``cache.lengths`` is 0 (a prompt pass):
     where the fused kernel is available, attention then runs over this call's keys alone through it.
@@ -196,16 +228,17 @@ def forward_cached_hidden(rt: Runtime, cfg: ModelConfig, tokens: jax.Array, leng
     lengths = lengths.astype(jnp.int32)
     start = cache.lengths
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    cos, sin = rope_cos_sin(cfg, positions)
     kv_len = start + lengths
-    mask = attention_mask(positions, kv_len, cache.max_len, cfg.sliding_window)
-    x = jnp.take(rt.embed, tokens, axis=0)
-    core = _attention_core(cfg, rt.attention, t, mask, kv_len, lengths, cache.max_len, fresh=empty_cache)
+    kinds = _kinds(cfg, rt.attention, positions, kv_len, lengths, cache.max_len, fresh=empty_cache,
+                   num_layers=num_layers)
+    x = embed_tokens(cfg, rt.embed, tokens)
 
     if not rt.stacked:  # a Python loop, each layer's weights and cache its own buffers
         ks, vs = list(cache.k), list(cache.v)
-        for i, (lp, ll) in enumerate(_layer_slices(rt, num_layers)):
-            def attend(q, k, v, i=i):
+        for i, (lp, ll, local) in enumerate(_layer_slices(rt, cfg, num_layers)):
+            cos, sin, core = _kind_of(kinds, local)
+
+            def attend(q, k, v, i=i, core=core):
                 ks[i], vs[i] = write_rows(ks[i], k, start), write_rows(vs[i], v, start)
                 return core(q, k, v, ks[i], vs[i])
 
@@ -214,16 +247,18 @@ def forward_cached_hidden(rt: Runtime, cfg: ModelConfig, tokens: jax.Array, leng
 
     def body(carry, xs):
         x, ck, cv, i = carry
+        lp, ll, local = xs
+        cos, sin, core = _kind_of(kinds, local)
         box = {}
 
         def attend(q, k, v):
             box["k"], box["v"] = write_layer(ck, i, k, start), write_layer(cv, i, v, start)
             return core(q, k, v, box["k"][i], box["v"][i])
 
-        x = _layer(cfg, x, xs[0], xs[1], adapter_ids, cos, sin, attend)
+        x = _layer(cfg, x, lp, ll, adapter_ids, cos, sin, attend)
         return (x, box["k"], box["v"], i + 1), None
 
-    (x, ck, cv, _), _ = jax.lax.scan(body, (x, cache.k, cache.v, jnp.int32(0)), _layer_slices(rt, num_layers))
+    (x, ck, cv, _), _ = jax.lax.scan(body, (x, cache.k, cache.v, jnp.int32(0)), _layer_slices(rt, cfg, num_layers))
     return x, KVCache(ck, cv, kv_len)
 
 

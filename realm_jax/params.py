@@ -7,7 +7,8 @@ Canonical params (what files, PEFT, merge, save, quantize and the reference forw
                 "wo": [L, N*H, D], "mlp_norm": [L, D],
                 "w_gate": [L, D, F], "w_up": [L, D, F], "w_down": [L, F, D],
                 # optional: "bq" [L, N*H], "bk"/"bv" [L, K*H] (qkv_bias), "bo" [L, D] (o_bias),
-                #           "q_norm"/"k_norm" [L, H] (qk_norm)
+                #           "q_norm"/"k_norm" [L, H] (qk_norm),
+                #           "post_attn_norm"/"post_mlp_norm" [L, D] (post_norms: gemma2/3)
                },
      "final_norm": [D],
      "lm_head": [D, V]}            # absent when cfg.tie_word_embeddings (embed.T is used)
@@ -45,7 +46,9 @@ class Leaf:
     when: the config flag that adds the leaf (``qkv_bias``, ``o_bias``, ``qk_norm``) or
     ``"untied"`` (present unless ``tie_word_embeddings``); None = always present.
     init: how ``init_params`` draws it: ``normal`` (std 0.02), ``embed`` (std 0.08),
-    ``norm`` (around 1), ``bias`` (std 0.1).
+    ``norm`` (around 1, or around 0 for ``norm_plus_one`` models), ``bias`` (std 0.1).
+    hf_if: (config flag, HF name) pairs: the first whose flag the config has names the tensor
+    instead of ``hf`` (gemma2's ``post_attention_layernorm`` is not the pre-MLP norm).
     """
 
     name: str
@@ -58,6 +61,7 @@ class Leaf:
     peft: str | None = None
     when: str | None = None
     init: str = "normal"
+    hf_if: tuple[tuple[str, str], ...] = ()
 
     @property
     def is_layer(self) -> bool:
@@ -73,8 +77,9 @@ def _proj(name, axes, module, gguf, hf_block="self_attn"):
                 hf_transposed=True, matmul=True, quantizable=True, peft=module)
 
 
-def _vec(name, axes, hf, gguf, when=None, init="norm"):
-    return Leaf(name, ("layers",) + axes, f"model.layers.{{i}}.{hf}", f"blk.{{i}}.{gguf}", when=when, init=init)
+def _vec(name, axes, hf, gguf, when=None, init="norm", hf_if=()):
+    return Leaf(name, ("layers",) + axes, f"model.layers.{{i}}.{hf}", f"blk.{{i}}.{gguf}", when=when, init=init,
+                hf_if=tuple((flag, f"model.layers.{{i}}.{n}") for flag, n in hf_if))
 
 
 LEAVES: dict[str, Leaf] = {leaf.name: leaf for leaf in (
@@ -93,7 +98,11 @@ LEAVES: dict[str, Leaf] = {leaf.name: leaf for leaf in (
     _vec("bo", ("embed",), "self_attn.o_proj.bias", "attn_output.bias", "o_bias", "bias"),
     _vec("q_norm", ("head_dim",), "self_attn.q_norm.weight", "attn_q_norm.weight", "qk_norm"),
     _vec("k_norm", ("head_dim",), "self_attn.k_norm.weight", "attn_k_norm.weight", "qk_norm"),
-    _vec("mlp_norm", ("embed",), "post_attention_layernorm.weight", "ffn_norm.weight"),
+    _vec("post_attn_norm", ("embed",), "post_attention_layernorm.weight", "post_attention_norm.weight",
+         "post_norms"),
+    _vec("mlp_norm", ("embed",), "post_attention_layernorm.weight", "ffn_norm.weight",
+         hf_if=(("post_norms", "pre_feedforward_layernorm.weight"),)),
+    _vec("post_mlp_norm", ("embed",), "post_feedforward_layernorm.weight", "post_ffw_norm.weight", "post_norms"),
     _proj("w_gate", ("embed", "mlp"), "gate_proj", "ffn_gate", "mlp"),
     _proj("w_up", ("embed", "mlp"), "up_proj", "ffn_up", "mlp"),
     _proj("w_down", ("mlp", "embed"), "down_proj", "ffn_down", "mlp"),
@@ -120,6 +129,15 @@ def present(leaf: Leaf, cfg: ModelConfig) -> bool:
     if leaf.when == "untied":
         return not cfg.tie_word_embeddings
     return bool(getattr(cfg, leaf.when))
+
+
+def file_name(leaf: Leaf, cfg: ModelConfig, fmt: str = "hf") -> str:
+    """The leaf's tensor name pattern (``{i}`` = layer) in an HF (``fmt="hf"``) or GGUF file."""
+    if fmt == "hf":
+        for flag, name in leaf.hf_if:
+            if getattr(cfg, flag):
+                return name
+    return getattr(leaf, fmt)
 
 
 def model_leaves(cfg: ModelConfig) -> list[Leaf]:
@@ -156,10 +174,11 @@ def init_params(cfg: ModelConfig, key, dtype=jnp.float32) -> Params:
     rng = np.random.default_rng(int(key)) if host else None
     keys = None if host else jax.random.split(key, len(flat))
     out = []
+    one = 0.0 if cfg.norm_plus_one else 1.0  # a (1 + w) norm's neutral weight is 0
     for j, (path, shape) in enumerate(flat):
         kind = LEAVES[str(path[-1].key)].init
         z = rng.standard_normal(shape, np.float32) if host else jax.random.normal(keys[j], shape, jnp.float32)
-        x = 1.0 + 0.1 * z if kind == "norm" else {"bias": 0.1, "embed": 0.08}.get(kind, 0.02) * z
+        x = one + 0.1 * z if kind == "norm" else {"bias": 0.1, "embed": 0.08}.get(kind, 0.02) * z
         out.append(jnp.asarray(x, dtype) if host else x.astype(dtype))
     return jax.tree_util.tree_unflatten(treedef, out)
 

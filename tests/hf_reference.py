@@ -26,7 +26,22 @@ ARCH_CASES = {
         num_attention_heads=6, num_key_value_heads=3, head_dim=8, sliding_window=5)),
     "qwen2_bias": ("qwen2", dict(num_attention_heads=3, num_key_value_heads=1, tie_word_embeddings=True)),
     "qwen3_qknorm": ("qwen3", dict(num_attention_heads=6, num_key_value_heads=3, head_dim=16)),
+    # Gemma: multi-query attention with a head dim that is not D / N, GeGLU, tied head
+    "gemma_mqa": ("gemma", dict(num_attention_heads=6, num_key_value_heads=1, head_dim=8)),
+    # Gemma 2: soft-caps small enough to be active, a window (5) below the prompt lengths,
+    # local/global layers alternating, a query_pre_attn_scalar that is not H
+    "gemma2_softcap_window": ("gemma2", dict(
+        num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=3, head_dim=8, sliding_window=5,
+        attn_logit_softcapping=3.0, final_logit_softcapping=4.0, query_pre_attn_scalar=12)),
+    # Gemma 3 text: q/k norms, local:global 2:1, local rope base 100, linear rope scaling (x4)
+    # on global layers only
+    "gemma3_pattern_rope": ("gemma3_text", dict(
+        num_hidden_layers=5, num_attention_heads=6, num_key_value_heads=2, head_dim=8, sliding_window=4,
+        sliding_window_pattern=3, query_pre_attn_scalar=12,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                         "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}})),
 }
+GEMMA_CASES = ("gemma_mqa", "gemma2_softcap_window", "gemma3_pattern_rope")
 
 BASE = dict(vocab_size=97, hidden_size=30, intermediate_size=56, num_hidden_layers=3,
             max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -37,7 +52,9 @@ def hf_config(model_type: str, **overrides):
     import transformers
 
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[model_type]
+           "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+           "gemma": transformers.GemmaConfig, "gemma2": transformers.Gemma2Config,
+           "gemma3_text": transformers.Gemma3TextConfig}[model_type]
     kw = dict(BASE)
     kw.update(overrides)
     return cls(**kw)

@@ -25,12 +25,19 @@ def _classic(d5: dict) -> dict:
     """The same config in the pre-v5 dialect most published checkpoints use:
     top-level rope_theta, rope_scaling (absent for plain rope) and torch_dtype."""
     d = {k: v for k, v in d5.items() if k not in ("rope_parameters", "dtype")}
-    rope = dict(d5["rope_parameters"])
+    rope = dict(_global_rope(d5))
+    if "sliding_attention" in d5["rope_parameters"]:  # gemma3: per layer type; local rope is plain
+        d["rope_local_base_freq"] = d5["rope_parameters"]["sliding_attention"]["rope_theta"]
     d["rope_theta"] = rope.pop("rope_theta")
     if rope.get("rope_type", "default") != "default":
         d["rope_scaling"] = rope
     d["torch_dtype"] = d5["dtype"]
     return d
+
+
+def _global_rope(d5: dict) -> dict:
+    """The rope parameters of the global (full-attention) layers."""
+    return d5["rope_parameters"].get("full_attention", d5["rope_parameters"])
 
 
 @pytest.mark.parametrize("case", sorted(ARCH_CASES))
@@ -41,16 +48,20 @@ def test_both_dialects_give_the_same_config(case):
     # and the fields say what the HF config says
     assert (cfg.arch, cfg.num_heads, cfg.num_kv_heads, cfg.hidden_size) == \
         (d5["model_type"], d5["num_attention_heads"], d5["num_key_value_heads"], d5["hidden_size"])
-    assert cfg.dtype == "bfloat16" and cfg.rope_theta == d5["rope_parameters"]["rope_theta"]
-    rope = d5["rope_parameters"]
+    rope = _global_rope(d5)
+    assert cfg.dtype == "bfloat16" and cfg.rope_theta == rope["rope_theta"]
     assert cfg.rope_type == rope.get("rope_type", "default")
     if cfg.rope_type != "default":
         assert cfg.rope_factor == rope["factor"]
     if cfg.rope_type == "llama3":
         assert (cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_positions) == \
             (rope["low_freq_factor"], rope["high_freq_factor"], rope["original_max_position_embeddings"])
-    assert cfg.sliding_window == (d5["sliding_window"] if case.startswith("mistral") else None)
-    assert cfg.qkv_bias == (d5["model_type"] == "qwen2") and cfg.qk_norm == (d5["model_type"] == "qwen3")
+    windowed = d5["model_type"] in ("mistral", "gemma2", "gemma3_text")
+    assert cfg.sliding_window == (d5["sliding_window"] if windowed else None)
+    if d5.get("layer_types"):
+        assert cfg.layer_local == tuple(t == "sliding_attention" for t in d5["layer_types"])
+    assert cfg.qkv_bias == (d5["model_type"] == "qwen2")
+    assert cfg.qk_norm == (d5["model_type"] in ("qwen3", "gemma3_text"))
     assert cfg.tie_word_embeddings == d5["tie_word_embeddings"]
 
 

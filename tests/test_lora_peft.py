@@ -35,7 +35,13 @@ PEFT_CASES = {
     "all_linear_rslora_rank_pattern": ("mistral_window", dict(
         r=6, lora_alpha=4, target_modules="all-linear", use_rslora=True, rank_pattern={"gate_proj": 3},
         exclude_modules=["model.layers.1.self_attn.k_proj"])),
+    "gemma_all7": ("gemma_mqa", dict(r=4, lora_alpha=8, target_modules=ALL)),
+    "gemma2_subset": ("gemma2_softcap_window", dict(r=3, lora_alpha=6,
+                                                    target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])),
+    "gemma3_all_linear_rslora": ("gemma3_pattern_rope", dict(r=4, lora_alpha=4, target_modules="all-linear",
+                                                             use_rslora=True)),
 }
+SLOW_PEFT_CASES = {"gemma_all7", "gemma3_all_linear_rslora"}  # ~30 s each on a 2-core CPU
 
 
 def randomize_lora(peft_model, seed=0, std=0.3):
@@ -63,7 +69,8 @@ def rows_max_diff(a, b, lengths):
     return max(float(np.abs(a[i, :n] - b[i, :n]).max()) for i, n in enumerate(lengths))
 
 
-@pytest.mark.parametrize("case", sorted(PEFT_CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_PEFT_CASES else c
+                                  for c in sorted(PEFT_CASES)])
 def test_logits_match_peft_merged_and_unmerged(case, tmp_path):
     """The adapter merged, in the reference forward (alone and as a stack with a base row) and
     in prepared runtimes (unfolded and folded, stacked and per-layer, served to every row or
