@@ -23,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="runtime layout (runtime.prepare; per_layer is the fast one for small batches on GPU)")
     p.add_argument("--int8", action="store_true", help="int8 weight-only (runtime.prepare(quantize='int8'))")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=None, help="also write every number (rows, copy kernels, environment) to this JSON file")
     from . import show_defaults
 
     show_defaults(p)
@@ -57,24 +58,29 @@ def run(args) -> int:
     rows = []
     for b in args.batch:
         r = {"model": label, "layout": args.layout + (" int8" if args.int8 else "")}
-        r.update(bench.bench_jax(cfg, params, b, args.prompt_len, args.new_tokens, 1, args.repeats))
-        moved = r["param_bytes_per_step"] + r["kv_bytes_per_step"]
-        r["gb_per_step"] = moved / 1e9
-        r["floor_ms"] = moved / bw["bytes_per_s"] * 1e3
-        r["achieved_gb_s"] = moved / r["decode_ms_per_step"] / 1e6
+        r.update(bench.bench_jax(cfg, params, b, args.prompt_len, args.new_tokens, 1, args.repeats,
+                                 profile_kernels=True))
+        r.update(bench.roofline(r["param_bytes_per_step"], r["kv_bytes_per_step"], r["decode_ms_per_step"] / 1e3, bw))
         r["kernels"] = bench.kernels_per_step(params, cfg, b, r["cache_len"])
-        r["mbu_pct"] = 100 * r["floor_ms"] / r["decode_ms_per_step"] if bw["meaningful"] else "n/a"
         rows.append(r)
     cols = [("model", "model"), ("layout", "layout"), ("batch", "B"), ("prompt_len", "prompt"),
             ("new_tokens", "new"), ("prefill_ms", "prefill ms"), ("decode_ms_per_step", "decode ms/step"),
             ("tokens_per_s", "tok/s"), ("gb_per_step", "GB read/step"), ("floor_ms", "floor ms"),
             ("achieved_gb_s", "achieved GB/s"), ("kernels", "kernels/step"), ("mbu_pct", "MBU %")]
     print(bench.markdown_table(rows, cols))
-    kinds = ", ".join(f"{k[:-len('_bytes_per_s')]} {v / 1e9:.0f}" for k, v in bw.items()
-                      if k.endswith("_bytes_per_s") and k != "xla_best_bytes_per_s")
-    print(f"\n{bench.environment_line(env)}; copy bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s, the best of "
-          f"({kinds}) GB/s; floor = bytes read per step / that bandwidth")
+    print()
+    for r in rows:
+        print(bench.roofline_line(f"{r['model']} B={r['batch']}", r))
+    kinds = ", ".join(f"{k} {v / 1e9:,.0f}" for k, v in sorted(bench.copy_candidates(bw).items(), key=lambda kv: -kv[1]))
+    sheet = f"; datasheet {bw['datasheet_bytes_per_s'] / 1e9:,.0f} GB/s" if "datasheet_bytes_per_s" in bw else ""
+    print(f"\n{bench.environment_line(env)}; ceiling {bw['bytes_per_s'] / 1e9:,.1f} GB/s from {bw['best']} "
+          f"({bw['best_kernel']}), the best of: {kinds} GB/s{sheet}; floor = bytes read per step / the ceiling; "
+          "MBU = floor / step time")
+    for name, err in bw.get("errors", {}).items():
+        print(f"copy kernel {name} did not run: {err}")
     if not bw["meaningful"]:
         print("MBU: not reported on the CPU (the copy measures host memory, which decode does not stream the "
               "way an accelerator does)")
+    if args.out:
+        bench.write_json(args.out, {"environment": env, "bandwidth": bw, "args": vars(args), "rows": rows})
     return 0
