@@ -414,7 +414,7 @@ def roofline_line(label: str, r: dict) -> str:
         kern += f", {r['kernels_profiled']:.0f} (profiled decode loop, sampling included)"
     mbu = f"MBU {r['mbu_pct']:.1f}%" if r.get("mbu_pct") is not None else "MBU n/a (CPU)"
     return (f"roofline {label}: {r['gb_per_step']:.4g} GB/step, floor {r['floor_ms']:.4g} ms at "
-            f"{r['ceiling_gb_s']:,.0f} GB/s ({r['ceiling']}), achieved {r['achieved_gb_s']:,.0f} GB/s, {mbu}; {kern}")
+            f"{r['ceiling_gb_s']:,.4g} GB/s ({r['ceiling']}), achieved {r['achieved_gb_s']:,.0f} GB/s, {mbu}; {kern}")
 
 
 def environment() -> dict:
