@@ -12,8 +12,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..bench import SHAPES
 
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--shape", choices=sorted(SHAPES), default=None,
-                     help="random weights of this shape (default: llama-1b)")
+    src.add_argument("--shape", choices=sorted(SHAPES), action="append", default=None,
+                     help="random weights of this shape (default: llama-1b); repeatable, one copy-bandwidth "
+                          "measurement serves every shape")
     src.add_argument("--model", default=None, help="a checkpoint: HF dir, .gguf, or a built-in name")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     p.add_argument("--prompt-len", type=int, default=128)
@@ -30,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    import gc
+
     import jax.numpy as jnp
 
     from .. import bench
@@ -43,26 +46,33 @@ def run(args) -> int:
     if any(b < 1 for b in args.batch):
         raise RealmError(f"--batch: expected positive sizes, got {args.batch}")
     dtype = jnp.dtype(args.dtype)
-    if args.model:
+    loaded = None
+    if args.model:  # loaded first: a bad checkpoint fails before any measurement
         from ..loading import load
 
         model = load(args.model, dtype=dtype)
-        cfg, params, label = model.config, model.params, args.model
-    else:
-        label = args.shape or "llama-1b"
-        cfg = ModelConfig(**bench.SHAPES[label])
-        params = bench.random_params(cfg, dtype)
-    params = prepare(params, cfg, quantize="int8" if args.int8 else None, layout=args.layout)
+        loaded = model.config, model.params
+        del model
     env = bench.environment()
     bw = bench.copy_bandwidth()
     rows = []
-    for b in args.batch:
-        r = {"model": label, "layout": args.layout + (" int8" if args.int8 else "")}
-        r.update(bench.bench_jax(cfg, params, b, args.prompt_len, args.new_tokens, 1, args.repeats,
-                                 profile_kernels=True))
-        r.update(bench.roofline(r["param_bytes_per_step"], r["kv_bytes_per_step"], r["decode_ms_per_step"] / 1e3, bw))
-        r["kernels"] = bench.kernels_per_step(params, cfg, b, r["cache_len"])
-        rows.append(r)
+    for label in [args.model] if args.model else (args.shape or ["llama-1b"]):
+        if loaded is not None:
+            (cfg, params), loaded = loaded, None
+        else:
+            cfg = ModelConfig(**bench.SHAPES[label])
+            params = bench.random_params(cfg, dtype)
+        params = prepare(params, cfg, quantize="int8" if args.int8 else None, layout=args.layout)
+        for b in args.batch:
+            r = {"model": label, "layout": args.layout + (" int8" if args.int8 else "")}
+            r.update(bench.bench_jax(cfg, params, b, args.prompt_len, args.new_tokens, 1, args.repeats,
+                                     profile_kernels=True))
+            r.update(bench.roofline(r["param_bytes_per_step"], r["kv_bytes_per_step"], r["decode_ms_per_step"] / 1e3,
+                                    bw))
+            r["kernels"] = bench.kernels_per_step(params, cfg, b, r["cache_len"])
+            rows.append(r)
+        del params
+        gc.collect()
     cols = [("model", "model"), ("layout", "layout"), ("batch", "B"), ("prompt_len", "prompt"),
             ("new_tokens", "new"), ("prefill_ms", "prefill ms"), ("decode_ms_per_step", "decode ms/step"),
             ("tokens_per_s", "tok/s"), ("gb_per_step", "GB read/step"), ("floor_ms", "floor ms"),
