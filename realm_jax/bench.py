@@ -232,12 +232,17 @@ def copy_bandwidth(nbytes: int | None = None, repeats: int = 10, *, torch_check:
     def measure(name, fn, make_args=None, device_too=False):
         try:
             out[name + _RATE] = moved / time_call(fn, make_args, warmup=2, repeats=repeats)["median_s"]
-            if device_too and timed_on_device:
-                events = traced_events(fn, make_args, calls=repeats)
-                if events:
-                    out[name + "_device" + _RATE] = moved * repeats / busy_seconds(events)
         except Exception as e:  # a kernel this backend or version cannot build: reported, not fatal
-            errors[name] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            errors[name] = _error_line(e)
+            return
+        if device_too and timed_on_device:
+            try:
+                events = traced_events(fn, make_args, calls=repeats)
+                if not events:
+                    raise RuntimeError("the profiler trace holds no device-stream events")
+                out[name + "_device" + _RATE] = moved * repeats / busy_seconds(events)
+            except Exception as e:
+                errors[name + "_device"] = _error_line(e)
 
     copy = jax.jit(lambda a: jnp.copy(a))
     y = copy(x)
@@ -285,8 +290,11 @@ def copy_bandwidth(nbytes: int | None = None, repeats: int = 10, *, torch_check:
             del y
             measure(name, lambda: pcopy(x2), device_too=True)
         except Exception as e:
-            errors[name] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            errors[name] = _error_line(e)
         del x2
+    elif pallas and dev.platform == "gpu":
+        errors["pallas_tma"] = (f"not run: Mosaic GPU needs compute capability 9.0 or newer, this device reports "
+                                f"{getattr(dev, 'compute_capability', None)}")
     del x
     gc.collect()
     if torch_check and dev.platform == "gpu":
@@ -302,6 +310,10 @@ def copy_bandwidth(nbytes: int | None = None, repeats: int = 10, *, torch_check:
         out["best_vs_datasheet"] = out["bytes_per_s"] / sheet
     out["errors"] = errors
     return out
+
+
+def _error_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
 
 
 def _torch_copy(nbytes: int, repeats: int) -> dict:
@@ -519,7 +531,8 @@ def bench_jax(cfg, params, batch, prompt_len, new_tokens, warmup, repeats, seed=
     """Prefill, decode-loop and end-to-end timings of ``generate``'s programs; ``settings``:
     ``Sampling`` fields for every row (e.g. logprobs, penalties), default none. With
     ``profile_kernels``, on a GPU, one more decode loop runs under the profiler:
-    ``kernels_profiled`` (device kernels per step, sampling and loop bookkeeping included) and
+    ``kernels_profiled`` (device kernels per step, sampling and loop bookkeeping included; memory
+    copies and sets, such as the loop predicate's read-back, apart in ``copies_profiled``) and
     ``profiled_busy_ms_per_step`` (their summed time; the profiler slows the loop, so no step time)."""
     rng = np.random.default_rng(seed)
     prompts = rng.integers(3, cfg.vocab_size, (batch, prompt_len)).tolist()
@@ -563,7 +576,9 @@ def bench_jax(cfg, params, batch, prompt_len, new_tokens, warmup, repeats, seed=
     if profile_kernels and jax.devices()[0].platform == "gpu":
         events = traced_events(decode, prefilled)
         if events:
-            profiled = {"kernels_profiled": len(events) / steps,
+            copies = [e for e in events if e["name"].lower().startswith(("memcpy", "memset"))]
+            profiled = {"kernels_profiled": (len(events) - len(copies)) / steps,
+                        "copies_profiled": len(copies) / steps,
                         "profiled_busy_ms_per_step": busy_seconds(events) * 1e3 / steps}
     return {**profiled,
         "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "cache_len": s,

@@ -186,3 +186,19 @@ def test_bench_prints_a_consistent_roofline_line_per_row(tmp_path, capsys):
         assert int(m.group(1)) == r["batch"] and m.group(5) == bw["best"] and int(m.group(6)) == r["kernels"]
         gb, floor, ceiling = float(m.group(2)), float(m.group(3)), float(m.group(4).replace(",", ""))
         assert floor == pytest.approx(gb * 1e9 / (ceiling * 1e9) * 1e3, rel=0.01)  # printed to 4 digits
+
+
+def test_a_broken_copy_kernel_is_reported_and_cannot_win(monkeypatch):
+    """A candidate that raises, or that copies wrongly (here: fast and wrong), is left out of the
+    best-of with its error named; the other candidates still decide the ceiling."""
+    def unbuildable(a):
+        raise NotImplementedError("no lowering for this backend")
+
+    monkeypatch.setattr(bench, "pallas_copy_kernel", lambda dev: ("pallas_tma", unbuildable))
+    bw = bench.copy_bandwidth(nbytes=4 << 20, repeats=2, torch_check=False)
+    assert "pallas_tma" not in bench.copy_candidates(bw) and bw["best"].startswith("xla_")
+    assert bw["errors"] == {"pallas_tma": "NotImplementedError: no lowering for this backend"}
+    monkeypatch.setattr(bench, "pallas_copy_kernel", lambda dev: ("pallas_tma", lambda a: a + 1.0))
+    bw = bench.copy_bandwidth(nbytes=4 << 20, repeats=2, torch_check=False)
+    assert "pallas_tma" not in bench.copy_candidates(bw)
+    assert bw["errors"]["pallas_tma"] == "AssertionError: the Pallas copy did not reproduce its input"
