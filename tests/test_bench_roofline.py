@@ -64,6 +64,14 @@ def test_pallas_copy_kernels_copy_every_element():
         bench._pallas_block_copy(x, rows=64, interpret=True)
 
 
+def test_pallas_tma_copy_lowers_for_cuda():
+    """The Mosaic GPU kernel builds in this JAX version: lowered for CUDA from the CPU, it is one
+    Mosaic GPU custom call (the GPU's compiler runs at the first call on a device)."""
+    x = jax.ShapeDtypeStruct((1 << 12, 256), jnp.float32)
+    text = jax.jit(bench._pallas_tma_copy).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    assert len(re.findall(r"stablehlo.custom_call @mosaic_gpu", text)) == 1
+
+
 HLO = """HloModule jit_step, entry_computation_layout={(f32[8]{0})->f32[8]{0}}
 
 %fused_add (param_0: f32[8]) -> f32[8] {
