@@ -61,10 +61,12 @@ COPY_KERNELS = {
     "xla_copy_device": "jitted jnp.copy, device kernel time from a profiler trace",
     "xla_add_one": "jitted x + 1 (a streaming read and write), host clock",
     "xla_donated": "dynamic_update_slice into a preallocated donated buffer, host clock",
-    "xla_donated_device": "dynamic_update_slice into a preallocated donated buffer, device kernel time from a profiler trace",
+    "xla_donated_device": "dynamic_update_slice into a preallocated donated buffer, device kernel time from a "
+                          "profiler trace",
     "xla_loop": "K vs 2K in-place x + 1 passes in one compiled loop, host-clock difference",
     "pallas_tma": "Pallas Mosaic GPU copy, TMA global -> shared -> global, host clock",
-    "pallas_tma_device": "Pallas Mosaic GPU copy, TMA global -> shared -> global, device kernel time from a profiler trace",
+    "pallas_tma_device": "Pallas Mosaic GPU copy, TMA global -> shared -> global, device kernel time from a "
+                         "profiler trace",
     "pallas_block": "Pallas block copy (pallas_call BlockSpecs, Mosaic TPU), host clock",
     "pallas_block_device": "Pallas block copy (pallas_call BlockSpecs, Mosaic TPU), device time from a profiler trace",
     "torch_copy": "torch copy_ into a preallocated tensor, CUDA events",

@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="runtime layout (runtime.prepare; per_layer is the fast one for small batches on GPU)")
     p.add_argument("--int8", action="store_true", help="int8 weight-only (runtime.prepare(quantize='int8'))")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=None, help="also write every number (rows, copy kernels, environment) to this JSON file")
+    p.add_argument("--out", default=None,
+                   help="also write every number (rows, copy kernels, environment) to this JSON file")
     from . import show_defaults
 
     show_defaults(p)
@@ -81,7 +82,8 @@ def run(args) -> int:
     print()
     for r in rows:
         print(bench.roofline_line(f"{r['model']} B={r['batch']}", r))
-    kinds = ", ".join(f"{k} {v / 1e9:,.0f}" for k, v in sorted(bench.copy_candidates(bw).items(), key=lambda kv: -kv[1]))
+    ranked = sorted(bench.copy_candidates(bw).items(), key=lambda kv: -kv[1])
+    kinds = ", ".join(f"{k} {v / 1e9:,.0f}" for k, v in ranked)
     sheet = f"; datasheet {bw['datasheet_bytes_per_s'] / 1e9:,.0f} GB/s" if "datasheet_bytes_per_s" in bw else ""
     print(f"\n{bench.environment_line(env)}; ceiling {bw['bytes_per_s'] / 1e9:,.1f} GB/s from {bw['best']} "
           f"({bw['best_kernel']}), the best of: {kinds} GB/s{sheet}; floor = bytes read per step / the ceiling; "
