@@ -30,24 +30,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from realm_jax import generation as gen  # noqa: E402
-from realm_jax.bench import SHAPES, random_params  # noqa: E402
+from realm_jax.bench import SHAPES, device_events, random_params  # noqa: E402
 from realm_jax.config import ModelConfig  # noqa: E402
 from realm_jax.runtime import prepare  # noqa: E402
-
-
-def device_events(trace: dict) -> list[dict]:
-    """Complete events on device streams ("/device:GPU:n" processes, "Stream" threads); on a CPU
-    backend, XLA's host-thunk events instead."""
-    ev = trace["traceEvents"] if isinstance(trace, dict) else trace
-    pname = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
-    tname = {(e["pid"], e["tid"]): e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    gpu = [e for e in ev if e.get("ph") == "X" and "GPU" in pname.get(e["pid"], "")
-           and "Stream" in tname.get((e["pid"], e["tid"]), "")]
-    if gpu:
-        return gpu
-    nested = ("while", "ThunkExecutor", "conditional", "call")  # containers of other events
-    return [e for e in ev if e.get("ph") == "X" and "dur" in e and "XLA" in tname.get((e["pid"], e["tid"]), "")
-            and not e["name"].startswith(nested)]
 
 
 def main(argv=None) -> int:
