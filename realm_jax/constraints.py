@@ -149,7 +149,14 @@ def grammar_tokenizer(tokenizer, vocab_size: int, eos_ids: Sequence[int]):
     if hit is not None and hit[0] is tokenizer:
         return hit[1]
     llg = _llguidance()
-    lt = llg.LLTokenizer(tokenizer._tok.to_str(), n_vocab=vocab_size, eos_token=list(eos_ids))
+    ends = [int(e) for e in eos_ids if int(e) < tokenizer.vocab_size]  # ids the tokenizer itself has
+    if not ends:
+        raise RealmError(f"constraint: none of the end-of-sequence ids {list(eos_ids)} is in the tokenizer's "
+                         f"{tokenizer.vocab_size} tokens")
+    try:
+        lt = llg.LLTokenizer(tokenizer._tok.to_str(), n_vocab=vocab_size, eos_token=ends)
+    except ValueError as e:
+        raise RealmError(f"constraint: the grammar engine cannot read this model's tokenizer ({e})") from None
     _TOKENIZERS[key] = (tokenizer, lt)
     return lt
 
@@ -256,6 +263,8 @@ def host_masks(keys: np.ndarray, last: np.ndarray, num_new: np.ndarray, done: np
     if todo:
         from llguidance.numpy import fill_next_token_bitmask_par
 
+        for _, i in todo:  # the ids past the grammar tokenizer's own stay refused
+            bits[i] = 0
         fill_next_token_bitmask_par(_executor(), todo, bits)
         words = bits.view(np.uint32)
         for m, i in todo:

@@ -72,6 +72,25 @@ def test_json_with_sampling_surface_flags_matches_generate(tiny_dir, capsys):
     assert all(len(t["top"]) == 3 for r in rows for t in r["logprobs"])
 
 
+def test_constraint_flags_match_generate(tmp_path, capsys):
+    from realm_jax import Constraint
+
+    from grammar_model import make_grammar_model
+
+    d = make_grammar_model(tmp_path / "g")
+    base = ["generate", "--model", str(d), "--max-new-tokens", "30", "--json", "--dtype", "float32",
+            "--prompt", "cat", "--prompt", "a b", "--temperature", "1"]
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    model = realm_jax.load(d, dtype="float32")
+    for flags, c in [(["--choice", "red", "--choice", "blue"], Constraint.choice(["red", "blue"])),
+                     (["--regex", "[a-c]{2}x"], Constraint.regex("[a-c]{2}x")),
+                     (["--json-schema", json.dumps(schema)], Constraint.json_schema(schema))]:
+        assert cli.main(base + flags) == 0
+        rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        ref = generate(model, ["cat", "a b"], 30, temperature=1.0, constraint=c)
+        assert [r["tokens"] for r in rows] == ref.tokens and [r["text"] for r in rows] == ref.texts
+
+
 def test_single_prompt_streams_text(tiny_dir, capsys):
     assert cli.main(["generate", "--model", str(tiny_dir), "--prompt", PROMPTS[0], "--max-new-tokens", "9",
                      "--temperature", "0.8", "--top-p", "0.9", "--seed", "11", "--dtype", "float32"]) == 0
@@ -103,6 +122,10 @@ def test_token_id_prompts(tiny_dir, capsys):
     (["--prompt-ids", "5,400"], "token id 400 at position 1 is outside the vocabulary [0, 97)"),
     (["--prompt", "w5", "--max-new-tokens", "300"], "max_new_tokens 300 = 301 tokens, over the model's max_position_embeddings=256"),
     ([], "give at least one --prompt"),
+    (["--prompt", "w5", "--regex", "w5", "--choice", "w7"], "give at most one of --json-schema, --regex"),
+    (["--prompt", "w5", "--json-schema", "{bad"], "--json-schema: the JSON schema is not valid JSON"),
+    (["--prompt", "w5", "--grammar", "/nonexistent/g.lark"], "--grammar: cannot read"),
+    (["--prompt", "w5", "--choice", "w7"], "the grammar engine cannot read this model's tokenizer"),
 ])
 def test_bad_input_exits_2_with_message(tiny_dir, capsys, extra, message):
     assert cli.main(["generate", "--model", str(tiny_dir), "--dtype", "float32"] + extra) == 2

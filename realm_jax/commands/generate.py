@@ -43,6 +43,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop at this string; the text is cut before it (repeatable; default: none)")
     p.add_argument("--logprobs", type=int, default=None, metavar="N",
                    help="with --json: each token's log-prob and N top alternatives, 0..20 (default: none)")
+    p.add_argument("--json-schema", default=None, metavar="SCHEMA|@FILE",
+                   help="constrain the output to JSON matching this schema (JSON text, or @ and a file; needs "
+                        "the 'constrained' extra; default: none)")
+    p.add_argument("--regex", default=None, metavar="PATTERN",
+                   help="constrain the whole output to match this regular expression (default: none)")
+    p.add_argument("--choice", action="append", default=[], metavar="TEXT",
+                   help="constrain the output to one of these strings (repeatable; default: none)")
+    p.add_argument("--grammar", default=None, metavar="FILE",
+                   help="constrain the output to a Lark grammar read from FILE (llguidance's dialect; default: none)")
     p.add_argument("--n", type=int, default=1, metavar="N", help="samples per prompt, seeds seed..seed+N-1 (default: 1)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
@@ -88,6 +97,38 @@ def _parse_bias(items: list[str]) -> dict[int, float]:
     return out
 
 
+def _read(path: str, flag: str) -> str:
+    from ..errors import RealmError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RealmError(f"{flag}: cannot read {path!r} ({e})") from None
+
+
+def _constraint(args):
+    """The one constraint flag given (or None), as a ``Constraint``."""
+    from ..constraints import Constraint
+    from ..errors import RealmError
+
+    given = [f for f, v in (("--json-schema", args.json_schema), ("--regex", args.regex), ("--choice", args.choice),
+                            ("--grammar", args.grammar)) if v]
+    if len(given) > 1:
+        raise RealmError(f"give at most one of --json-schema, --regex, --choice, --grammar; got {', '.join(given)}")
+    if args.json_schema:
+        text = args.json_schema
+        text = _read(text[1:], "--json-schema") if text.startswith("@") else text
+        return Constraint.of(Constraint.json_schema(text), "--json-schema")
+    if args.regex:
+        return Constraint.of(Constraint.regex(args.regex), "--regex")
+    if args.choice:
+        return Constraint.of(Constraint.choice(args.choice), "--choice")
+    if args.grammar:
+        return Constraint.of(Constraint.grammar(_read(args.grammar, "--grammar")), "--grammar")
+    return None
+
+
 def run(args) -> int:
     from .. import progress
 
@@ -106,13 +147,15 @@ def _run(args) -> int:
     if not prompts:
         raise RealmError("give at least one --prompt TEXT (or --prompt-ids IDS)")
     plan = plan_adapters(args.lora, args.adapter, len(prompts))  # checked before loading anything
+    _constraint(args)  # likewise
     with loading(args.model or DEFAULT_MODEL):
         model = load(args.model or DEFAULT_MODEL, dtype=args.dtype)
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
               max_len=args.max_len, chat=args.chat)
     extra = dict(min_p=args.min_p, repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
                  presence_penalty=args.presence_penalty, logit_bias=_parse_bias(args.logit_bias) or None,
-                 min_tokens=args.min_tokens, stop=args.stop or None, logprobs=args.logprobs, n=args.n)
+                 min_tokens=args.min_tokens, stop=args.stop or None, logprobs=args.logprobs, n=args.n,
+                 constraint=_constraint(args))
     extra = {k: v for k, v in extra.items() if v is not None and not (k == "n" and v == 1)}
     if extra and args.draft:
         raise RealmError(f"--draft: not available with {', '.join('--' + k.replace('_', '-') for k in extra)} yet")
