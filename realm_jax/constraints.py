@@ -171,15 +171,15 @@ class _Row:
         self.stops, self.eos = [int(s) for s in stops], [int(e) for e in eos]
 
 
-def compile_rows(model, constraints: Sequence[Constraint | None], stop_ids: Sequence[Sequence[int]]) -> list:
-    """Per row: None or a fresh matcher (``_Row``) of its constraint, built on the host.
+def compile_rows(model, constraints: Sequence[Constraint | None], stop_ids: Sequence[Sequence[int]],
+                 eos_ids: Sequence[int]) -> list:
+    """Per row: None or a fresh matcher (``_Row``) of its constraint, built on the host
+    (``eos_ids``: the model's own end ids, ``generation.default_stop_ids``).
     A grammar llguidance refuses is a ``RealmError`` naming the row and llguidance's message."""
     if all(c is None for c in constraints):
         return [None] * len(constraints)
-    from .generation import default_stop_ids
-
     llg = _llguidance()
-    lt = grammar_tokenizer(getattr(model, "tokenizer", None), model.config.vocab_size, default_stop_ids(model))
+    lt = grammar_tokenizer(getattr(model, "tokenizer", None), model.config.vocab_size, eos_ids)
     grammars: dict = {}
     rows = []
     for i, (c, stops) in enumerate(zip(constraints, stop_ids)):

@@ -609,7 +609,7 @@ def prepare_request(model, prompts, max_new_tokens, *, stop_ids=None, max_len=No
     if any(c is not None for c in req.constraints):
         from .constraints import compile_rows
 
-        req.matchers = compile_rows(model, req.constraints, req.stop_ids)
+        req.matchers = compile_rows(model, req.constraints, req.stop_ids, default_stop_ids(model))
     return req, pad_request(req)
 
 

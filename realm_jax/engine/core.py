@@ -193,7 +193,8 @@ class Engine:
         if req.constraints[0] is not None:  # last: nothing can refuse the request after this
             from ..constraints import compile_rows, register
 
-            key = int(register(compile_rows(self.model, req.constraints, req.stop_ids))[0])
+            rows = compile_rows(self.model, req.constraints, req.stop_ids, default_stop_ids(self.model))
+            key = int(register(rows)[0])
         ints, floats = es.request_settings(stops, self.stop_width, self.bias_width, limit, aid, sp, key)
         return RequestHandle(self, -1, req.prompt_ids[0], limit, adapter, ints, floats, key)
 
