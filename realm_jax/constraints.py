@@ -126,7 +126,7 @@ def _llguidance():
 
 def constraints_per_prompt(x, batch: int) -> list[Constraint | None]:
     """``Sampling.constraint``: None, one constraint for all prompts, or one (or None) per prompt."""
-    if isinstance(x, (list, tuple)) and not (isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)):
+    if isinstance(x, (list, tuple)):
         if len(x) != batch:
             raise RealmError(f"constraint: expected one constraint or {batch} (one per prompt), got {len(x)}")
         return [Constraint.of(c, f"constraint (prompt {i})") for i, c in enumerate(x)]
