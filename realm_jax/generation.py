@@ -678,6 +678,22 @@ def _row_text(tok, ids: list[int], stopped: bool, stop_ids=()) -> str | None:
     return tok.decode(ids[:-1] if stopped and ids and ids[-1] in stop_ids else ids)
 
 
+def visible_text(tok, ids: list[int], *, stopped: bool, stop_ids=(), cut: int | None = None,
+                 finished: bool = True, stops=()) -> str:
+    """The text of a row a reader may see now: ``_row_text`` cut before a matched stop string
+    (``cut``: its index) or, while the row runs (``finished=False``), without a trailing
+    incomplete character and without the tail that could still begin one of ``stops``."""
+    from .stop_strings import held_back
+
+    full = _row_text(tok, ids, stopped and cut is None, stop_ids)
+    if cut is not None:
+        return full[:cut]
+    if not finished:
+        full = full.rstrip("\ufffd")  # an incomplete character: wait for its other bytes
+        full = full[:len(full) - held_back(full, stops)]
+    return full
+
+
 def generate(model, prompts, max_new_tokens: int | Sequence[int], *, stop_ids=None, max_len: int | None = None,
              adapters=None, adapter_ids=None, chat: bool = False, sampling: Sampling | None = None,
              **settings) -> GenerationResult:
@@ -815,7 +831,7 @@ class _Stream:
             _release(self.call)
 
     def _chunks(self) -> Iterator[StreamChunk]:
-        from .stop_strings import StopScan, held_back
+        from .stop_strings import StopScan
 
         model, (req, pad, ctl, cache, aid, rt) = self.model, self.call[:6]
         tok = getattr(model, "tokenizer", None)
@@ -850,12 +866,9 @@ class _Stream:
                     finished[i] = "stop" if stopped[i] else "length"
                 delta = None
                 if tok is not None and fresh:
-                    full = _row_text(tok, out[i, :n].tolist(), bool(stopped[i]) and cut is None, req.stop_ids[i])
-                    if cut is not None:
-                        full = full[:cut[1]]
-                    elif finished[i] is None:
-                        full = full.rstrip("\ufffd")  # an incomplete character: wait for its other bytes
-                        full = full[:len(full) - held_back(full, req.stop_strings[i])]
+                    full = visible_text(tok, out[i, :n].tolist(), stopped=bool(stopped[i]), stop_ids=req.stop_ids[i],
+                                        cut=None if cut is None else cut[1], finished=finished[i] is not None,
+                                        stops=req.stop_strings[i])
                     delta = full[len(texts[i]):]  # decoding more ids extends the text
                     texts[i] = full
                 elif tok is not None:

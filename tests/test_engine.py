@@ -353,7 +353,7 @@ def test_cancel_frees_the_slot_and_loses_no_other_request(model, adapters, engin
     (dict(prompt=[5, 6], max_new_tokens=4, min_p=-1), "min_p"),
     (dict(prompt=[5, 6], max_new_tokens=4, logit_bias={i: 1.0 for i in range(3, 12)}), "max_logit_bias=8"),
     (dict(prompt=[5, 6], max_new_tokens=4, logprobs=2), "logprobs: not served by the engine yet"),
-    (dict(prompt=[5, 6], max_new_tokens=4, stop=["x"]), "stop: not served by the engine yet"),
+    (dict(prompt=[5, 6], max_new_tokens=4, n=2), "n: not served by the engine yet"),
 ])
 def test_bad_input_is_rejected_for_that_request_only(model, adapters, engine, kwargs, match):
     good = [3, 9, 27, 4]
@@ -455,9 +455,9 @@ def test_folded_adapters_serve_the_same_tokens(models, model, adapters, layout):
     eng.run_until_idle()
     for i, (h, (_, ref)) in enumerate(zip(handles, work)):
         assert (h.result().tokens, h.result().finish_reason) == ref, f"request {i}"
-    with pytest.raises(RealmError, match="fold_adapters: needs adapters, and no draft"):
+    with pytest.raises(RealmError, match="fold_adapters: needs adapters, no draft"):
         Engine(served, max_slots=2, max_seq_len=SEQ, adapters=adapters, fold_adapters=True, draft="lookup")
-    with pytest.raises(RealmError, match="fold_adapters: needs adapters, and no draft"):
+    with pytest.raises(RealmError, match="fold_adapters: needs adapters, no draft"):
         Engine(served, max_slots=2, max_seq_len=SEQ, fold_adapters=True)
 
 

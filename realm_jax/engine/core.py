@@ -23,6 +23,7 @@ from ..buckets import bucket_table
 from ..generation import GenerationResult, default_stop_ids, prepare_prompts, validate_request
 from . import delivery
 from . import state as es
+from .adapters import AdapterSlots
 from .delivery import CANCELLED, EngineStats, RequestHandle, Stats
 from .scheduler import Call, Scheduler, _check_pos_int
 
@@ -31,8 +32,8 @@ from .scheduler import Call, Scheduler, _check_pos_int
 # whatever the values; with a draft only the draw (speculative rounds verify the warped
 # distribution, not the penalties).
 _SERVED = ("temperature", "top_k", "top_p", "min_p", "seed", "repetition_penalty", "frequency_penalty",
-           "presence_penalty", "logit_bias", "min_tokens")
-_SERVED_WITH_DRAFT = ("temperature", "top_k", "top_p", "seed")
+           "presence_penalty", "logit_bias", "min_tokens", "stop")
+_SERVED_WITH_DRAFT = ("temperature", "top_k", "top_p", "seed", "stop")  # stop strings: matched on the host
 
 
 class EngineClosedError(RealmError):
@@ -77,7 +78,8 @@ class Engine:
                  prefill_buckets: Sequence[int] | None = None, prefill_batch: int | None = None,
                  decode_steps_per_call: int = 16, max_stop_ids: int = 8, max_logit_bias: int = 8,
                  adapters: Mapping[str, Any] | None = None, fold_adapters: bool = False, draft=None,
-                 k: int = 4, constrained: bool = False):
+                 k: int = 4, constrained: bool = False, adapter_slots: int | None = None,
+                 adapter_rank: int | None = None, adapter_targets: Sequence[str] | None = None):
         cfg = model.config
         self.model = model
         self.max_slots = _check_pos_int("max_slots", max_slots)
@@ -106,13 +108,18 @@ class Engine:
 
             _llguidance()
         self.constrained = constrained
-        self.adapter_names: tuple[str, ...] = ()
+        self._folded_names: tuple[str, ...] | None = None  # fold_adapters: the fixed names
+        self._adapters: AdapterSlots | None = None  # else: the slots (load_adapter / unload_adapter)
         params = model.runtime  # the target's runtime as served (with the adapters, folded or not)
-        if fold_adapters and (adapters is None or draft is not None):
-            raise RealmError("fold_adapters: needs adapters, and no draft (a draft runs the unfolded weights)")
-        if adapters is not None:
-            self.adapter_names = es.check_adapters(model, adapters)
-            params = es.prepare_adapters(model, [adapters[n] for n in self.adapter_names], fold_adapters)
+        if fold_adapters and (adapters is None or draft is not None or adapter_slots is not None):
+            raise RealmError("fold_adapters: needs adapters, no draft (a draft runs the unfolded weights) and no "
+                             "adapter_slots (folded adapters are fixed)")
+        if fold_adapters:
+            self._folded_names = es.check_adapters(model, adapters)
+            params = es.prepare_adapters(model, [adapters[n] for n in self._folded_names], True)
+        elif adapters is not None or adapter_slots is not None:
+            self._adapters = AdapterSlots(model, adapters, adapter_slots, adapter_rank, adapter_targets)
+            params = self._served_with_adapters()
         self.draft = None
         self.k = 0
         if draft is not None:
@@ -168,6 +175,9 @@ class Engine:
                              + (" with a draft" if self.draft is not None else "") + " yet (use generate)")
         if isinstance(prompt, np.ndarray):
             prompt = prompt.tolist()
+        strings = st.stop_strings(1)[0]
+        if strings and getattr(self.model, "tokenizer", None) is None:
+            raise RealmError("stop: stop strings need the model's tokenizer (this model has none); use stop_ids")
         ids = prepare_prompts(self.model, [prompt], chat)
         if stop_ids is None:
             stop_ids = default_stop_ids(self.model)
@@ -180,13 +190,7 @@ class Engine:
         stops = req.stop_ids[0]
         if len(stops) > self.max_stop_ids:
             raise RealmError(f"stop_ids: expected at most max_stop_ids={self.max_stop_ids} ids, got {len(stops)}")
-        if adapter is None:
-            aid = -1
-        elif isinstance(adapter, str) and adapter in self.adapter_names:
-            aid = self.adapter_names.index(adapter)
-        else:
-            known = list(self.adapter_names) or "none (the engine was built without adapters)"
-            raise RealmError(f"adapter: unknown name {adapter!r}; expected one of {known} or None (base model)")
+        aid = self._adapter_slot(adapter)
         sp = req.sampling
         limit = int(req.max_new_tokens[0])
         key = -1
@@ -196,7 +200,9 @@ class Engine:
             rows = compile_rows(self.model, req.constraints, req.stop_ids, default_stop_ids(self.model))
             key = int(register(rows)[0])
         ints, floats = es.request_settings(stops, self.stop_width, self.bias_width, limit, aid, sp, key)
-        return RequestHandle(self, -1, req.prompt_ids[0], limit, adapter, ints, floats, key)
+        h = RequestHandle(self, -1, req.prompt_ids[0], limit, adapter, ints, floats, key, strings)
+        h.adapter_slot = aid
+        return h
 
     def submit(self, prompt, max_new_tokens: int, *, stop_ids=None, adapter: str | None = None, chat: bool = False,
                sampling=None, **settings) -> RequestHandle:
@@ -234,6 +240,9 @@ class Engine:
     def _enqueue(self, handles: list[RequestHandle]) -> None:
         with self._lock:
             self._check_alive()
+            for h in handles:  # an adapter unloaded (or replaced) since the request was checked
+                if h.adapter is not None and self._adapter_slot(h.adapter) != h.adapter_slot:
+                    raise RealmError(f"adapter {h.adapter!r} was unloaded while the request was being checked")
             self._sched.enqueue(handles)
             self._stats.n["submitted"] += len(handles)
             self._wake.notify_all()
@@ -278,6 +287,67 @@ class Engine:
                 self._stats.n["cancelled"] += 1
             self._wake.notify_all()
             return ok
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """The adapters requests may name now."""
+        if self._folded_names is not None:
+            return self._folded_names
+        return () if self._adapters is None else self._adapters.loaded
+
+    def _adapter_slot(self, adapter) -> int:
+        """A request's adapter name -> its index in the served stack (-1 = the base model)."""
+        if adapter is None:
+            return -1
+        if self._folded_names is not None and adapter in self._folded_names:
+            return self._folded_names.index(adapter)
+        if self._adapters is None or self._folded_names is not None:
+            known = list(self._folded_names or ()) or "none (the engine was built without adapters)"
+            raise RealmError(f"adapter: unknown name {adapter!r}; expected one of {known} or None (base model)")
+        return self._adapters.index(adapter)
+
+    def _served_with_adapters(self):
+        from ..runtime import with_adapters
+
+        return with_adapters(self.model.runtime, self.model.config, self._adapters.stack())
+
+    def _swap_adapters(self, change) -> int:
+        """Apply ``change(slots)`` and serve the new stack between two steps (same shapes: no
+        recompile); undone if building it fails."""
+        if self._adapters is None:
+            raise RealmError("adapters: this engine serves no adapter slots (build it with adapters= or "
+                             "adapter_slots=, without fold_adapters)")
+        with self._drive:
+            with self._lock:
+                self._check_alive()
+                names, weights = list(self._adapters.names), list(self._adapters.weights)
+                i = change(self._adapters)
+            try:
+                self._device.params = self._served_with_adapters()
+            except BaseException:
+                with self._lock:
+                    self._adapters.names, self._adapters.weights = names, weights
+                raise
+        return i
+
+    def load_adapter(self, name: str, adapter) -> int:
+        """Serve a single adapter under ``name`` from the next step on (thread-safe); its slot.
+        Refused (``RealmError``) for an adapter of another model, a rank over ``adapter_rank``,
+        targets outside ``adapter_targets``, a name in use, or no free slot."""
+        return self._swap_adapters(lambda slots: slots.place(name, adapter))
+
+    def unload_adapter(self, name: str) -> int:
+        """Stop serving ``name`` (thread-safe); its slot is free again. Refused while a queued or
+        running request uses it."""
+        def change(slots):
+            users = [h for h in self._sched.pending() if h.adapter == name]
+            if users:
+                raise RealmError(f"adapter {name!r} is in use by {len(users)} queued or running request(s); "
+                                 f"cancel them or wait")
+            return slots.remove(name)
+
+        return self._swap_adapters(change)
 
     # ------------------------------------------------------------------ the loop
     @property
@@ -352,7 +422,9 @@ class Engine:
         delivered = delivery.push(items)
         with self._lock:
             for s, h, _, done in delivered:
-                if done:
+                if done and h.ended_on_host:  # a stop string: the device row still runs, kill it
+                    self._sched.cancel(h)
+                elif done:
                     self._sched.release(s, h)
             self._stats.delivered(delivered)
 
@@ -442,6 +514,11 @@ class Engine:
     @property
     def closed(self) -> bool:
         return self._closed is not None
+
+    @property
+    def alive(self) -> bool:
+        """Serving: not closed, no device error, and the background loop (``start()``) running."""
+        return self._closed is None and self._error is None and self._background
 
     def __enter__(self) -> "Engine":
         """``with Engine(...) as engine:`` runs the loop in the background and ``close()``s the

@@ -18,7 +18,8 @@ from typing import Iterator
 
 import numpy as np
 
-from ..generation import _row_text
+from ..generation import visible_text
+from ..stop_strings import StopScan
 from . import state as es
 
 CANCELLED = "cancelled"
@@ -42,7 +43,8 @@ class RequestHandle:
     """A submitted request: ``result()``, ``stream()``, ``cancel()``, timings."""
 
     def __init__(self, engine, rid: int, prompt_ids: list[int], max_new_tokens: int,
-                 adapter: str | None, settings: np.ndarray, floats: np.ndarray, constraint_key: int = -1):
+                 adapter: str | None, settings: np.ndarray, floats: np.ndarray, constraint_key: int = -1,
+                 stops: tuple = ()):
         self._engine = engine
         self.id = rid
         self.prompt_ids = prompt_ids
@@ -52,6 +54,12 @@ class RequestHandle:
         self._floats = floats  # float32 [6 + L]: state.FLOAT_COLS, then logit-bias values
         self._constraint_key = constraint_key  # its grammar matcher (constraints.register), -1 = none
         self._tokens: list[int] = []
+        self.stop = tuple(stops)  # its stop strings (checked here, on the host, as tokens arrive)
+        tok = getattr(engine.model, "tokenizer", None)
+        self._scan = StopScan(tok.decode, self.stop) if self.stop else None
+        self._cut: int | None = None  # where a matched stop string begins in the text
+        self.ended_on_host = False  # ended by a stop string: its slot is still running on the device
+        self._listeners: list = []  # on_update callbacks
         self._cond = threading.Condition()
         self._finish: str | None = None
         self.cancel_reason: str | None = None  # why it was cancelled (cancel() or Engine.close())
@@ -100,12 +108,20 @@ class RequestHandle:
             if tokens and self.first_token_at is None:
                 self.first_token_at = now
             self._tokens.extend(tokens)
+            if self._scan is not None and finish != CANCELLED:
+                hit = self._scan.scan(self._tokens)
+                if hit is not None:  # ends with the token that completed the match
+                    k, self._cut = hit
+                    del self._tokens[k:]
+                    self.ended_on_host = finish is None
+                    finish = "stop"
             if finish is not None:
                 self._finish = finish
                 self.finished_at = now
                 self._release()
             self._cond.notify_all()
-            return True
+        self._notify()
+        return True
 
     def _release(self) -> None:
         """Forget the request's grammar matcher (it has ended)."""
@@ -122,6 +138,7 @@ class RequestHandle:
                 self.finished_at = time.perf_counter()
                 self._release()
             self._cond.notify_all()
+        self._notify()
 
     # ---------------------------------------------------------------- user side
     def _wait(self, until, timeout: float | None) -> None:
@@ -150,28 +167,53 @@ class RequestHandle:
         """Block until the request ends; its ``RequestResult``. Re-raises a device error."""
         self._wait(lambda: self.done, timeout)
         self._raise_error()
-        stopped = self._finish == "stop"
-        tok = getattr(self._engine.model, "tokenizer", None)
         with self._cond:
             tokens = list(self._tokens)
-        stop_ids = [int(i) for i in self._settings[:self._engine.stop_width] if i >= 0]
-        return RequestResult(tokens, _row_text(tok, tokens, stopped, stop_ids), self._finish, self.prompt_length,
+        return RequestResult(tokens, self._text(tokens, True, self._finish, self._cut), self._finish, self.prompt_length,
                              self.cancel_reason if self._finish == CANCELLED else None)
 
-    def stream(self, timeout: float | None = None) -> Iterator[int]:
-        """Yield the request's tokens as they reach the host, until it ends."""
-        i = 0
+    @property
+    def stop_ids(self) -> list[int]:
+        return [int(i) for i in self._settings[:self._engine.stop_width] if i >= 0]
+
+    def _text(self, tokens: list[int], finished: bool, finish: str | None, cut: int | None) -> str | None:
+        """The visible text of a snapshot (tokens, done, finish reason, stop-string cut)."""
+        tok = getattr(self._engine.model, "tokenizer", None)
+        if tok is None:
+            return None
+        return visible_text(tok, tokens, stopped=finish == "stop", stop_ids=self.stop_ids, cut=cut,
+                            finished=finished, stops=self.stop)
+
+    def chunks(self, timeout: float | None = None) -> Iterator[tuple[list[int], str | None, str | None]]:
+        """Yield ``(new tokens, new text, finish reason)`` as tokens reach the host, until the
+        request ends (the reason is None before the last chunk). The texts concatenate to
+        ``result().text`` and never show what a later stop-string match removes (None without a
+        tokenizer)."""
+        cur = self.cursor()
         while True:
-            self._wait(lambda: len(self._tokens) > i or self.done, timeout)
-            with self._cond:
-                new = self._tokens[i:]
-                finished = self.done
-            for t in new:
-                yield t
-            i += len(new)
-            if finished and i >= len(self._tokens):
-                self._raise_error()
+            self._wait(lambda: len(self._tokens) > cur.seen or self.done, timeout)
+            chunk = cur.poll()
+            yield chunk
+            if chunk[2] is not None:
                 return
+
+    def cursor(self) -> "Cursor":
+        """A non-blocking reader of ``chunks`` (for callers with their own waiting, e.g. an event
+        loop woken by ``on_update``)."""
+        return Cursor(self)
+
+    def on_update(self, fn) -> None:
+        """Call ``fn()`` (from the engine's thread; it must not block) whenever tokens arrive or
+        the request ends; at once if it has ended."""
+        with self._cond:
+            self._listeners.append(fn)
+            ended = self.done
+        if ended:
+            fn()
+
+    def _notify(self) -> None:
+        for fn in list(self._listeners):
+            fn()
 
     def cancel(self) -> bool:
         """Stop the request now (its slot frees at the next step); ``result()`` then gives the
@@ -181,6 +223,27 @@ class RequestHandle:
     def __repr__(self) -> str:
         state = self._finish or ("error" if self._error else "running")
         return f"RequestHandle(id={self.id}, prompt_length={self.prompt_length}, tokens={len(self._tokens)}, {state})"
+
+
+class Cursor:
+    """Where a reader of a handle's output is: ``poll()`` -> ``(new tokens, new text, finish
+    reason)`` since the last poll, without waiting (empty lists and "" while nothing is new; the
+    reason is set on the last chunk). Re-raises the request's device error."""
+
+    def __init__(self, handle: RequestHandle):
+        self.handle, self.seen, self.shown = handle, 0, ""
+
+    def poll(self) -> tuple[list[int], str | None, str | None]:
+        h = self.handle
+        with h._cond:
+            tokens, finished, finish, cut = list(h._tokens), h.done, h._finish, h._cut
+        if finished:
+            h._raise_error()
+        text = h._text(tokens, finished, finish, cut)
+        delta = None if text is None else text[len(self.shown):]
+        self.shown = text
+        new, self.seen = tokens[self.seen:], len(tokens)
+        return new, delta, finish if finished else None
 
 
 # ------------------------------------------------------------------------------ waiting
@@ -208,9 +271,8 @@ def push(items: list) -> list[tuple[int, RequestHandle, int, bool]]:
     finished) for each that took them. A handle that finished meanwhile (cancelled) takes nothing."""
     delivered = []
     for s, h, tokens, status in items:
-        finish = finish_reason(status)
-        if h._push(tokens, finish):
-            delivered.append((s, h, len(tokens), finish is not None))
+        if h._push(tokens, finish_reason(status)):  # a stop string may end it before the device does
+            delivered.append((s, h, len(tokens), h.done))
     return delivered
 
 

@@ -105,6 +105,13 @@ class Scheduler:
         if self.slots[s] is h:
             self.slots[s] = None
 
+    def pending(self) -> list:
+        """Every handle queued, in a slot or in the call in flight, and not yet finished."""
+        held = list(self.queue) + [h for h in self.slots if h is not None]
+        if self.inflight is not None:
+            held += [h for h in self.inflight.owners if h is not None]
+        return [h for h in dict.fromkeys(held) if not h.done]
+
     def drain(self) -> list:
         """Empty the queue and the slots and forget the call in flight; every handle they held."""
         pending = list(self.queue) + [h for h in self.slots if h is not None]
