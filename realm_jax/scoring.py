@@ -617,6 +617,10 @@ def perplexity(model, texts_or_ids, *, max_length: int | None = None, stride: in
     Each token is scored once, with up to max_length - 1 tokens of context (``rolling_windows``).
     adapters / adapter_ids: as in ``score``, with one adapter id per document (or one for all).
     progress: a bar over the windows, as in ``score`` (label "perplexity").
+    The windows go through ``score`` with shared prefixes on, but the windows of one document
+    share no prefix: each begins ``stride`` tokens after the last, and a token's K/V depends on
+    its position in its window (rope), so the overlap of two windows cannot be reused without
+    changing the numbers. Only windows of documents that begin alike share their start.
     """
     if max_length is None:
         max_length = min(int(model.config.max_position_embeddings), 1024)

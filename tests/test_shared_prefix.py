@@ -296,6 +296,32 @@ def test_cli_resume_with_shared_prefixes(tiny, tmp_path, monkeypatch):
     assert out.read_bytes() == expected
 
 
+def test_lm_eval_adapter_shares_prefixes(tiny, monkeypatch):
+    """The harness adapter's loglikelihood: string requests of a few-shot prompt with 4 choices
+    share it (and equal HF on the harness's split); share_prefixes=False gives the same numbers."""
+    from types import SimpleNamespace
+
+    from realm_jax.integrations import lm_eval as adapter
+    from test_scoring import TEXTS
+
+    model, hf = tiny
+    shots = " ".join(TEXTS[:3]) + "\n"
+    reqs = [SimpleNamespace(args=(shots + q, c)) for q in ("a cat sat on the", "she sells sea")
+            for c in (" mat", " shells", " dog", " fox")]
+    calls = count_calls(monkeypatch)
+    shared = adapter.RealmJaxLM(model=model, batch_size=4).loglikelihood(reqs, disable_tqdm=True)
+    assert calls["prefill_prefixes"] == 1 and calls["continuation_logprobs"] == 0
+    lm = adapter.RealmJaxLM(model=model, batch_size=4, share_prefixes=False)
+    plain = lm.loglikelihood(reqs, disable_tqdm=True)
+    assert calls["continuation_logprobs"] == 2 and calls["prefill_prefixes"] == 1
+    for r, (a, ga), (b, gb) in zip(reqs, shared, plain):
+        assert a == pytest.approx(b, abs=1e-5) and ga == gb
+        ref, ref_greedy = hf_continuation_logprobs(hf, *lm.encode_pair(*r.args))
+        assert a == pytest.approx(float(np.sum(ref)), abs=1e-4) and ga == ref_greedy
+    with pytest.raises(RealmError, match="share_prefixes: expected True or False"):
+        adapter.RealmJaxLM(model=model, share_prefixes="no")
+
+
 # ----------------------------------------------------------------------------- property
 @st.composite
 def request_sets(draw):
