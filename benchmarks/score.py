@@ -4,6 +4,7 @@
     python benchmarks/score.py --config llama-1b --batch-size 32 --requests 1024   # random weights
     python benchmarks/score.py --model DIR      # any HF checkpoint directory
     python benchmarks/score.py --tiny           # a tiny random model: a CPU smoke test
+    python benchmarks/score.py --tiny --multiple-choice 100   # shared prefixes against the plain path
 
 Data: ``--requests`` random (context, continuation) token-id pairs, context lengths uniform in
 ``--context-len A:B`` and continuation lengths in ``--continuation-len A:B`` (harness-like
@@ -17,6 +18,11 @@ HF: what the evaluation harness's ``hf`` model does: requests sorted by length (
 batches padded on the right to their longest row, one forward with the attention mask,
 ``log_softmax`` over all positions in float32, gather of the continuation tokens, greedy check;
 ``torch.inference_mode``, float32 on CPU and bfloat16 on CUDA, one untimed batch first.
+``--multiple-choice N``: instead, a synthetic 5-shot multiple-choice workload of N questions:
+subjects of ``--questions-per-subject`` questions sharing a ``--shared-len``-token few-shot
+prefix (500), each question 20-60 tokens of its own, then 4 one-token choices, in the order an
+evaluation sends them. realm_jax runs twice: with shared prefixes (the default) and with
+``share_prefixes=False`` (every request whole), and the speed-up of the first is reported.
 Both sides get the same weights (the same checkpoint directory) except for ``--config``, where
 each side draws its own random weights; then the log-prob agreement is not reported.
 
@@ -54,6 +60,19 @@ def make_requests(n: int, vocab: int, ctx: tuple[int, int], cont: tuple[int, int
     rng = np.random.default_rng(seed)
     return [(rng.integers(3, vocab, int(rng.integers(ctx[0], ctx[1] + 1))).tolist(),
              rng.integers(3, vocab, int(rng.integers(cont[0], cont[1] + 1))).tolist()) for _ in range(n)]
+
+
+def make_multiple_choice(questions: int, per_subject: int, shared: int, vocab: int, seed: int = 0):
+    """5-shot multiple choice: per subject a ``shared``-token prefix; per question 20-60 tokens of
+    its own and 4 one-token choices (4 requests with the same context)."""
+    rng = np.random.default_rng(seed)
+    out, shots = [], None
+    for q in range(questions):
+        if q % per_subject == 0:
+            shots = rng.integers(3, vocab, shared).tolist()
+        context = shots + rng.integers(3, vocab, int(rng.integers(20, 61))).tolist()
+        out += [(context, [int(c)]) for c in rng.choice(np.arange(3, vocab), 4, replace=False)]
+    return out
 
 
 def tiny_checkpoint(directory: str) -> str:
@@ -108,19 +127,21 @@ def setup(args):
     return model, hf, hf_dev, True
 
 
-def bench_realm(model, requests, batch_size: int, repeats: int):
+def bench_realm(model, requests, batch_size: int, repeats: int, share_prefixes: bool = True):
     import realm_jax
     from realm_jax import scoring
 
-    before = scoring.continuation_logprobs._cache_size()
+    fns = (scoring.continuation_logprobs, scoring.prefill_prefixes, scoring.shared_continuation_logprobs)
+    before = sum(f._cache_size() for f in fns)
     t0 = time.perf_counter()
-    realm_jax.score(model, requests, batch_size=batch_size)
+    realm_jax.score(model, requests, batch_size=batch_size, share_prefixes=share_prefixes, progress=False)
     first = time.perf_counter() - t0
-    compiles = scoring.continuation_logprobs._cache_size() - before
+    compiles = sum(f._cache_size() for f in fns) - before
     times, scores = [], None
     for _ in range(repeats):
         t0 = time.perf_counter()
-        scores = realm_jax.score(model, requests, batch_size=batch_size)  # host floats: synchronised
+        scores = realm_jax.score(model, requests, batch_size=batch_size, share_prefixes=share_prefixes,
+                                 progress=False)  # host floats: synchronised
         times.append(time.perf_counter() - t0)
     return scores, {"median_s": statistics.median(times), "all_s": times, "first_pass_s": first,
                     "compiles": compiles}
@@ -175,6 +196,10 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=256)
     p.add_argument("--context-len", type=span, default=(32, 480), metavar="A:B")
     p.add_argument("--continuation-len", type=span, default=(1, 16), metavar="A:B")
+    p.add_argument("--multiple-choice", type=int, default=None, metavar="N",
+                   help="N questions of a synthetic 5-shot multiple-choice workload (see above)")
+    p.add_argument("--questions-per-subject", type=int, default=25, metavar="Q")
+    p.add_argument("--shared-len", type=int, default=500, metavar="P", help="few-shot prefix tokens per subject")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--hf-repeats", type=int, default=1)
@@ -186,15 +211,29 @@ def main(argv=None) -> int:
         args.requests, args.context_len, args.batch_size, args.repeats = 48, (8, 120), 8, 2
 
     model, hf, hf_dev, same_weights = setup(args)
-    requests = make_requests(args.requests, model.config.vocab_size, args.context_len, args.continuation_len)
+    if args.multiple_choice is not None:
+        if args.multiple_choice < 1 or args.questions_per_subject < 1 or args.shared_len < 1:
+            p.error("--multiple-choice, --questions-per-subject and --shared-len must be positive")
+        requests = make_multiple_choice(args.multiple_choice, args.questions_per_subject, args.shared_len,
+                                        model.config.vocab_size)
+    else:
+        requests = make_requests(args.requests, model.config.vocab_size, args.context_len, args.continuation_len)
     tokens = sum(len(c) + len(k) for c, k in requests)
     scored = sum(len(k) for _, k in requests)
     env = common.environment()
     rows = []
     ours, t = bench_realm(model, requests, args.batch_size, args.repeats)
-    rows.append({"impl": "realm_jax score", "device": env["device"], "dtype": str(model.dtype),
+    label = "realm_jax score (shared prefixes)" if args.multiple_choice is not None else "realm_jax score"
+    rows.append({"impl": label, "device": env["device"], "dtype": str(model.dtype),
                  "seconds": t["median_s"], "tokens_per_s": tokens / t["median_s"],
                  "scored_per_s": scored / t["median_s"], "compiles": t["compiles"], **t})
+    if args.multiple_choice is not None:  # the plain path: every request whole
+        plain, tp = bench_realm(model, requests, args.batch_size, args.repeats, share_prefixes=False)
+        rows.append({"impl": "realm_jax score (plain, share_prefixes=False)", "device": env["device"],
+                     "dtype": str(model.dtype), "seconds": tp["median_s"], "tokens_per_s": tokens / tp["median_s"],
+                     "scored_per_s": scored / tp["median_s"], "compiles": tp["compiles"], **tp})
+        plain_diff = max(float(np.abs(np.asarray(a.token_logprobs) - np.asarray(b.token_logprobs)).max())
+                         for a, b in zip(ours, plain))
     agreement = None
     if hf is not None:
         ref, th = bench_hf(hf, requests, args.batch_size, hf_dev, args.hf_repeats)
@@ -205,13 +244,16 @@ def main(argv=None) -> int:
             diffs = [float(np.abs(np.asarray(s.token_logprobs) - r[0]).max()) for s, r in zip(ours, ref)]
             agreement = {"max_abs_dlogprob": max(diffs),
                          "greedy_flags_equal": sum(s.is_greedy == r[1] for s, r in zip(ours, ref)) / len(ref)}
-    print(f"{args.requests} requests, {tokens} tokens ({scored} scored), batch {args.batch_size}; "
+    print(f"{len(requests)} requests, {tokens} tokens ({scored} scored), batch {args.batch_size}; "
           f"{common.environment_line(env)}")
     print(common.markdown_table(rows, [("impl", "implementation"), ("device", "device"), ("dtype", "dtype"),
                                        ("seconds", "s / pass"), ("tokens_per_s", "tokens/s"),
                                        ("scored_per_s", "continuation tokens/s"), ("compiles", "compiles")]))
-    if len(rows) == 2:
-        print(f"speed-up over HF: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x")
+    if args.multiple_choice is not None:
+        print(f"shared prefixes over the plain path: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x "
+              f"(max |d logprob| between them {plain_diff:.1e})")
+    if rows[-1]["impl"] == "HF transformers":
+        print(f"speed-up over HF: {rows[0]['tokens_per_s'] / rows[-1]['tokens_per_s']:.2f}x")
     if agreement:
         print(f"agreement: max |d logprob| = {agreement['max_abs_dlogprob']:.2e}, "
               f"greedy flags equal on {100 * agreement['greedy_flags_equal']:.0f}% of requests")

@@ -110,3 +110,16 @@ def rows_of(cache: KVCache, rows) -> KVCache:
     if cache.per_layer:
         return KVCache(tuple(x[rows] for x in cache.k), tuple(x[rows] for x in cache.v), cache.lengths[rows])
     return KVCache(cache.k[:, rows], cache.v[:, rows], cache.lengths[rows])
+
+
+def extend(cache: KVCache, slots: int) -> KVCache:
+    """The cache with ``slots`` more (zeroed, not yet valid) slots at the end of S: S -> S + slots,
+    lengths unchanged (room for tokens appended after the cached ones)."""
+    def pad(x, axis):
+        width = [(0, 0)] * x.ndim
+        width[axis] = (0, int(slots))
+        return jnp.pad(x, width)
+
+    if cache.per_layer:
+        return KVCache(tuple(pad(x, 1) for x in cache.k), tuple(pad(x, 1) for x in cache.v), cache.lengths)
+    return KVCache(pad(cache.k, 2), pad(cache.v, 2), cache.lengths)

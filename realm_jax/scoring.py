@@ -14,6 +14,14 @@ span C to a power of two, so the number of compilations is bounded by the number
 (rows, T, C) buckets. On device, only the C positions that predict continuation tokens go through
 the LM head, in float32, and only their log-probs [B, C] and greedy flags [B, C] come back to
 the host, never the [B, T, V] logits. Results are returned in input order.
+
+Shared prefixes (``share_prefixes=True``, the default): requests whose model inputs start with
+the same tokens (at least ``MIN_SHARED_PREFIX``, same adapter; the rule is ``prefix_groups``) are
+scored as one group: the shared prefix is prefilled once into a KV cache [G, Tp] (G groups a
+batch), and the members' remaining tokens run as batches [B, Ts] over it, each row gathering its
+group's cache row (``shared_continuation_logprobs``). Tp and Ts are the same input-length
+buckets, so compilations stay bounded by (G, Tp) and (G, Tp, B, Ts, C) buckets, not by groups.
+The plain path (every request whole) is the reference it is tested against.
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ import numpy as np
 from . import progress as _progress
 from .buckets import bucket_batch, bucket_length, bucket_table
 from .errors import RealmError
-from .model import forward_hidden, lm_head
+from .kv_cache import KVCache, extend, rows_of
+from .model import forward_cached_hidden, forward_hidden, lm_head
 
 # Upper bound on the float32 logits materialised at once: B * c * V elements (512 MiB).
 LOGITS_BUDGET = 2 ** 27
@@ -182,18 +191,94 @@ def batch_rows(n: int, batch_size: int) -> int:
     return min(int(batch_size), bucket_batch(n))
 
 
-# ----------------------------------------------------------------------------- device part
-@partial(jax.jit, static_argnames=("cfg", "chunk"))
-def continuation_logprobs(rt, cfg, tokens, lengths, starts, targets, adapter_ids=None, *, chunk: int):
-    """Log-probs of target tokens over a span of each row.
+# ----------------------------------------------------------------------------- shared prefixes
+# The shortest prefix worth sharing (tokens): a shorter one saves less than its prefill dispatch costs.
+MIN_SHARED_PREFIX = 16
 
-    tokens [B, T] int32 right-padded, lengths [B] int32; starts [B] int32: the position whose
-    next-token distribution predicts targets[:, 0]; targets [B, C] int32.
-    Returns logprobs [B, C] float32 (``log_softmax(logits[b, starts[b] + c])[targets[b, c]]``)
-    and greedy [B, C] bool (that target is the argmax). Positions past T - 1 are clamped
-    (the caller ignores them). The LM head runs on C positions only, ``chunk`` at a time.
+
+@dataclasses.dataclass(frozen=True)
+class PrefixGroup:
+    """Requests computed over one shared prefix: their first ``prefix`` model-input tokens are
+    the same (as is their adapter), so those tokens' K/V are computed once for all of them."""
+
+    prefix: int
+    members: tuple[int, ...]
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    hi = min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    lo, hi = 0, hi - 1  # a binary search over slice equality (compared in C, not token by token)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def prefix_groups(inputs: Sequence[Sequence[int]], caps: Sequence[int], keys: Sequence | None = None, *,
+                  min_shared: int = MIN_SHARED_PREFIX) -> tuple[list[PrefixGroup], list[int]]:
+    """Find requests that share a token prefix -> (groups of two or more, indices left alone).
+
+    inputs[i]: request i's tokens; caps[i]: how many of its first tokens may be shared (for
+    scoring: its tokens before the position predicting its first continuation token, which must
+    be computed with the request's own suffix); keys[i]: what must also be equal to share (the
+    adapter id: it changes the K/V), default all equal.
+
+    The rule: requests are sorted by (key, tokens, index) and walked in that order. The current
+    group G has prefix P: the common prefix of its members, at most each member's cap (in sorted
+    order the common prefix of a run is the least of its neighbours' ones). The next request r
+    joins G when its key is G's and p' = min(P, common_prefix(previous, r), caps[r]) is at least
+    ``min_shared`` and joining saves tokens: (|G| - 1) * (P - p') < p' (every member recomputes
+    P - p' more tokens, r skips p'); otherwise r starts a new group. So the 4 choices of a
+    question share its context, and the questions of a few-shot subject share its few-shot
+    prefix, but a long group does not shrink to take in a request sharing a little less.
+    Deterministic: the same requests give the same groups.
     """
-    hidden = forward_hidden(rt, cfg, tokens, lengths, adapter_ids=adapter_ids)
+    n = len(inputs)
+    if len(caps) != n or (keys is not None and len(keys) != n):
+        raise ValueError(f"prefix_groups: expected one cap and one key per input ({n}), got {len(caps)} caps "
+                         f"and {'no' if keys is None else len(keys)} keys")
+    keys = [0] * n if keys is None else list(keys)
+    order = sorted(range(n), key=lambda i: (keys[i], list(inputs[i]), i))
+    runs: list[tuple[int, list[int]]] = []
+    for r in order:
+        if runs:
+            p, members = runs[-1]
+            last = members[-1]
+            if keys[last] == keys[r]:
+                shared = min(p, caps[r], common_prefix(inputs[last], inputs[r]))
+                if shared >= min_shared and (len(members) - 1) * (p - shared) < shared:
+                    members.append(r)
+                    runs[-1] = (shared, members)
+                    continue
+        runs.append((int(caps[r]), [r]))
+    groups = [PrefixGroup(p, tuple(m)) for p, m in runs if len(m) > 1]
+    alone = sorted(m[0] for p, m in runs if len(m) == 1)
+    return groups, alone
+
+
+def prefix_batches(groups: Sequence[PrefixGroup], batch_size: int) -> list[list[PrefixGroup]]:
+    """Groups into prefill batches, longest prefix first: ``batch_size`` groups while at least that
+    many are left, then the largest power of two that is left, so no prefill row is padding."""
+    todo = sorted(groups, key=lambda g: (-g.prefix, g.members))
+    out = []
+    while todo:
+        m = batch_size if len(todo) >= batch_size else 1 << (len(todo).bit_length() - 1)
+        out.append(todo[:m])
+        todo = todo[m:]
+    return out
+
+
+# ----------------------------------------------------------------------------- device part
+def _span_logprobs(rt, cfg, hidden, starts, targets, chunk: int):
+    """hidden [B, T, D] -> (logprobs [B, C] float32, greedy [B, C] bool) of targets [B, C], target
+    c of row b predicted at position ``starts[b] + c`` (clamped to T - 1). The LM head runs on the
+    C positions only, ``chunk`` at a time."""
     b, t, d = hidden.shape
     c = targets.shape[1]
     pos = jnp.minimum(starts[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :], t - 1)
@@ -211,6 +296,46 @@ def continuation_logprobs(rt, cfg, tokens, lengths, starts, targets, adapter_ids
     ts = targets.reshape(b, n, chunk).swapaxes(0, 1)
     lp, greedy = jax.lax.map(head, (hs, ts))  # [n, B, chunk]
     return lp.swapaxes(0, 1).reshape(b, c), greedy.swapaxes(0, 1).reshape(b, c)
+
+
+@partial(jax.jit, static_argnames=("cfg", "chunk"))
+def continuation_logprobs(rt, cfg, tokens, lengths, starts, targets, adapter_ids=None, *, chunk: int):
+    """Log-probs of target tokens over a span of each row.
+
+    tokens [B, T] int32 right-padded, lengths [B] int32; starts [B] int32: the position whose
+    next-token distribution predicts targets[:, 0]; targets [B, C] int32.
+    Returns logprobs [B, C] float32 (``log_softmax(logits[b, starts[b] + c])[targets[b, c]]``)
+    and greedy [B, C] bool (that target is the argmax). Positions past T - 1 are clamped
+    (the caller ignores them). The LM head runs on C positions only, ``chunk`` at a time.
+    """
+    hidden = forward_hidden(rt, cfg, tokens, lengths, adapter_ids=adapter_ids)
+    return _span_logprobs(rt, cfg, hidden, starts, targets, chunk)
+
+
+@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def prefill_prefixes(rt, cfg, tokens, lengths, cache: KVCache, adapter_ids=None) -> KVCache:
+    """Shared prefixes into an empty cache: tokens [G, Tp] int32 right-padded, lengths [G] int32
+    (each prefix's length P_g) -> the (donated) cache of G rows and Tp slots, lengths = P_g."""
+    _, cache = forward_cached_hidden(rt, cfg, tokens, lengths, cache, adapter_ids=adapter_ids, empty_cache=True)
+    return cache
+
+
+@partial(jax.jit, static_argnames=("cfg", "chunk"))
+def shared_continuation_logprobs(rt, cfg, prefixes: KVCache, rows, tokens, lengths, starts, targets,
+                                 adapter_ids=None, *, chunk: int):
+    """``continuation_logprobs`` of rows that continue cached prefixes.
+
+    prefixes: the cache of G prefixes (``prefill_prefixes``: G rows of Sp slots, lengths P_g);
+    rows [B] int32: the prefix row b continues; tokens [B, T] int32: row b's model input after
+    its prefix (token t at position P + t), right-padded, lengths [B]; starts [B]: the suffix
+    position predicting targets[:, 0]; targets [B, C]. Each row gets its prefix's K/V (a gather:
+    [B, Sp] slots) extended by T slots, and its suffix runs through ``forward_cached_hidden``,
+    attending over prefix and suffix: the same numbers as ``continuation_logprobs`` on the whole
+    input, to float rounding. Returns logprobs [B, C] float32 and greedy [B, C] bool.
+    """
+    cache = extend(rows_of(prefixes, rows), tokens.shape[1])
+    hidden, _ = forward_cached_hidden(rt, cfg, tokens, lengths, cache, adapter_ids=adapter_ids)
+    return _span_logprobs(rt, cfg, hidden, starts, targets, chunk)
 
 
 # ----------------------------------------------------------------------------- host part
@@ -248,15 +373,27 @@ def _truncate(ctx: list[int], cont: list[int], max_length: int | None, i: int) -
 
 
 def iter_scores(model, requests: Sequence, *, batch_size: int = 8, max_length: int | None = None,
-                adapters=None, adapter_ids=None) -> Iterator[tuple[list[int], list[Score]]]:
+                adapters=None, adapter_ids=None,
+                share_prefixes: bool = True) -> Iterator[tuple[list[int], list[Score]]]:
     """Score requests batch by batch: yields ``(request indices, scores)`` per batch.
 
-    Batches come longest first (not in input order); every request appears exactly once.
-    All validation happens before the first batch is dispatched. While the host unpacks one
-    batch, the next is already running on the device.
+    Batches come in no particular order (not input order); every request appears exactly once,
+    and the same arguments give the same batches. All validation happens before the first batch
+    is dispatched. While the host unpacks one batch, the next is already running on the device.
+
+    share_prefixes: requests whose model inputs (after ``max_length`` truncation) share at least
+    ``MIN_SHARED_PREFIX`` leading tokens, with the same adapter, are grouped (``prefix_groups``);
+    each group's prefix is prefilled once into a KV cache (``prefill_prefixes``: groups batched
+    ``batch_size`` at a time, [G, Tp] with Tp the input-length bucket of the longest prefix) and
+    its members' suffixes are scored from that cache (``shared_continuation_logprobs``: batches
+    of ``batch_size`` rows [B, Ts], Ts the bucket of the longest suffix, over a cache of
+    Tp + Ts slots). The other requests run as without sharing. False: every request runs whole
+    (``continuation_logprobs`` over its full input), the plain reference of the shared path.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise RealmError(f"batch_size: expected a positive int, got {batch_size!r}")
+    if not isinstance(share_prefixes, (bool, np.bool_)):
+        raise RealmError(f"share_prefixes: expected True or False, got {share_prefixes!r}")
     positions = int(model.config.max_position_embeddings)
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer))
                                    or not 1 <= max_length <= positions):
@@ -271,43 +408,73 @@ def iter_scores(model, requests: Sequence, *, batch_size: int = 8, max_length: i
                              f"truncate the context from the left")
     ids_per_req = _adapter_ids_per_request(model.config, adapters, adapter_ids, len(pairs),
                                            0 if adapters is not None else model.num_adapters)
-    from .generation import runtime_for
+    from .generation import new_cache, runtime_for
 
     rt = runtime_for(model, adapters)
     conts = [cont for _, cont in pairs]
-    order = sorted(range(len(pairs)), key=lambda i: (-len(fulls[i]), -len(conts[i]), i))
+    inputs = [len(f) - 1 for f in fulls]  # model input length n: the scored span is [n - k, n)
     cfg = model.config
     from .sharding import place_batch
 
     on_mesh = rt.mesh is not None
 
-    def dispatch(idx):
-        t = bucket_length(max(len(fulls[i]) - 1 for i in idx))
+    def adapter_rows(idx, rows):
+        if ids_per_req is not None:
+            aids = np.full(rows, -1, np.int32)
+            aids[:len(idx)] = ids_per_req[idx]
+            return aids
+        return np.zeros(rows, np.int32) if rt.num_adapters else None  # one adapter: every row, as in forward
+
+    def pack(idx, skip):
+        """Host arrays of a batch: row r is request idx[r]'s model input from token skip[r] on."""
+        t = bucket_length(max(inputs[i] - s for i, s in zip(idx, skip)))
         c = bucket_table(max(len(conts[i]) for i in idx), cap=t)
         rows = batch_rows(len(idx), batch_size)
         tokens = np.zeros((rows, t), np.int32)
         lengths = np.ones(rows, np.int32)
         starts = np.zeros(rows, np.int32)
         targets = np.zeros((rows, c), np.int32)
-        for r, i in enumerate(idx):
-            full, k = fulls[i], len(conts[i])
-            tokens[r, :len(full) - 1] = full[:-1]
-            lengths[r] = len(full) - 1
-            starts[r] = len(full) - 1 - k
+        for r, (i, s) in enumerate(zip(idx, skip)):
+            full, n, k = fulls[i], inputs[i], len(conts[i])
+            tokens[r, :n - s] = full[s:n]
+            lengths[r] = n - s
+            starts[r] = n - k - s
             targets[r, :k] = full[-k:]
-        aids = None
-        if ids_per_req is not None:
-            aids = np.full(rows, -1, np.int32)
-            aids[:len(idx)] = ids_per_req[idx]
-        elif rt.num_adapters:  # a single adapter applies to every row, as in forward
-            aids = np.zeros(rows, np.int32)
-        chunk = _logits_chunk(rows, c, cfg.vocab_size)
+        return (tokens, lengths, starts, targets, adapter_rows(idx, rows)), _logits_chunk(rows, c, cfg.vocab_size)
+
+    def placed(x):  # B on the mesh's data axis: each data replica computes its own rows
+        return place_batch(x, rt, strict=False) if on_mesh else x
+
+    def dispatch_plain(idx):
+        (tokens, lengths, starts, targets, aids), chunk = pack(idx, [0] * len(idx))
+        rows, t, c = targets.shape[0], tokens.shape[1], targets.shape[1]
         _progress.compile_notice(f"score for batch {rows} x {t} (span {c})",
                                  ("score", cfg, rt.options, rows, t, c, chunk, aids is None))
-        if on_mesh:  # B on the mesh's data axis: each data replica scores its own rows
-            tokens, lengths, starts, targets, aids = place_batch((tokens, lengths, starts, targets, aids),
-                                                                 rt, strict=False)
-        return idx, continuation_logprobs(rt, cfg, tokens, lengths, starts, targets, aids, chunk=chunk)
+        return continuation_logprobs(rt, cfg, *placed((tokens, lengths, starts, targets, aids)), chunk=chunk)
+
+    def dispatch_prefill(groups):
+        rows = batch_rows(len(groups), batch_size)
+        tp = bucket_length(max(g.prefix for g in groups))
+        tokens = np.zeros((rows, tp), np.int32)
+        lengths = np.ones(rows, np.int32)
+        for r, g in enumerate(groups):
+            tokens[r, :g.prefix] = fulls[g.members[0]][:g.prefix]
+            lengths[r] = g.prefix
+        aids = adapter_rows([g.members[0] for g in groups], rows)
+        _progress.compile_notice(f"score: shared prefixes {rows} x {tp}",
+                                 ("score-prefix", cfg, rt.options, rows, tp, aids is None))
+        return prefill_prefixes(rt, cfg, *placed((tokens, lengths)), new_cache(cfg, rt, rows, tp), placed(aids))
+
+    def dispatch_shared(prefixes, idx, skip, row_of):
+        (tokens, lengths, starts, targets, aids), chunk = pack(idx, skip)
+        grp = np.zeros(tokens.shape[0], np.int32)
+        grp[:len(idx)] = row_of
+        rows, t, c = targets.shape[0], tokens.shape[1], targets.shape[1]
+        _progress.compile_notice(f"score for batch {rows} x {t} (span {c}) after shared prefixes",
+                                 ("score-shared", cfg, rt.options, prefixes.batch, prefixes.max_len, rows, t, c,
+                                  chunk, aids is None))
+        return shared_continuation_logprobs(rt, cfg, prefixes, *placed((grp, tokens, lengths, starts, targets, aids)),
+                                             chunk=chunk)
 
     def collect(idx, out):
         lp, greedy = (np.asarray(a) for a in out)
@@ -318,10 +485,36 @@ def iter_scores(model, requests: Sequence, *, batch_size: int = 8, max_length: i
             scores.append(Score(math.fsum(tok_lp), tok_lp, bool(greedy[r, :k].all()), tuple(conts[i])))
         return list(idx), scores
 
-    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    def jobs():  # (request indices, a function dispatching their batch), shared groups first
+        if share_prefixes:
+            keys = [-2] * len(pairs) if ids_per_req is None else ids_per_req.tolist()
+            caps = [inputs[i] - len(conts[i]) for i in range(len(pairs))]
+            groups, alone = prefix_groups(fulls, caps, keys)
+        else:
+            groups, alone = [], list(range(len(pairs)))
+        for part in prefix_batches(groups, batch_size):
+            members = [(i, g.prefix, r) for r, g in enumerate(part) for i in g.members]
+            members.sort(key=lambda m: (-(inputs[m[0]] - m[1]), -len(conts[m[0]]), m[0]))
+            state = {}
+
+            def prefixes(part=part, state=state):  # prefilled when its first suffix batch is dispatched
+                if "cache" not in state:
+                    state["cache"] = dispatch_prefill(part)
+                return state["cache"]
+
+            for s in range(0, len(members), batch_size):
+                batch = members[s:s + batch_size]
+                idx = [m[0] for m in batch]
+                yield idx, (lambda batch=batch, idx=idx, prefixes=prefixes: dispatch_shared(
+                    prefixes(), idx, [m[1] for m in batch], [m[2] for m in batch]))
+        order = sorted(alone, key=lambda i: (-len(fulls[i]), -len(conts[i]), i))
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            yield idx, (lambda idx=idx: dispatch_plain(idx))
+
     pending = None
-    for idx in batches:
-        nxt = dispatch(idx)
+    for idx, run in jobs():
+        nxt = (idx, run())
         if pending is not None:
             yield collect(*pending)
         pending = nxt
@@ -330,7 +523,8 @@ def iter_scores(model, requests: Sequence, *, batch_size: int = 8, max_length: i
 
 
 def score(model, requests: Sequence, *, batch_size: int = 8, max_length: int | None = None,
-          adapters=None, adapter_ids=None, progress: bool | str = True, unit: str = "request") -> list[Score]:
+          adapters=None, adapter_ids=None, share_prefixes: bool = True, progress: bool | str = True,
+          unit: str = "request") -> list[Score]:
     """Log-likelihood of each continuation given its context, in input order.
 
     model: a loaded ``Model`` (config, params, tokenizer).
@@ -342,6 +536,10 @@ def score(model, requests: Sequence, *, batch_size: int = 8, max_length: int | N
     (default: no truncation).
     adapters / adapter_ids: stacked LoRA adapters and one adapter index per request
     (or one for all; -1 = base model), as in ``forward``.
+    share_prefixes: compute a token prefix shared by several requests (same adapter) once, in a
+    KV cache, and score their continuations from it (``iter_scores``; e.g. the choices of a
+    multiple-choice question, the questions of one few-shot prompt); False: every request whole.
+    The results are the same either way, to float32 rounding.
     progress: a bar on stderr (its label: "score", or the string given) when stderr is a
     terminal and progress is not silenced (``realm_jax.progress``); False: never.
     """
@@ -349,7 +547,8 @@ def score(model, requests: Sequence, *, batch_size: int = 8, max_length: int | N
     label = progress if isinstance(progress, str) else "score"
     with _progress.bar(len(requests), label, unit=unit, disable=not progress) as bar:
         for idx, scores in iter_scores(model, requests, batch_size=batch_size, max_length=max_length,
-                                       adapters=adapters, adapter_ids=adapter_ids):
+                                       adapters=adapters, adapter_ids=adapter_ids,
+                                       share_prefixes=share_prefixes):
             for i, s in zip(idx, scores):
                 results[i] = s
             bar.update(len(idx))
@@ -418,6 +617,10 @@ def perplexity(model, texts_or_ids, *, max_length: int | None = None, stride: in
     Each token is scored once, with up to max_length - 1 tokens of context (``rolling_windows``).
     adapters / adapter_ids: as in ``score``, with one adapter id per document (or one for all).
     progress: a bar over the windows, as in ``score`` (label "perplexity").
+    The windows go through ``score`` with shared prefixes on, but the windows of one document
+    share no prefix: each begins ``stride`` tokens after the last, and a token's K/V depends on
+    its position in its window (rope), so the overlap of two windows cannot be reused without
+    changing the numbers. Only windows of documents that begin alike share their start.
     """
     if max_length is None:
         max_length = min(int(model.config.max_position_embeddings), 1024)

@@ -13,7 +13,9 @@ Input, one JSON object a line (blank lines are skipped)::
 With ``--out`` the results are appended chunk by chunk (flushed and fsynced), and a rerun with
 the same arguments resumes after the last complete line: it recomputes the chunk that was cut
 short (same grouping, so the same numbers) and writes only what is missing, so the final file is
-the same as an uninterrupted run's. ``digest`` ties each line to its input line, so a rerun on
+the same as an uninterrupted run's. Requests of one chunk that share a token prefix (the choices
+of a question, the questions of a few-shot prompt) compute it once (``scoring.iter_scores``);
+put such requests on adjacent lines, as evaluation sets come, so they fall in one chunk. ``digest`` ties each line to its input line, so a rerun on
 different data refuses to mix them.
 
 Several processes (``--coordinator-address/--num-processes/--process-id``, the usual
@@ -55,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="longest model input; longer requests lose context from the left (default: no limit)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="params dtype (default: auto = float32 on CPU, bfloat16 on GPU/TPU)")
+    p.add_argument("--no-share-prefixes", dest="share_prefixes", action="store_false",
+                   help="score every request whole, even where requests of a chunk share a token prefix "
+                        "(default: a shared prefix is computed once per chunk; same numbers to float rounding)")
     add_quiet(p)
     p.add_argument("--mesh", default=None, metavar="DATA,MODEL",
                    help="run on a mesh of this process's devices, e.g. 4,2 (default: one device)")
@@ -239,7 +244,8 @@ def _run(args) -> int:
             part = pairs[start:start + chunk]
             mine = process_shard(part) if nproc > 1 else part  # this process's share of the chunk
             results = [None] * len(mine)
-            for idx, scores in iter_scores(model, mine, batch_size=args.batch_size, max_length=args.max_length):
+            for idx, scores in iter_scores(model, mine, batch_size=args.batch_size, max_length=args.max_length,
+                                           share_prefixes=args.share_prefixes):
                 for j, s in zip(idx, scores):
                     results[j] = s
                 progress.update(len(idx) * nproc, sum(len(mine[j][0]) + len(mine[j][1]) for j in idx) * nproc)

@@ -121,12 +121,14 @@ class RealmJaxLM(_Base):
     add_bos_token: as hf's (None: the tokenizer's own rule). prefix_token_id: the token in
     front of an empty context and of rolling documents (default BOS, else EOS).
     seed: base seed for sampled generation (request i uses seed + i).
+    share_prefixes: loglikelihood requests sharing a token prefix (a question's choices, a
+    few-shot prompt's questions) compute it once (``scoring.score``); False: each request whole.
     ``device`` and the other hf-only settings in ``IGNORED`` are accepted and ignored.
     """
 
     def __init__(self, pretrained=None, source=None, *, model=None, dtype: str = "auto", batch_size=8,
                  max_batch_size=64, max_length=None, max_gen_toks=256, add_bos_token=None, prefix_token_id=None,
-                 seed=1234, **settings: Any):
+                 seed=1234, share_prefixes=True, **settings: Any):
         if _Base is not object:
             super().__init__()
         else:
@@ -135,7 +137,7 @@ class RealmJaxLM(_Base):
         if unknown:
             raise RealmError(f"RealmJaxLM: unknown model_args {', '.join(unknown)}; expected pretrained (or source), "
                              "dtype, batch_size, max_batch_size, max_length, max_gen_toks, add_bos_token, "
-                             f"prefix_token_id, seed (ignored: {', '.join(IGNORED)})")
+                             f"prefix_token_id, seed, share_prefixes (ignored: {', '.join(IGNORED)})")
         if pretrained is not None and source is not None and pretrained != source:
             raise RealmError(f"RealmJaxLM: pretrained={pretrained!r} and source={source!r} are synonyms; give one")
         source = pretrained if pretrained is not None else source
@@ -165,6 +167,9 @@ class RealmJaxLM(_Base):
         if add_bos_token is not None and not isinstance(add_bos_token, bool):
             raise RealmError(f"add_bos_token: expected True or False, got {add_bos_token!r}")
         self.add_bos_token = add_bos_token
+        if not isinstance(share_prefixes, bool):
+            raise RealmError(f"share_prefixes: expected True or False, got {share_prefixes!r}")
+        self.share_prefixes = share_prefixes
         self._prefix = None if prefix_token_id is None else _to_int(prefix_token_id, "prefix_token_id", None, low=0)
         self.seed = int(seed)
         self._device = "jax"
@@ -232,6 +237,7 @@ class RealmJaxLM(_Base):
             from ..scoring import score
 
             scores = score(self.model, [enc[i] for i in todo], batch_size=self.batch_size, max_length=self.max_length,
+                           share_prefixes=self.share_prefixes,
                            progress=False if disable_tqdm else "realm_jax loglikelihood")
             for i, s in zip(todo, scores):
                 out[i] = (s.logprob, s.is_greedy)
