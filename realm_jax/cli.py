@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("generate", "convert", "score", "perplexity", "bench", "eval")
+COMMANDS = ("generate", "convert", "score", "perplexity", "bench", "eval", "serve")
 
 
 def _available():
