@@ -277,3 +277,125 @@ def test_metrics_count_the_answers(server):
     assert "realm_requests_total" in text and "realm_time_to_first_token_seconds_bucket" in text
     assert "realm_running_requests" in text and "realm_queue_length" in text
     assert httpx.get(server + "/health").json() == {"status": "ok"}
+
+
+# ------------------------------------------------------------------ load, shutdown, a dead engine
+def _metric(text: str, name: str, **labels) -> float:
+    """The value of one sample of the Prometheus text (0 if absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        head, _, value = line.rpartition(" ")
+        if head == (f"{name}{{{want}}}" if want else name):
+            return float(value)
+    return 0.0
+
+
+def test_load_with_disconnects_loses_nothing_and_leaks_nothing(setup, server):
+    import asyncio
+
+    import openai
+
+    prompts = ["The quick", "yes no", '{"id": ', "red green", "[true, ", "0123"]
+    kinds = [(p, s) for p in prompts for s in (None, 5, 6)]
+    want = {(p, s): ref(setup, p, 6, **({"temperature": 0.0} if s is None else dict(temperature=0.9, seed=s))).texts[0]
+            for p, s in kinds}
+    before = httpx.get(server + "/metrics").text
+    total, drop_every = 1000, 10
+
+    async def main():
+        c = openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEYS["bob"], max_retries=0, timeout=300)
+        gate = asyncio.Semaphore(64)
+        results = {}
+
+        async def one(i):
+            p, s = kinds[i % len(kinds)]
+            sampling = {"temperature": 0.0} if s is None else dict(temperature=0.9, seed=s)
+            async with gate:
+                stream = await c.completions.create(model="m", prompt=p, max_tokens=6, stream=True, **sampling)
+                text, finish = "", None
+                async for ch in stream:
+                    if i % drop_every == 3:  # this client goes away after its first chunk
+                        await stream.close()
+                        return
+                    text += ch.choices[0].text
+                    finish = ch.choices[0].finish_reason or finish
+                results[i] = (text, finish)
+
+        await asyncio.gather(*(one(i) for i in range(total)))
+        await c.close()
+        return results
+
+    results = asyncio.run(asyncio.wait_for(main(), 900))
+    assert len(results) == total - total // drop_every
+    for i, (text, finish) in results.items():
+        assert text == want[kinds[i % len(kinds)]] and finish is not None, i
+    time.sleep(1.0)
+    after = httpx.get(server + "/metrics").text
+    ok = _metric(after, "realm_requests_total", endpoint="completions", status="200") - \
+        _metric(before, "realm_requests_total", endpoint="completions", status="200")
+    gone = _metric(after, "realm_requests_total", endpoint="completions", status="499") - \
+        _metric(before, "realm_requests_total", endpoint="completions", status="499")
+    assert ok + gone == total and ok >= len(results)
+    assert _metric(after, "realm_running_requests") == 0 and _metric(after, "realm_queue_length") == 0
+    assert _metric(after, "realm_tenant_running_requests", tenant="bob") == 0
+    assert _metric(after, "realm_http_requests_in_progress") == 0
+
+
+def test_sigterm_finishes_running_streams_and_exits_0(setup):
+    import signal
+    import threading
+
+    proc, url = start_server(setup, "--shutdown-timeout", "120")
+    prompts = ["The quick", "yes no", "red green", "0123"]
+    c = client(url)
+    got, started = {}, threading.Barrier(len(prompts) + 1)
+
+    def run(p):
+        stream = c.completions.create(model="m", prompt=p, max_tokens=40, temperature=0, stream=True)
+        parts = []
+        for k, ch in enumerate(stream):
+            parts.append(ch.choices[0].text)
+            if k == 0:
+                started.wait(60)
+        got[p] = "".join(parts)
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    started.wait(120)
+    proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(300)
+    assert proc.wait(120) == 0
+    for p in prompts:
+        assert got[p] == ref(setup, p, 40, temperature=0.0).texts[0]
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(url + "/health", timeout=2)
+
+
+def test_a_dead_engine_fails_health_and_requests_instead_of_hanging(setup):
+    from fastapi.testclient import TestClient
+
+    from realm_jax.engine import Engine
+    from realm_jax.server import Server, build_app
+
+    eng = Engine(setup.model, max_slots=2, max_seq_len=32)
+    app = build_app(Server(setup.model, eng, name="m"))
+    with TestClient(app, raise_server_exceptions=False) as http:
+        assert http.get("/health").status_code == 503  # not started
+        eng.start()
+        assert http.get("/health").status_code == 200
+
+        def broken(*a, **k):
+            raise RuntimeError("device lost")
+
+        eng._device.decode = broken
+        r = http.post("/v1/completions", json={"model": "m", "prompt": "yes", "max_tokens": 5, "temperature": 0})
+        assert r.status_code == 500 and "device lost" in r.json()["error"]["message"]
+        deadline = time.time() + 30
+        while eng.alive and time.time() < deadline:
+            time.sleep(0.05)
+        h = http.get("/health")
+        assert h.status_code == 503 and h.json()["reason"] == "the engine is not running"
+        r = http.post("/v1/completions", json={"model": "m", "prompt": "yes", "max_tokens": 5})
+        assert r.status_code == 503

@@ -16,7 +16,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import RealmError
-from ..params import PROJECTIONS
 
 
 class AdapterSlots:
@@ -50,7 +49,7 @@ class AdapterSlots:
                              f"{max(ranks, default=1)}, got {rank!r}")
         if targets is None:
             found = {p for ad in adapters.values() for p in ad["layers"]}
-            targets = [p for p in PROJECTIONS if p in found] or list(PROJECTIONS)
+            targets = [p for p in self.dims if p in found] or list(self.dims)
         lora._check_targets(list(targets), "adapter_targets")
         self.capacity, self.rank, self.targets = capacity, rank, tuple(targets)
         self.names: list[str | None] = [None] * capacity

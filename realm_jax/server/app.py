@@ -60,7 +60,7 @@ class Server:
         self.model, self.engine, self.name = model, engine, name
         self.tenants = tenants or Tenants.open()
         self.max_queue = max_queue
-        self.metrics = Metrics(engine)
+        self.metrics = Metrics(engine, self.tenants)
         self.draining = False
         self._direct = ThreadPoolExecutor(1, thread_name_prefix="realm-jax-logprobs")
 
@@ -438,6 +438,11 @@ def build_app(server: Server, *, lifespan=None) -> FastAPI:
     async def realm_error(request, e: RealmError):
         _count_error(server, request, 400)
         return ApiError(400, str(e)).response()
+
+    @app.exception_handler(Exception)
+    async def server_error(request, e: Exception):
+        _count_error(server, request, 500)
+        return ApiError(500, f"internal error: {e}").response()
 
     @app.get("/health")
     async def health():

@@ -6,7 +6,8 @@ endpoints, errors included), ``realm_prompt_tokens_total`` and ``realm_generatio
 that went away). Histograms: ``realm_time_to_first_token_seconds`` and
 ``realm_request_latency_seconds`` (server side, per response). Gauges read at scrape time from
 the engine: ``realm_queue_length``, ``realm_running_requests``, ``realm_engine_tokens_per_second``,
-``realm_slots``; and ``realm_http_requests_in_progress``.
+``realm_slots``, ``realm_tenant_running_requests{tenant}``; and
+``realm_http_requests_in_progress``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class Metrics:
-    def __init__(self, engine):
+    def __init__(self, engine, tenants=None):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("realm_requests", "HTTP answers of the generation endpoints",
                                 ["endpoint", "status"], registry=r)
@@ -32,7 +33,7 @@ class Metrics:
                                  registry=r)
         self.in_progress = Gauge("realm_http_requests_in_progress", "generation requests being answered",
                                  registry=r)
-        r.register(_EngineCollector(engine))
+        r.register(_EngineCollector(engine, tenants))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -41,7 +42,7 @@ class Metrics:
 class _EngineCollector:
     """The engine's own statistics, read at each scrape."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, tenants=None):
         self.engine = engine
 
     def describe(self):
@@ -55,3 +56,8 @@ class _EngineCollector:
                                  ("realm_engine_tokens_per_second", "generated tokens per busy second",
                                   s.tokens_per_s)):
             yield GaugeMetricFamily(name, doc, value=float(value))
+        if self.tenants is not None:
+            g = GaugeMetricFamily("realm_tenant_running_requests", "requests a tenant has running", labels=["tenant"])
+            for t in self.tenants.tenants.values():
+                g.add_metric([t.name], float(t.running))
+            yield g
