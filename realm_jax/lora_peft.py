@@ -167,9 +167,9 @@ def peft_targets(c: Mapping, cfg: ModelConfig) -> dict[tuple[str, int], tuple[st
     if tm is None:  # PEFT's default for Llama-family models
         tm = ["q_proj", "v_proj"]
     if isinstance(tm, str) and tm.lower() == "all-linear":
-        if cfg.shared_expert:  # PEFT's all-linear also takes the shared-expert gate, a Linear(D, 1)
-            raise UnsupportedModelError(f"target_modules 'all-linear' on {cfg.arch} includes mlp.shared_expert_gate; "
-                                        f"LoRA on it is not supported: list the target modules "
+        if cfg.moe:  # PEFT's all-linear also takes the experts and the router (and Qwen2-MoE's shared-expert gate)
+            raise UnsupportedModelError(f"target_modules 'all-linear' on {cfg.arch} includes the experts and the "
+                                        f"router, and LoRA on them is not supported: list the target modules "
                                         f"({', '.join(_peft_names(cfg))})")
         tm = _peft_names(cfg)
     if not isinstance(tm, (str, list)):

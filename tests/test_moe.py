@@ -7,9 +7,6 @@ against the full forward; greedy tokens against HF ``generate``; a checkpoint wr
 read by transformers; and each feature shown to matter (top-k, renormalisation, the shared
 expert and its gate, Mixtral's window): switched off, the logits move clearly."""
 
-from functools import partial
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,17 +14,15 @@ import torch
 
 import realm_jax
 from realm_jax import runtime
-from realm_jax.checkpoint import write_hf_checkpoint
-from realm_jax.generation import generate, new_cache
-from realm_jax.model import forward_cached_hidden, forward_jit, lm_head
 from realm_jax.moe import dense_experts, ragged_experts, route
 from realm_jax.quantization import dequantize_columns, quantize_columns
 from realm_jax.reference import forward_reference_jit
 
-from hf_reference import (ARCH_CASES, MOE_CASES, dequantized, hf_config, hf_load_kwargs, hf_logits, make_hf_model,
-                          random_batch, realm_logits)
+from family_checks import (LENGTHS, batch, check_cached_decode, check_greedy_matches_hf, check_int8_twin,
+                           check_logits_alone_and_padded, check_mesh_speculative_and_engine, check_written_checkpoint,
+                           rows_max_diff)
+from hf_reference import ARCH_CASES, MOE_CASES, hf_config, hf_logits, make_hf_model, random_batch
 
-LENGTHS = [11, 4, 9]  # Mixtral's window is 5: longer and shorter prompts
 TOL = 1e-4  # float32 rounding at these logit sizes (|logit| up to ~3)
 CLEAR = 1e-2  # a feature matters: switched off, the logits move 100x the tolerance at least
 
@@ -39,29 +34,11 @@ def moe(request, tmp_path_factory):
     return request.param, directory, hf, realm_jax.load(directory, dtype="float32")
 
 
-def batch(cfg, seed=1, lengths=LENGTHS):
-    return random_batch(np.random.default_rng(seed), cfg.vocab_size, lengths)
-
-
-def rows_max_diff(a, b, lengths) -> float:
-    return max(float(np.abs(a[i, :n] - b[i, :n]).max()) for i, n in enumerate(lengths))
-
-
 def test_logits_match_hf_alone_and_in_a_padded_batch(moe):
     case, _, hf, model = moe
     cfg = model.config
     assert cfg.moe and cfg.num_experts_per_tok < cfg.num_experts
-    tokens, lengths = batch(cfg)
-    ref = hf_logits(hf, tokens, lengths)
-    for form, got in realm_logits(model.params, cfg, tokens, lengths).items():
-        worst = rows_max_diff(got, ref, lengths)
-        print(f"{case} {form}: max |dlogit| {worst:.1e}, max |logit| {np.abs(ref).max():.1f}")
-        assert worst <= TOL, form
-    for b, n in enumerate(lengths):
-        alone_ref = hf_logits(hf, tokens[b:b + 1, :n], lengths[b:b + 1])
-        alone = realm_logits(model.params, cfg, tokens[b:b + 1, :n], lengths[b:b + 1], forms=("per_layer",))
-        np.testing.assert_allclose(alone["per_layer"][0], alone_ref[0], atol=TOL, rtol=0)
-        np.testing.assert_allclose(alone_ref[0], ref[b, :n], atol=TOL, rtol=0)  # HF's own padding is clean
+    check_logits_alone_and_padded(case, hf, model, TOL, alone_form="per_layer")
 
 
 def _hf_routers(hf):
@@ -122,77 +99,40 @@ def test_ragged_experts_equal_the_dense_reference(moe, quantize):
         assert float(jnp.abs(ref).max()) > 0.1  # the experts' output is not negligible
 
 
-@partial(jax.jit, static_argnums=1)
-def _prefill(rt, cfg, tokens, lengths, cache):
-    hidden, cache = forward_cached_hidden(rt, cfg, tokens, lengths, cache, empty_cache=True)
-    return lm_head(rt, cfg, hidden), cache
-
-
-@partial(jax.jit, static_argnums=1)
-def _append(rt, cfg, tokens, lengths, cache):
-    hidden, cache = forward_cached_hidden(rt, cfg, tokens, lengths, cache)
-    return lm_head(rt, cfg, hidden), cache
-
-
 @pytest.mark.parametrize("layout,attention", [("per_layer", "reference"), ("stacked", "xla")])
 def test_cached_decode_equals_the_full_forward(moe, layout, attention):
-    """Prompts of 6, 2 and 4 tokens, then 9 tokens one at a time (Mixtral's rows pass its window
-    of 5): every position's logits equal the uncached forward's over the whole sequence."""
+    """Cached decode past Mixtral's window (``family_checks.check_cached_decode``): the routed
+    experts of each new token equal those of the full forward's."""
     case, _, _, model = moe
-    cfg = model.config
-    rt = runtime.prepare(model.params, cfg, layout=layout, attention=attention)
-    prompt, steps = np.array([6, 2, 4], np.int32), 9
-    seq, _ = batch(cfg, seed=3, lengths=[15, 15, 15])
-    full = np.asarray(forward_jit(rt, cfg, seq, prompt + steps))
-    tokens = np.where(np.arange(6)[None] < prompt[:, None], seq[:, :6], 0).astype(np.int32)
-    logits, cache = _prefill(rt, cfg, tokens, prompt, new_cache(cfg, rt, 3, 32))
-    logits = np.asarray(logits)
-    for b, n in enumerate(prompt):
-        np.testing.assert_allclose(logits[b, :n], full[b, :n], atol=TOL, rtol=0, err_msg=f"prefill row {b}")
-    for j in range(steps):
-        pos = prompt + j
-        step, cache = _append(rt, cfg, seq[np.arange(3), pos][:, None], np.ones(3, np.int32), cache)
-        np.testing.assert_allclose(np.asarray(step)[:, 0], full[np.arange(3), pos], atol=TOL, rtol=0,
-                                   err_msg=f"{case} decode step {j}")
+    check_cached_decode(case, model, layout, attention, TOL)
 
 
 def test_greedy_matches_hf_generate(moe):
     case, _, hf, model = moe
-    rng = np.random.default_rng(4)
-    prompts = [rng.integers(3, model.config.vocab_size, n).tolist() for n in (7, 3, 12)]
-    res = generate(model, prompts, 14, stop_ids=[2])
-    for i, p in enumerate(prompts):
-        with torch.no_grad():
-            out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                              do_sample=False, max_new_tokens=14, eos_token_id=2, pad_token_id=0)
-        assert res.tokens[i] == out[0, len(p):].tolist(), f"{case} row {i}"
+    check_greedy_matches_hf(case, hf, model)
 
 
 def test_int8_equals_its_reference_twin(moe):
     """int8 (attention, shared expert and every expert, per output column) equals the reference
     forward on the int8 round trip of the weights; the router stays in the params dtype."""
-    _, _, _, model = moe
-    cfg = model.config
-    rt = runtime.prepare(model.params, cfg, quantize="int8")
+    model = moe[3]
+    rt = runtime.prepare(model.params, model.config, quantize="int8")
     assert rt.layers["we_gate+we_up"].w.dtype == jnp.int8 and rt.layers["router"].dtype == jnp.float32
-    tokens, lengths = batch(cfg)
-    got = np.asarray(forward_jit(rt, cfg, tokens, lengths))
-    want = np.asarray(forward_reference_jit(dequantized(model.params), cfg, tokens, lengths))
-    assert rows_max_diff(got, want, lengths) <= TOL
+    check_int8_twin(model, TOL, rt)
 
 
 def test_written_checkpoint_is_read_by_transformers(moe, tmp_path):
-    """config.json (to_hf_dict) and per-expert tensor names written back: transformers loads them
-    to the same logits."""
-    import transformers
-
+    """config.json (to_hf_dict) and per-expert tensor names written back: transformers reads them
+    (its own per-expert format, stacked by its loader) to the same logits."""
     _, _, hf, model = moe
-    out = write_hf_checkpoint(tmp_path / "out", model.config, model.params)
-    again = transformers.AutoModelForCausalLM.from_pretrained(
-        out, dtype=torch.float32, **hf_load_kwargs(model.config.arch)).eval()
-    assert type(again) is type(hf)
-    tokens, lengths = batch(model.config)
-    assert rows_max_diff(hf_logits(again, tokens, lengths), hf_logits(hf, tokens, lengths), lengths) <= 1e-5
+    check_written_checkpoint(hf, model, tmp_path / "out")
+
+
+@pytest.mark.slow  # ~30 s a case on a 2-core CPU
+def test_mesh_speculative_and_engine_equal_generate(moe):
+    """A (2, 2) mesh (attention split, experts replicated), the self-speculative draft and the
+    engine give generate's greedy tokens."""
+    check_mesh_speculative_and_engine(moe[3])
 
 
 # ------------------------------------------------------------------ each feature matters
