@@ -26,11 +26,19 @@ from .params import LEAVES, Leaf, file_name, leaf_shape, model_leaves
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def tensor_names(cfg: ModelConfig, fmt: str = "hf") -> dict[str, tuple[Leaf, int | None]]:
+def tensor_names(cfg: ModelConfig, fmt: str = "hf") -> dict[str, tuple[Leaf, int | tuple | None]]:
     """Every tensor name this config has in a file (``fmt``: ``"hf"`` or ``"gguf"``, the ``Leaf``
-    field) -> (leaf, layer index or None)."""
-    return {file_name(leaf, cfg, fmt).format(i=i): (leaf, i) for leaf in model_leaves(cfg)
-            for i in (range(cfg.num_layers) if leaf.is_layer else (None,))}
+    field) -> (leaf, where the tensor sits in the leaf: the layer index, (layer, expert) for a
+    per-expert leaf, or None), in the leaf's order (layer-major, then expert)."""
+    out = {}
+    for leaf in model_leaves(cfg):
+        pattern = file_name(leaf, cfg, fmt)
+        if leaf.per_expert:
+            for i in range(cfg.num_layers):
+                out.update({pattern.format(i=i, e=e): (leaf, (i, e)) for e in range(cfg.num_experts)})
+        else:
+            out.update({pattern.format(i=i): (leaf, i) for i in (range(cfg.num_layers) if leaf.is_layer else (None,))})
+    return out
 
 
 def leaf_path(leaf: Leaf) -> tuple[str, ...]:
@@ -39,10 +47,10 @@ def leaf_path(leaf: Leaf) -> tuple[str, ...]:
 
 
 def file_shape(leaf: Leaf, cfg: ModelConfig) -> tuple[int, ...]:
-    """The shape of one of the leaf's tensors in a file: one layer's slice of a layer leaf, and
+    """The shape of one of the leaf's tensors in a file: one layer's (and expert's) slice of a layer leaf, and
     ``[D_out, D_in]`` for a weight stored transposed (HF and GGUF matmul weights)."""
     shape = leaf_shape(leaf, cfg)
-    shape = shape[1:] if leaf.is_layer else shape
+    shape = shape[2:] if leaf.per_expert else shape[1:] if leaf.is_layer else shape
     return shape[::-1] if leaf.hf_transposed else shape
 
 
@@ -164,7 +172,7 @@ def read_hf_params(directory: str | os.PathLike, cfg: ModelConfig, dtype=jnp.flo
         for name in names:
             t = idx.get(name).astype(dtype)
             pieces.append(t.T if tr else t)
-        arr = jnp.stack(pieces) if leaf.is_layer else pieces[0]
+        arr = jnp.stack(pieces).reshape(leaf_shape(leaf, cfg)) if leaf.is_layer else pieces[0]  # [L(, E), ...]
         del pieces
         (params["layers"] if leaf.is_layer else params)[leaf.name] = place(leaf_path(leaf), arr)
     return params

@@ -1,10 +1,12 @@
 """ModelConfig: a frozen, hashable description of a decoder-only model (static under jit).
 
 Built from an HF ``config.json`` (``from_hf_dict``) for llama, mistral, qwen2, qwen3 (SmolLM2 is
-llama), gemma, gemma2 and gemma3_text, in both dialects: classic ``rope_theta``/``rope_scaling``/
+llama), gemma, gemma2, gemma3_text and the mixture-of-experts families mixtral, qwen2_moe and
+qwen3_moe, in both dialects: classic ``rope_theta``/``rope_scaling``/
 ``torch_dtype`` and transformers-5 ``rope_parameters``/``dtype``. A family is a set of feature
 fields (``hidden_act``, ``norm_plus_one``, ``post_norms``, soft-caps, per-layer sliding windows,
-...), read by the one forward; ``gemma_fields`` maps the Gemma keys onto them. GGUF metadata
+...), read by the one forward; ``gemma_fields`` maps the Gemma keys onto them and ``moe_fields``
+the mixture-of-experts keys (expert count, top-k, expert width, shared expert). GGUF metadata
 maps onto the same fields (see ``gguf.py``). Anything we cannot honour raises ``UnsupportedModelError`` naming it.
 
 Validation happens here, on the host, before any tensor is read: every key of a config.json is
@@ -27,11 +29,14 @@ import numpy as np
 
 from .errors import CheckpointError, ConfigError, UnsupportedModelError
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+                           "mixtral", "qwen2_moe", "qwen3_moe")
 GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3_text")
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
 HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
               "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-              "gemma3_text": "Gemma3ForCausalLM"}
+              "gemma3_text": "Gemma3ForCausalLM", "mixtral": "MixtralForCausalLM",
+              "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 ACTIVATIONS = ("silu", "gelu_tanh")  # the MLP gate: SwiGLU, GeGLU with the tanh approximation
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 INT_LIMIT = 2 ** 31  # sizes, positions and token ids are int32 on the device
@@ -143,7 +148,10 @@ def head_dim_of(hidden: int, num_heads: int, head_dim, where: str) -> int:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Hyper-parameters. Shape letters: V vocab, D width, F MLP width, L layers,
-    N query heads, K kv heads, H head dim."""
+    N query heads, K kv heads, H head dim; for a mixture of experts E experts, k of them per
+    token, each an MLP of width ``moe_intermediate_size``. F is the dense MLP's width: Qwen2-MoE's
+    shared expert (``shared_expert``); a model whose MLP is experts only has no dense MLP
+    (``dense_mlp`` is False) and F is informational."""
 
     arch: str
     vocab_size: int  # V
@@ -175,6 +183,11 @@ class ModelConfig:
     attn_softcap: float | None = None  # gemma2: scores -> c * tanh(scores / c), before the mask
     final_softcap: float | None = None  # gemma2: logits -> c * tanh(logits / c)
     rope_local_theta: float | None = None  # gemma3: plain rope with this base on local layers
+    num_experts: int = 0  # E: routed experts in every layer's MLP (0 = a dense model)
+    num_experts_per_tok: int = 0  # k: experts each token is routed to (top-k of the router's softmax)
+    moe_intermediate_size: int = 0  # each expert's MLP width
+    norm_topk_prob: bool = False  # the k chosen probabilities renormalised to sum to 1 (mixtral: always)
+    shared_expert: bool = False  # qwen2_moe: a dense MLP (width F) beside the experts, scaled by a sigmoid gate
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -203,8 +216,9 @@ class ModelConfig:
         for name in ("rms_norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
             put(name, check_float(where(name), getattr(self, name)))
         for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "qk_norm", "embed_scale", "norm_plus_one",
-                     "post_norms"):
+                     "post_norms", "norm_topk_prob", "shared_expert"):
             put(name, check_bool(where(name), getattr(self, name)))
+        self._check_experts(where, put)
         for name in ("query_pre_attn_scalar", "attn_softcap", "final_softcap", "rope_local_theta"):
             if getattr(self, name) is not None:
                 put(name, check_float(where(name), getattr(self, name)))
@@ -241,6 +255,44 @@ class ModelConfig:
         put("eos_token_ids", tuple(check_token_id(where("eos_token_ids"), i, v) for i in eos))
         if not isinstance(self.dtype, str):
             raise ConfigError(f"{where('dtype')}: expected a dtype name, got {_shown(self.dtype)}")
+
+    def _check_experts(self, where, put) -> None:
+        """The mixture-of-experts fields: all zero / off for a dense family; for a MoE family
+        E >= 1, 1 <= k <= E and a positive expert width; a shared expert only beside experts."""
+        for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+            put(name, check_int(where(name), getattr(self, name), low=0))
+        moe = self.arch in MOE_ARCHITECTURES
+        if not moe:
+            on = [n for n in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert")
+                  if getattr(self, n)]
+            if on:
+                raise ConfigError(f"{where(on[0])}: {self.arch} is not a mixture-of-experts architecture "
+                                  f"({', '.join(MOE_ARCHITECTURES)} are); expected 0 / False, got {getattr(self, on[0])!r}")
+            return
+        for name in ("num_experts", "moe_intermediate_size"):
+            check_int(where(name), getattr(self, name))
+        if self.shared_expert and self.arch != "qwen2_moe":
+            raise ConfigError(f"{where('shared_expert')}: a gated shared expert is a qwen2_moe feature, not {self.arch}'s")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(f"{where('num_experts_per_tok')}: expected an integer in [1, num_experts="
+                              f"{self.num_experts}], got {self.num_experts_per_tok}")
+
+    @property
+    def moe(self) -> bool:
+        """The MLP has routed experts (``num_experts`` of them)."""
+        return self.num_experts > 0
+
+    @property
+    def dense_mlp(self) -> bool:
+        """The layer has a dense MLP (``w_gate`` / ``w_up`` / ``w_down``): every dense family, and
+        Qwen2-MoE's shared expert."""
+        return not self.moe or self.shared_expert
+
+    @property
+    def block_sparse_moe(self) -> bool:
+        """The checkpoint names the experts' block ``block_sparse_moe`` and their weights w1 / w3 /
+        w2 (Mixtral), not ``mlp`` and gate_proj / up_proj / down_proj (Qwen)."""
+        return self.arch == "mixtral"
 
     @property
     def groups(self) -> int:  # G = N / K
@@ -292,7 +344,7 @@ class ModelConfig:
         if not gemma and d.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"{source}: hidden_act={d.get('hidden_act')!r} is not supported; "
                                         f"supported: silu")
-        if model_type in ("qwen2", "qwen3") and k.bool("use_sliding_window", False):
+        if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and k.bool("use_sliding_window", False):
             raise UnsupportedModelError(f"{source}: {model_type} use_sliding_window=True (per-layer windows) "
                                         f"is not supported")
         if d.get("pretraining_tp", 1) not in (1, None):
@@ -319,17 +371,21 @@ class ModelConfig:
         if _is_int(pad) and pad < 0:  # some published configs say -1 for "no padding token"
             pad = None
 
-        attention_bias = k.bool("attention_bias", False)
-        sliding = k.int("sliding_window", None) if model_type == "mistral" else None
+        attention_bias = k.bool("attention_bias", False) if model_type != "mixtral" else False  # mixtral: no biases
+        sliding = k.int("sliding_window", None) if model_type in ("mistral", "mixtral") else None
         num_layers = k.int("num_hidden_layers")
         family = gemma_fields(d, k, model_type, num_layers) if gemma else {"rope": _rope_from_hf(d, source)}
+        if model_type in MOE_ARCHITECTURES:
+            family.update(moe_fields(d, k, model_type, num_layers))
+        qkv_bias = k.bool("qkv_bias", True) if model_type == "qwen2_moe" else \
+            (model_type == "qwen2") or attention_bias
         dtype = d.get("dtype") or d.get("torch_dtype") or "float32"
         dtype = check_dtype_name(k.where("dtype" if d.get("dtype") else "torch_dtype"), dtype)
         return cls(
             arch=model_type,
             vocab_size=vocab,
             hidden_size=hidden,
-            intermediate_size=k.int("intermediate_size"),
+            intermediate_size=family.pop("intermediate_size", None) or k.int("intermediate_size"),
             num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=num_kv,
@@ -338,9 +394,9 @@ class ModelConfig:
             rms_norm_eps=k.float("rms_norm_eps", 1e-6),
             max_position_embeddings=k.int("max_position_embeddings", 4096),
             tie_word_embeddings=k.bool("tie_word_embeddings", gemma),
-            qkv_bias=(model_type == "qwen2") or attention_bias,
-            o_bias=attention_bias and model_type in ("llama", "mistral") + GEMMA_ARCHITECTURES,
-            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            qkv_bias=qkv_bias,
+            o_bias=attention_bias and model_type in ("llama", "mistral", "qwen3", "qwen3_moe") + GEMMA_ARCHITECTURES,
+            qk_norm=model_type in ("qwen3", "gemma3_text", "qwen3_moe"),
             sliding_window=family.pop("sliding_window", sliding),
             bos_token_id=token("bos_token_id"),
             eos_token_ids=eos_ids,
@@ -376,10 +432,21 @@ class ModelConfig:
             "pad_token_id": self.pad_token_id,
             "torch_dtype": self.dtype,
         }
-        if self.arch in ("llama", "mistral") + GEMMA_ARCHITECTURES:
+        if self.arch in ("llama", "mistral", "qwen3", "qwen3_moe") + GEMMA_ARCHITECTURES:
             d["attention_bias"] = self.o_bias
-        if self.arch == "mistral":
+        if self.arch in ("mistral", "mixtral"):
             d["sliding_window"] = self.sliding_window
+        if self.moe:
+            d.update(num_experts_per_tok=self.num_experts_per_tok, moe_intermediate_size=self.moe_intermediate_size,
+                     norm_topk_prob=self.norm_topk_prob)
+            d["num_local_experts" if self.arch == "mixtral" else "num_experts"] = self.num_experts
+        if self.arch == "mixtral":
+            d["intermediate_size"] = d.pop("moe_intermediate_size")  # mixtral's experts are its MLP
+            d.pop("norm_topk_prob")  # mixtral always renormalises
+        elif self.moe:
+            d.update(decoder_sparse_step=1, mlp_only_layers=[])
+        if self.arch == "qwen2_moe":
+            d.update(shared_expert_intermediate_size=self.intermediate_size, qkv_bias=self.qkv_bias)
         if self.arch in GEMMA_ARCHITECTURES:
             d.pop("hidden_act")
             d["hidden_act" if self.arch == "gemma" else "hidden_activation"] = "gelu_pytorch_tanh"
@@ -427,6 +494,50 @@ def read_json(path: str | os.PathLike, error=CheckpointError):
 
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts")  # transformers 5 writes qwen3_moe's as num_local_experts
+
+
+def moe_fields(d: Mapping[str, Any], k: "_Keys", model_type: str, num_layers: int) -> dict:
+    """The mixture-of-experts fields from a config.json. The expert count (``num_local_experts``
+    for mixtral, ``num_experts`` for qwen2_moe / qwen3_moe; either name is read), top-k and
+    expert width are required. mixtral: the expert width is ``intermediate_size`` and the top-k
+    probabilities are always renormalised. qwen2_moe / qwen3_moe: ``moe_intermediate_size``,
+    ``norm_topk_prob`` (default false) and every layer sparse (``decoder_sparse_step`` 1, no
+    ``mlp_only_layers``: dense layers between expert layers are not supported). qwen2_moe adds the
+    gated shared expert, whose width ``shared_expert_intermediate_size`` is the dense MLP width."""
+    source = k.source
+    given = [n for n in EXPERT_COUNT_KEYS if d.get(n) is not None]
+    if not given:
+        name = "num_local_experts" if model_type == "mixtral" else "num_experts"
+        raise ConfigError(f"{source}: missing key {name!r} (required: the number of experts of a {model_type} model)")
+    counts = {n: k.int(n) for n in given}
+    if len(set(counts.values())) > 1:
+        raise ConfigError(f"{source}: keys 'num_experts' and 'num_local_experts' disagree ({counts['num_experts']} "
+                          f"vs {counts['num_local_experts']}): the config is inconsistent")
+    experts = counts[given[0]]
+    top_k = k.int("num_experts_per_tok")
+    if top_k > experts:
+        raise ConfigError(f"{k.where('num_experts_per_tok')}: expected at most the {experts} experts "
+                          f"({given[0]}), got {top_k}")
+    out: dict = dict(num_experts=experts, num_experts_per_tok=top_k)
+    if model_type == "mixtral":
+        out.update(moe_intermediate_size=k.int("intermediate_size"), norm_topk_prob=True)
+        return out
+    out.update(moe_intermediate_size=k.int("moe_intermediate_size"), norm_topk_prob=k.bool("norm_topk_prob", False))
+    step = k.int("decoder_sparse_step", 1)
+    if step != 1:
+        raise UnsupportedModelError(f"{k.where('decoder_sparse_step')}: {step} (dense MLP layers between the expert "
+                                    f"layers) is not supported; supported: 1 (every layer has experts)")
+    dense = d.get("mlp_only_layers")
+    if dense not in (None, []):
+        if not isinstance(dense, (list, tuple)) or not all(_is_int(i) and 0 <= i < num_layers for i in dense):
+            raise ConfigError(f"{k.where('mlp_only_layers')}: expected a list of layer indices in "
+                              f"[0, {num_layers}), got {_shown(dense)}")
+        raise UnsupportedModelError(f"{k.where('mlp_only_layers')}: {list(dense)} (layers with a dense MLP instead "
+                                    f"of experts) is not supported; supported: [] (every layer has experts)")
+    if model_type == "qwen2_moe":
+        out.update(shared_expert=True, intermediate_size=k.int("shared_expert_intermediate_size"))
+    return out
 
 
 def gemma_fields(d: Mapping[str, Any], k: "_Keys", model_type: str, num_layers: int) -> dict:

@@ -40,7 +40,7 @@ from .adapter_checks import Adapter, _keys, check_adapter, lora_scale  # noqa: F
 
 
 # ----------------------------------------------------------------------------- adapter pytree
-def init_adapter(cfg: ModelConfig, key, rank: int = 8, targets: Sequence[str] = PROJECTIONS,
+def init_adapter(cfg: ModelConfig, key, rank: int = 8, targets: Sequence[str] | None = None,
                  alpha: float | None = None, use_rslora: bool = False, layers: Sequence[int] | None = None,
                  b_std: float = 0.02, dtype=jnp.float32) -> Adapter:
     """A random adapter (for tests, benchmarks, examples): A ~ N(0, 1/D_in), B ~ N(0, b_std²).
@@ -48,8 +48,11 @@ def init_adapter(cfg: ModelConfig, key, rank: int = 8, targets: Sequence[str] = 
     Unlike a fresh PEFT adapter (B = 0) it changes the model. ``key``: a PRNG key or an int
     seed (drawn on the host with numpy: no compilation). ``layers``: the layer indices it
     touches (default all); other layers get zeros and scale 0. ``alpha`` defaults to ``rank``.
+    ``targets``: projections (default: every one this model has; experts are not LoRA targets).
     """
-    _check_targets(targets, "targets")
+    dims = projection_dims(cfg)
+    targets = tuple(dims) if targets is None else targets
+    _check_targets(targets, "targets", dims)
     if not isinstance(rank, int) or rank <= 0:
         raise RealmError(f"rank must be a positive int, got {rank!r}")
     L = cfg.num_layers
@@ -61,7 +64,6 @@ def init_adapter(cfg: ModelConfig, key, rank: int = 8, targets: Sequence[str] = 
     seed = key if isinstance(key, int) else np.asarray(jax.random.key_data(key)).ravel().tolist()
     rng = np.random.default_rng(seed)
     s = lora_scale(rank, rank if alpha is None else alpha, use_rslora)
-    dims = projection_dims(cfg)
     out = {}
     for p in targets:
         din, dout = dims[p]
@@ -72,16 +74,17 @@ def init_adapter(cfg: ModelConfig, key, rank: int = 8, targets: Sequence[str] = 
     return {"layers": out}
 
 
-def _check_targets(targets, what):
-    bad = [t for t in targets if t not in PROJECTIONS]
+def _check_targets(targets, what, dims):
+    bad = [t for t in targets if t not in dims]
     if bad or not len(targets):
-        raise RealmError(f"{what}: expected a non-empty subset of {PROJECTIONS}, got {list(targets)!r}")
+        raise RealmError(f"{what}: expected a non-empty subset of this model's projections {tuple(dims)}, "
+                         f"got {list(targets)!r}")
 
 
 def _params_dims(params) -> tuple[dict, int]:
     """({projection: (D_in, D_out)}, L) from canonical params."""
     layers = params["layers"]
-    return {p: tuple(layers[p].shape[1:]) for p in PROJECTIONS}, layers["attn_norm"].shape[0]
+    return {p: tuple(layers[p].shape[1:]) for p in PROJECTIONS if p in layers}, layers["attn_norm"].shape[0]
 
 
 def stack_adapters(adapters: Sequence[Adapter], dtype=None) -> Adapter:

@@ -20,7 +20,7 @@ import numpy as np
 from .config import ModelConfig
 from .errors import CheckpointError, UnsupportedModelError
 from .adapter_checks import Adapter, check_adapter, lora_scale
-from .params import LEAVES, PEFT_MODULES, PROJECTIONS, file_name, model_leaves, projection_dims
+from .params import LEAVES, PROJECTIONS, file_name, model_leaves, projection_dims
 
 # adapter_config.json fields with no effect on inference.
 _PEFT_HARMLESS = {
@@ -45,25 +45,40 @@ _BASE_MODIFYING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga", "mica")
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
 
-def _module_path(proj: str, layer: int) -> str:
+def _module_path(proj: str, layer: int, cfg: ModelConfig) -> str:
     """The HF module of a projection in one layer: its weight's name without ``.weight``."""
-    return LEAVES[proj].hf.format(i=layer).removesuffix(".weight")
+    return file_name(LEAVES[proj], cfg).format(i=layer).removesuffix(".weight")
 
 
 def _hf_modules(cfg: ModelConfig) -> list[tuple[str, str | None, int | None]]:
-    """The HF module names of this model (as ``named_modules`` lists them) -> (key, projection, layer)."""
+    """The HF module names of this model (as ``named_modules`` lists them) -> (key, projection, layer).
+    A mixture of experts adds its block, router (``gate``), ``experts`` and, for Qwen2-MoE, the
+    shared expert (whose projections are the LoRA targets w_gate / w_up / w_down) and its gate:
+    modules that are not LoRA targets here, so a PEFT config naming them is refused by name."""
     out = [("model", None, None), ("model.embed_tokens", None, None), ("model.layers", None, None)]
+    dense = [p for p in ("w_gate", "w_up", "w_down") if p in projection_dims(cfg)]
     for i in range(cfg.num_layers):
         pre = f"model.layers.{i}"
         out += [(pre, None, None), (f"{pre}.self_attn", None, None)]
-        out += [(_module_path(p, i), p, i) for p in ("wq", "wk", "wv", "wo")]
-        out += [(f"{pre}.mlp", None, None)]
-        out += [(_module_path(p, i), p, i) for p in ("w_gate", "w_up", "w_down")]
-        out += [(f"{pre}.mlp.act_fn", None, None)]
+        out += [(_module_path(p, i, cfg), p, i) for p in ("wq", "wk", "wv", "wo")]
+        block = f"{pre}.block_sparse_moe" if cfg.block_sparse_moe else f"{pre}.mlp"
+        out += [(block, None, None)]
+        if cfg.moe:
+            out += [(f"{block}.gate", None, None), (f"{block}.experts", None, None)]
+        if cfg.shared_expert:
+            out += [(f"{block}.shared_expert", None, None), (f"{block}.shared_expert_gate", None, None)]
+        out += [(_module_path(p, i, cfg), p, i) for p in dense]
+        if dense:
+            out += [(_module_path("w_gate", i, cfg).rsplit(".", 1)[0] + ".act_fn", None, None)]
         out += [(file_name(leaf, cfg).format(i=i).removesuffix(".weight"), None, None)  # the layer's norms
                 for leaf in model_leaves(cfg) if leaf.is_layer and leaf.init == "norm"]
     out += [("model.norm", None, None), ("model.rotary_emb", None, None), ("lm_head", None, None)]
     return out
+
+
+def _peft_names(cfg: ModelConfig) -> list[str]:
+    """The PEFT module names of this model's LoRA targets (q_proj ... down_proj)."""
+    return [LEAVES[p].peft for p in projection_dims(cfg)]
 
 
 def _peft_is_target(c: Mapping, key: str) -> bool:
@@ -152,7 +167,11 @@ def peft_targets(c: Mapping, cfg: ModelConfig) -> dict[tuple[str, int], tuple[st
     if tm is None:  # PEFT's default for Llama-family models
         tm = ["q_proj", "v_proj"]
     if isinstance(tm, str) and tm.lower() == "all-linear":
-        tm = list(PEFT_MODULES)
+        if cfg.moe:  # PEFT's all-linear also takes the experts and the router (and Qwen2-MoE's shared-expert gate)
+            raise UnsupportedModelError(f"target_modules 'all-linear' on {cfg.arch} includes the experts and the "
+                                        f"router, and LoRA on them is not supported: list the target modules "
+                                        f"({', '.join(_peft_names(cfg))})")
+        tm = _peft_names(cfg)
     if not isinstance(tm, (str, list)):
         raise CheckpointError(f"target_modules: expected a list or a regex string, got {tm!r}")
     c["target_modules"] = tm
@@ -167,8 +186,12 @@ def peft_targets(c: Mapping, cfg: ModelConfig) -> dict[tuple[str, int], tuple[st
                 raise UnsupportedModelError(f"target module {key!r}: embedding LoRA is not supported")
             if key == "lm_head":
                 raise UnsupportedModelError(f"target module {key!r}: LoRA on lm_head is not supported")
+            if key.endswith((".experts", ".gate", ".shared_expert_gate")):
+                raise UnsupportedModelError(f"target module {key!r}: LoRA on the experts, the router or the "
+                                            f"shared-expert gate of a mixture of experts is not supported; LoRA "
+                                            f"applies to {', '.join(_peft_names(cfg))}")
             raise UnsupportedModelError(f"target module {key!r} is not a linear projection; LoRA applies to "
-                                        f"{', '.join(PEFT_MODULES)}")
+                                        f"{', '.join(_peft_names(cfg))}")
         r = _pattern_value(rank_pat, key, r0)
         alpha = _pattern_value(alpha_pat, key, alpha0)
         if not isinstance(r, int) or r <= 0:
@@ -186,7 +209,7 @@ def peft_targets(c: Mapping, cfg: ModelConfig) -> dict[tuple[str, int], tuple[st
         for t in tm:
             if not any(k == t or k.endswith(f".{t}") for k, _, _ in _hf_modules(cfg)):
                 raise UnsupportedModelError(
-                    f"target_modules: unknown module {t!r}; this model has {', '.join(PEFT_MODULES)}")
+                    f"target_modules: unknown module {t!r}; this model has {', '.join(_peft_names(cfg))}")
         if not out:
             raise UnsupportedModelError(f"target_modules {tm} (with layers_to_transform="
                                         f"{c.get('layers_to_transform')}) select no module of this model")
@@ -283,7 +306,7 @@ def save_peft(path: str | os.PathLike, adapter: Adapter, config: ModelConfig,
         if R != R0:
             rank_pattern[LEAVES[proj].peft] = R
         for i in range(config.num_layers):
-            key = _module_path(proj, i)
+            key = _module_path(proj, i, config)
             tensors[f"base_model.model.{key}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
             tensors[f"base_model.model.{key}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
             alpha_pattern["^" + re.escape(key)] = float(scale[i]) * R

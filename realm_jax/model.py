@@ -21,7 +21,8 @@ from .config import ModelConfig
 from .errors import RealmError
 from .kv_cache import KVCache, write_layer, write_rows
 from .layers import apply_rope, embed_tokens, gate, norm, rope_cos_sin, softcap
-from .runtime import Runtime, head_logits, projections
+from .moe import ragged_experts, route, shared_expert_scale
+from .runtime import Runtime, expert_projections, head_logits, projections
 
 
 def _layer(cfg: ModelConfig, x, lp, ll, ids, cos, sin, attend):
@@ -48,12 +49,32 @@ def _layer(cfg: ModelConfig, x, lp, ll, ids, cos, sin, attend):
     if cfg.post_norms:
         o = norm(cfg, o, lp["post_attn_norm"])
     x = x + o
-    h = norm(cfg, x, lp["mlp_norm"])
-    gu = projections(h, lp, ll, ids, ("w_gate", "w_up"))
-    y = projections(gate(cfg, gu["w_gate"]) * gu["w_up"], lp, ll, ids, ("w_down",))["w_down"]
+    y = _mlp(cfg, norm(cfg, x, lp["mlp_norm"]), lp, ll, ids)
     if cfg.post_norms:
         y = norm(cfg, y, lp["post_mlp_norm"])
     return x + y
+
+
+def _mlp(cfg: ModelConfig, h, lp, ll, ids):
+    """One layer's MLP, h [B, T, D] -> [B, T, D]: the dense gated MLP, the routed experts
+    (``cfg.moe``: routed per token, run through ``jax.lax.ragged_dot`` on each expert's tokens
+    only), or both (Qwen2-MoE: the dense MLP is the shared expert, scaled by its sigmoid gate)."""
+    y = None
+    if cfg.dense_mlp:
+        gu = projections(h, lp, ll, ids, ("w_gate", "w_up"))
+        y = projections(gate(cfg, gu["w_gate"]) * gu["w_up"], lp, ll, ids, ("w_down",))["w_down"]
+        if cfg.shared_expert:
+            y = shared_expert_scale(h, lp["shared_gate"]) * y
+    if not cfg.moe:
+        return y
+
+    def expert_mlp(rows, sizes, which):
+        gu = expert_projections(rows, lp, ("we_gate", "we_up"), sizes, which)
+        return expert_projections(gate(cfg, gu["we_gate"]) * gu["we_up"], lp, ("we_down",), sizes, which)["we_down"]
+
+    weights, experts = route(cfg, h, lp["router"])
+    routed = ragged_experts(h, weights, experts, cfg.num_experts, expert_mlp)
+    return routed if y is None else routed + y
 
 
 def _attention_core(cfg: ModelConfig, impl: str, t: int, mask, kv_len, lengths, num_keys: int, *, fresh: bool,

@@ -9,11 +9,17 @@ Canonical params (what files, PEFT, merge, save, quantize and the reference forw
                 # optional: "bq" [L, N*H], "bk"/"bv" [L, K*H] (qkv_bias), "bo" [L, D] (o_bias),
                 #           "q_norm"/"k_norm" [L, H] (qk_norm),
                 #           "post_attn_norm"/"post_mlp_norm" [L, D] (post_norms: gemma2/3)
+                # mixture of experts (cfg.moe): "router" [L, D, E], "we_gate"/"we_up" [L, E, D, Fe],
+                #           "we_down" [L, E, Fe, D]; "shared_gate" [L, D, 1] (shared_expert: qwen2_moe,
+                #           whose shared expert is the dense w_gate/w_up/w_down of width F); without
+                #           a dense MLP (mixtral, qwen3_moe) w_gate/w_up/w_down are absent
                },
      "final_norm": [D],
      "lm_head": [D, V]}            # absent when cfg.tie_word_embeddings (embed.T is used)
 
-Matmul weights are ``[D_in, D_out]`` (applied as ``x @ W``); layer leaves carry L first.
+Matmul weights are ``[D_in, D_out]`` (applied as ``x @ W``); layer leaves carry L first, and
+expert leaves E second (a checkpoint holds one tensor per layer and expert: ``{i}`` / ``{e}`` in
+the names; they are stacked at load time).
 
 ``LEAVES`` holds, for every leaf, everything the rest of the package needs to know about it:
 its logical axes (which give its shape and its sharding), its HF and GGUF tensor names, and
@@ -43,12 +49,14 @@ class Leaf:
     hf_transposed: the file stores the weight ``[D_out, D_in]`` (torch ``nn.Linear``).
     matmul: a projection weight ``[.., D_in, D_out]``; quantizable: int8 weight-only applies.
     peft: the PEFT / HF module name when the leaf is a LoRA target (e.g. ``"q_proj"``).
-    when: the config flag that adds the leaf (``qkv_bias``, ``o_bias``, ``qk_norm``) or
-    ``"untied"`` (present unless ``tie_word_embeddings``); None = always present.
+    when: the config flag that adds the leaf (``qkv_bias``, ``o_bias``, ``qk_norm``, ``moe``,
+    ``dense_mlp``, ``shared_expert``) or ``"untied"`` (present unless ``tie_word_embeddings``);
+    None = always present.
     init: how ``init_params`` draws it: ``normal`` (std 0.02), ``embed`` (std 0.08),
     ``norm`` (around 1, or around 0 for ``norm_plus_one`` models), ``bias`` (std 0.1).
     hf_if: (config flag, HF name) pairs: the first whose flag the config has names the tensor
-    instead of ``hf`` (gemma2's ``post_attention_layernorm`` is not the pre-MLP norm).
+    instead of ``hf`` (gemma2's ``post_attention_layernorm`` is not the pre-MLP norm; Qwen2-MoE's
+    dense MLP is its ``shared_expert``; Mixtral's experts live in ``block_sparse_moe``).
     """
 
     name: str
@@ -68,19 +76,34 @@ class Leaf:
         return self.axes[0] == "layers"
 
     @property
+    def per_expert(self) -> bool:
+        """A leaf ``[L, E, ...]`` stored in files one tensor per layer and expert."""
+        return self.axes[:2] == ("layers", "experts")
+
+    @property
     def lora_target(self) -> bool:
         return self.peft is not None
 
 
-def _proj(name, axes, module, gguf, hf_block="self_attn"):
+def _proj(name, axes, module, gguf, hf_block="self_attn", when=None, hf_if=()):
     return Leaf(name, ("layers",) + axes, f"model.layers.{{i}}.{hf_block}.{module}.weight", f"blk.{{i}}.{gguf}.weight",
-                hf_transposed=True, matmul=True, quantizable=True, peft=module)
+                hf_transposed=True, matmul=True, quantizable=True, peft=module, when=when,
+                hf_if=tuple((flag, f"model.layers.{{i}}.{n}.{module}.weight") for flag, n in hf_if))
+
+
+def _expert(name, axes, module, mixtral_module):
+    """One of the experts' matmul weights [L, E, D_in, D_out]: Qwen names, Mixtral's beside them."""
+    return Leaf(name, ("layers", "experts") + axes, f"model.layers.{{i}}.mlp.experts.{{e}}.{module}.weight",
+                hf_transposed=True, matmul=True, quantizable=True, when="moe",
+                hf_if=(("block_sparse_moe", f"model.layers.{{i}}.block_sparse_moe.experts.{{e}}.{mixtral_module}.weight"),))
 
 
 def _vec(name, axes, hf, gguf, when=None, init="norm", hf_if=()):
     return Leaf(name, ("layers",) + axes, f"model.layers.{{i}}.{hf}", f"blk.{{i}}.{gguf}", when=when, init=init,
                 hf_if=tuple((flag, f"model.layers.{{i}}.{n}") for flag, n in hf_if))
 
+
+_SHARED = (("shared_expert", "mlp.shared_expert"),)  # qwen2_moe: the dense MLP is the shared expert
 
 LEAVES: dict[str, Leaf] = {leaf.name: leaf for leaf in (
     Leaf("embed", ("vocab", "embed"), "model.embed_tokens.weight", "token_embd.weight", init="embed"),
@@ -103,10 +126,19 @@ LEAVES: dict[str, Leaf] = {leaf.name: leaf for leaf in (
     _vec("mlp_norm", ("embed",), "post_attention_layernorm.weight", "ffn_norm.weight",
          hf_if=(("post_norms", "pre_feedforward_layernorm.weight"),)),
     _vec("post_mlp_norm", ("embed",), "post_feedforward_layernorm.weight", "post_ffw_norm.weight", "post_norms"),
-    _proj("w_gate", ("embed", "mlp"), "gate_proj", "ffn_gate", "mlp"),
-    _proj("w_up", ("embed", "mlp"), "up_proj", "ffn_up", "mlp"),
-    _proj("w_down", ("mlp", "embed"), "down_proj", "ffn_down", "mlp"),
+    _proj("w_gate", ("embed", "mlp"), "gate_proj", "ffn_gate", "mlp", "dense_mlp", _SHARED),
+    _proj("w_up", ("embed", "mlp"), "up_proj", "ffn_up", "mlp", "dense_mlp", _SHARED),
+    _proj("w_down", ("mlp", "embed"), "down_proj", "ffn_down", "mlp", "dense_mlp", _SHARED),
+    Leaf("shared_gate", ("layers", "embed", "one"), "model.layers.{i}.mlp.shared_expert_gate.weight",
+         hf_transposed=True, matmul=True, when="shared_expert"),
+    Leaf("router", ("layers", "embed", "experts"), "model.layers.{i}.mlp.gate.weight", hf_transposed=True,
+         matmul=True, when="moe", hf_if=(("block_sparse_moe", "model.layers.{i}.block_sparse_moe.gate.weight"),)),
+    _expert("we_gate", ("embed", "expert_mlp"), "gate_proj", "w1"),
+    _expert("we_up", ("embed", "expert_mlp"), "up_proj", "w3"),
+    _expert("we_down", ("expert_mlp", "embed"), "down_proj", "w2"),
 )}
+# The routed experts' weights (the leaves with an E axis after L), in table order.
+EXPERT_LEAVES: tuple[str, ...] = tuple(n for n, leaf in LEAVES.items() if leaf.per_expert)
 
 # The LoRA targets (the layer projections), in their canonical order.
 PROJECTIONS: tuple[str, ...] = tuple(n for n, leaf in LEAVES.items() if leaf.lora_target)
@@ -119,7 +151,7 @@ def axis_sizes(cfg: ModelConfig) -> dict[str, int]:
     H = cfg.head_dim
     return {"layers": cfg.num_layers, "embed": cfg.hidden_size, "q_heads": cfg.num_heads * H,
             "kv_heads": cfg.num_kv_heads * H, "mlp": cfg.intermediate_size, "vocab": cfg.vocab_size,
-            "head_dim": H}
+            "head_dim": H, "experts": cfg.num_experts, "expert_mlp": cfg.moe_intermediate_size, "one": 1}
 
 
 def present(leaf: Leaf, cfg: ModelConfig) -> bool:
@@ -159,9 +191,10 @@ def param_shapes(cfg: ModelConfig) -> dict:
 
 
 def projection_dims(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """{projection: (D_in, D_out)} for this model."""
+    """{projection: (D_in, D_out)} for the LoRA targets this model has (a model whose MLP is
+    experts only has no w_gate / w_up / w_down)."""
     shapes = param_shapes(cfg)["layers"]
-    return {p: shapes[p][1:] for p in PROJECTIONS}
+    return {p: shapes[p][1:] for p in PROJECTIONS if p in shapes}
 
 
 def init_params(cfg: ModelConfig, key, dtype=jnp.float32) -> Params:

@@ -3,7 +3,8 @@
 Canonical params (``params.py``: stacked ``[L, ...]``, weights ``[D_in, D_out]``), a
 ``lax.scan`` over layers, einsum attention (``attention.gqa_attention``), and LoRA as each row's
 own factors gathered (``lora.lora_delta``), every family feature (``config.ModelConfig``'s
-fields) written out plainly. Nothing here is fused, transposed, quantized,
+fields) written out plainly; a mixture of experts runs every expert on every token
+(``moe.dense_experts``). Nothing here is fused, transposed, quantized,
 folded or sharded, and nothing is shared with ``runtime.py``'s weight application.
 """
 
@@ -16,6 +17,7 @@ from .attention import attention_mask, gqa_attention
 from .config import ModelConfig
 from .layers import apply_rope, embed_tokens, gate, norm, rope_cos_sin, softcap
 from .lora import lora_delta
+from .moe import dense_experts, route, shared_expert_scale
 from .runtime import check_params
 
 
@@ -63,8 +65,14 @@ def forward_reference(params, cfg: ModelConfig, tokens: jax.Array, lengths: jax.
             o = o + lp["bo"].astype(o.dtype)
         x = x + (norm(cfg, o, lp["post_attn_norm"]) if cfg.post_norms else o)
         h = norm(cfg, x, lp["mlp_norm"])
-        g, u = _proj(h, lp, "w_gate", ll, ids), _proj(h, lp, "w_up", ll, ids)
-        y = _proj(gate(cfg, g) * u, lp, "w_down", ll, ids)
+        y = 0
+        if cfg.dense_mlp:  # a dense model's MLP, or Qwen2-MoE's shared expert (gated)
+            g, u = _proj(h, lp, "w_gate", ll, ids), _proj(h, lp, "w_up", ll, ids)
+            y = _proj(gate(cfg, g) * u, lp, "w_down", ll, ids)
+            y = shared_expert_scale(h, lp["shared_gate"]) * y if cfg.shared_expert else y
+        if cfg.moe:  # every expert on every token, weighted by the routing (zero off the chosen k)
+            weights, experts = route(cfg, h, lp["router"])
+            y = dense_experts(cfg, h, weights, experts, lp["we_gate"], lp["we_up"], lp["we_down"]) + y
         return x + (norm(cfg, y, lp["post_mlp_norm"]) if cfg.post_norms else y), None
 
     x = embed_tokens(cfg, params["embed"], tokens)

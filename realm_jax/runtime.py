@@ -24,8 +24,11 @@ output axis (q|k|v, gate|up), arranged as G contiguous groups (G = the ``model``
 the output axis is sharded, else 1), each group holding its share of every part and then the
 folded LoRA rows. Sharded on the output axis, each device's slice is one whole group, so the
 fused matmul needs no communication. A ``Lora`` leaf holds a projection's adapters (A factors
-concatenated on the rank axis, adapter-major; B in the weight's grouped column order). This
-module is the only one that looks inside them: ``project`` applies a weight and its adapters.
+concatenated on the rank axis, adapter-major; B in the weight's grouped column order). An
+``Experts`` leaf holds a mixture of experts' stacked weights (gate|up fused, or down; int8 per
+expert and output column with ``quantize``; never transposed, never LoRA targets). This module is
+the only one that looks inside them: ``project`` applies a weight and its adapters,
+``project_experts`` applies expert weights to rows grouped by expert (``jax.lax.ragged_dot``).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import RealmError
-from .params import LEAVES, param_shapes, projection_dims
+from .params import EXPERT_LEAVES, LEAVES, param_shapes, present, projection_dims
 from .quantization import SCHEMES, quantize_columns
 
 ATTENTION_ENV = "REALM_JAX_ATTENTION"  # auto (default) | reference | cudnn | xla
@@ -50,6 +53,8 @@ LAYOUTS = ("auto", "per_layer", "stacked")
 
 # The fusion groups of one layer's projections, in the order the layer applies them.
 FUSIONS = (("wq", "wk", "wv"), ("wo",), ("w_gate", "w_up"), ("w_down",))
+# The routed experts' fused weights (mixture-of-experts models).
+EXPERT_FUSIONS = (("we_gate", "we_up"), ("we_down",))
 
 
 def _static(**kw):
@@ -75,6 +80,22 @@ class Weight:
     rank: int = _static(default=0)
     transposed: bool = _static(default=False)
     axes: tuple = _static(default=("embed", "embed"))
+
+
+@partial(jax.tree_util.register_dataclass)
+@dataclasses.dataclass(frozen=True)
+class Experts:
+    """The routed experts' matmul weights in runtime form.
+
+    w: ``[(L,) E, D_in, P]``: expert e's weights, the fused parts ``names`` side by side on the
+    output axis (part i has ``sizes[i]`` columns); int8 when ``scale`` ``[(L,) E, P]`` float32
+    (per expert and output column) is given. axes: the logical (input, output) axes."""
+
+    w: jax.Array
+    scale: jax.Array | None
+    names: tuple = _static()
+    sizes: tuple = _static()
+    axes: tuple = _static(default=("embed", "expert_mlp"))
 
 
 @partial(jax.tree_util.register_dataclass)
@@ -193,6 +214,30 @@ def projections(x: jax.Array, layer: Mapping, lora_layer: Mapping | None, adapte
     return out
 
 
+def project_experts(rows: jax.Array, w: Experts, group_sizes: jax.Array, row_experts: jax.Array) -> dict:
+    """Rows grouped by expert through their expert's weights: rows [M, D_in] (the rows of expert
+    e are the e-th of the consecutive groups, ``group_sizes`` [E] int32 summing to M),
+    row_experts [M] int32 (each row's expert, for the int8 scales) -> {part name: [M, D_out_part]}
+    in rows.dtype. One ``jax.lax.ragged_dot`` per fused weight, accumulating in float32."""
+    ww = w.w if w.scale is None else w.w.astype(rows.dtype)
+    y = jax.lax.ragged_dot(rows, ww, group_sizes, preferred_element_type=jnp.float32)
+    if w.scale is not None:
+        y = y * w.scale[row_experts]
+    cuts = np.cumsum(w.sizes)[:-1].tolist()
+    return dict(zip(w.names, jnp.split(y.astype(rows.dtype), cuts, axis=-1)))
+
+
+def expert_projections(rows: jax.Array, layer: Mapping, names, group_sizes: jax.Array,
+                       row_experts: jax.Array) -> dict:
+    """The outputs of expert weights ``names`` (one group of ``EXPERT_FUSIONS``) for one layer's
+    rows grouped by expert (see ``project_experts``)."""
+    out = {}
+    for w in layer.values():
+        if isinstance(w, Experts) and w.names[0] in names:
+            out.update(project_experts(rows, w, group_sizes, row_experts))
+    return out
+
+
 def head_logits(x: jax.Array, head: Weight) -> jax.Array:
     """x [B, T, D] -> float32 logits [B, T, V]."""
     return project(x, head, out_dtype=jnp.float32)["lm_head"]
@@ -242,6 +287,8 @@ def _fusion_plan(cfg: ModelConfig, rules: Mapping) -> tuple[tuple[str, ...], ...
     """The fused weights of a layer: parts fuse when their output axes shard alike."""
     plan = []
     for group in FUSIONS:
+        if not present(LEAVES[group[0]], cfg):  # a model whose MLP is experts only has no w_gate / w_up / w_down
+            continue
         if group[0] == "wq" and rules.get("q_heads") != rules.get("kv_heads"):
             plan += [("wq",), ("wk", "wv")]
         else:
@@ -428,6 +475,21 @@ def _weight(w: jax.Array, names, sizes, rank: int, opts: Options) -> Weight:
     return Weight(w, scale, tuple(names), tuple(sizes), rank, opts.transposed, axes)
 
 
+def _expert_weights(layers: Mapping, opts: Options, cfg: ModelConfig) -> dict:
+    """Stacked canonical expert leaves [L, E, D_in, D_out] -> {key: Experts} (gate|up fused)."""
+    if not cfg.moe:
+        return {}
+    out = {}
+    for names in EXPERT_FUSIONS:
+        w = jnp.concatenate([layers[n] for n in names], -1)
+        scale = None
+        if opts.quantize:
+            w, scale = quantize_columns(w)
+        out["+".join(names)] = Experts(w, scale, names, tuple(layers[n].shape[-1] for n in names),
+                                       LEAVES[names[0]].axes[-2:])
+    return out
+
+
 def _unstack(tree, n: int) -> tuple:
     return tuple(jax.tree_util.tree_map(lambda a: a[i], tree) for i in range(n))
 
@@ -435,8 +497,8 @@ def _unstack(tree, n: int) -> tuple:
 def _build(params: Mapping, lora_layers, *, opts: Options, cfg: ModelConfig) -> Runtime:
     layers = params["layers"]
     weights, loras = _layer_weights(layers, lora_layers, opts, cfg)
-    fused = {n for names in opts.plan for n in names}
-    body = {**{k: v for k, v in layers.items() if k not in fused}, **weights}
+    fused = {n for names in opts.plan for n in names} | set(EXPERT_LEAVES)
+    body = {**{k: v for k, v in layers.items() if k not in fused}, **weights, **_expert_weights(layers, opts, cfg)}
     lora = loras if lora_layers is not None else None
     if not opts.stacked:
         body = _unstack(body, cfg.num_layers)
@@ -480,10 +542,16 @@ def runtime_specs(rt, cfg: ModelConfig):
         return Weight(P(*([None] * n), *spec), None if w.scale is None else P(*([None] * n), o),
                       w.names, w.sizes, w.rank, w.transposed, w.axes)
 
+    def experts(e: Experts):
+        i, o = ax(e.axes[0]), ax(e.axes[1])
+        return Experts(P(*lead, ax("experts"), i, o), None if e.scale is None else P(*lead, ax("experts"), o),
+                       e.names, e.sizes, e.axes)
+
     def layer(lp):
         out = {}
         for k, v in lp.items():
-            out[k] = weight(v) if isinstance(v, Weight) else P(*lead, *(ax(a) for a in LEAVES[k].axes[1:]))
+            out[k] = weight(v) if isinstance(v, Weight) else experts(v) if isinstance(v, Experts) else \
+                P(*lead, *(ax(a) for a in LEAVES[k].axes[1:]))
         return out
 
     def lora_layer(ll, lp):

@@ -674,8 +674,11 @@ def row_bytes(cfg, length: int) -> int:
     """Estimated peak device bytes one row of ``length`` tokens needs (scoring: one layer's float32
     activations and attention scores at a time; generation: plus its KV cache)."""
     t = int(length)
-    acts = t * (4 * cfg.hidden_size + (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-                + 3 * cfg.intermediate_size) + 2 * cfg.num_heads * t * t
+    mlp = 3 * cfg.intermediate_size if cfg.dense_mlp else 0
+    if cfg.moe:  # the router's probabilities, then k sorted rows per token through the expert MLP
+        mlp += cfg.num_experts + cfg.num_experts_per_tok * (3 * cfg.moe_intermediate_size + 2 * cfg.hidden_size)
+    acts = t * (4 * cfg.hidden_size + (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + mlp) \
+        + 2 * cfg.num_heads * t * t
     kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * t
     return 4 * (acts + kv)
 

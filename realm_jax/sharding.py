@@ -21,6 +21,8 @@ Policy when a mesh does not fit the model:
 - K (KV heads) not divisible by the ``model`` axis: wk, wv, bk, bv and the cache's K axis are
   replicated on ``model`` (each device keeps all KV heads; GQA usually has few).
 - V (vocab) not divisible by the ``model`` axis: embed and lm_head are replicated.
+- Mixture of experts: the router and the experts' weights are replicated (no expert parallelism
+  yet); the attention and a shared expert are split as above.
 - B (batch) not divisible by the ``data`` axis: ``ShardingError`` naming the batch; no padding
   (choose a batch size that is a multiple of the data axis).
 
@@ -48,7 +50,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from .config import ModelConfig
 from .errors import RealmError
 from .kv_cache import KVCache
-from .params import LEAVES, param_shapes
+from .params import LEAVES, model_leaves, param_shapes
 
 DATA = "data"
 MODEL = "model"
@@ -139,9 +141,13 @@ def resolve_axes(cfg: ModelConfig, mesh: Mesh) -> dict[str, str | None]:
     """
     _check_mesh(mesh)
     out: dict[str, str | None] = {}
+    used = {a for leaf in model_leaves(cfg) for a in leaf.axes}
     for logical, (axis, uneven) in AXIS_RULES.items():
         if logical == "batch":
             out[logical] = axis
+            continue
+        if logical not in used:  # e.g. "mlp" of a model whose MLP is experts only
+            out[logical] = None
             continue
         field = _AXIS_FIELDS[logical]
         size, parts = getattr(cfg, field), _axis_size(mesh, axis)

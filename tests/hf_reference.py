@@ -40,8 +40,21 @@ ARCH_CASES = {
         sliding_window_pattern=3, query_pre_attn_scalar=12,
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
                          "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}})),
+    # Mixtral: 5 experts, top 2 (always renormalised), a window (5) below the prompt lengths
+    "mixtral_top2_window": ("mixtral", dict(
+        num_attention_heads=6, num_key_value_heads=2, head_dim=8, intermediate_size=14, num_local_experts=5,
+        num_experts_per_tok=2, sliding_window=5)),
+    # Qwen2-MoE: 6 experts, top 2 not renormalised, q/k/v biases, a gated shared expert of width 22
+    "qwen2_moe_shared": ("qwen2_moe", dict(
+        num_attention_heads=3, num_key_value_heads=1, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=12,
+        shared_expert_intermediate_size=22, norm_topk_prob=False)),
+    # Qwen3-MoE: 7 experts, top 3 renormalised, q/k norms, a head dim that is not D / N
+    "qwen3_moe_norm_topk": ("qwen3_moe", dict(
+        num_attention_heads=6, num_key_value_heads=3, head_dim=16, num_experts=7, num_experts_per_tok=3,
+        moe_intermediate_size=10, norm_topk_prob=True)),
 }
 GEMMA_CASES = ("gemma_mqa", "gemma2_softcap_window", "gemma3_pattern_rope")
+MOE_CASES = ("mixtral_top2_window", "qwen2_moe_shared", "qwen3_moe_norm_topk")
 
 BASE = dict(vocab_size=97, hidden_size=30, intermediate_size=56, num_hidden_layers=3,
             max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -54,10 +67,18 @@ def hf_config(model_type: str, **overrides):
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
            "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
            "gemma": transformers.GemmaConfig, "gemma2": transformers.Gemma2Config,
-           "gemma3_text": transformers.Gemma3TextConfig}[model_type]
+           "gemma3_text": transformers.Gemma3TextConfig, "mixtral": transformers.MixtralConfig,
+           "qwen2_moe": transformers.Qwen2MoeConfig, "qwen3_moe": transformers.Qwen3MoeConfig}[model_type]
     kw = dict(BASE)
     kw.update(overrides)
     return cls(**kw)
+
+
+def hf_load_kwargs(model_type: str) -> dict:
+    """Keyword arguments for transformers' model constructors: mixture-of-experts models run
+    their experts eagerly (HF's expert loop; the grouped-matmul kernel needs 16-byte aligned
+    strides, which the tiny sizes do not have)."""
+    return dict(experts_implementation="eager") if model_type in ("mixtral", "qwen2_moe", "qwen3_moe") else {}
 
 
 def make_hf_model(case: str, directory: Path, seed: int = 0, classic_dialect: bool = False, **overrides):
@@ -72,7 +93,7 @@ def make_hf_model(case: str, directory: Path, seed: int = 0, classic_dialect: bo
     model_type, over = ARCH_CASES[case]
     cfg = hf_config(model_type, **{**over, **overrides})
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    model = transformers.AutoModelForCausalLM.from_config(cfg, **hf_load_kwargs(model_type)).float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

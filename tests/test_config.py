@@ -56,12 +56,15 @@ def test_both_dialects_give_the_same_config(case):
     if cfg.rope_type == "llama3":
         assert (cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_positions) == \
             (rope["low_freq_factor"], rope["high_freq_factor"], rope["original_max_position_embeddings"])
-    windowed = d5["model_type"] in ("mistral", "gemma2", "gemma3_text")
+    windowed = d5["model_type"] in ("mistral", "gemma2", "gemma3_text", "mixtral")
     assert cfg.sliding_window == (d5["sliding_window"] if windowed else None)
     if d5.get("layer_types"):
         assert cfg.layer_local == tuple(t == "sliding_attention" for t in d5["layer_types"])
-    assert cfg.qkv_bias == (d5["model_type"] == "qwen2")
-    assert cfg.qk_norm == (d5["model_type"] in ("qwen3", "gemma3_text"))
+    assert cfg.qkv_bias == (d5["model_type"] in ("qwen2", "qwen2_moe"))
+    assert cfg.qk_norm == (d5["model_type"] in ("qwen3", "gemma3_text", "qwen3_moe"))
+    experts = d5.get("num_local_experts") or d5.get("num_experts") or 0
+    assert (cfg.num_experts, cfg.num_experts_per_tok) == (experts, d5.get("num_experts_per_tok", 0) if experts else 0)
+    assert cfg.shared_expert == (d5["model_type"] == "qwen2_moe")
     assert cfg.tie_word_embeddings == d5["tie_word_embeddings"]
 
 

@@ -5,23 +5,16 @@ the reference and the fused attention paths); greedy tokens against HF ``generat
 against its reference twin; a checkpoint written back and read by transformers; and each
 feature shown to matter: switched off, in our config or in HF's, the logits move clearly."""
 
-from functools import partial
-
-import jax
 import numpy as np
 import pytest
-import torch
 
 import realm_jax
-from realm_jax import runtime
-from realm_jax.checkpoint import write_hf_checkpoint
-from realm_jax.generation import generate, new_cache
-from realm_jax.model import forward_cached_hidden, forward_jit, lm_head
 from realm_jax.reference import forward_reference_jit
 
-from hf_reference import GEMMA_CASES, dequantized, hf_logits, make_hf_model, random_batch, realm_logits
+from family_checks import (LENGTHS, batch, check_cached_decode, check_mesh_speculative_and_engine, check_greedy_matches_hf, check_int8_twin,
+                           check_logits_alone_and_padded, check_written_checkpoint, rows_max_diff)
+from hf_reference import GEMMA_CASES, hf_logits, make_hf_model, random_batch
 
-LENGTHS = [11, 4, 9]  # the Gemma 2 / 3 windows are 5 and 4: longer and shorter prompts
 TOL = 1e-4  # float32 rounding at these logit sizes (|logit| up to ~10)
 CLEAR = 1e-2  # a feature matters: switched off, the logits move 100x the tolerance at least
 
@@ -33,96 +26,32 @@ def gemma(request, tmp_path_factory):
     return request.param, directory, hf, realm_jax.load(directory, dtype="float32")
 
 
-def batch(cfg, seed=1, lengths=LENGTHS):
-    return random_batch(np.random.default_rng(seed), cfg.vocab_size, lengths)
-
-
-def rows_max_diff(a, b, lengths) -> float:
-    return max(float(np.abs(a[i, :n] - b[i, :n]).max()) for i, n in enumerate(lengths))
-
-
 def test_logits_match_hf_alone_and_in_a_padded_batch(gemma):
     case, _, hf, model = gemma
-    cfg = model.config
-    tokens, lengths = batch(cfg)
-    ref = hf_logits(hf, tokens, lengths)
-    for form, got in realm_logits(model.params, cfg, tokens, lengths).items():
-        worst = rows_max_diff(got, ref, lengths)
-        print(f"{case} {form}: max |dlogit| {worst:.1e}, max |logit| {np.abs(ref).max():.1f}")
-        assert worst <= TOL, form
-    for b, n in enumerate(lengths):
-        alone_ref = hf_logits(hf, tokens[b:b + 1, :n], lengths[b:b + 1])
-        alone = realm_logits(model.params, cfg, tokens[b:b + 1, :n], lengths[b:b + 1], forms=("stacked",))
-        np.testing.assert_allclose(alone["stacked"][0], alone_ref[0], atol=TOL, rtol=0)
-        np.testing.assert_allclose(alone_ref[0], ref[b, :n], atol=TOL, rtol=0)  # HF's own padding is clean
-
-
-@partial(jax.jit, static_argnums=1)
-def _prefill(rt, cfg, tokens, lengths, cache):
-    hidden, cache = forward_cached_hidden(rt, cfg, tokens, lengths, cache, empty_cache=True)
-    return lm_head(rt, cfg, hidden), cache
-
-
-@partial(jax.jit, static_argnums=1)
-def _append(rt, cfg, tokens, lengths, cache):
-    hidden, cache = forward_cached_hidden(rt, cfg, tokens, lengths, cache)
-    return lm_head(rt, cfg, hidden), cache
+    check_logits_alone_and_padded(case, hf, model, TOL)
 
 
 @pytest.mark.parametrize("layout,attention", [("per_layer", "reference"), ("stacked", "xla"), ("per_layer", "xla")])
 def test_cached_decode_equals_the_full_forward(gemma, layout, attention):
-    """Prompts of 6, 2 and 4 tokens, then 9 tokens one at a time (rows reach 15 > the window):
-    every position's logits equal the uncached forward's over the whole sequence. ``xla``: the
-    fused kernel where it applies (Gemma 3's global layers; Gemma 2's soft-cap keeps the reference)."""
+    """Cached decode past the window (``family_checks.check_cached_decode``). ``xla``: the fused
+    kernel where it applies (Gemma 3's global layers; Gemma 2's soft-cap keeps the reference)."""
     case, _, _, model = gemma
-    cfg = model.config
-    rt = runtime.prepare(model.params, cfg, layout=layout, attention=attention)
-    prompt, steps = np.array([6, 2, 4], np.int32), 9
-    seq, _ = batch(cfg, seed=3, lengths=[15, 15, 15])
-    full = np.asarray(forward_jit(rt, cfg, seq, prompt + steps))
-    tokens = np.where(np.arange(6)[None] < prompt[:, None], seq[:, :6], 0).astype(np.int32)
-    logits, cache = _prefill(rt, cfg, tokens, prompt, new_cache(cfg, rt, 3, 32))
-    logits = np.asarray(logits)
-    for b, n in enumerate(prompt):
-        np.testing.assert_allclose(logits[b, :n], full[b, :n], atol=TOL, rtol=0, err_msg=f"prefill row {b}")
-    for j in range(steps):
-        pos = prompt + j
-        step, cache = _append(rt, cfg, seq[np.arange(3), pos][:, None], np.ones(3, np.int32), cache)
-        np.testing.assert_allclose(np.asarray(step)[:, 0], full[np.arange(3), pos], atol=TOL, rtol=0,
-                                   err_msg=f"{case} decode step {j}")
+    check_cached_decode(case, model, layout, attention, TOL)
 
 
 def test_greedy_matches_hf_generate(gemma):
     case, _, hf, model = gemma
-    rng = np.random.default_rng(4)
-    prompts = [rng.integers(3, model.config.vocab_size, n).tolist() for n in (7, 3, 12)]
-    res = generate(model, prompts, 14)  # stops at the config's eos (2)
-    for i, p in enumerate(prompts):
-        with torch.no_grad():
-            out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                              do_sample=False, max_new_tokens=14, eos_token_id=2, pad_token_id=0)
-        assert res.tokens[i] == out[0, len(p):].tolist(), f"{case} row {i}"
+    check_greedy_matches_hf(case, hf, model)
 
 
 def test_int8_equals_its_reference_twin(gemma):
-    _, _, _, model = gemma
-    cfg = model.config
-    tokens, lengths = batch(cfg)
-    got = np.asarray(forward_jit(runtime.prepare(model.params, cfg, quantize="int8"), cfg, tokens, lengths))
-    want = np.asarray(forward_reference_jit(dequantized(model.params), cfg, tokens, lengths))
-    assert rows_max_diff(got, want, lengths) <= TOL
+    check_int8_twin(gemma[3], TOL)
 
 
 def test_written_checkpoint_is_read_by_transformers(gemma, tmp_path):
     """config.json (to_hf_dict) and tensor names written back: transformers loads them to the same logits."""
-    import transformers
-
     _, _, hf, model = gemma
-    out = write_hf_checkpoint(tmp_path / "out", model.config, model.params)
-    again = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    assert type(again) is type(hf)
-    tokens, lengths = batch(model.config)
-    assert rows_max_diff(hf_logits(again, tokens, lengths), hf_logits(hf, tokens, lengths), lengths) <= 1e-5
+    check_written_checkpoint(hf, model, tmp_path / "out")
 
 
 # ------------------------------------------------------------------ each feature matters
@@ -227,24 +156,7 @@ def test_mesh_speculative_and_engine_equal_generate(gemma):
     """Greedy tokens of ``generate`` (one device) equal: a (2, 2) mesh (Gemma's single KV head
     and Gemma 2's three are replicated over ``model``), the self-speculative draft (the first
     layers: local and global alike) and the engine."""
-    from realm_jax import sharding
-    from realm_jax.engine import Engine
-    from realm_jax.loading import Model
-    from realm_jax.speculative import speculative_generate
-
-    case, _, _, model = gemma
-    cfg = model.config
-    rng = np.random.default_rng(5)
-    prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (9, 2, 6)]
-    ref = generate(model, prompts, 10, stop_ids=[]).tokens
-    meshed = Model(cfg, model.params)
-    meshed.prepare(mesh=sharding.make_mesh(2, 2))
-    assert generate(meshed, prompts, 10, stop_ids=[]).tokens == ref, "mesh"
-    assert speculative_generate(model, "self:2", prompts, 10, stop_ids=[], k=3).tokens == ref, "self-speculative"
-    eng = Engine(model, max_slots=2, max_seq_len=32, prefill_buckets=(16,), prefill_batch=1)
-    handles = [eng.submit(p, 10, stop_ids=[]) for p in prompts]
-    eng.run_until_idle()
-    assert [h.result().tokens for h in handles] == ref, "engine"
+    check_mesh_speculative_and_engine(gemma[3])
 
 
 @pytest.mark.parametrize("case,change,error,pattern", [

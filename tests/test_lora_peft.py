@@ -40,8 +40,15 @@ PEFT_CASES = {
                                                     target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])),
     "gemma3_all_linear_rslora": ("gemma3_pattern_rope", dict(r=4, lora_alpha=4, target_modules="all-linear",
                                                              use_rslora=True)),
+    # mixture of experts: LoRA on the attention and on Qwen2-MoE's shared expert
+    "mixtral_attention": ("mixtral_top2_window", dict(r=4, lora_alpha=8,
+                                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
+    "qwen2_moe_shared_expert": ("qwen2_moe_shared", dict(r=3, lora_alpha=6,
+                                                         target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])),
+    "qwen3_moe_attention_rslora": ("qwen3_moe_norm_topk", dict(r=4, lora_alpha=4, use_rslora=True,
+                                                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
 }
-SLOW_PEFT_CASES = {"gemma_all7", "gemma3_all_linear_rslora"}  # ~30 s each on a 2-core CPU
+SLOW_PEFT_CASES = {"gemma_all7", "gemma3_all_linear_rslora", "qwen3_moe_attention_rslora"}  # ~30 s each on a 2-core CPU
 
 
 def randomize_lora(peft_model, seed=0, std=0.3):
@@ -369,3 +376,38 @@ def test_cli_adapter_errors(tiny_base_dir, capsys, argv, pattern):
                      "--max-new-tokens", "2", "--dtype", "float32"] + argv)
     assert code == 2
     assert re.search(pattern, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("case,targets,pattern", [
+    ("mixtral_top2_window", ["gate"], r"block_sparse_moe.gate': LoRA on the experts, the router"),
+    ("qwen3_moe_norm_topk", ["experts"], r"mlp.experts': LoRA on the experts"),
+    ("qwen2_moe_shared", ["shared_expert_gate"], r"shared_expert_gate': LoRA on the experts, the router or the "
+                                                  r"shared-expert gate"),
+    ("qwen2_moe_shared", "all-linear", r"'all-linear' on qwen2_moe includes the experts and the router"),
+    ("mixtral_top2_window", ["gate_proj"], r"unknown module 'gate_proj'; this model has q_proj, k_proj, v_proj, "
+                                           r"o_proj$"),
+])
+def test_moe_targets_we_do_not_serve_are_refused(case, targets, pattern):
+    """LoRA on a mixture of experts' router, experts or shared-expert gate is refused by module
+    name; Mixtral has no dense gate_proj to target."""
+    from hf_reference import ARCH_CASES, hf_config
+
+    cfg = ModelConfig.from_hf_dict(hf_config(ARCH_CASES[case][0], **ARCH_CASES[case][1]).to_dict())
+    with pytest.raises(UnsupportedModelError, match=pattern):
+        lora.peft_targets({"target_modules": targets, "r": 4}, cfg)
+    with pytest.raises(RealmError, match=r"expected a non-empty subset of this model's projections"):
+        lora.init_adapter(cfg, 0, targets=["w_gate"] if not cfg.dense_mlp else ["we_gate"])
+    assert set(lora.init_adapter(cfg, 0)["layers"]) == set(lora.projection_dims(cfg))
+
+
+def test_peft_all_linear_on_moe_is_refused(tmp_path):
+    """PEFT's own all-linear adapter on a mixture of experts also targets the experts and the
+    router as parameters (``target_parameters``): refused by name, before any tensor is read."""
+    import peft
+
+    _, hf = make_hf_model("qwen3_moe_norm_topk", tmp_path / "base")
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=2, target_modules="all-linear"))
+    pm.save_pretrained(tmp_path / "adapter")
+    cfg = ModelConfig.from_json_file(tmp_path / "base" / "config.json")
+    with pytest.raises(UnsupportedModelError, match=r"LoRA on parameters \(target_parameters\) is not supported"):
+        lora.load_peft(tmp_path / "adapter", cfg)
