@@ -50,7 +50,7 @@ class AdapterSlots:
         if targets is None:
             found = {p for ad in adapters.values() for p in ad["layers"]}
             targets = [p for p in self.dims if p in found] or list(self.dims)
-        lora._check_targets(list(targets), "adapter_targets")
+        lora._check_targets(list(targets), "adapter_targets", self.dims)
         self.capacity, self.rank, self.targets = capacity, rank, tuple(targets)
         self.names: list[str | None] = [None] * capacity
         self.weights: list[Any] = [None] * capacity

@@ -43,7 +43,7 @@ class _EngineCollector:
     """The engine's own statistics, read at each scrape."""
 
     def __init__(self, engine, tenants=None):
-        self.engine = engine
+        self.engine, self.tenants = engine, tenants
 
     def describe(self):
         return []
