@@ -16,7 +16,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
-import numpy as np
 import pytest
 
 import realm_jax

@@ -11,13 +11,14 @@ requests share the engine's batch. The parts:
 - ``app``: ``Server`` (checks, submission, streaming, disconnects) and ``build_app`` (FastAPI);
 - ``tenants``: API keys, per-tenant model lists and limits;
 - ``metrics``: the Prometheus registry;
-- ``admin``: the adapter endpoints;
+- ``admin``: the adapter endpoints; ``errors``: OpenAI's error JSON;
 - ``run``: building the engine and running uvicorn with a graceful SIGTERM.
 
 Needs the ``serve`` extra (fastapi, uvicorn, sse-starlette, prometheus-client).
 """
 
-from .app import ApiError, Server, build_app
+from .app import Server, build_app
+from .errors import ApiError
 from .tenants import Tenants
 
 __all__ = ["ApiError", "Server", "Tenants", "build_app"]

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import RealmError
+from .errors import ApiError, bearer as _bearer
 
 
 class LoadAdapter(BaseModel):
@@ -24,7 +25,6 @@ class LoadAdapter(BaseModel):
 
 
 def add_admin_routes(app: FastAPI, server) -> None:
-    from .app import ApiError, _bearer
 
     def check(request: Request) -> None:
         if not server.tenants.admin_key:
