@@ -1020,7 +1020,7 @@ def _cli_score_data(tmp_path, text):
 CLI_CASES = [
     # id, argv (MODEL = the tiny HF dir, TMP = this case's tmp_path), regex for the stderr line
     ("no-command", [], r"realm-jax: error: the following arguments are required: command"),
-    ("unknown-command", ["serve"], r"realm-jax: error: argument command: invalid choice: 'serve'"),
+    ("unknown-command", ["train"], r"realm-jax: error: argument command: invalid choice: 'train'"),
     ("generate-max-new-not-int", ["generate", "--max-new-tokens", "x"],
      r"realm-jax generate: error: argument --max-new-tokens: invalid int value: 'x'"),
     ("generate-dtype-choice", ["generate", "--dtype", "foo"], r"realm-jax generate: error: argument --dtype"),

@@ -398,3 +398,24 @@ def test_a_dead_engine_fails_health_and_requests_instead_of_hanging(setup):
         assert h.status_code == 503 and h.json()["reason"] == "the engine is not running"
         r = http.post("/v1/completions", json={"model": "m", "prompt": "yes", "max_tokens": 5})
         assert r.status_code == 503
+
+
+def test_the_openai_client_example_runs_against_the_server(server):
+    out = subprocess.run([sys.executable, str(REPO / "examples" / "openai_client.py"), "--base-url", server + "/v1",
+                          "--api-key", KEYS["bob"], "--model", "m", "--json-max-tokens", "56"],
+                          capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "models: ['m', 'ada', 'bea']" in out.stdout and "json: {" in out.stdout
+
+
+def test_a_full_queue_answers_429_with_retry_after(setup):
+    from fastapi.testclient import TestClient
+
+    from realm_jax.engine import Engine
+    from realm_jax.server import Server, build_app
+
+    with Engine(setup.model, max_slots=1, max_seq_len=32) as eng:
+        http = TestClient(build_app(Server(setup.model, eng, name="m", max_queue=0)))
+        r = http.post("/v1/completions", json={"model": "m", "prompt": "yes", "max_tokens": 2})
+        assert r.status_code == 429 and r.headers["Retry-After"] == "1"
+        assert "the queue is full" in r.json()["error"]["message"] and eng.stats().submitted == 0
