@@ -352,7 +352,7 @@ def test_cancel_frees_the_slot_and_loses_no_other_request(model, adapters, engin
     (dict(prompt=[5, 6], max_new_tokens=4, stop_ids=[3, 4, 5, 6, 7]), "max_stop_ids=4"),
     (dict(prompt=[5, 6], max_new_tokens=4, min_p=-1), "min_p"),
     (dict(prompt=[5, 6], max_new_tokens=4, logit_bias={i: 1.0 for i in range(3, 12)}), "max_logit_bias=8"),
-    (dict(prompt=[5, 6], max_new_tokens=4, logprobs=2), "logprobs: not served by the engine yet"),
+    (dict(prompt=[5, 6], max_new_tokens=4, logprobs=2), "logprobs: this engine was built without max_logprobs"),
     (dict(prompt=[5, 6], max_new_tokens=4, n=2), "n: not served by the engine yet"),
 ])
 def test_bad_input_is_rejected_for_that_request_only(model, adapters, engine, kwargs, match):

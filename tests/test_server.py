@@ -165,6 +165,37 @@ def test_logprobs_equal_the_library(setup, server):
     assert [len(e.top_logprobs) for e in content] == [2] * 5
 
 
+def test_streamed_and_sampled_logprobs_come_from_the_engine_and_equal_the_library(setup, server):
+    """logprobs <= the server's --max-logprobs (5) are the engine's, streamed with their tokens;
+    more alternatives (8) go through generate: both equal the library."""
+    c = client(server)
+    before = httpx.get(server + "/metrics").text
+    sampling = dict(temperature=0.9, seed=21)
+    want = ref(setup, "red green", 40, logprobs=2, **sampling)
+    whole = c.completions.create(model="m", prompt="red green", max_tokens=40, logprobs=2, **sampling)
+    chunks = [ch for ch in c.completions.create(model="m", prompt="red green", max_tokens=40, logprobs=2, stream=True,
+                                                **sampling) if ch.choices and ch.choices[0].logprobs]
+    assert len(chunks) > 1
+    streamed = [v for ch in chunks for v in ch.choices[0].logprobs.token_logprobs]
+    offsets = [v for ch in chunks for v in ch.choices[0].logprobs.text_offset]
+    for got in (whole.choices[0].logprobs.token_logprobs, streamed):
+        assert got == pytest.approx([t.logprob for t in want.logprobs[0]], abs=1e-5)
+    assert offsets == whole.choices[0].logprobs.text_offset
+    after = httpx.get(server + "/metrics").text
+    assert _metric(after, "realm_direct_requests_total") == _metric(before, "realm_direct_requests_total")
+    assert _metric(after, "realm_engine_requests_total") == _metric(before, "realm_engine_requests_total") + 2
+    msgs = [{"role": "user", "content": "yes or no?"}]
+    want = ref(setup, msgs, 4, chat=True, temperature=0.0, logprobs=8)
+    got = c.chat.completions.create(model="m", messages=msgs, max_tokens=4, temperature=0, logprobs=True,
+                                    top_logprobs=8)
+    content = got.choices[0].logprobs.content
+    assert [len(e.top_logprobs) for e in content] == [8] * 4
+    assert [x.logprob for e in content for x in e.top_logprobs] == pytest.approx(
+        [v for t in want.logprobs[0] for _, v in t.top], abs=1e-5)
+    assert _metric(httpx.get(server + "/metrics").text, "realm_direct_requests_total") == \
+        _metric(after, "realm_direct_requests_total") + 1
+
+
 def test_json_schema_output_validates(setup, server):
     jsonschema = pytest.importorskip("jsonschema")
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,

@@ -34,6 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests waiting for a slot before new ones get 429")
     p.add_argument("--no-constrained", action="store_true",
                    help="no response_format (JSON schema) decoding (default: on when llguidance is installed)")
+    p.add_argument("--max-logprobs", type=int, default=5, metavar="N",
+                   help="log-prob alternatives the engine computes per token (requests may ask up to N through "
+                        "the engine; more, echo and best_of go through generate); -1 = none, for the last bit "
+                        "of decode speed")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="seconds running requests get to finish after SIGTERM")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -79,8 +83,11 @@ def run(args) -> int:
     with loading(source):
         model = load(source, dtype=args.dtype)
     name = args.name or Path(str(source).rstrip("/")).name
+    if args.max_logprobs < -1:
+        raise RealmError(f"--max-logprobs: expected -1 (none) or an integer in [0, 20], got {args.max_logprobs}")
+    max_logprobs = None if args.max_logprobs == -1 or args.draft is not None else args.max_logprobs
     opts = dict(max_slots=args.max_slots, max_seq_len=args.max_seq_len, constrained=constrained,
-                adapter_slots=args.adapter_slots, adapter_rank=args.adapter_rank)
+                adapter_slots=args.adapter_slots, adapter_rank=args.adapter_rank, max_logprobs=max_logprobs)
     if args.draft is not None:
         opts["draft"] = args.draft if args.draft in ("lookup",) or args.draft.startswith("self:") else load(
             args.draft, dtype=args.dtype)

@@ -50,7 +50,8 @@ W = tokens per slot a decode call hands back:
 """
 
 from .core import Engine, EngineClosedError
-from .delivery import CANCELLED, EngineStats, RequestHandle, RequestResult
+from .delivery import CANCELLED, Chunk, EngineStats, RequestHandle, RequestResult
 from .scheduler import default_buckets
 
-__all__ = ["CANCELLED", "Engine", "EngineClosedError", "EngineStats", "RequestHandle", "RequestResult", "default_buckets"]
+__all__ = ["CANCELLED", "Chunk", "Engine", "EngineClosedError", "EngineStats", "RequestHandle", "RequestResult",
+           "default_buckets"]

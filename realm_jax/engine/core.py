@@ -72,6 +72,10 @@ class Engine:
     constrained: serve requests with a ``constraint`` (JSON schema, regex, choice, grammar;
     ``realm_jax.constraints``). The programs then ask the host for the grammar masks once per
     step whenever a live slot has a constraint (needs the ``constrained`` extra; no draft yet).
+    max_logprobs (N): serve ``logprobs=n`` (n <= N) on requests: every step then computes each
+    slot's log-softmax and its N best alternatives on the device, as ``generate`` does (the same
+    values: model and sampled log-probs, ``TokenLogprob``), and each token brings 2 + 2N values
+    back (None, the default: no log-probs, no cost; no draft yet).
     """
 
     def __init__(self, model, *, max_slots: int = 8, max_seq_len: int | None = None,
@@ -79,7 +83,8 @@ class Engine:
                  decode_steps_per_call: int = 16, max_stop_ids: int = 8, max_logit_bias: int = 8,
                  adapters: Mapping[str, Any] | None = None, fold_adapters: bool = False, draft=None,
                  k: int = 4, constrained: bool = False, adapter_slots: int | None = None,
-                 adapter_rank: int | None = None, adapter_targets: Sequence[str] | None = None):
+                 adapter_rank: int | None = None, adapter_targets: Sequence[str] | None = None,
+                 max_logprobs: int | None = None):
         cfg = model.config
         self.model = model
         self.max_slots = _check_pos_int("max_slots", max_slots)
@@ -108,6 +113,16 @@ class Engine:
 
             _llguidance()
         self.constrained = constrained
+        if max_logprobs is not None:
+            from ..settings import MAX_LOGPROBS
+
+            bad = isinstance(max_logprobs, bool) or not isinstance(max_logprobs, int)
+            if bad or not 0 <= max_logprobs <= MAX_LOGPROBS:
+                raise RealmError(f"max_logprobs: expected None or an integer in [0, {MAX_LOGPROBS}], "
+                                 f"got {max_logprobs!r}")
+            if draft is not None:
+                raise RealmError("max_logprobs: not available with a draft yet (speculative rounds keep no log-probs)")
+        self.max_logprobs = max_logprobs
         self._folded_names: tuple[str, ...] | None = None  # fold_adapters: the fixed names
         self._adapters: AdapterSlots | None = None  # else: the slots (load_adapter / unload_adapter)
         params = model.runtime  # the target's runtime as served (with the adapters, folded or not)
@@ -130,7 +145,7 @@ class Engine:
         self._device = es.Device(params, cfg, slots=self.max_slots, max_len=self.max_seq_len,
                                  stop_width=self.stop_width, bias_width=self.bias_width,
                                  steps=self.decode_steps_per_call,
-                                 draft=self.draft, k=self.k, constrained=constrained)
+                                 draft=self.draft, k=self.k, constrained=constrained, top_logprobs=max_logprobs)
         self.window = self._device.window
 
         self._lock = threading.Lock()
@@ -167,9 +182,18 @@ class Engine:
 
         st = Sampling.of(sampling, **settings)
         served = _SERVED if self.draft is None else _SERVED_WITH_DRAFT
-        other = [f for f in st.non_default() if f not in served + (("constraint",) if self.constrained else ())]
+        served += ("constraint",) if self.constrained else ()
+        served += ("logprobs",) if self.max_logprobs is not None else ()
+        other = [f for f in st.non_default() if f not in served]
         if other == ["constraint"] and self.draft is None:
             raise RealmError("constraint: this engine was built without constrained=True")
+        if other == ["logprobs"] and self.draft is None:
+            raise RealmError("logprobs: this engine was built without max_logprobs (Engine(..., max_logprobs=N))")
+        if st.logprobs is not None and self.max_logprobs is not None:
+            st.check_counts()
+            if st.logprobs > self.max_logprobs:
+                raise RealmError(f"logprobs: expected at most the engine's max_logprobs={self.max_logprobs}, "
+                                 f"got {st.logprobs}")
         if other:
             raise RealmError(f"{', '.join(other)}: not served by the engine"
                              + (" with a draft" if self.draft is not None else "") + " yet (use generate)")
@@ -200,7 +224,7 @@ class Engine:
             rows = compile_rows(self.model, req.constraints, req.stop_ids, default_stop_ids(self.model))
             key = int(register(rows)[0])
         ints, floats = es.request_settings(stops, self.stop_width, self.bias_width, limit, aid, sp, key)
-        h = RequestHandle(self, -1, req.prompt_ids[0], limit, adapter, ints, floats, key, strings)
+        h = RequestHandle(self, -1, req.prompt_ids[0], limit, adapter, ints, floats, key, strings, st.logprobs)
         h.adapter_slot = aid
         return h
 
@@ -211,9 +235,10 @@ class Engine:
         prompt: a string (needs the model's tokenizer; ``chat=True`` applies the chat template),
         chat messages (with ``chat=True``) or token ids. max_new_tokens >= 1; prompt +
         max_new_tokens <= max_seq_len. sampling / settings: a ``Sampling`` and/or its fields
-        (temperature, top_k, top_p, min_p, seed, penalties, logit_bias, min_tokens, and
-        constraint when built ``constrained``; with a draft only the first four, and stop
-        strings, log-probs and n are not served yet), as
+        (temperature, top_k, top_p, min_p, seed, penalties, logit_bias, min_tokens, stop
+        strings, constraint when built ``constrained``, logprobs when built with
+        ``max_logprobs``; with a draft only the first four and stop strings; n, best_of and
+        prompt log-probs are not served yet), as
         ``generate`` takes them. stop_ids: None = the model's eos ids; [] = none. adapter: a name
         given at construction, or None for the base model. Raises ``RealmError`` for bad input
         (nothing is queued; other requests are unaffected), and ``EngineClosedError`` after
@@ -395,8 +420,7 @@ class Engine:
                 self._deliver_decode(sched.inflight.owners, dev.fetch(sched.inflight.out))
             sched.inflight = call
             for slots, hs, out in admitted:
-                first = dev.fetch(out)
-                self._deliver([(s, h, [int(first[i, 0])], int(first[i, 1])) for i, (s, h) in enumerate(zip(slots, hs))])
+                self._deliver(delivery.admit_items(slots, hs, dev.fetch(out), self.max_logprobs))
         except BaseException as e:  # the donated state is gone: fail everything in flight
             self._crash(e)
             raise
@@ -409,15 +433,15 @@ class Engine:
     def _deliver_decode(self, owners: list, out: np.ndarray) -> None:
         """Hand a decode call's results [B, W + 6] to the handles that owned the slots when it was
         dispatched; count the call."""
-        items, passes, drafted, accepted, live = delivery.decode_items(owners, out, self.window)
+        items, passes, drafted, accepted, live = delivery.decode_items(owners, out, self.window, self.max_logprobs)
         self._deliver(items)
         with self._lock:
             self._stats.decoded(passes, drafted, accepted, live / self.max_slots)
         if self.draft is not None and drafted:
             self.draft.record(drafted, accepted)
 
-    def _deliver(self, items: list[tuple[int, RequestHandle, list[int], int]]) -> None:
-        """Hand (slot, handle, new tokens, status) to the handles (``delivery.push``); a finished
+    def _deliver(self, items: list) -> None:
+        """Hand (slot, handle, new tokens, status, log-probs) to the handles (``delivery.push``); a finished
         one resolves and frees its slot (unless the slot was already given to a new request)."""
         delivered = delivery.push(items)
         with self._lock:

@@ -2,10 +2,11 @@
 waiting with a timeout), handing device results to them, and the engine's counters and timings.
 
 B = the engine's slots, W = tokens a decode call can hand back per slot, E = the stop-id table
-width. Arrays here are host numpy: a decode call's results [B, W + 6] (``state.decode``: the new
-tokens, then ``state.DECODE_COLS``), and each handle's fixed admission row, int32 [E + 4]
-(``state.request_settings``) and float32 [2] (temperature, top_p). Tokens reach handles as Python
-ints.
+width, N = the engine's log-prob alternatives. Arrays here are host numpy: a decode call's results
+[B, W + 6 (+ W (2 + 2N))] (``state.decode``: the new tokens, then ``state.DECODE_COLS``, then with
+log-probs ``state.logprob_cols``), an admission's [P, 2 (+ 2 + 2N)], and each handle's fixed
+admission row (``state.request_settings``). Tokens reach handles as Python ints, log-probs as
+``TokenLogprob``s (for the requests that asked for them).
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import collections
 import dataclasses
 import threading
 import time
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from ..generation import visible_text
+from ..generation import TokenLogprob, _token_logprobs, visible_text
 from ..stop_strings import StopScan
 from . import state as es
 
@@ -37,6 +38,18 @@ class RequestResult:
     finish_reason: str
     prompt_length: int
     cancel_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # with ``logprobs=n``: one per token
+    cumulative_logprob: float | None = None  # their sum (model log-probs)
+
+
+class Chunk(NamedTuple):
+    """What ``chunks()`` and ``Cursor.poll()`` give: the new tokens and text, the finish reason
+    (None until the last chunk), and with ``logprobs=n`` the new tokens' ``TokenLogprob``s."""
+
+    tokens: list[int]
+    text: str | None
+    finish: str | None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class RequestHandle:
@@ -44,7 +57,7 @@ class RequestHandle:
 
     def __init__(self, engine, rid: int, prompt_ids: list[int], max_new_tokens: int,
                  adapter: str | None, settings: np.ndarray, floats: np.ndarray, constraint_key: int = -1,
-                 stops: tuple = ()):
+                 stops: tuple = (), logprobs: int | None = None):
         self._engine = engine
         self.id = rid
         self.prompt_ids = prompt_ids
@@ -54,6 +67,8 @@ class RequestHandle:
         self._floats = floats  # float32 [6 + L]: state.FLOAT_COLS, then logit-bias values
         self._constraint_key = constraint_key  # its grammar matcher (constraints.register), -1 = none
         self._tokens: list[int] = []
+        self.logprobs = logprobs  # alternatives asked for (None: no log-probs)
+        self._lps: list[TokenLogprob] = []  # one per token in _tokens (with logprobs)
         self.stop = tuple(stops)  # its stop strings (checked here, on the host, as tokens arrive)
         tok = getattr(engine.model, "tokenizer", None)
         self._scan = StopScan(tok.decode, self.stop) if self.stop else None
@@ -98,9 +113,9 @@ class RequestHandle:
         return None if self.finished_at is None else self.finished_at - self.submitted_at
 
     # ---------------------------------------------------------------- engine side
-    def _push(self, tokens: list[int], finish: str | None = None) -> bool:
-        """Append tokens (Python ints) and finish; False if the handle had already finished
-        (e.g. cancelled)."""
+    def _push(self, tokens: list[int], finish: str | None = None, logprobs: list | None = None) -> bool:
+        """Append tokens (Python ints), their ``TokenLogprob``s (with ``logprobs``) and finish;
+        False if the handle had already finished (e.g. cancelled)."""
         with self._cond:
             if self.done:
                 return False
@@ -108,11 +123,14 @@ class RequestHandle:
             if tokens and self.first_token_at is None:
                 self.first_token_at = now
             self._tokens.extend(tokens)
+            if logprobs is not None:
+                self._lps.extend(logprobs)
             if self._scan is not None and finish != CANCELLED:
                 hit = self._scan.scan(self._tokens)
                 if hit is not None:  # ends with the token that completed the match
                     k, self._cut = hit
                     del self._tokens[k:]
+                    del self._lps[k:]
                     self.ended_on_host = finish is None
                     finish = "stop"
             if finish is not None:
@@ -168,9 +186,11 @@ class RequestHandle:
         self._wait(lambda: self.done, timeout)
         self._raise_error()
         with self._cond:
-            tokens = list(self._tokens)
+            tokens, lps = list(self._tokens), list(self._lps)
+        with_lp = self.logprobs is not None
         return RequestResult(tokens, self._text(tokens, True, self._finish, self._cut), self._finish, self.prompt_length,
-                             self.cancel_reason if self._finish == CANCELLED else None)
+                             self.cancel_reason if self._finish == CANCELLED else None, lps if with_lp else None,
+                             float(sum(t.logprob for t in lps)) if with_lp else None)
 
     @property
     def stop_ids(self) -> list[int]:
@@ -184,18 +204,24 @@ class RequestHandle:
         return visible_text(tok, tokens, stopped=finish == "stop", stop_ids=self.stop_ids, cut=cut,
                             finished=finished, stops=self.stop)
 
-    def chunks(self, timeout: float | None = None) -> Iterator[tuple[list[int], str | None, str | None]]:
-        """Yield ``(new tokens, new text, finish reason)`` as tokens reach the host, until the
-        request ends (the reason is None before the last chunk). The texts concatenate to
-        ``result().text`` and never show what a later stop-string match removes (None without a
-        tokenizer)."""
+    def chunks(self, timeout: float | None = None) -> Iterator[Chunk]:
+        """Yield ``Chunk(new tokens, new text, finish reason, new log-probs)`` as tokens reach the
+        host, until the request ends (the reason is None before the last chunk). The texts
+        concatenate to ``result().text`` and never show what a later stop-string match removes
+        (None without a tokenizer)."""
         cur = self.cursor()
         while True:
             self._wait(lambda: len(self._tokens) > cur.seen or self.done, timeout)
             chunk = cur.poll()
             yield chunk
-            if chunk[2] is not None:
+            if chunk.finish is not None:
                 return
+
+    def stream(self, timeout: float | None = None) -> Iterator[int]:
+        """Yield the request's tokens as they reach the host, until it ends (``chunks`` for the
+        text and log-probs too)."""
+        for chunk in self.chunks(timeout):
+            yield from chunk.tokens
 
     def cursor(self) -> "Cursor":
         """A non-blocking reader of ``chunks`` (for callers with their own waiting, e.g. an event
@@ -226,24 +252,25 @@ class RequestHandle:
 
 
 class Cursor:
-    """Where a reader of a handle's output is: ``poll()`` -> ``(new tokens, new text, finish
-    reason)`` since the last poll, without waiting (empty lists and "" while nothing is new; the
-    reason is set on the last chunk). Re-raises the request's device error."""
+    """Where a reader of a handle's output is: ``poll()`` -> the ``Chunk`` since the last poll,
+    without waiting (empty lists and "" while nothing is new; the reason is set on the last
+    chunk). Re-raises the request's device error."""
 
     def __init__(self, handle: RequestHandle):
         self.handle, self.seen, self.shown = handle, 0, ""
 
-    def poll(self) -> tuple[list[int], str | None, str | None]:
+    def poll(self) -> Chunk:
         h = self.handle
         with h._cond:
             tokens, finished, finish, cut = list(h._tokens), h.done, h._finish, h._cut
+            lps = h._lps[self.seen:len(tokens)] if h.logprobs is not None else None
         if finished:
             h._raise_error()
         text = h._text(tokens, finished, finish, cut)
         delta = None if text is None else text[len(self.shown):]
         self.shown = text
         new, self.seen = tokens[self.seen:], len(tokens)
-        return new, delta, finish if finished else None
+        return Chunk(new, delta, finish if finished else None, lps)
 
 
 # ------------------------------------------------------------------------------ waiting
@@ -267,23 +294,51 @@ def finish_reason(status: int) -> str | None:
 
 
 def push(items: list) -> list[tuple[int, RequestHandle, int, bool]]:
-    """Hand (slot, handle, new tokens, status) to the handles; (slot, handle, tokens taken,
-    finished) for each that took them. A handle that finished meanwhile (cancelled) takes nothing."""
+    """Hand (slot, handle, new tokens, status, their log-probs or None) to the handles; (slot,
+    handle, tokens taken, finished) for each that took them. A handle that finished meanwhile
+    (cancelled) takes nothing."""
     delivered = []
-    for s, h, tokens, status in items:
-        if h._push(tokens, finish_reason(status)):  # a stop string may end it before the device does
+    for s, h, tokens, status, lps in items:
+        if h._push(tokens, finish_reason(status), lps):  # a stop string may end it before the device does
             delivered.append((s, h, len(tokens), h.done))
     return delivered
 
 
-def decode_items(owners: list, out: np.ndarray, window: int):
-    """A decode call's results [B, W + 6] as ``push`` items for the handles that owned the slots
-    when it was dispatched (rows with new tokens or a new end), and the call's totals: target
-    passes, drafted, accepted, and live slots at its start."""
+def _logprobs_of(h: RequestHandle, trace, row: int, tokens: list[int]) -> list[TokenLogprob] | None:
+    """The ``TokenLogprob``s of ``tokens`` (row ``row`` of a host trace [R, W(, N)]) with the
+    handle's number of alternatives; None for a handle that asked for none."""
+    if h.logprobs is None or trace is None:
+        return None
+    n = h.logprobs
+    return _token_logprobs((trace.logprob, trace.sampled, trace.top_ids[..., :n], trace.top[..., :n]), row, tokens,
+                           len(tokens))
+
+
+def admit_items(slots: list[int], handles: list, out: np.ndarray, top_logprobs: int | None) -> list:
+    """An admission's answer [P, 2 (+ 2 + 2N)] as ``push`` items (each row's first token)."""
+    trace = None if top_logprobs is None else es.unpack_logprobs(out[:, len(es.ADMIT_COLS):], top_logprobs)
+    items = []
+    for i, (s, h) in enumerate(zip(slots, handles)):
+        first = [int(out[i, 0])]
+        items.append((s, h, first, int(out[i, 1]), _logprobs_of(h, trace, i, first)))
+    return items
+
+
+def decode_items(owners: list, out: np.ndarray, window: int, top_logprobs: int | None = None):
+    """A decode call's results [B, W + 6 (+ W (2 + 2N))] as ``push`` items for the handles that
+    owned the slots when it was dispatched (rows with new tokens or a new end), and the call's
+    totals: target passes, drafted, accepted, and live slots at its start."""
+    ncols = window + len(es.DECODE_COLS)
     count, status, live, passes, drafted, accepted = (out[:, window + j] for j in range(len(es.DECODE_COLS)))
+    trace = None if top_logprobs is None else es.unpack_logprobs(out[:, ncols:], top_logprobs)
     rows = np.flatnonzero((count > 0) | (status != es.RUNNING))
-    items = [(s, owners[s], out[s, :count[s]].tolist(), int(status[s]))
-             for s in rows.tolist() if owners[s] is not None and not owners[s].done]
+    items = []
+    for s in rows.tolist():
+        h = owners[s]
+        if h is None or h.done:
+            continue
+        tokens = out[s, :count[s]].tolist()
+        items.append((s, h, tokens, int(status[s]), _logprobs_of(h, trace, s, tokens)))
     return items, int(passes.sum()), int(drafted.sum()), int(accepted.sum()), int(live.sum())
 
 

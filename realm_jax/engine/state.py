@@ -2,7 +2,8 @@
 holds that state with the served params and makes the engine's device calls.
 
 B = the engine's slots, S = its cache length, P = rows per prefill call, T = a prompt bucket,
-E = the stop-id table width, L = the logit-bias table width, W = tokens a decode call can hand back per slot.
+E = the stop-id table width, L = the logit-bias table width, W = tokens a decode call can hand back per slot,
+N = log-prob alternatives per token (``top_logprobs``; None = the engine computes no log-probs).
 
 ``admit``  prefill P right-padded prompts [P, T] (generation's ``prefill``: a fresh [P, T] cache,
            logits at each row's last prompt token), sample each row's first token (``emit``),
@@ -20,7 +21,9 @@ engine never recompiles whatever requests come.
 Host <-> device traffic is one array each way per call: an admission is an int32 table
 [P, T + E + L + 8] and a float32 table [P, 6 + L] (``admission``); ``admit`` answers [P, 2] and
 ``decode`` [B, W + 6] (``ADMIT_COLS``, ``DECODE_COLS``). An empty slot holds the settings of a
-padding row of that table.
+padding row of that table. With log-probs (N not None) each token also brings 2 + 2N values,
+packed after those columns as int32 bits (``logprob_cols``, read back by ``unpack_logprobs``):
+``admit`` answers [P, 2 + (2 + 2N)] and ``decode`` [B, W + 6 + W (2 + 2N)].
 
 Sampling is per row and batch-invariant: a slot's t-th token uses ``fold_in(key(seed), t)``
 exactly as ``generate`` does (speculative rounds use speculative's per-row keys), so a request's
@@ -42,7 +45,8 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import RealmError
-from ..generation import Controls, DecodeState, decode_step, emit, init_state, new_cache, new_history, prefill
+from ..generation import (Controls, DecodeState, LogprobTrace, decode_step, emit, init_state, new_cache, new_history,
+                          prefill)
 from ..kv_cache import KVCache, insert_rows
 from ..sampling import History, SamplingParams
 
@@ -155,16 +159,41 @@ def _status(done: jax.Array, stopped: jax.Array) -> jax.Array:
     return jnp.where(stopped, STOPPED, jnp.where(done, ENDED, RUNNING)).astype(jnp.int32)
 
 
+def logprob_cols(trace: LogprobTrace) -> jax.Array:
+    """A trace's tokens [B, W] as int32 columns [B, W (2 + 2N)]: per token its logprob, sampled,
+    top ids [N] and top [N] (floats as their bits)."""
+    bits = lambda x: jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)  # noqa: E731
+    per = jnp.concatenate([bits(trace.logprob)[..., None], bits(trace.sampled)[..., None], trace.top_ids,
+                           bits(trace.top)], axis=-1)  # [B, W, 2 + 2N]
+    return per.reshape(per.shape[0], -1)
+
+
+def unpack_logprobs(cols: np.ndarray, n: int) -> LogprobTrace:
+    """``logprob_cols``' host columns [R, W (2 + 2N)] back to a trace of numpy arrays [R, W(, N)]."""
+    per = cols.reshape(cols.shape[0], -1, 2 + 2 * n)
+    floats = per.view(np.float32)
+    return LogprobTrace(floats[..., 0], floats[..., 1], per[..., 2:2 + n], floats[..., 2 + n:])
+
+
+def _window(x: jax.Array, start: jax.Array, width: int) -> jax.Array:
+    """x [B, M, ...] -> x[b, start[b] : start[b] + width] [B, width, ...] (clipped at M - 1)."""
+    m = x.shape[1]
+    idx = jnp.clip(start[:, None] + jnp.arange(width, dtype=jnp.int32)[None, :], 0, m - 1)
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
 # ------------------------------------------------------------------------------ device programs
 def empty_state(params, cfg: ModelConfig, slots: int, max_len: int, stop_width: int, bias_width: int, *,
-                spec=None, dparams=None, constrained: bool = False) -> EngineState:
+                spec=None, dparams=None, constrained: bool = False, top_logprobs: int | None = None) -> EngineState:
     """Every slot empty (done, limit 0); the cache [B, S] in the params dtype and layout.
-    ``constrained``: the programs ask the host for grammar masks (``constraints``)."""
+    ``constrained``: the programs ask the host for grammar masks (``constraints``);
+    ``top_logprobs``: N, to keep a ``LogprobTrace`` [B, S] of every slot's tokens."""
     b = slots
     zi = jnp.zeros((b,), jnp.int32)
     history = History(jnp.zeros((b, cfg.vocab_size), jnp.int32), jnp.zeros((b, cfg.vocab_size), bool))
     dec = DecodeState(new_cache(cfg, params, b, max_len), zi, zi, jnp.ones((b,), bool), jnp.zeros((b,), bool),
-                      jnp.zeros((b, max_len), jnp.int32), history)
+                      jnp.zeros((b, max_len), jnp.int32), history,
+                      None if top_logprobs is None else LogprobTrace.empty(b, max_len, top_logprobs))
     ints, floats = admission(b, 0, stop_width, bias_width, b)  # B padding rows: greedy, limit 0, no stop ids
     _, ctl, _, _, _ = _columns(jnp.asarray(ints), jnp.asarray(floats), stop_width, constrained)
     state = EngineState(dec, ctl, jnp.full((b,), -1, jnp.int32), zi, zi)
@@ -200,12 +229,17 @@ def admit(params, cfg: ModelConfig, state: EngineState, ints: jax.Array, floats:
     aid = adapter_ids if params.num_adapters else None
     logits, cache = prefill(params, cfg, tokens, lengths, new_cache(cfg, params, p, t), adapter_ids=aid,
                             empty_cache=True)
-    rows = emit(init_state(cache, ctl.limits, 1, history=new_history(tokens, lengths, cfg.vocab_size)), logits, ctl)
     d = state.dec
+    top = None if d.logprobs is None else d.logprobs.top.shape[-1]
+    rows = emit(init_state(cache, ctl.limits, 1, history=new_history(tokens, lengths, cfg.vocab_size),
+                           top_logprobs=top), logits, ctl)
+    trace = None
+    if top is not None:  # the first token's log-probs at index 0 of the slots' traces
+        trace = LogprobTrace(*(old.at[slots, 0].set(x[:, 0], mode="drop") for old, x in zip(d.logprobs, rows.logprobs)))
     dec = DecodeState(insert_rows(d.cache, rows.cache, slots), _put(d.last, rows.last, slots),
                       _put(d.num_new, rows.num_new, slots), _put(d.done, rows.done, slots),
                       _put(d.stopped, rows.stopped, slots), d.out.at[slots, 0].set(rows.last, mode="drop"),
-                      jax.tree.map(lambda a, b: _put(a, b, slots), d.history, rows.history))
+                      jax.tree.map(lambda a, b: _put(a, b, slots), d.history, rows.history), trace)
     new = EngineState(
         dec, jax.tree_util.tree_map(lambda a, b: _put(a, b, slots), state.ctl, ctl),
         _put(state.adapter_ids, adapter_ids, slots), _put(state.prompt_len, lengths, slots),
@@ -217,7 +251,10 @@ def admit(params, cfg: ModelConfig, state: EngineState, ints: jax.Array, floats:
         zero = jnp.zeros((p,), jnp.int32)
         new = new._replace(seq=seq, draft=draft, passes=_put(state.passes, zero, slots),
                            drafted=_put(state.drafted, zero, slots), accepted=_put(state.accepted, zero, slots))
-    return new, jnp.stack([rows.last, _status(rows.done, rows.stopped)], axis=1)
+    answer = jnp.stack([rows.last, _status(rows.done, rows.stopped)], axis=1)
+    if top is not None:
+        answer = jnp.concatenate([answer, logprob_cols(rows.logprobs)], axis=1)
+    return new, answer
 
 
 def decode(params, cfg: ModelConfig, state: EngineState, kill: jax.Array, *, steps: int, window: int,
@@ -259,18 +296,18 @@ def decode(params, cfg: ModelConfig, state: EngineState, kill: jax.Array, *, ste
         new = state._replace(dec=dec, seq=ss.seq, draft=ss.draft, passes=ss.passes, drafted=ss.drafted,
                              accepted=ss.accepted)
         counts = (ss.passes - state.passes, ss.drafted - state.drafted, ss.accepted - state.accepted)
-    m = dec.out.shape[1]
-    idx = jnp.clip(state.reported[:, None] + jnp.arange(window, dtype=jnp.int32)[None, :], 0, m - 1)
-    tokens = jnp.take_along_axis(dec.out, idx, axis=1)
+    tokens = _window(dec.out, state.reported, window)
     count = dec.num_new - state.reported
     new = new._replace(reported=dec.num_new)
     live = (~state.dec.done & ~kill).astype(jnp.int32)
-    cols = jnp.stack([count, _status(dec.done, dec.stopped), live, *counts], axis=1).astype(jnp.int32)
-    return new, jnp.concatenate([tokens, cols], axis=1)
+    cols = [tokens, jnp.stack([count, _status(dec.done, dec.stopped), live, *counts], axis=1).astype(jnp.int32)]
+    if dec.logprobs is not None:
+        cols.append(logprob_cols(LogprobTrace(*(_window(x, state.reported, window) for x in dec.logprobs))))
+    return new, jnp.concatenate(cols, axis=1)
 
 
 empty_state_jit = jax.jit(empty_state, static_argnames=("cfg", "slots", "max_len", "stop_width", "bias_width", "spec",
-                                                     "constrained"))
+                                                     "constrained", "top_logprobs"))
 admit_jit = jax.jit(admit, static_argnames=("cfg", "spec"), donate_argnames=("state",))
 decode_jit = jax.jit(decode, static_argnames=("cfg", "steps", "window", "spec", "k"), donate_argnames=("state",))
 
@@ -315,7 +352,8 @@ class Device:
     thread driving the engine calls these."""
 
     def __init__(self, params, cfg: ModelConfig, *, slots: int, max_len: int, stop_width: int, steps: int,
-                 bias_width: int = 4, draft=None, k: int = 0, constrained: bool = False):
+                 bias_width: int = 4, draft=None, k: int = 0, constrained: bool = False,
+                 top_logprobs: int | None = None):
         self.params = params  # the target's params as served (folded with fold_adapters)
         self.cfg = cfg
         self.slots = slots
@@ -326,9 +364,10 @@ class Device:
         self.steps = steps
         self.k = k
         self.window = steps * (k + 1)  # W
+        self.top_logprobs = top_logprobs  # N (None: no log-probs)
         self.state = empty_state_jit(params, cfg, slots=slots, max_len=max_len, stop_width=stop_width,
                                      bias_width=bias_width, spec=self.spec, dparams=self.dparams,
-                                     constrained=constrained)
+                                     constrained=constrained, top_logprobs=top_logprobs)
         self.no_kill = jax.device_put(np.zeros((slots,), bool))  # passed when nothing was cancelled
         self.dispatch_s = 0.0
         self.wait_s = 0.0

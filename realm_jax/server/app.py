@@ -2,9 +2,10 @@
 
 Every prompt of a request, and every one of its ``n`` choices, is one engine request (choice i
 with seed + i), so all tenants share one engine batch and each choice equals ``generate`` on it
-alone. Requests that ask for log-probs, ``echo`` or ``best_of`` are answered by ``generate``
-itself on a worker thread (one such call at a time; the engine does not compute log-probs yet);
-a stream of one then comes in a single piece.
+alone. Log-probs come from the engine too (up to its ``max_logprobs`` alternatives), streamed
+with their tokens. What the engine does not serve (prompt log-probs for ``echo`` with
+``logprobs``, ``best_of``, or more alternatives than ``max_logprobs``) is answered by ``generate``
+itself on a worker thread (one such call at a time); a stream of one then comes in a single piece.
 
 Order of checks, all before any device work: the bearer key (401), the model name (404, or 403
 for a model the tenant may not use), draining (503), the body (400), the queue bound and the
@@ -91,6 +92,7 @@ class Server:
         done = _Once(lambda used: (self.tenants.settle(tenant, entry, used), self.metrics.in_progress.dec()))
         try:
             if job.direct:
+                self.metrics.direct.inc()
                 result = await asyncio.get_running_loop().run_in_executor(self._direct, job.run_direct, self)
                 choices = job.direct_choices(self, result)
                 if body.stream:
@@ -148,10 +150,10 @@ class Server:
                     self.metrics.cancelled.inc()
                     raise ApiError(499, "client disconnected")
                 try:
-                    i, tokens, text, finish = step.result()
+                    i, tokens, text, finish, lps = step.result()
                 except StopAsyncIteration:
                     break
-                parts[i].append((tokens, text))
+                parts[i].append((tokens, text, lps or []))
                 if finish is not None:
                     out[i] = finish
         finally:
@@ -160,10 +162,13 @@ class Server:
                 h.cancel()
             await following.aclose()
         return [job.choice(i, sum((p[0] for p in parts[i]), []), "".join(p[1] or "" for p in parts[i]), out[i],
-                           handles[i].first_token_at) for i in range(len(handles))]
+                           handles[i].first_token_at,
+                           logprob_entries=sum((p[2] for p in parts[i]), []) if job.logprobs is not None else None)
+                for i in range(len(handles))]
 
     async def _follow_raw(self, handles):
-        """Yield (index, new tokens, new text, finish) from the handles as the engine delivers."""
+        """Yield (index, new tokens, new text, finish, their log-probs) from the handles as the
+        engine delivers."""
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
 
@@ -181,9 +186,9 @@ class Server:
             await wake.wait()
             wake.clear()
             for i in sorted(left):
-                tokens, text, finish = cursors[i].poll()
+                tokens, text, finish, lps = cursors[i].poll()
                 if tokens or text or finish is not None:
-                    yield i, tokens, text, finish
+                    yield i, tokens, text, finish, lps
                 if finish is not None:
                     left.discard(i)
 
@@ -191,8 +196,8 @@ class Server:
         """The stream events of engine handles (cancelled when the stream ends early)."""
         following = self._follow_raw(handles)
         try:
-            async for i, tokens, text, finish in following:
-                yield i, tokens, text, finish, handles[i].first_token_at, None
+            async for i, tokens, text, finish, lps in following:
+                yield i, tokens, text, finish, handles[i].first_token_at, job.stream_logprobs(i, lps)
         finally:
             for h in handles:
                 h.cancel()
@@ -269,7 +274,9 @@ class Job:
             longest = max(map(len, self.ids))
             raise RealmError(f"the prompt ({longest} tokens) plus max_tokens={self.max_tokens} is over the server's "
                              f"context of {server.engine.max_seq_len} tokens")
-        self.direct = self.logprobs is not None or self.echo or (self.best_of not in (None, self.n))
+        served = server.engine.max_logprobs
+        self.direct = ((self.logprobs is not None and (served is None or self.logprobs > served))
+                       or (self.echo and self.logprobs is not None) or (self.best_of not in (None, self.n)))
         self.rows = len(self.ids) * self.n
         self.prompt_tokens = sum(map(len, self.ids))
         self.budget = self.prompt_tokens + max(self.max_tokens, 1) * self.rows
@@ -277,7 +284,7 @@ class Job:
         self.include_usage = bool(body.stream and opts.get("include_usage"))
         self.id = pr.new_id("chatcmpl" if self.chat else "cmpl")
         self.created = pr.now()
-        self._sent = [""] * self.rows
+        self._offsets = [0] * self.rows  # streamed completions: text_offset of the next log-prob
 
     # ------------------------------------------------------------------ running
     def submit(self, engine) -> list:
@@ -288,6 +295,8 @@ class Job:
             for ids in self.ids:
                 for j in range(self.n):
                     st = dict(self.settings, seed=(seed + j) % 2**32)
+                    if self.logprobs is not None:
+                        st["logprobs"] = self.logprobs
                     handles.append(engine.submit(ids, self.max_tokens, adapter=self.adapter, **st))
         except RealmError as e:
             for h in handles:
@@ -353,6 +362,16 @@ class Job:
             c = {"index": i, "text": head + text, "logprobs": lp, "finish_reason": finish}
         c["_tokens"], c["_first"] = len(tokens), first_at
         return c
+
+    def stream_logprobs(self, i: int, entries) -> dict | None:
+        """A stream chunk's ``logprobs`` (None without); completions' offsets run on across chunks."""
+        if self.logprobs is None or entries is None:
+            return None
+        if self.chat:
+            return pr.chat_logprobs(self.tok, entries)
+        out = pr.completion_logprobs(self.tok, entries, self._offsets[i])
+        self._offsets[i] += sum(len(t) for t in out["tokens"])
+        return out
 
     def stream_head(self, i: int) -> dict | None:
         if not self.chat:

@@ -3,7 +3,8 @@
 Counters: ``realm_requests_total{endpoint, status}`` (every HTTP answer of the generation
 endpoints, errors included), ``realm_prompt_tokens_total`` and ``realm_generation_tokens_total``
 (of completed responses, as their ``usage`` says), ``realm_cancelled_requests_total`` (clients
-that went away). Histograms: ``realm_time_to_first_token_seconds`` and
+that went away), ``realm_direct_requests_total`` (answered by ``generate`` outside the engine
+batch) and, read from the engine, ``realm_engine_requests_total``. Histograms: ``realm_time_to_first_token_seconds`` and
 ``realm_request_latency_seconds`` (server side, per response). Gauges read at scrape time from
 the engine: ``realm_queue_length``, ``realm_running_requests``, ``realm_engine_tokens_per_second``,
 ``realm_slots``, ``realm_tenant_running_requests{tenant}``; and
@@ -13,7 +14,7 @@ the engine: ``realm_queue_length``, ``realm_running_requests``, ``realm_engine_t
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -26,6 +27,9 @@ class Metrics:
         self.prompt_tokens = Counter("realm_prompt_tokens", "prompt tokens of completed responses", registry=r)
         self.generation_tokens = Counter("realm_generation_tokens", "generated tokens of completed responses",
                                          registry=r)
+        self.direct = Counter("realm_direct_requests", "requests answered by generate outside the engine batch "
+                              "(echo with log-probs, best_of, more log-prob alternatives than the engine keeps)",
+                              registry=r)
         self.cancelled = Counter("realm_cancelled_requests", "requests whose client went away", registry=r)
         self.ttft = Histogram("realm_time_to_first_token_seconds", "time to the first token", buckets=BUCKETS,
                               registry=r)
@@ -56,6 +60,7 @@ class _EngineCollector:
                                  ("realm_engine_tokens_per_second", "generated tokens per busy second",
                                   s.tokens_per_s)):
             yield GaugeMetricFamily(name, doc, value=float(value))
+        yield CounterMetricFamily("realm_engine_requests", "requests submitted to the engine", value=s.submitted)
         if self.tenants is not None:
             g = GaugeMetricFamily("realm_tenant_running_requests", "requests a tenant has running", labels=["tenant"])
             for t in self.tenants.tenants.values():
