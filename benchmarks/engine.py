@@ -77,10 +77,10 @@ def run_static(model, prompts, news, slots: int, max_len: int | None) -> dict:
             "ttft_p50_s": None}
 
 
-def run_engine(eng: Engine, prompts, news) -> dict:
+def run_engine(eng: Engine, prompts, news, **settings) -> dict:
     before = eng.stats()
     t0 = time.perf_counter()
-    handles = [eng.submit(p, n, stop_ids=[]) for p, n in zip(prompts, news)]
+    handles = [eng.submit(p, n, stop_ids=[], **settings) for p, n in zip(prompts, news)]
     eng.run_until_idle()
     wall = time.perf_counter() - t0
     tokens = sum(len(h.result().tokens) for h in handles)
@@ -185,6 +185,8 @@ def main(argv=None) -> int:
     ap.add_argument("--trace", action="store_true",
                     help="after the timed passes, one more engine pass under the profiler: device busy time per "
                          "program and the idle gaps between kernels")
+    ap.add_argument("--logprobs", type=int, default=None, metavar="N",
+                    help="also run each engine with max_logprobs=N, every request asking for N alternatives")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -215,14 +217,19 @@ def main(argv=None) -> int:
           flush=True)
 
     rows = []
-    for steps in args.steps_per_call:
+    runs = [(steps, None) for steps in args.steps_per_call]
+    if args.logprobs is not None:
+        runs += [(steps, args.logprobs) for steps in args.steps_per_call]
+    for steps, lp in runs:
         eng = Engine(model, max_slots=slots, max_seq_len=max_seq_len, prefill_buckets=buckets,
-                     prefill_batch=pbatch, decode_steps_per_call=steps)
+                     prefill_batch=pbatch, decode_steps_per_call=steps, max_logprobs=lp)
         t = time.perf_counter()
         eng.warmup()
-        print(f"engine ({steps} steps/call) warm-up (compile): {time.perf_counter() - t:.1f} s", flush=True)
-        rows.append({"method": f"engine ({steps} steps/call)", "steps_per_call": steps,
-                     **median_run(lambda e=eng: run_engine(e, prompts, news), args.repeats)})
+        label = f"engine ({steps} steps/call{'' if lp is None else f', logprobs={lp}'})"
+        print(f"{label} warm-up (compile): {time.perf_counter() - t:.1f} s", flush=True)
+        settings = {} if lp is None else {"logprobs": lp}
+        rows.append({"method": label, "steps_per_call": steps, "logprobs": lp,
+                     **median_run(lambda e=eng, s=settings: run_engine(e, prompts, news, **s), args.repeats)})
         print(f"{rows[-1]['method']}: {rows[-1]['tokens_per_s']:.0f} tok/s", flush=True)
         if args.host_profile:
             host_profile(lambda e=eng: run_engine(e, prompts, news), args.host_profile)

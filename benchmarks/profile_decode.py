@@ -43,19 +43,24 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=33)
     ap.add_argument("--top", type=int, default=30, help="kernels to list")
+    ap.add_argument("--logprobs", type=int, default=None, metavar="N",
+                    help="rows ask for log-probs with N alternatives (default: none)")
     ap.add_argument("--stacked", action="store_true", help="profile the stacked runtime instead of the per-layer one")
     args = ap.parse_args(argv)
     cfg = ModelConfig(**SHAPES["tiny" if args.tiny else args.config])
     rt = prepare(random_params(cfg, jnp.float32 if args.tiny else jnp.bfloat16), cfg,
                  layout="stacked" if args.stacked else "per_layer")  # the runtime the loop runs
     prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (args.batch, args.prompt_len)).tolist()
-    pad = gen.pad_request(gen.validate_request(cfg, prompts, args.new_tokens, stop_ids=[]))
+    from realm_jax.settings import Sampling
+
+    pad = gen.pad_request(gen.validate_request(cfg, prompts, args.new_tokens, stop_ids=[],
+                                               sampling=Sampling(logprobs=args.logprobs)))
     ctl = gen.Controls.of(pad)
 
     def prefilled():
         cache = gen.new_cache(cfg, rt, pad.tokens.shape[0], pad.cache_len)
         return gen.start_jit(rt, cfg, jnp.asarray(pad.tokens), jnp.asarray(pad.lengths), cache, ctl,
-                             out_len=pad.cache_len)
+                             out_len=pad.cache_len, top_logprobs=args.logprobs)
 
     jax.block_until_ready(gen.decode_loop_jit(rt, cfg, prefilled(), ctl))  # compile
     state = jax.block_until_ready(prefilled())

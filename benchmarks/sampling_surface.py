@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--shape", default="llama-1b")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
+                    help="a subset (default: all; the first is the baseline)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from realm_jax import bench
@@ -43,7 +45,8 @@ def main() -> None:
     rows = []
     for b in args.batch:
         base = None
-        for name, settings in VARIANTS.items():
+        for name in args.variants or list(VARIANTS):
+            settings = VARIANTS[name]
             r = bench.bench_jax(cfg, rt, b, 128, 128, 1, args.repeats, settings=settings)
             r.pop("timings", None)
             ms = r["decode_ms_per_step"]

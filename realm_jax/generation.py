@@ -37,7 +37,7 @@ from .constraints import step_masks
 from .errors import RealmError
 from .kv_cache import KVCache, repeat_rows, rows_of
 from .model import forward_cached, forward_cached_hidden, lm_head
-from .sampling import History, SamplingParams, adjust, sample, warp
+from .sampling import History, SamplingParams, adjust, sample, sample_with_dist
 from .settings import Sampling
 from .progress import compile_notice
 
@@ -364,11 +364,16 @@ class LogprobTrace(NamedTuple):
 
 def _logprobs(raw: jax.Array, dist: jax.Array | None, tok: jax.Array, n: int):
     """raw / dist logits [..., V], tok [...] -> (logprob, sampled, top ids [..., n], top [..., n])
-    (dist None: ``sampled`` is ``logprob``)."""
-    lp = jax.nn.log_softmax(raw.astype(jnp.float32), axis=-1)
+    (dist None: ``sampled`` is ``logprob``). log-softmax(x)[i] = x[i] - logsumexp(x), and the
+    top n of log-softmax(x) are the top n of x: only reductions and picks over V, so no [..., V]
+    log-softmax is written."""
+    raw = raw.astype(jnp.float32)
+    lse = jax.nn.logsumexp(raw, axis=-1)
     pick = lambda x: jnp.take_along_axis(x, tok[..., None], axis=-1)[..., 0]  # noqa: E731
-    sampled = pick(lp) if dist is None else pick(jax.nn.log_softmax(dist, axis=-1))
-    return (pick(lp), sampled) + _top_n(lp, n)
+    lp = pick(raw) - lse
+    sampled = lp if dist is None else pick(dist) - jax.nn.logsumexp(dist, axis=-1)
+    ids, top = _top_n(raw, n)
+    return lp, sampled, ids, top - lse[..., None]
 
 
 SMALL_TOP = 8  # top-n of at most this many, over at most this many rows: n argmax passes, not a sort
@@ -452,12 +457,10 @@ def emit(state: DecodeState, logits: jax.Array, ctl: Controls) -> DecodeState:
     if sp.bias is not None or sp.penalties is not None or sp.min_tokens is not None:
         adjusted = adjust(logits, sp, num_new=state.num_new, stop_ids=ctl.stop_ids, history=state.history)
     trace = state.logprobs
-    greedy = sp.temperature <= 0
-    warped = None
-    if trace is not None:  # the distribution drawn from serves the log-probs too (one warp, one sort)
-        adj = adjusted.astype(jnp.float32)
-        warped = jax.lax.cond(jnp.all(greedy), lambda x: x, lambda x: warp(x, sp), adj)
-    tok = sample(adjusted, sp, state.num_new, warped=warped)
+    if trace is None:
+        tok = sample(adjusted, sp, state.num_new)
+    else:  # the distribution drawn from serves the log-probs too (one warp, one sort, one cond)
+        tok, dist = sample_with_dist(adjusted, sp, state.num_new)
     tok = jnp.where(live, tok, state.last)
     b, m = state.out.shape
     rows = jnp.arange(b)
@@ -467,7 +470,7 @@ def emit(state: DecodeState, logits: jax.Array, ctl: Controls) -> DecodeState:
     if history is not None:
         history = history._replace(counts=history.counts.at[rows, tok].add(live.astype(jnp.int32)))
     if trace is not None:
-        new = _logprobs(raw, jnp.where(greedy[:, None], adj, warped), tok, trace.top.shape[-1])
+        new = _logprobs(raw, dist, tok, trace.top.shape[-1])
         trace = LogprobTrace(*(old.at[rows, idx].set(x, mode="drop") for old, x in zip(trace, new)))
     num_new = state.num_new + live.astype(jnp.int32)
     hit = live & jnp.any(tok[:, None] == ctl.stop_ids, axis=1)

@@ -301,16 +301,30 @@ def processed_logits(logits: jax.Array, sp: SamplingParams) -> jax.Array:
     return jnp.where((sp.temperature <= 0)[:, None], onehot, warp(logits, sp))
 
 
-def sample(logits: jax.Array, sp: SamplingParams, step: jax.Array, *, warped=None) -> jax.Array:
+def sample(logits: jax.Array, sp: SamplingParams, step: jax.Array) -> jax.Array:
     """Adjusted logits [B, V], step [B] int32 -> tokens [B] int32 (greedy rows: argmax, no
-    randomness). When every row is greedy the filtering and the random draw are skipped.
-    ``warped``: ``warp(logits, sp)`` when the caller has it already (not computed again)."""
+    randomness). When every row is greedy the filtering and the random draw are skipped."""
     greedy_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw(_):
-        proc = processed_logits(logits, sp) if warped is None else warped
-        keys = row_keys(sp.seed, step)
-        drawn = jax.vmap(jax.random.categorical)(keys, proc).astype(jnp.int32)
-        return jnp.where(sp.temperature <= 0, greedy_tok, drawn)
+        drawn = jax.vmap(jax.random.categorical)(row_keys(sp.seed, step), processed_logits(logits, sp))
+        return jnp.where(sp.temperature <= 0, greedy_tok, drawn.astype(jnp.int32))
 
     return jax.lax.cond(jnp.all(sp.temperature <= 0), lambda _: greedy_tok, draw, None)
+
+
+def sample_with_dist(logits: jax.Array, sp: SamplingParams, step: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``sample``, and the float32 logits [B, V] of the distribution each row was drawn from
+    (greedy rows: the adjusted logits; sampled rows: ``warp``ed), for the log-probs. One
+    ``lax.cond`` on "every row greedy" decides both (on an H200 each cond in the decode loop
+    costs about a tenth of a 1B step at batch 1: benchmarks.md, sampling surface)."""
+    adj = logits.astype(jnp.float32)
+    greedy = sp.temperature <= 0
+    greedy_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(_):
+        warped = warp(adj, sp)
+        drawn = jax.vmap(jax.random.categorical)(row_keys(sp.seed, step), warped).astype(jnp.int32)
+        return jnp.where(greedy, greedy_tok, drawn), jnp.where(greedy[:, None], adj, warped)
+
+    return jax.lax.cond(jnp.all(greedy), lambda _: (greedy_tok, adj), draw, None)
