@@ -37,16 +37,18 @@ def test_temperature_to_zero_is_greedy():
 
 
 def _topp_reference(logits, temperature, top_k, top_p):
-    """numpy float64: the set kept by temperature -> top-k -> top-p (smallest set with mass >= p)."""
-    x = logits.astype(np.float64) / temperature
-    order = np.argsort(-x, kind="stable")
+    """numpy, by the definition: the set kept by temperature -> top-k (every token at or above the
+    k-th largest logit, ties kept, as HF's top-k warper) -> top-p over the survivors (token i
+    stays iff the survivors strictly better than i hold mass < p, float64). Returns the set and
+    each survivor's "mass strictly better" (to check that no case is a rounding coin toss)."""
+    x = np.asarray(logits, np.float32) / np.float32(temperature)
     k = len(x) if top_k == 0 else min(top_k, len(x))
-    kept = order[:k]
-    p = np.exp(x[kept] - x[kept].max())
+    surv = x >= np.sort(x)[::-1][k - 1]
+    p = np.where(surv, np.exp(x.astype(np.float64) - x.max()), 0.0)
     p /= p.sum()
-    cum = np.cumsum(p)
-    n = int(np.searchsorted(cum, top_p) + 1)  # first prefix whose mass reaches p
-    return set(kept[:min(n, k)].tolist()), cum
+    better = np.array([p[x > xi].sum() for xi in x])
+    keep = surv & np.isfinite(x) & ((better < top_p) | (top_p >= 1.0))
+    return set(np.flatnonzero(keep).tolist()), better[surv]
 
 
 @pytest.mark.parametrize("top_k,top_p,temperature", [(5, 1.0, 1.5), (0, 0.3, 1.0), (0, 0.9, 0.7),
@@ -58,13 +60,41 @@ def test_support_matches_numpy_reference(top_k, top_p, temperature):
     sp = SamplingParams.make(b, temperature=temperature, top_k=top_k, top_p=top_p)
     proc = np.asarray(processed_jit(jnp.asarray(logits), sp))
     for r in range(b):
-        ref, cum = _topp_reference(logits[r], temperature, top_k, top_p)
-        assert np.abs(cum - top_p).min() > 1e-5 or top_p == 1.0  # not a float-rounding coin toss
+        ref, better = _topp_reference(logits[r], temperature, top_k, top_p)
+        assert np.abs(better - top_p).min() > 1e-5 or top_p == 1.0  # not a float-rounding coin toss
         got = set(np.flatnonzero(np.isfinite(proc[r])).tolist())
         assert got == ref, (r, sorted(got), sorted(ref))
         # the kept logits are the temperature-scaled ones
         idx = sorted(ref)
         np.testing.assert_allclose(proc[r, idx], logits[r, idx] / np.float32(temperature), rtol=1e-6)
+
+
+def test_support_with_ties_inf_and_mixed_rows_matches_numpy_reference():
+    """A real vocabulary's shape: bf16-rounded logits (many exact ties, at the k-th value too),
+    entries at -inf (logit bias, min_tokens), and every row with its own temperature, top-k and
+    top-p, against the definition."""
+    rng = np.random.default_rng(11)
+    b, v = 24, 3000
+    logits = np.array(jnp.asarray(rng.normal(size=(b, v)) * 3, jnp.bfloat16).astype(jnp.float32))
+    logits[:, rng.choice(v, 40, replace=False)] = -np.inf
+    logits[3, :] = 0.25  # one row of nothing but ties (and its -inf entries)
+    logits[3, :7] = -np.inf
+    temperature = rng.uniform(0.3, 2.0, b).astype(np.float32)
+    top_k = rng.choice([0, 1, 5, 40, 2999, 5000], b)
+    top_p = rng.choice([1.0, 0.95, 0.5, 0.1], b)
+    sp = SamplingParams.make(b, temperature=temperature.tolist(), top_k=top_k.tolist(), top_p=top_p.tolist())
+    proc = np.asarray(processed_jit(jnp.asarray(logits), sp))
+    checked = 0
+    for r in range(b):
+        ref, better = _topp_reference(logits[r], temperature[r], top_k[r], top_p[r])
+        if top_p[r] < 1.0 and np.abs(better - top_p[r]).min() < 1e-5:
+            continue  # a rounding coin toss, not a behaviour
+        got = set(np.flatnonzero(np.isfinite(proc[r])).tolist())
+        assert got == ref, (r, len(got), len(ref), top_k[r], top_p[r])
+        checked += 1
+    assert checked >= b - 2
+    # the all-ties row keeps every finite entry, whatever its top-k and top-p
+    assert np.isfinite(proc[3]).sum() == np.isfinite(logits[3]).sum()
 
 
 def test_topk_never_emits_outside_k_best():
