@@ -254,6 +254,23 @@ def test_a_slot_whose_budget_ends_in_the_call_in_flight_is_refilled_without_idli
     assert st.generated_tokens == sum(news) and st.completed == len(news)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_n_samples_with_an_adapter_equal_generate_n(model, adapters, engines, layout):
+    """A group of 4 on an engine of at most 3 prefill rows spans two calls (the prompt prefilled
+    once in each); each layout's cache copies, with the group's adapter: ``generate(..., n=4)``."""
+    engine = engines(layout)
+    prompt = [7, 30, 12, 5, 9]
+    ref = generate(model, [prompt], 10, stop_ids=[], adapters=adapters["b"], n=4, seed=3, **SAMPLED)
+    calls = engine.stats().prefill_calls
+    with CompileCounter() as cc:
+        g = engine.submit(prompt, 10, stop_ids=[], adapter="b", n=4, seed=3, **SAMPLED)
+        engine.run_until_idle()
+    assert cc.count == 0
+    assert engine.stats().prefill_calls == calls + 2
+    assert [r.tokens for r in g.results()] == ref.tokens
+    assert len(set(map(tuple, ref.tokens))) > 1  # the samples differ
+
+
 def test_admission_is_first_come_first_served_and_groups_similar_lengths(model):
     """Four slots, six waiting prompts: the four that came first are admitted (not the shortest),
     and they share prefill calls by length, so the short pair takes the small bucket."""
@@ -264,7 +281,7 @@ def test_admission_is_first_come_first_served_and_groups_similar_lengths(model):
         groups, _ = eng._plan()
     assert [[h.prompt_length for h in g] for _, _, g in groups] == [[2, 3], [14, 15]]
     assert [eng._admission(rows, slots, g)[0].shape for rows, slots, g in groups] == [
-        (2, 8 + eng.stop_width + eng.bias_width + 8), (2, 16 + eng.stop_width + eng.bias_width + 8)]
+        (2, 8 + eng.stop_width + eng.bias_width + 9), (2, 16 + eng.stop_width + eng.bias_width + 9)]
     assert list(eng._queue) == hs[4:]
 
 
@@ -353,7 +370,8 @@ def test_cancel_frees_the_slot_and_loses_no_other_request(model, adapters, engin
     (dict(prompt=[5, 6], max_new_tokens=4, min_p=-1), "min_p"),
     (dict(prompt=[5, 6], max_new_tokens=4, logit_bias={i: 1.0 for i in range(3, 12)}), "max_logit_bias=8"),
     (dict(prompt=[5, 6], max_new_tokens=4, logprobs=2), "logprobs: this engine was built without max_logprobs"),
-    (dict(prompt=[5, 6], max_new_tokens=4, n=2), "n: not served by the engine yet"),
+    (dict(prompt=[5, 6], max_new_tokens=4, n=2, best_of=3), "best_of: needs an engine built with max_logprobs"),
+    (dict(prompt=[5, 6], max_new_tokens=4, n=5), "n: expected at most the engine's max_slots=4"),
 ])
 def test_bad_input_is_rejected_for_that_request_only(model, adapters, engine, kwargs, match):
     good = [3, 9, 27, 4]

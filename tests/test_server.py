@@ -147,6 +147,27 @@ def test_stop_strings_and_n_choices_equal_generate(setup, server):
     assert got.choices[0].finish_reason == "stop"
 
 
+def test_n_and_best_of_go_through_the_engine_from_one_prefill(setup, server):
+    """n choices and best_of are one engine group per prompt (one prefill call, no generate):
+    the choices equal ``generate(..., n=..., best_of=...)`` on the prompt, streamed or not."""
+    c = client(server)
+    sampling = dict(temperature=0.9, seed=5)
+    before = httpx.get(server + "/metrics").text
+    for best_of in (None, 3):
+        want = ref(setup, "red green", 10, n=2, best_of=best_of, **sampling)
+        got = c.completions.create(model="m", prompt="red green", max_tokens=10, n=2, best_of=best_of, **sampling)
+        assert [ch.text for ch in got.choices] == want.texts
+        assert [ch.finish_reason for ch in got.choices] == want.finish_reasons
+        chunks = list(c.completions.create(model="m", prompt="red green", max_tokens=10, n=2, best_of=best_of,
+                                           stream=True, **sampling))
+        assert ["".join(ch.choices[0].text for ch in chunks if ch.choices and ch.choices[0].index == i)
+                for i in range(2)] == want.texts
+    after = httpx.get(server + "/metrics").text
+    assert _metric(after, "realm_direct_requests_total") == _metric(before, "realm_direct_requests_total")
+    assert _metric(after, "realm_engine_prefill_calls_total") == _metric(before, "realm_engine_prefill_calls_total") + 4
+    assert _metric(after, "realm_engine_requests_total") == _metric(before, "realm_engine_requests_total") + 10
+
+
 def test_logprobs_equal_the_library(setup, server):
     c = client(server)
     want = ref(setup, "The quick", 6, temperature=0.0, logprobs=3)

@@ -33,6 +33,12 @@ ids and LoRA adapters (``adapters={name: adapter}``, stacked once) live in per-s
 request's output equals ``generate`` on it alone (greedy: the same tokens; sampled: the same tokens
 for the same seed).
 
+``submit(..., n=4)`` (and ``best_of``) serves several samples of one prompt from one prefill: a
+``RequestGroup`` of one handle per sample, admitted together (all or none, in arrival order) into
+rows of one prefill call, where only the first row holds the prompt and the others take its
+cache and first-token logits; sample j draws with seed + j, so the group equals
+``generate(model, [prompt], ..., n=4)``. Same programs for any n: nothing compiles per n.
+
 Threads: ``submit``/``cancel`` are safe from any thread. Requests advance when someone drives
 the loop: ``start()`` runs it on a background thread; otherwise ``run_until_idle()``,
 ``generate_many``, ``handle.result()`` and ``handle.stream()`` drive it from the caller.
@@ -44,14 +50,14 @@ W = tokens per slot a decode call hands back:
 
 - ``core``: the ``Engine`` (settings, submission, the loop wiring the three below);
 - ``scheduler``: the queue, slot owners, kill flags [B], admission policy and bucket choice;
-- ``state``: the device state [B, ...], its jitted ``admit`` ([P, T + E + L + 8] + [P, 6 + L] -> [P, 2])
+- ``state``: the device state [B, ...], its jitted ``admit`` ([P, T + E + L + 9] + [P, 6 + L] -> [P, 2])
   and ``decode`` ([B] kill flags -> [B, W + 6]), and ``Device``, which makes those calls;
 - ``delivery``: request handles and results, handing device results to them, statistics.
 """
 
 from .core import Engine, EngineClosedError
-from .delivery import CANCELLED, Chunk, EngineStats, RequestHandle, RequestResult
+from .delivery import CANCELLED, Chunk, EngineStats, RequestGroup, RequestHandle, RequestResult
 from .scheduler import default_buckets
 
-__all__ = ["CANCELLED", "Chunk", "Engine", "EngineClosedError", "EngineStats", "RequestHandle", "RequestResult",
-           "default_buckets"]
+__all__ = ["CANCELLED", "Chunk", "Engine", "EngineClosedError", "EngineStats", "RequestGroup", "RequestHandle",
+           "RequestResult", "default_buckets"]

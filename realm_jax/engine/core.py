@@ -3,7 +3,7 @@ wires the scheduler (``scheduler``), the device (``state``) and delivery (``deli
 
 B = ``max_slots``, P = rows per prefill call, T = a prompt bucket, E = the stop-id table width,
 W = tokens a decode call hands back per slot. The loop moves host tables of an admission (int32
-[P, T + E + L + 8], float32 [P, 6 + L]) and kill flags (bool [B]) to the device, and its answers ([P, 2]
+[P, T + E + L + 9], float32 [P, 6 + L]) and kill flags (bool [B]) to the device, and its answers ([P, 2]
 per admission, [B, W + 6] per decode call) back; see the package doc for the order of a step.
 
 Locks: ``_lock`` guards the scheduler's and the statistics' bookkeeping (``_wake`` is its
@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Any, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from ..errors import RealmError
@@ -24,7 +25,7 @@ from ..generation import GenerationResult, default_stop_ids, prepare_prompts, va
 from . import delivery
 from . import state as es
 from .adapters import AdapterSlots
-from .delivery import CANCELLED, EngineStats, RequestHandle, Stats
+from .delivery import CANCELLED, EngineStats, RequestGroup, RequestHandle, Stats
 from .scheduler import Call, Scheduler, _check_pos_int
 
 
@@ -32,7 +33,7 @@ from .scheduler import Call, Scheduler, _check_pos_int
 # whatever the values; with a draft only the draw (speculative rounds verify the warped
 # distribution, not the penalties).
 _SERVED = ("temperature", "top_k", "top_p", "min_p", "seed", "repetition_penalty", "frequency_penalty",
-           "presence_penalty", "logit_bias", "min_tokens", "stop")
+           "presence_penalty", "logit_bias", "min_tokens", "stop", "n")
 _SERVED_WITH_DRAFT = ("temperature", "top_k", "top_p", "seed", "stop")  # stop strings: matched on the host
 
 
@@ -75,7 +76,19 @@ class Engine:
     max_logprobs (N): serve ``logprobs=n`` (n <= N) on requests: every step then computes each
     slot's log-softmax and its N best alternatives on the device, as ``generate`` does (the same
     values: model and sampled log-probs, ``TokenLogprob``), and each token brings 2 + 2N values
-    back (None, the default: no log-probs, no cost; no draft yet).
+    back (None, the default: no log-probs, no cost; no draft yet). It also serves ``best_of``
+    (0 is enough): the samples are ranked by their cumulative log-prob.
+
+    Samples: ``submit(..., n=k)`` (k <= B; no draft yet) queues k samples of one prompt as a
+    ``RequestGroup``. They are admitted together or not at all (first come, first served: a
+    group waits, and the requests behind it, until k slots are free), into rows of the same
+    prefill call(s): the first row of the group in a call holds the prompt, the others have no
+    tokens and take that row's cache rows and first-token logits; then sample j draws with its
+    own key (seed + j), as ``generate(..., n=k)``. The copies still occupy rows of the call
+    (``prefill_batch`` counts slots, not prompts), so the call costs what k separate requests
+    admitted together cost; what is shared is the one prompt's prefill, exactly (the samples see
+    the same cache, as ``generate``'s), and a group larger than the largest ``prefill_batch`` is
+    prefilled once per call it spans. ``best_of=m`` runs m samples and returns the ``n`` best.
     """
 
     def __init__(self, model, *, max_slots: int = 8, max_seq_len: int | None = None,
@@ -176,19 +189,29 @@ class Engine:
 
     # ------------------------------------------------------------------ submission
     def _validate(self, prompt, max_new_tokens, *, stop_ids=None, adapter=None, chat=False, sampling=None,
-                  **settings) -> RequestHandle:
-        """All host checks; a handle not yet queued."""
+                  **settings) -> list[RequestHandle]:
+        """All host checks; the request's handles (one per sample: ``n``, or ``best_of``), not
+        yet queued."""
         from ..settings import Sampling
 
         st = Sampling.of(sampling, **settings)
         served = _SERVED if self.draft is None else _SERVED_WITH_DRAFT
         served += ("constraint",) if self.constrained else ()
-        served += ("logprobs",) if self.max_logprobs is not None else ()
+        served += ("logprobs", "best_of") if self.max_logprobs is not None else ()
         other = [f for f in st.non_default() if f not in served]
         if other == ["constraint"] and self.draft is None:
             raise RealmError("constraint: this engine was built without constrained=True")
         if other == ["logprobs"] and self.draft is None:
             raise RealmError("logprobs: this engine was built without max_logprobs (Engine(..., max_logprobs=N))")
+        if other == ["best_of"] and self.draft is None:
+            raise RealmError("best_of: needs an engine built with max_logprobs (the samples are ranked by their "
+                             "cumulative log-prob; Engine(..., max_logprobs=0) is enough)")
+        if st.n != 1 or st.best_of is not None:
+            st.check_counts()
+            if st.samples > self.max_slots:
+                field = "n" if st.best_of is None else "best_of"
+                raise RealmError(f"{field}: expected at most the engine's max_slots={self.max_slots} (a prompt's "
+                                 f"samples decode together, one slot each), got {st.samples}")
         if st.logprobs is not None and self.max_logprobs is not None:
             st.check_counts()
             if st.logprobs > self.max_logprobs:
@@ -215,46 +238,59 @@ class Engine:
         if len(stops) > self.max_stop_ids:
             raise RealmError(f"stop_ids: expected at most max_stop_ids={self.max_stop_ids} ids, got {len(stops)}")
         aid = self._adapter_slot(adapter)
-        sp = req.sampling
         limit = int(req.max_new_tokens[0])
-        key = -1
+        rows = req.rows  # R = samples; sample j draws with seed + j (validate_request)
+        keys = [-1] * rows
         if req.constraints[0] is not None:  # last: nothing can refuse the request after this
             from ..constraints import compile_rows, register
 
-            rows = compile_rows(self.model, req.constraints, req.stop_ids, default_stop_ids(self.model))
-            key = int(register(rows)[0])
-        ints, floats = es.request_settings(stops, self.stop_width, self.bias_width, limit, aid, sp, key)
-        h = RequestHandle(self, -1, req.prompt_ids[0], limit, adapter, ints, floats, key, strings, st.logprobs)
-        h.adapter_slot = aid
-        return h
+            matchers = compile_rows(self.model, req.constraints, req.stop_ids, default_stop_ids(self.model))
+            keys = [int(k) for k in register(matchers)]
+        # best_of ranks the samples by cumulative log-prob: they keep their log-probs (dropped
+        # from the results unless asked for)
+        lps = 0 if st.best_of is not None and st.logprobs is None else st.logprobs
+        handles = []
+        for j in range(rows):
+            sp = jax.tree.map(lambda a: a[j:j + 1], req.sampling)
+            ints, floats = es.request_settings(stops, self.stop_width, self.bias_width, limit, aid, sp, keys[j])
+            h = RequestHandle(self, -1, req.prompt_ids[0], limit, adapter, ints, floats, keys[j], strings, lps)
+            h.adapter_slot = aid
+            handles.append(h)
+        if rows > 1 or st.best_of is not None:
+            RequestGroup(handles, st.n, st.best_of, st.logprobs is not None)
+        return handles
 
     def submit(self, prompt, max_new_tokens: int, *, stop_ids=None, adapter: str | None = None, chat: bool = False,
-               sampling=None, **settings) -> RequestHandle:
+               sampling=None, **settings) -> RequestHandle | RequestGroup:
         """Queue one request; returns its handle at once (thread-safe).
 
         prompt: a string (needs the model's tokenizer; ``chat=True`` applies the chat template),
         chat messages (with ``chat=True``) or token ids. max_new_tokens >= 1; prompt +
         max_new_tokens <= max_seq_len. sampling / settings: a ``Sampling`` and/or its fields
         (temperature, top_k, top_p, min_p, seed, penalties, logit_bias, min_tokens, stop
-        strings, constraint when built ``constrained``, logprobs when built with
-        ``max_logprobs``; with a draft only the first four and stop strings; n, best_of and
-        prompt log-probs are not served yet), as
-        ``generate`` takes them. stop_ids: None = the model's eos ids; [] = none. adapter: a name
-        given at construction, or None for the base model. Raises ``RealmError`` for bad input
-        (nothing is queued; other requests are unaffected), and ``EngineClosedError`` after
-        ``close()``.
+        strings, n, constraint when built ``constrained``, logprobs and best_of when built with
+        ``max_logprobs``; with a draft only the first four and stop strings; prompt log-probs
+        are not served yet), as ``generate`` takes them. stop_ids: None = the model's
+        eos ids; [] = none. adapter: a name given at construction, or None for the base model.
+        Returns a ``RequestHandle``; with ``n`` > 1 or ``best_of``, a ``RequestGroup`` of one
+        handle per sample (n <= best_of <= max_slots): the prompt is prefilled once, its cache
+        and first-token logits copied into the samples' slots (admitted together, all or none),
+        and sample j draws with seed + j, as ``generate(..., n=...)`` does; ``best_of`` runs
+        every sample and its ``results()`` are the ``n`` of the highest cumulative log-prob.
+        Raises ``RealmError`` for bad input (nothing is queued; other requests are unaffected),
+        and ``EngineClosedError`` after ``close()``.
         """
         with self._lock:
             self._check_alive()
         try:
-            h = self._validate(prompt, max_new_tokens, stop_ids=stop_ids, adapter=adapter, chat=chat,
-                               sampling=sampling, **settings)
+            hs = self._validate(prompt, max_new_tokens, stop_ids=stop_ids, adapter=adapter, chat=chat,
+                                sampling=sampling, **settings)
         except RealmError:
             with self._lock:
                 self._stats.n["rejected"] += 1
             raise
-        self._enqueue([h])
-        return h
+        self._enqueue(hs)
+        return hs[0] if hs[0].group is None else hs[0].group
 
     def _check_alive(self) -> None:
         if self._closed is not None:
@@ -284,34 +320,42 @@ class Engine:
         if isinstance(requests, (str, dict)) or not isinstance(requests, (list, tuple)):
             raise RealmError(f"requests: expected a list of prompts or dicts of submit arguments, "
                              f"got {type(requests).__name__}")
-        handles = []
+        handles: list[RequestHandle] = []
         for i, r in enumerate(requests):
             kw = dict(defaults)
             kw.update(r if isinstance(r, Mapping) else {"prompt": r})
             if "prompt" not in kw or "max_new_tokens" not in kw:
                 raise RealmError(f"requests[{i}]: needs 'prompt' and 'max_new_tokens' (in the request or as defaults)")
             try:
-                handles.append(self._validate(kw.pop("prompt"), kw.pop("max_new_tokens"), **kw))
+                handles += self._validate(kw.pop("prompt"), kw.pop("max_new_tokens"), **kw)
             except RealmError as e:
                 raise type(e)(f"requests[{i}]: {e}") from None
             except TypeError as e:
                 raise RealmError(f"requests[{i}]: {e}") from None
         self._enqueue(handles)
-        rows = [h.result() for h in handles]
+        rows = []
+        for h in handles:  # a group's samples (its n best, with best_of) in sample order, as generate
+            if h.group is None:
+                rows.append(h.result())
+            elif h is h.group.handles[0]:
+                rows += h.group.results()
         return GenerationResult([r.tokens for r in rows], [r.text for r in rows], [r.finish_reason for r in rows],
                                 [r.prompt_length for r in rows])
 
-    def _cancel(self, h: RequestHandle) -> bool:
+    def _cancel(self, handles: list[RequestHandle]) -> bool:
+        """Cancel ``handles`` at once (a group: every sample); False if all had already ended."""
+        ok = False
         with self._lock:
-            if h.done:
-                return False
-            self._sched.cancel(h)
-            h.cancel_reason = h.cancel_reason or "cancelled by the caller (cancel())"
-            ok = h._push([], CANCELLED)
-            if ok:
-                self._stats.n["cancelled"] += 1
+            for h in handles:
+                if h.done:
+                    continue
+                self._sched.cancel(h)
+                h.cancel_reason = h.cancel_reason or "cancelled by the caller (cancel())"
+                if h._push([], CANCELLED):
+                    self._stats.n["cancelled"] += 1
+                    ok = True
             self._wake.notify_all()
-            return ok
+        return ok
 
     # ------------------------------------------------------------------ adapters
     @property
@@ -398,7 +442,8 @@ class Engine:
     def _admission(self, p: int, slots: list[int], hs: list[RequestHandle]) -> tuple[np.ndarray, np.ndarray]:
         """The host tables of one prefill call (``state.admission``) in the scheduler's bucket."""
         return es.admission(p, self._sched.bucket_for(hs), self.stop_width, self.bias_width, self.max_slots,
-                            [(s, h.prompt_ids, h._settings, h._floats) for s, h in zip(slots, hs)])
+                            [(s, h.prompt_ids, h._settings, h._floats, src)
+                             for s, h, src in zip(slots, hs, self._sched.sources(hs))])
 
     def _step(self) -> bool:
         """Caller holds ``_drive``. Admit, dispatch decode N, then (while it runs) deliver decode

@@ -74,6 +74,7 @@ class RequestHandle:
         self._scan = StopScan(tok.decode, self.stop) if self.stop else None
         self._cut: int | None = None  # where a matched stop string begins in the text
         self.ended_on_host = False  # ended by a stop string: its slot is still running on the device
+        self.group: RequestGroup | None = None  # the samples of its prompt it belongs to (n, best_of)
         self._listeners: list = []  # on_update callbacks
         self._cond = threading.Condition()
         self._finish: str | None = None
@@ -244,11 +245,60 @@ class RequestHandle:
     def cancel(self) -> bool:
         """Stop the request now (its slot frees at the next step); ``result()`` then gives the
         tokens so far with finish reason "cancelled". False if it had already ended."""
-        return self._engine._cancel(self)
+        return self._engine._cancel([self])
 
     def __repr__(self) -> str:
         state = self._finish or ("error" if self._error else "running")
         return f"RequestHandle(id={self.id}, prompt_length={self.prompt_length}, tokens={len(self._tokens)}, {state})"
+
+
+class RequestGroup:
+    """The samples of one prompt submitted with ``n`` > 1 or ``best_of``: ``handles``, one
+    ``RequestHandle`` per sample (sample j drew with seed + j; with ``best_of``, all ``best_of``
+    of them), admitted together and sharing one prefill. Each handle streams, waits and reports
+    on its own; ``cancel()`` ends them all (their slots free at the next step); ``results()``
+    gives the ``n`` results."""
+
+    def __init__(self, handles: list[RequestHandle], n: int, best_of: int | None, logprobs: bool):
+        self.handles = list(handles)
+        self.n, self.best_of = n, best_of
+        self._logprobs = logprobs  # the caller asked for log-probs (best_of keeps them regardless)
+        for h in self.handles:
+            h.group = self
+
+    def __len__(self) -> int:
+        return len(self.handles)
+
+    def __iter__(self) -> Iterator[RequestHandle]:
+        return iter(self.handles)
+
+    def __getitem__(self, j: int) -> RequestHandle:
+        return self.handles[j]
+
+    @property
+    def done(self) -> bool:
+        return all(h.done for h in self.handles)
+
+    def results(self, timeout: float | None = None) -> list[RequestResult]:
+        """Block until every sample ends; the ``n`` ``RequestResult``s: in sample order, or with
+        ``best_of`` the ``n`` of the highest cumulative log-prob, best first (ties: the lower
+        sample), as ``generate`` picks them (log-probs only if asked for)."""
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        rows = [h.result(None if deadline is None else max(0.0, deadline - time.perf_counter()))
+                for h in self.handles]
+        if self.best_of is None:
+            return rows
+        order = sorted(range(len(rows)), key=lambda i: (-rows[i].cumulative_logprob, i))[:self.n]
+        if self._logprobs:
+            return [rows[i] for i in order]
+        return [dataclasses.replace(rows[i], logprobs=None, cumulative_logprob=None) for i in order]
+
+    def cancel(self) -> bool:
+        """Cancel every sample still running; False if all had already ended."""
+        return self.handles[0]._engine._cancel(self.handles)
+
+    def __repr__(self) -> str:
+        return f"RequestGroup(n={self.n}, best_of={self.best_of}, {self.handles!r})"
 
 
 class Cursor:

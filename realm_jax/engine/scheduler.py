@@ -145,9 +145,9 @@ class Scheduler:
         groups = []
         free = self.free_slots()
         # first come, first served decides who is admitted; within the admitted, prompts of
-        # similar length share a prefill call, so each call's bucket fits its group tightly
-        admitted = sorted((self.queue.popleft() for _ in range(min(len(free), len(self.queue)))),
-                          key=lambda h: h.prompt_length)
+        # similar length share a prefill call, so each call's bucket fits its group tightly (a
+        # stable sort: the samples of one prompt stay together)
+        admitted = sorted(self.take(len(free)), key=lambda h: h.prompt_length)
         while admitted:
             rows = self.rows_for(len(admitted))
             hs, admitted = admitted[:rows], admitted[rows:]
@@ -159,6 +159,29 @@ class Scheduler:
         kill = self.kill.copy()
         self.kill[:] = False
         return groups, kill
+
+    def take(self, free: int) -> list:
+        """Pop the queue's head while it fits in ``free`` slots. The samples of one prompt (a
+        ``RequestGroup``: queued together) are taken all or none, so a group waits, and the
+        queue behind it, until enough slots are free (validation keeps a group <= B)."""
+        taken: list = []
+        while self.queue:
+            g = self.queue[0].group
+            unit = 1 if g is None else sum(1 for _ in itertools.takewhile(lambda h: h.group is g, self.queue))
+            if len(taken) + unit > free:
+                break
+            taken += [self.queue.popleft() for _ in range(unit)]
+        return taken
+
+    @staticmethod
+    def sources(hs: list) -> list[int]:
+        """The prefill row of each row of a call of ``hs``: its own, or the first row of its
+        ``RequestGroup`` in the call (the one row that prefills the group's prompt)."""
+        out: list[int] = []
+        for i, h in enumerate(hs):
+            same = i > 0 and h.group is not None and hs[i - 1].group is h.group
+            out.append(out[-1] if same else i)
+        return out
 
     def rows_for(self, g: int) -> int:
         """The prefill size for ``g`` waiting prompts: the smallest size >= g unless more than

@@ -6,7 +6,8 @@ E = the stop-id table width, L = the logit-bias table width, W = tokens a decode
 N = log-prob alternatives per token (``top_logprobs``; None = the engine computes no log-probs).
 
 ``admit``  prefill P right-padded prompts [P, T] (generation's ``prefill``: a fresh [P, T] cache,
-           logits at each row's last prompt token), sample each row's first token (``emit``),
+           logits at each row's last prompt token; a row may instead take another row's prefill:
+           the samples of one prompt share one), sample each row's first token (``emit``),
            then scatter the rows (cache, last token, counts, flags, sampling settings, stop ids,
            adapter ids) into their slots [P]. A slot index of B marks a padding row: dropped.
 ``decode`` up to ``steps`` decode steps over all B slots in a ``lax.while_loop`` (generation's
@@ -19,7 +20,7 @@ settings (one ``admit`` program per (rows, prompt bucket), one ``decode`` progra
 engine never recompiles whatever requests come.
 
 Host <-> device traffic is one array each way per call: an admission is an int32 table
-[P, T + E + L + 8] and a float32 table [P, 6 + L] (``admission``); ``admit`` answers [P, 2] and
+[P, T + E + L + 9] and a float32 table [P, 6 + L] (``admission``); ``admit`` answers [P, 2] and
 ``decode`` [B, W + 6] (``ADMIT_COLS``, ``DECODE_COLS``). An empty slot holds the settings of a
 padding row of that table. With log-probs (N not None) each token also brings 2 + 2N values,
 packed after those columns as int32 bits (``logprob_cols``, read back by ``unpack_logprobs``):
@@ -47,7 +48,7 @@ from ..config import ModelConfig
 from ..errors import RealmError
 from ..generation import (Controls, DecodeState, LogprobTrace, decode_step, emit, init_state, new_cache, new_history,
                           prefill)
-from ..kv_cache import KVCache, insert_rows
+from ..kv_cache import KVCache, insert_rows, rows_of
 from ..sampling import History, SamplingParams
 
 
@@ -78,7 +79,9 @@ class EngineState(NamedTuple):
 # logit-bias ids [L]: what ``request_settings`` fixes at submit, then where the row goes.
 # constraint: the key of the request's grammar matcher (``constraints.register``; -1 = none)
 SETTINGS_COLS = ("limit", "top_k", "seed", "adapter", "min_tokens", "constraint")  # seed: the uint32's bits
-PLACE_COLS = ("length", "slot")
+# source: the row of the same table whose prefill the row takes (itself, or the first row of its
+# ``n`` group in this call: that row alone holds the prompt, the others have length 0)
+PLACE_COLS = ("length", "slot", "source")
 # The float32 table: these columns, then the logit-bias values [L]; a padding row's values.
 FLOAT_COLS = ("temperature", "top_p", "min_p", "repetition", "frequency", "presence")
 FLOAT_PAD = (0.0, 1.0, 0.0, 1.0, 0.0, 0.0)
@@ -120,20 +123,24 @@ def request_settings(stop_ids, stop_width: int, bias_width: int, limit: int, ada
 def admission(rows: int, bucket: int, stop_width: int, bias_width: int, slots: int,
               fill=()) -> tuple[np.ndarray, np.ndarray]:
     """Host tables for a prefill call of ``rows`` (P) prompts padded to ``bucket`` (T), every row
-    padding (length 0, limit 0, slot B = dropped): ints [P, T + E + L + 8] = prompt [T] | stop
-    ids [E] | bias ids [L] | ``SETTINGS_COLS`` | ``PLACE_COLS``; floats [P, 6 + L]. ``fill``: the
-    first rows' (slot, prompt ids [<= T], and ``request_settings``' ints and floats)."""
+    padding (length 0, limit 0, slot B = dropped, its own source): ints [P, T + E + L + 9] =
+    prompt [T] | stop ids [E] | bias ids [L] | ``SETTINGS_COLS`` | ``PLACE_COLS``; floats
+    [P, 6 + L]. ``fill``: the first rows' (slot, prompt ids [<= T], ``request_settings``' ints and
+    floats, source row). A row whose source is another row carries no prompt (length 0): it takes
+    that row's prefill (cache and first-token logits), so a prompt's ``n`` samples share one."""
     fixed = stop_width + bias_width + len(SETTINGS_COLS)
     ints = np.zeros((rows, bucket + fixed + len(PLACE_COLS)), np.int32)
     ints[:, bucket:bucket + stop_width + bias_width] = -1
-    ints[:, -1] = slots
+    e = bucket + fixed
+    ints[:, e + 1] = slots
+    ints[:, e + 2] = np.arange(rows)
     floats = np.zeros((rows, len(FLOAT_COLS) + bias_width), np.float32)
     floats[:, :len(FLOAT_COLS)] = FLOAT_PAD
-    e = bucket + fixed
-    for i, (s, ids, settings, row_floats) in enumerate(fill):
+    for i, (s, ids, settings, row_floats, src) in enumerate(fill):
+        ids = ids if src == i else ()
         ints[i, :len(ids)] = ids
         ints[i, bucket:e] = settings
-        ints[i, e:] = (len(ids), s)
+        ints[i, e:] = (len(ids), s, src)
         floats[i] = row_floats
     return ints, floats
 
@@ -141,7 +148,7 @@ def admission(rows: int, bucket: int, stop_width: int, bias_width: int, slots: i
 def _columns(ints: jax.Array, floats: jax.Array, stop_width: int, constrained: bool):
     """An admission's tables by column: prompts [P, T], the rows' ``Controls`` [P] (stop ids
     [P, E], every optional sampling setting; the constraint keys when ``constrained``), adapter
-    ids, lengths and slots [P]."""
+    ids, lengths, slots and source rows [P]."""
     from ..sampling import LogitBias, Penalties
 
     lb = floats.shape[1] - len(FLOAT_COLS)
@@ -152,7 +159,8 @@ def _columns(ints: jax.Array, floats: jax.Array, stop_width: int, constrained: b
                         floats[:, 2], Penalties(floats[:, 3], floats[:, 4], floats[:, 5]),
                         LogitBias(ints[:, t + stop_width:e], floats[:, len(FLOAT_COLS):]), min_tokens)
     ctl = Controls(sp, limits, ints[:, t:t + stop_width], keys if constrained else None)
-    return ints[:, :t], ctl, adapter_ids, ints[:, -2], ints[:, -1]
+    lengths, slots, sources = (ints[:, e + len(SETTINGS_COLS) + j] for j in range(len(PLACE_COLS)))
+    return ints[:, :t], ctl, adapter_ids, lengths, slots, sources
 
 
 def _status(done: jax.Array, stopped: jax.Array) -> jax.Array:
@@ -195,7 +203,7 @@ def empty_state(params, cfg: ModelConfig, slots: int, max_len: int, stop_width: 
                       jnp.zeros((b, max_len), jnp.int32), history,
                       None if top_logprobs is None else LogprobTrace.empty(b, max_len, top_logprobs))
     ints, floats = admission(b, 0, stop_width, bias_width, b)  # B padding rows: greedy, limit 0, no stop ids
-    _, ctl, _, _, _ = _columns(jnp.asarray(ints), jnp.asarray(floats), stop_width, constrained)
+    _, ctl, _, _, _, _ = _columns(jnp.asarray(ints), jnp.asarray(floats), stop_width, constrained)
     state = EngineState(dec, ctl, jnp.full((b,), -1, jnp.int32), zi, zi)
     if spec is None:
         return state
@@ -219,16 +227,20 @@ def _insert_draft(dst, src, slots):
 
 def admit(params, cfg: ModelConfig, state: EngineState, ints: jax.Array, floats: jax.Array, *,
           dparams=None, spec=None) -> tuple[EngineState, jax.Array]:
-    """Prefill the prompts of an admission (``admission``'s tables: ints [P, T + E + L + 8], floats
+    """Prefill the prompts of an admission (``admission``'s tables: ints [P, T + E + L + 9], floats
     [P, 6 + L]; length 0 = padding row), sample the first tokens with the rows' settings and insert
-    everything into the rows' slots (B = drop). Returns the state and [P, 2] (``ADMIT_COLS``)."""
+    everything into the rows' slots (B = drop). A row whose ``source`` is another row takes that
+    row's prefill: its cache rows, first-token logits and prompt (each sample of an ``n`` group
+    then draws with its own settings, seed + j). Returns the state and [P, 2] (``ADMIT_COLS``)."""
     p = ints.shape[0]
-    tokens, ctl, adapter_ids, lengths, slots = _columns(ints, floats, state.ctl.stop_ids.shape[1],
-                                                        state.ctl.constraint is not None)
+    tokens, ctl, adapter_ids, lengths, slots, src = _columns(ints, floats, state.ctl.stop_ids.shape[1],
+                                                             state.ctl.constraint is not None)
     t = tokens.shape[1]
     aid = adapter_ids if params.num_adapters else None
     logits, cache = prefill(params, cfg, tokens, lengths, new_cache(cfg, params, p, t), adapter_ids=aid,
                             empty_cache=True)
+    # each row takes its source row's prefill (a sample of a group: the prompt's cache and logits)
+    logits, cache, tokens, lengths = logits[src], rows_of(cache, src), tokens[src], lengths[src]
     d = state.dec
     top = None if d.logprobs is None else d.logprobs.top.shape[-1]
     rows = emit(init_state(cache, ctl.limits, 1, history=new_history(tokens, lengths, cfg.vocab_size),
@@ -345,7 +357,7 @@ def prepare_adapters(model, adapters: Sequence, fold: bool = False):
 # ------------------------------------------------------------------------------ the engine's device calls
 class Device:
     """The slot state [B] on the device, the params it is served with, and the engine's three
-    device calls: ``admit`` (prefill + insert: tables [P, T + E + L + 8], [P, 6 + L] -> [P, 2]), ``decode``
+    device calls: ``admit`` (prefill + insert: tables [P, T + E + L + 9], [P, 6 + L] -> [P, 2]), ``decode``
     (one call of ``steps`` steps: kill flags [B] -> [B, W + 6]) and ``fetch`` (a result to the
     host). Dispatches are asynchronous; every result starts its copy to the host at once.
     ``dispatch_s`` / ``wait_s``: host seconds spent dispatching / waiting for results. Only the

@@ -1,11 +1,14 @@
 """The ASGI app (FastAPI): the OpenAI endpoints over one ``Engine``, tenants, metrics, admin.
 
-Every prompt of a request, and every one of its ``n`` choices, is one engine request (choice i
-with seed + i), so all tenants share one engine batch and each choice equals ``generate`` on it
+Every prompt of a request is one engine request with its ``n`` choices (an engine group: one
+prefill, choice i drawn with seed + i; over the engine's slots, one engine request per choice),
+so all tenants share one engine batch and the choices equal ``generate(..., n=n)`` on the prompt
 alone. Log-probs come from the engine too (up to its ``max_logprobs`` alternatives), streamed
-with their tokens. What the engine does not serve (prompt log-probs for ``echo`` with
-``logprobs``, ``best_of``, or more alternatives than ``max_logprobs``) is answered by ``generate``
-itself on a worker thread (one such call at a time); a stream of one then comes in a single piece.
+with their tokens, and so does ``best_of`` when the engine keeps log-probs (its choices are
+known, and a stream of them comes, once every sample has ended). What the engine does not serve
+(prompt log-probs for ``echo`` with ``logprobs``, more alternatives than ``max_logprobs``,
+``best_of`` without them or over the engine's slots) is answered by ``generate`` itself on a
+worker thread (one such call at a time); a stream of one then comes in a single piece.
 
 Order of checks, all before any device work: the bearer key (401), the model name (404, or 403
 for a model the tenant may not use), draining (503), the body (400), the queue bound and the
@@ -26,6 +29,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette.sse import EventSourceResponse
 
+from ..engine import RequestGroup
 from ..errors import RealmError
 from ..generation import generate, prepare_prompts
 from . import protocol as pr
@@ -98,17 +102,19 @@ class Server:
                 if body.stream:
                     return self._sse(job, _replay(choices), t0, done)
                 return self._respond(job, choices, t0, done)
-            handles = job.submit(self.engine)
+            handles, ranked = job.submit(self.engine)
         except BaseException:
             done(0)
             raise
-        if body.stream:
+        if body.stream and ranked is None:
             return self._sse(job, self._follow(job, handles), t0, done)
         try:
-            choices = await self._collect(job, handles, request)
+            choices = await self._collect(job, handles, request, ranked)
         except BaseException:
             done(0)
             raise
+        if body.stream:  # best_of: the choices are known once every sample has ended
+            return self._sse(job, _replay(choices), t0, done)
         return self._respond(job, choices, t0, done)
 
     def _job(self, body, endpoint: str, adapter):
@@ -135,8 +141,9 @@ class Server:
         if first is not None:
             m.ttft.observe(max(0.0, first - t0))
 
-    async def _collect(self, job, handles, request: Request) -> list[dict]:
-        """Wait for every handle; cancel them all if the client goes away."""
+    async def _collect(self, job, handles, request: Request, ranked=None) -> list[dict]:
+        """Wait for every handle; cancel them all if the client goes away. ``ranked``: the
+        engine groups of a ``best_of`` request, whose ``results()`` are its choices."""
         out: list[Any] = [None] * len(handles)
         parts: list[list] = [[] for _ in handles]
         following = self._follow_raw(handles)
@@ -161,6 +168,8 @@ class Server:
             for h in handles:
                 h.cancel()
             await following.aclose()
+        if ranked is not None:
+            return job.ranked_choices(ranked)
         return [job.choice(i, sum((p[0] for p in parts[i]), []), "".join(p[1] or "" for p in parts[i]), out[i],
                            handles[i].first_token_at,
                            logprob_entries=sum((p[2] for p in parts[i]), []) if job.logprobs is not None else None)
@@ -274,9 +283,13 @@ class Job:
             longest = max(map(len, self.ids))
             raise RealmError(f"the prompt ({longest} tokens) plus max_tokens={self.max_tokens} is over the server's "
                              f"context of {server.engine.max_seq_len} tokens")
-        served = server.engine.max_logprobs
+        engine = server.engine
+        served = engine.max_logprobs
+        # best_of through the engine: its samples ranked by their log-probs, all in slots at once
+        self.ranked = self.best_of is not None and served is not None and self.best_of <= engine.max_slots
         self.direct = ((self.logprobs is not None and (served is None or self.logprobs > served))
-                       or (self.echo and self.logprobs is not None) or (self.best_of not in (None, self.n)))
+                       or (self.echo and self.logprobs is not None)
+                       or (self.best_of not in (None, self.n) and not self.ranked))
         self.rows = len(self.ids) * self.n
         self.prompt_tokens = sum(map(len, self.ids))
         self.budget = self.prompt_tokens + max(self.max_tokens, 1) * self.rows
@@ -287,22 +300,45 @@ class Job:
         self._offsets = [0] * self.rows  # streamed completions: text_offset of the next log-prob
 
     # ------------------------------------------------------------------ running
-    def submit(self, engine) -> list:
-        """One engine request per (prompt, choice); all or none are queued."""
-        handles = []
-        seed = self.settings["seed"]
+    def submit(self, engine) -> tuple[list, list | None]:
+        """Queue the engine requests, all or none: per prompt one group of its ``n`` choices (one
+        prefill; with ``best_of``, that many samples), or with ``n`` over the engine's slots one
+        request per choice (choice j with seed + j, as the group draws). Returns the handles of
+        the choices, prompt-major, and with ``best_of`` the groups (None otherwise)."""
+        handles, groups = [], []
+        st = dict(self.settings)
+        if self.logprobs is not None:
+            st["logprobs"] = self.logprobs
+        if self.ranked:
+            st["best_of"] = self.best_of
+        together = self.ranked or self.n <= engine.max_slots
         try:
             for ids in self.ids:
+                if together:
+                    out = engine.submit(ids, self.max_tokens, adapter=self.adapter, n=self.n, **st)
+                    if isinstance(out, RequestGroup):
+                        groups.append(out)
+                    handles += list(out) if isinstance(out, RequestGroup) else [out]
+                    continue
                 for j in range(self.n):
-                    st = dict(self.settings, seed=(seed + j) % 2**32)
-                    if self.logprobs is not None:
-                        st["logprobs"] = self.logprobs
-                    handles.append(engine.submit(ids, self.max_tokens, adapter=self.adapter, **st))
+                    row = dict(st, seed=(st["seed"] + j) % 2**32)
+                    handles.append(engine.submit(ids, self.max_tokens, adapter=self.adapter, **row))
         except RealmError as e:
             for h in handles:
                 h.cancel()
             raise ApiError(400, str(e)) from None
-        return handles
+        return handles, groups if self.ranked else None
+
+    def ranked_choices(self, groups: list) -> list[dict]:
+        """The choices of a ``best_of`` request from its ended engine groups (each prompt's ``n``
+        best samples, best first)."""
+        out = []
+        for g in groups:
+            first = min((h.first_token_at for h in g if h.first_token_at is not None), default=None)
+            for r in g.results():
+                out.append(self.choice(len(out), r.tokens, r.text, r.finish_reason, first,
+                                       logprob_entries=r.logprobs))
+        return out
 
     def run_direct(self, server: Server):
         """``generate`` with log-probs (worker thread)."""

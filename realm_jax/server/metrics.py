@@ -4,7 +4,8 @@ Counters: ``realm_requests_total{endpoint, status}`` (every HTTP answer of the g
 endpoints, errors included), ``realm_prompt_tokens_total`` and ``realm_generation_tokens_total``
 (of completed responses, as their ``usage`` says), ``realm_cancelled_requests_total`` (clients
 that went away), ``realm_direct_requests_total`` (answered by ``generate`` outside the engine
-batch) and, read from the engine, ``realm_engine_requests_total``. Histograms: ``realm_time_to_first_token_seconds`` and
+batch) and, read from the engine, ``realm_engine_requests_total`` (one per sample: a request
+with ``n`` choices is ``n``) and ``realm_engine_prefill_calls_total``. Histograms: ``realm_time_to_first_token_seconds`` and
 ``realm_request_latency_seconds`` (server side, per response). Gauges read at scrape time from
 the engine: ``realm_queue_length``, ``realm_running_requests``, ``realm_engine_tokens_per_second``,
 ``realm_slots``, ``realm_tenant_running_requests{tenant}``; and
@@ -60,7 +61,9 @@ class _EngineCollector:
                                  ("realm_engine_tokens_per_second", "generated tokens per busy second",
                                   s.tokens_per_s)):
             yield GaugeMetricFamily(name, doc, value=float(value))
-        yield CounterMetricFamily("realm_engine_requests", "requests submitted to the engine", value=s.submitted)
+        yield CounterMetricFamily("realm_engine_requests", "requests submitted to the engine (one per sample)",
+                                  value=s.submitted)
+        yield CounterMetricFamily("realm_engine_prefill_calls", "the engine's prefill calls", value=s.prefill_calls)
         if self.tenants is not None:
             g = GaugeMetricFamily("realm_tenant_running_requests", "requests a tenant has running", labels=["tenant"])
             for t in self.tenants.tenants.values():
