@@ -99,9 +99,9 @@ def client(url, who="bob"):
     return openai.OpenAI(base_url=url + "/v1", api_key=KEYS[who], max_retries=0, timeout=120)
 
 
-def ref(setup, prompt, n, adapter=None, chat=False, **sampling):
+def ref(setup, prompt, max_new, adapter=None, chat=False, **sampling):
     ad = None if adapter is None else setup.adapters[adapter]
-    return realm_jax.generate(setup.model, [prompt], n, adapters=ad, chat=chat, max_len=SEQ, **sampling)
+    return realm_jax.generate(setup.model, [prompt], max_new, adapters=ad, chat=chat, max_len=SEQ, **sampling)
 
 
 # ------------------------------------------------------------------ equivalence
