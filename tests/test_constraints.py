@@ -258,6 +258,28 @@ def test_engine_serves_constrained_and_plain_requests_each_equal_to_generate(gm)
     assert not constraints._ROWS  # every matcher released
 
 
+def test_engine_n_samples_of_a_constrained_prompt_equal_generate_n(gm):
+    """n samples of one constrained prompt are one engine group, each sample with its own
+    matcher: every sample equals ``generate(..., n=3, constraint=...)``'s row and validates."""
+    from realm_jax.engine import Engine
+
+    model, _ = gm
+    eng = Engine(model, max_slots=3, max_seq_len=128, prefill_buckets=(16,), prefill_batch=2,
+                 decode_steps_per_call=4, constrained=True)
+    pattern = _random_regex(np.random.default_rng(3))
+    c = Constraint.regex(pattern)
+    g = eng.submit("x", 60, constraint=c, temperature=1.0, seed=9, n=3)
+    eng.run_until_idle()
+    alone = realm_jax.generate(model, ["x"], 60, max_len=128, constraint=c, temperature=1.0, seed=9, n=3)
+    got = g.results()
+    assert [r.tokens for r in got] == alone.tokens and [r.text for r in got] == alone.texts
+    assert all(r.finish_reason == "stop" and re.fullmatch(pattern, r.text) for r in got)
+    assert len(set(r.text for r in got)) > 1  # the samples draw with their own seeds
+    from realm_jax import constraints
+
+    assert not constraints._ROWS
+
+
 def test_engine_refuses_a_constraint_unless_built_for_it(gm):
     from realm_jax.engine import Engine
 
