@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .params import LEAVES, Leaf, file_name, leaf_shape, model_leaves
+from .params import LEAVES, Leaf, experts_stacked, file_name, leaf_shape, model_leaves
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -29,11 +29,12 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 def tensor_names(cfg: ModelConfig, fmt: str = "hf") -> dict[str, tuple[Leaf, int | tuple | None]]:
     """Every tensor name this config has in a file (``fmt``: ``"hf"`` or ``"gguf"``, the ``Leaf``
     field) -> (leaf, where the tensor sits in the leaf: the layer index, (layer, expert) for a
-    per-expert leaf, or None), in the leaf's order (layer-major, then expert)."""
+    per-expert leaf stored one tensor per expert, or None), in the leaf's order (layer-major,
+    then expert)."""
     out = {}
     for leaf in model_leaves(cfg):
         pattern = file_name(leaf, cfg, fmt)
-        if leaf.per_expert:
+        if leaf.per_expert and not experts_stacked(leaf, cfg, fmt):
             for i in range(cfg.num_layers):
                 out.update({pattern.format(i=i, e=e): (leaf, (i, e)) for e in range(cfg.num_experts)})
         else:
@@ -46,12 +47,34 @@ def leaf_path(leaf: Leaf) -> tuple[str, ...]:
     return ("layers", leaf.name) if leaf.is_layer else (leaf.name,)
 
 
-def file_shape(leaf: Leaf, cfg: ModelConfig) -> tuple[int, ...]:
+def file_shape(leaf: Leaf, cfg: ModelConfig, fmt: str = "hf") -> tuple[int, ...]:
     """The shape of one of the leaf's tensors in a file: one layer's (and expert's) slice of a layer leaf, and
-    ``[D_out, D_in]`` for a weight stored transposed (HF and GGUF matmul weights)."""
+    ``[D_out, D_in]`` for a weight stored transposed (HF and GGUF matmul weights); a GGUF
+    expert tensor holds the layer's every expert, ``[E, D_out, D_in]``."""
     shape = leaf_shape(leaf, cfg)
+    stacked = experts_stacked(leaf, cfg, fmt)
     shape = shape[2:] if leaf.per_expert else shape[1:] if leaf.is_layer else shape
-    return shape[::-1] if leaf.hf_transposed else shape
+    shape = shape[::-1] if leaf.hf_transposed else shape
+    return (cfg.num_experts, *shape) if stacked else shape
+
+
+def check_file_tensor_shape(where: str, name: str, leaf: Leaf, cfg: ModelConfig, got: tuple, fmt: str = "hf",
+                            expert_count_key: str = "num_experts") -> None:
+    """A ``CheckpointError`` naming the tensor unless its shape ``got`` (numpy order) is the one
+    ``cfg`` expects. A tensor of stacked experts whose expert count alone is off says that the
+    expert count (``expert_count_key``, the metadata key it came from) disagrees with the
+    tensor. A leaf with a size-1 axis (the shared-expert gate ``[1, D]``) may be stored squeezed
+    (``[D]``), as llama.cpp's converter writes it."""
+    want = file_shape(leaf, cfg, fmt)
+    if got == want or ("one" in leaf.axes and got == tuple(d for d in want if d != 1)):
+        return
+    if experts_stacked(leaf, cfg, fmt):
+        if len(got) == len(want) and got[1:] == want[1:]:
+            raise CheckpointError(f"{where}: tensor {name!r} stacks {got[0]} experts, but {expert_count_key} says "
+                                  f"{cfg.num_experts}: the expert count disagrees with the tensor")
+        raise CheckpointError(f"{where}: tensor {name!r} has shape {got} (numpy order), expected {want} "
+                              f"([experts, out, in]: {cfg.num_experts} experts stacked)")
+    raise CheckpointError(f"{where}: tensor {name!r} has shape {got} (numpy order), expected {want}")
 
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors dtypes we read (cast to the params dtype)
