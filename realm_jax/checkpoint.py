@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .params import LEAVES, Leaf, experts_stacked, file_name, leaf_shape, model_leaves
+from .params import LEAVES, Leaf, axis_sizes, experts_stacked, file_name, leaf_shape, model_leaves
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -47,34 +47,38 @@ def leaf_path(leaf: Leaf) -> tuple[str, ...]:
     return ("layers", leaf.name) if leaf.is_layer else (leaf.name,)
 
 
+def file_axes(leaf: Leaf, cfg: ModelConfig, fmt: str = "hf") -> tuple[str, ...]:
+    """The logical axes of one of the leaf's tensors in a file: one layer's (and expert's) slice
+    of a layer leaf, reversed (``[D_out, D_in]``) for a weight stored transposed (HF and GGUF
+    matmul weights); a GGUF expert tensor holds the layer's every expert, ``[E, D_out, D_in]``."""
+    axes = leaf.axes[2:] if leaf.per_expert else leaf.axes[1:] if leaf.is_layer else leaf.axes
+    axes = axes[::-1] if leaf.hf_transposed else axes
+    return ("experts", *axes) if experts_stacked(leaf, cfg, fmt) else axes
+
+
 def file_shape(leaf: Leaf, cfg: ModelConfig, fmt: str = "hf") -> tuple[int, ...]:
-    """The shape of one of the leaf's tensors in a file: one layer's (and expert's) slice of a layer leaf, and
-    ``[D_out, D_in]`` for a weight stored transposed (HF and GGUF matmul weights); a GGUF
-    expert tensor holds the layer's every expert, ``[E, D_out, D_in]``."""
-    shape = leaf_shape(leaf, cfg)
-    stacked = experts_stacked(leaf, cfg, fmt)
-    shape = shape[2:] if leaf.per_expert else shape[1:] if leaf.is_layer else shape
-    shape = shape[::-1] if leaf.hf_transposed else shape
-    return (cfg.num_experts, *shape) if stacked else shape
+    """The shape of one of the leaf's tensors in a file (``file_axes``)."""
+    sizes = axis_sizes(cfg)
+    return tuple(sizes[a] for a in file_axes(leaf, cfg, fmt))
 
 
 def check_file_tensor_shape(where: str, name: str, leaf: Leaf, cfg: ModelConfig, got: tuple, fmt: str = "hf",
                             expert_count_key: str = "num_experts") -> None:
     """A ``CheckpointError`` naming the tensor unless its shape ``got`` (numpy order) is the one
-    ``cfg`` expects. A tensor of stacked experts whose expert count alone is off says that the
-    expert count (``expert_count_key``, the metadata key it came from) disagrees with the
-    tensor. A leaf with a size-1 axis (the shared-expert gate ``[1, D]``) may be stored squeezed
-    (``[D]``), as llama.cpp's converter writes it."""
-    want = file_shape(leaf, cfg, fmt)
-    if got == want or ("one" in leaf.axes and got == tuple(d for d in want if d != 1)):
+    ``cfg`` expects. A tensor with an expert axis (stacked experts, the router) whose expert
+    count alone is off says that the expert count (``expert_count_key``, where it came from)
+    disagrees with the tensor. A leaf with a size-1 axis (the shared-expert gate ``[1, D]``)
+    may be stored squeezed (``[D]``), as llama.cpp's converter writes it."""
+    axes, want = file_axes(leaf, cfg, fmt), file_shape(leaf, cfg, fmt)
+    if got == want or ("one" in axes and got == tuple(d for d in want if d != 1)):
         return
-    if experts_stacked(leaf, cfg, fmt):
-        if len(got) == len(want) and got[1:] == want[1:]:
-            raise CheckpointError(f"{where}: tensor {name!r} stacks {got[0]} experts, but {expert_count_key} says "
+    if "experts" in axes and len(got) == len(want):
+        e = axes.index("experts")
+        if got[:e] + got[e + 1:] == want[:e] + want[e + 1:]:
+            raise CheckpointError(f"{where}: tensor {name!r} holds {got[e]} experts, but {expert_count_key} says "
                                   f"{cfg.num_experts}: the expert count disagrees with the tensor")
-        raise CheckpointError(f"{where}: tensor {name!r} has shape {got} (numpy order), expected {want} "
-                              f"([experts, out, in]: {cfg.num_experts} experts stacked)")
-    raise CheckpointError(f"{where}: tensor {name!r} has shape {got} (numpy order), expected {want}")
+    shown = f" ([{', '.join(axes)}])" if "experts" in axes else ""
+    raise CheckpointError(f"{where}: tensor {name!r} has shape {got} (numpy order), expected {want}{shown}")
 
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors dtypes we read (cast to the params dtype)
