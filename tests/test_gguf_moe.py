@@ -119,6 +119,23 @@ def test_greedy_matches_hf_generate(moe):
     check_greedy_matches_hf(case, hf, realm_jax.load(files["F32"][0], dtype="float32"))
 
 
+@pytest.mark.parametrize("moe", ["qwen2_moe_shared"], indirect=True)
+def test_converted_to_hf_is_read_by_transformers(moe, tmp_path):
+    """``gguf_to_hf`` of the Q8_0 file (the shared expert and its gate included): transformers
+    reads the directory to the logits of HF on the file's dequantized values."""
+    from transformers import AutoModelForCausalLM
+
+    from realm_jax.gguf import gguf_to_hf
+
+    case, _, directory, files = moe
+    path, expect = files["Q8_0"]
+    models = [AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, **hf_load_kwargs(ARCH_CASES[case][0])).eval()
+              for d in (gguf_to_hf(path, tmp_path / "converted"),
+                        write_file_as_checkpoint(directory, expect, tmp_path / "dequantized"))]
+    tokens, lengths = batch(models[0].config)
+    assert rows_max_diff(*(hf_logits(m, tokens, lengths) for m in models), lengths) <= 1e-5
+
+
 # ------------------------------------------------------------------ bad files
 @pytest.fixture(scope="module")
 def mixtral(tmp_path_factory):
