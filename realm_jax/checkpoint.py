@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .params import LEAVES, Leaf, file_name, leaf_shape, model_leaves
+from .params import LEAVES, Leaf, axis_sizes, experts_stacked, file_name, leaf_shape, model_leaves
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -29,11 +29,12 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 def tensor_names(cfg: ModelConfig, fmt: str = "hf") -> dict[str, tuple[Leaf, int | tuple | None]]:
     """Every tensor name this config has in a file (``fmt``: ``"hf"`` or ``"gguf"``, the ``Leaf``
     field) -> (leaf, where the tensor sits in the leaf: the layer index, (layer, expert) for a
-    per-expert leaf, or None), in the leaf's order (layer-major, then expert)."""
+    per-expert leaf stored one tensor per expert, or None), in the leaf's order (layer-major,
+    then expert)."""
     out = {}
     for leaf in model_leaves(cfg):
         pattern = file_name(leaf, cfg, fmt)
-        if leaf.per_expert:
+        if leaf.per_expert and not experts_stacked(leaf, cfg, fmt):
             for i in range(cfg.num_layers):
                 out.update({pattern.format(i=i, e=e): (leaf, (i, e)) for e in range(cfg.num_experts)})
         else:
@@ -46,12 +47,38 @@ def leaf_path(leaf: Leaf) -> tuple[str, ...]:
     return ("layers", leaf.name) if leaf.is_layer else (leaf.name,)
 
 
-def file_shape(leaf: Leaf, cfg: ModelConfig) -> tuple[int, ...]:
-    """The shape of one of the leaf's tensors in a file: one layer's (and expert's) slice of a layer leaf, and
-    ``[D_out, D_in]`` for a weight stored transposed (HF and GGUF matmul weights)."""
-    shape = leaf_shape(leaf, cfg)
-    shape = shape[2:] if leaf.per_expert else shape[1:] if leaf.is_layer else shape
-    return shape[::-1] if leaf.hf_transposed else shape
+def file_axes(leaf: Leaf, cfg: ModelConfig, fmt: str = "hf") -> tuple[str, ...]:
+    """The logical axes of one of the leaf's tensors in a file: one layer's (and expert's) slice
+    of a layer leaf, reversed (``[D_out, D_in]``) for a weight stored transposed (HF and GGUF
+    matmul weights); a GGUF expert tensor holds the layer's every expert, ``[E, D_out, D_in]``."""
+    axes = leaf.axes[2:] if leaf.per_expert else leaf.axes[1:] if leaf.is_layer else leaf.axes
+    axes = axes[::-1] if leaf.hf_transposed else axes
+    return ("experts", *axes) if experts_stacked(leaf, cfg, fmt) else axes
+
+
+def file_shape(leaf: Leaf, cfg: ModelConfig, fmt: str = "hf") -> tuple[int, ...]:
+    """The shape of one of the leaf's tensors in a file (``file_axes``)."""
+    sizes = axis_sizes(cfg)
+    return tuple(sizes[a] for a in file_axes(leaf, cfg, fmt))
+
+
+def check_file_tensor_shape(where: str, name: str, leaf: Leaf, cfg: ModelConfig, got: tuple, fmt: str = "hf",
+                            expert_count_key: str = "num_experts") -> None:
+    """A ``CheckpointError`` naming the tensor unless its shape ``got`` (numpy order) is the one
+    ``cfg`` expects. A tensor with an expert axis (stacked experts, the router) whose expert
+    count alone is off says that the expert count (``expert_count_key``, where it came from)
+    disagrees with the tensor. A leaf with a size-1 axis (the shared-expert gate ``[1, D]``)
+    may be stored squeezed (``[D]``), as llama.cpp's converter writes it."""
+    axes, want = file_axes(leaf, cfg, fmt), file_shape(leaf, cfg, fmt)
+    if got == want or ("one" in axes and got == tuple(d for d in want if d != 1)):
+        return
+    if "experts" in axes and len(got) == len(want):
+        e = axes.index("experts")
+        if got[:e] + got[e + 1:] == want[:e] + want[e + 1:]:
+            raise CheckpointError(f"{where}: tensor {name!r} holds {got[e]} experts, but {expert_count_key} says "
+                                  f"{cfg.num_experts}: the expert count disagrees with the tensor")
+    shown = f" ([{', '.join(axes)}])" if "experts" in axes else ""
+    raise CheckpointError(f"{where}: tensor {name!r} has shape {got} (numpy order), expected {want}{shown}")
 
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors dtypes we read (cast to the params dtype)

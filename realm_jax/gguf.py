@@ -11,7 +11,13 @@ Layout notes:
 - llama.cpp's converter reorders the rows of Q and K (weights and biases) of ``llama``-arch
   models, within each head, from HF's half-split rotary layout to its interleaved one:
   HF row ``j * H/2 + i`` (half ``j``, pair ``i``) is stored at row ``2 * i + j``.
-  ``unpermute_rope_rows`` undoes it. ``qwen2``/``qwen3`` files are stored in HF order.
+  ``unpermute_rope_rows`` undoes it. ``qwen2``/``qwen3`` (and their MoE) files are stored in HF order.
+- Mixture of experts (Mixtral: a ``llama`` file with ``llama.expert_count``; ``qwen2moe``;
+  ``qwen3moe``): each layer's experts are one tensor ``blk.N.ffn_{gate,up,down}_exps`` holding
+  every expert, numpy ``[E, D_out, D_in]``; the router is ``ffn_gate_inp`` ``[E, D]``; Qwen2-MoE's
+  shared expert is ``ffn_{gate,up,down}_shexp`` (our dense MLP) and its gate
+  ``ffn_gate_inp_shexp`` (``[D]``). The names are rows of ``params.LEAVES``. A GGUF has no
+  sliding window, so Mixtral from GGUF runs without one (llama.cpp does the same).
 """
 
 from __future__ import annotations
@@ -25,13 +31,16 @@ import numpy as np
 from .config import ModelConfig, check_even, check_float, check_int, check_token_id, head_dim_of
 from .errors import CheckpointError, ConfigError, RealmError, UnsupportedModelError
 from .gguf_file import GGUFFile, GGUFTensor, open_gguf
-from .checkpoint import file_shape, leaf_path, tensor_names
+from .checkpoint import check_file_tensor_shape, file_shape, leaf_path, tensor_names
 from .params import leaf_shape
 
 __all__ = ["GGUFFile", "GGUFTensor", "open_gguf", "config_from_gguf", "read_gguf_params", "load_gguf",
            "gguf_to_hf", "unpermute_rope_rows", "SUPPORTED_GGUF_ARCHITECTURES", "SUPPORTED_QUANT_TYPES"]
 
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")  # Mistral files say "llama"
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe")  # Mistral, Mixtral: "llama"
+# our architecture of a GGUF one (a "llama" file with experts is Mixtral), and back
+_ARCH_OF_GGUF = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+_GGUF_ARCH_OF = {**{v: k for k, v in _ARCH_OF_GGUF.items()}, "mixtral": "llama"}
 SUPPORTED_QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                          "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
@@ -91,9 +100,7 @@ def config_from_gguf(meta: Mapping[str, Any], tensors: Mapping[str, GGUFTensor] 
     def number(name, default):
         return _f32(check_float(where(name), scalar(name, raw(name, default))))
 
-    if integer("expert_count", 0, low=0) > 0:
-        raise UnsupportedModelError(
-            f"{source}: GGUF {arch}.expert_count={raw('expert_count')}: mixture-of-experts models are not supported")
+    moe = _moe_from_gguf(arch, raw, integer, number, tensors, source)
 
     num_heads = integer("attention.head_count", required=True)
     num_kv = integer("attention.head_count_kv", num_heads)
@@ -130,10 +137,13 @@ def config_from_gguf(meta: Mapping[str, Any], tensors: Mapping[str, GGUFTensor] 
 
     qkv_bias = "blk.0.attn_q.bias" in tensors
     o_bias = "blk.0.attn_output.bias" in tensors
-    if arch == "qwen2":
+    if arch in ("qwen2", "qwen2moe"):
         qkv_bias = True
-    if arch in ("qwen2", "qwen3") and o_bias:
+    if arch != "llama" and o_bias:
         raise UnsupportedModelError(f"{source}: GGUF {arch} file has attn_output.bias, which {arch} does not use")
+    if arch == "llama" and moe and (qkv_bias or o_bias):
+        raise UnsupportedModelError(f"{source}: GGUF llama file with experts (Mixtral) has attention biases, "
+                                    f"which Mixtral does not use: not supported")
     if arch == "llama" and qkv_bias != o_bias:
         raise UnsupportedModelError(
             f"{source}: GGUF llama file has q/k/v biases without an output bias (or the reverse): not supported")
@@ -145,8 +155,8 @@ def config_from_gguf(meta: Mapping[str, Any], tensors: Mapping[str, GGUFTensor] 
     eos = [token_id(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     file_type = meta.get("general.file_type", -1)
     file_type = file_type if isinstance(file_type, int) else -1
-    return ModelConfig(
-        arch=arch,
+    fields = dict(
+        arch=_ARCH_OF_GGUF[arch] if not moe else moe.pop("arch"),
         vocab_size=check_int(f"{source}: the vocabulary size", vocab),
         hidden_size=hidden,
         intermediate_size=integer("feed_forward_length", required=True),
@@ -159,13 +169,69 @@ def config_from_gguf(meta: Mapping[str, Any], tensors: Mapping[str, GGUFTensor] 
         tie_word_embeddings="output.weight" not in tensors,
         qkv_bias=qkv_bias,
         o_bias=o_bias and arch == "llama",
-        qk_norm=arch == "qwen3",
+        qk_norm=arch in ("qwen3", "qwen3moe"),
         bos_token_id=token_id("tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(dict.fromkeys(i for i in eos if i is not None)),
         pad_token_id=token_id("tokenizer.ggml.padding_token_id"),
         dtype={0: "float32", 1: "float16", 32: "bfloat16"}.get(file_type, "float32"),
         **rope,
     )
+    return ModelConfig(**{**fields, **moe})
+
+
+def _moe_from_gguf(arch, raw, integer, number, tensors, source) -> dict:
+    """The mixture-of-experts fields of ``ModelConfig`` from GGUF metadata ({} for a dense
+    file), as llama.cpp's converter writes them: ``{arch}.expert_count`` (E),
+    ``expert_used_count`` (k), ``expert_feed_forward_length`` (an expert's width; Mixtral's
+    files may leave it out: its experts have ``feed_forward_length``) and, for qwen2moe,
+    ``expert_shared_feed_forward_length`` (the shared expert's width, our dense F).
+    Renormalising the top k follows llama.cpp: Mixtral and qwen3moe always, qwen2moe never,
+    unless ``expert_weights_norm`` says otherwise. A ``llama`` file with experts is Mixtral
+    (a GGUF carries no sliding window, so none is applied)."""
+    def key(name):
+        return f"{arch}.{name}"
+
+    count = integer("expert_count", 0, low=0)
+    if not count:
+        if arch in ("qwen2moe", "qwen3moe"):
+            raise ConfigError(f"{source}: GGUF metadata is missing {key('expert_count')!r} (required: the number "
+                              f"of experts of a {arch} model)")
+        stacked = [n for n in tensors if n.endswith("_exps.weight")]
+        if stacked:
+            raise ConfigError(f"{source}: GGUF file has expert tensors ({stacked[0]!r}) but no "
+                              f"{key('expert_count')!r} key (or it is 0): the metadata is inconsistent")
+        return {}
+    used = integer("expert_used_count", required=True)
+    if used > count:
+        raise ConfigError(f"{source}: key {key('expert_used_count')!r}: expected at most the {count} experts of "
+                          f"{key('expert_count')!r}, got {used}")
+    gating = raw("expert_gating_func")
+    if gating is not None and gating != 1:  # gguf.ExpertGatingFuncType.SOFTMAX
+        raise UnsupportedModelError(f"{source}: GGUF {key('expert_gating_func')}={gating!r} is not supported; "
+                                    f"supported: 1 (softmax)")
+    scale = raw("expert_weights_scale")
+    if scale is not None and number("expert_weights_scale", 1.0) != 1.0:
+        raise UnsupportedModelError(f"{source}: GGUF {key('expert_weights_scale')}={scale!r} is not supported; "
+                                    f"supported: 1.0")
+    shared_count = integer("expert_shared_count", None, low=0)
+    if shared_count is not None and shared_count != (1 if arch == "qwen2moe" else 0):
+        raise UnsupportedModelError(f"{source}: GGUF {key('expert_shared_count')}={shared_count} is not supported "
+                                    f"for {arch}; supported: {1 if arch == 'qwen2moe' else 0}")
+    norm = raw("expert_weights_norm", arch != "qwen2moe")
+    if not isinstance(norm, bool):
+        raise ConfigError(f"{source}: key {key('expert_weights_norm')!r}: expected a bool, got {norm!r}")
+    out = dict(num_experts=count, num_experts_per_tok=used, norm_topk_prob=norm,
+               moe_intermediate_size=integer("expert_feed_forward_length", required=arch != "llama"))
+    if arch == "llama":
+        out.update(arch="mixtral")
+        if out["moe_intermediate_size"] is None:
+            out["moe_intermediate_size"] = integer("feed_forward_length", required=True)
+    elif arch == "qwen2moe":
+        out.update(arch="qwen2_moe", shared_expert=True,
+                   intermediate_size=integer("expert_shared_feed_forward_length", required=True))
+    else:
+        out.update(arch=_ARCH_OF_GGUF[arch])
+    return out
 
 
 def _f32(v) -> float:
@@ -260,9 +326,8 @@ def _check_tensors(path, cfg: ModelConfig, table: Mapping[str, GGUFTensor]) -> d
             raise UnsupportedModelError(
                 f"{path}: tensor {name!r} has quantization type {qname}, which is not supported; "
                 f"supported: {', '.join(SUPPORTED_QUANT_TYPES)}")
-        want, got = file_shape(leaf, cfg), t.shape
-        if got != want:
-            raise CheckpointError(f"{path}: tensor {name!r} has shape {got} (numpy order), expected {want}")
+        check_file_tensor_shape(str(path), name, leaf, cfg, t.shape, "gguf",
+                                f"key {_GGUF_ARCH_OF[cfg.arch] + '.expert_count'!r}")
     return expected
 
 
@@ -287,7 +352,7 @@ def read_gguf_params(gf: GGUFFile, cfg: ModelConfig, dtype=np.float32,
     by_leaf: dict = {}
     for name, (leaf, i) in expected.items():
         by_leaf.setdefault(leaf, []).append((i, name))
-    permuted = cfg.arch == "llama"
+    permuted = _GGUF_ARCH_OF[cfg.arch] == "llama"  # llama-arch files (Mixtral's too) reorder Q/K rows
     heads_of = {"wq": cfg.num_heads, "bq": cfg.num_heads, "wk": cfg.num_kv_heads, "bk": cfg.num_kv_heads}
     params: dict = {"layers": {}}
     for leaf, items in by_leaf.items():
@@ -300,8 +365,8 @@ def read_gguf_params(gf: GGUFFile, cfg: ModelConfig, dtype=np.float32,
                 raise CheckpointError(f"{path}: tensor {name!r} cannot be read ({type(e).__name__}: {e})") from None
             if permuted and leaf.name in heads_of:
                 w = unpermute_rope_rows(w, heads_of[leaf.name])
-            if leaf.hf_transposed:  # GGUF stores matmul weights [D_out, D_in], as HF does
-                w = w.T
+            if leaf.hf_transposed:  # GGUF stores matmul weights [(E,) D_out, D_in], as HF does
+                w = w.reshape(file_shape(leaf, cfg, "gguf")).swapaxes(-1, -2)
             if i is None:
                 buf[...] = w
             else:

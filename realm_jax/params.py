@@ -18,8 +18,9 @@ Canonical params (what files, PEFT, merge, save, quantize and the reference forw
      "lm_head": [D, V]}            # absent when cfg.tie_word_embeddings (embed.T is used)
 
 Matmul weights are ``[D_in, D_out]`` (applied as ``x @ W``); layer leaves carry L first, and
-expert leaves E second (a checkpoint holds one tensor per layer and expert: ``{i}`` / ``{e}`` in
-the names; they are stacked at load time).
+expert leaves E second (an HF checkpoint holds one tensor per layer and expert: ``{i}`` / ``{e}``
+in the names; a GGUF file one tensor per layer holding every expert, ``[E, D_out, D_in]``; they
+are stacked at load time).
 
 ``LEAVES`` holds, for every leaf, everything the rest of the package needs to know about it:
 its logical axes (which give its shape and its sharding), its HF and GGUF tensor names, and
@@ -57,6 +58,8 @@ class Leaf:
     hf_if: (config flag, HF name) pairs: the first whose flag the config has names the tensor
     instead of ``hf`` (gemma2's ``post_attention_layernorm`` is not the pre-MLP norm; Qwen2-MoE's
     dense MLP is its ``shared_expert``; Mixtral's experts live in ``block_sparse_moe``).
+    gguf_if: the same for the GGUF name (Qwen2-MoE's dense MLP is its ``*_shexp`` tensors).
+    A per-expert leaf whose GGUF name has no ``{e}`` is one tensor per layer, every expert stacked.
     """
 
     name: str
@@ -70,6 +73,7 @@ class Leaf:
     when: str | None = None
     init: str = "normal"
     hf_if: tuple[tuple[str, str], ...] = ()
+    gguf_if: tuple[tuple[str, str], ...] = ()
 
     @property
     def is_layer(self) -> bool:
@@ -85,16 +89,18 @@ class Leaf:
         return self.peft is not None
 
 
-def _proj(name, axes, module, gguf, hf_block="self_attn", when=None, hf_if=()):
+def _proj(name, axes, module, gguf, hf_block="self_attn", when=None, hf_if=(), gguf_if=()):
     return Leaf(name, ("layers",) + axes, f"model.layers.{{i}}.{hf_block}.{module}.weight", f"blk.{{i}}.{gguf}.weight",
                 hf_transposed=True, matmul=True, quantizable=True, peft=module, when=when,
-                hf_if=tuple((flag, f"model.layers.{{i}}.{n}.{module}.weight") for flag, n in hf_if))
+                hf_if=tuple((flag, f"model.layers.{{i}}.{n}.{module}.weight") for flag, n in hf_if),
+                gguf_if=tuple((flag, f"blk.{{i}}.{n}.weight") for flag, n in gguf_if))
 
 
-def _expert(name, axes, module, mixtral_module):
-    """One of the experts' matmul weights [L, E, D_in, D_out]: Qwen names, Mixtral's beside them."""
+def _expert(name, axes, module, mixtral_module, gguf):
+    """One of the experts' matmul weights [L, E, D_in, D_out]: Qwen names, Mixtral's beside them;
+    in GGUF one tensor per layer, [E, D_out, D_in] (``blk.{i}.{gguf}.weight``)."""
     return Leaf(name, ("layers", "experts") + axes, f"model.layers.{{i}}.mlp.experts.{{e}}.{module}.weight",
-                hf_transposed=True, matmul=True, quantizable=True, when="moe",
+                f"blk.{{i}}.{gguf}.weight", hf_transposed=True, matmul=True, quantizable=True, when="moe",
                 hf_if=(("block_sparse_moe", f"model.layers.{{i}}.block_sparse_moe.experts.{{e}}.{mixtral_module}.weight"),))
 
 
@@ -104,6 +110,10 @@ def _vec(name, axes, hf, gguf, when=None, init="norm", hf_if=()):
 
 
 _SHARED = (("shared_expert", "mlp.shared_expert"),)  # qwen2_moe: the dense MLP is the shared expert
+
+
+def _shexp(gguf):
+    return (("shared_expert", f"{gguf}_shexp"),)  # ... named ffn_*_shexp in GGUF
 
 LEAVES: dict[str, Leaf] = {leaf.name: leaf for leaf in (
     Leaf("embed", ("vocab", "embed"), "model.embed_tokens.weight", "token_embd.weight", init="embed"),
@@ -126,16 +136,18 @@ LEAVES: dict[str, Leaf] = {leaf.name: leaf for leaf in (
     _vec("mlp_norm", ("embed",), "post_attention_layernorm.weight", "ffn_norm.weight",
          hf_if=(("post_norms", "pre_feedforward_layernorm.weight"),)),
     _vec("post_mlp_norm", ("embed",), "post_feedforward_layernorm.weight", "post_ffw_norm.weight", "post_norms"),
-    _proj("w_gate", ("embed", "mlp"), "gate_proj", "ffn_gate", "mlp", "dense_mlp", _SHARED),
-    _proj("w_up", ("embed", "mlp"), "up_proj", "ffn_up", "mlp", "dense_mlp", _SHARED),
-    _proj("w_down", ("mlp", "embed"), "down_proj", "ffn_down", "mlp", "dense_mlp", _SHARED),
+    _proj("w_gate", ("embed", "mlp"), "gate_proj", "ffn_gate", "mlp", "dense_mlp", _SHARED, _shexp("ffn_gate")),
+    _proj("w_up", ("embed", "mlp"), "up_proj", "ffn_up", "mlp", "dense_mlp", _SHARED, _shexp("ffn_up")),
+    _proj("w_down", ("mlp", "embed"), "down_proj", "ffn_down", "mlp", "dense_mlp", _SHARED, _shexp("ffn_down")),
+    # GGUF stores the shared-expert gate [1, D] squeezed to [D] (``file_shape`` accepts both)
     Leaf("shared_gate", ("layers", "embed", "one"), "model.layers.{i}.mlp.shared_expert_gate.weight",
-         hf_transposed=True, matmul=True, when="shared_expert"),
-    Leaf("router", ("layers", "embed", "experts"), "model.layers.{i}.mlp.gate.weight", hf_transposed=True,
-         matmul=True, when="moe", hf_if=(("block_sparse_moe", "model.layers.{i}.block_sparse_moe.gate.weight"),)),
-    _expert("we_gate", ("embed", "expert_mlp"), "gate_proj", "w1"),
-    _expert("we_up", ("embed", "expert_mlp"), "up_proj", "w3"),
-    _expert("we_down", ("expert_mlp", "embed"), "down_proj", "w2"),
+         "blk.{i}.ffn_gate_inp_shexp.weight", hf_transposed=True, matmul=True, when="shared_expert"),
+    Leaf("router", ("layers", "embed", "experts"), "model.layers.{i}.mlp.gate.weight", "blk.{i}.ffn_gate_inp.weight",
+         hf_transposed=True, matmul=True, when="moe",
+         hf_if=(("block_sparse_moe", "model.layers.{i}.block_sparse_moe.gate.weight"),)),
+    _expert("we_gate", ("embed", "expert_mlp"), "gate_proj", "w1", "ffn_gate_exps"),
+    _expert("we_up", ("embed", "expert_mlp"), "up_proj", "w3", "ffn_up_exps"),
+    _expert("we_down", ("expert_mlp", "embed"), "down_proj", "w2", "ffn_down_exps"),
 )}
 # The routed experts' weights (the leaves with an E axis after L), in table order.
 EXPERT_LEAVES: tuple[str, ...] = tuple(n for n, leaf in LEAVES.items() if leaf.per_expert)
@@ -164,12 +176,18 @@ def present(leaf: Leaf, cfg: ModelConfig) -> bool:
 
 
 def file_name(leaf: Leaf, cfg: ModelConfig, fmt: str = "hf") -> str:
-    """The leaf's tensor name pattern (``{i}`` = layer) in an HF (``fmt="hf"``) or GGUF file."""
-    if fmt == "hf":
-        for flag, name in leaf.hf_if:
-            if getattr(cfg, flag):
-                return name
+    """The leaf's tensor name pattern (``{i}`` = layer, ``{e}`` = expert) in an HF (``fmt="hf"``)
+    or GGUF (``fmt="gguf"``) file."""
+    for flag, name in getattr(leaf, f"{fmt}_if"):
+        if getattr(cfg, flag):
+            return name
     return getattr(leaf, fmt)
+
+
+def experts_stacked(leaf: Leaf, cfg: ModelConfig, fmt: str = "hf") -> bool:
+    """A per-expert leaf that the file holds as one tensor per layer, every expert stacked on
+    its first axis (GGUF's ``*_exps`` tensors), not one tensor per layer and expert."""
+    return leaf.per_expert and "{e}" not in file_name(leaf, cfg, fmt)
 
 
 def model_leaves(cfg: ModelConfig) -> list[Leaf]:

@@ -3,7 +3,14 @@
 Written independently of ``realm_jax.gguf``: the tensor names, the Q/K row reordering of
 llama-arch models, the llama3 ``rope_freqs`` factors and the metadata keys follow the
 converter's conventions. Weights go in as HF-layout float arrays ([out, in]); ``qtype_for``
-picks each 2-D tensor's GGUF type (1-D tensors are always F32, as the converter keeps them).
+picks each 2-D (or stacked-expert 3-D) tensor's GGUF type (1-D tensors and the expert router are
+always F32, as the converter keeps them).
+
+Mixture of experts, as the converter writes it: an HF checkpoint's one tensor per layer and
+expert (``...experts.{e}.w1.weight`` for Mixtral, ``...mlp.experts.{e}.gate_proj.weight`` for
+Qwen) is stacked over the experts into one GGUF tensor per layer (``blk.N.ffn_gate_exps``,
+numpy [E, out, in]); a size-1 axis is squeezed (Qwen2-MoE's shared-expert gate [1, D] -> [D]);
+``moe_meta`` gives the expert metadata keys.
 """
 
 from __future__ import annotations
@@ -32,7 +39,18 @@ _NAMES = [
     (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "blk.{}.ffn_gate.weight"),
     (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "blk.{}.ffn_up.weight"),
     (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "blk.{}.ffn_down.weight"),
+    (r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.gate\.weight", "blk.{}.ffn_gate_inp.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_expert\.(gate|up|down)_proj\.weight", "blk.{}.ffn_{}_shexp.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_expert_gate\.weight", "blk.{}.ffn_gate_inp_shexp.weight"),
 ]
+# one tensor per layer and expert -> (layer, expert, GGUF name of the layer's stacked tensor)
+_EXPERT_NAMES = [
+    (r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.w1\.weight", "blk.{}.ffn_gate_exps.weight"),
+    (r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.w3\.weight", "blk.{}.ffn_up_exps.weight"),
+    (r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.w2\.weight", "blk.{}.ffn_down_exps.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight", "blk.{}.ffn_{}_exps.weight"),
+]
+ALWAYS_F32 = (".ffn_gate_inp.weight",)  # the converter keeps the expert router in float32
 
 # offsets of the float16 scale fields inside one K-quant block (the rest: random bits)
 _KQUANT_F16_OFFSETS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
@@ -44,6 +62,92 @@ def gguf_name(hf_name: str) -> str:
         if m:
             return out.format(*m.groups())
     raise KeyError(hf_name)
+
+
+def expert_slot(hf_name: str):
+    """(layer, expert, stacked GGUF name) of a per-expert HF tensor name, or None."""
+    for pat, out in _EXPERT_NAMES:
+        m = re.fullmatch(pat, hf_name)
+        if m:
+            layer, expert, *rest = m.groups()
+            return int(layer), int(expert), out.format(layer, *rest)
+    return None
+
+
+def stack_moe_tensors(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """HF-named tensors -> the same with every per-expert tensor stacked into its layer's GGUF
+    tensor (named as in GGUF, [E, out, in], experts in index order); other names unchanged."""
+    out, groups = {}, {}
+    for name, a in tensors.items():
+        slot = expert_slot(name)
+        if slot is None:
+            out[name] = a
+        else:
+            groups.setdefault(slot[2], {})[slot[1]] = np.asarray(a, np.float32)
+    for name, by_expert in groups.items():
+        assert sorted(by_expert) == list(range(len(by_expert))), name  # every expert, once
+        out[name] = np.stack([by_expert[e] for e in range(len(by_expert))])
+    return out
+
+
+def split_moe_tensors(hf_shapes: dict[str, tuple], expect: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The inverse: ``write_gguf``'s expected (dequantized, GGUF-named) tensors back to the HF
+    checkpoint's names and shapes ``hf_shapes`` (each expert its slice of the stacked tensor)."""
+    out = {}
+    for name, shape in hf_shapes.items():
+        slot = expert_slot(name)
+        a = expect[slot[2]][slot[1]] if slot else expect[gguf_name(name)]
+        out[name] = np.ascontiguousarray(a.reshape(shape), np.float32)
+    return out
+
+
+def checkpoint_tensors(directory) -> dict[str, np.ndarray]:
+    """An HF checkpoint directory's tensors (as saved: one per layer and expert), float32 numpy:
+    what the converter reads."""
+    from safetensors.numpy import load_file
+
+    out = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        out.update({k: v.astype(np.float32) for k, v in load_file(f).items()})
+    return out
+
+
+def write_file_as_checkpoint(src_dir, expect: dict[str, np.ndarray], out_dir) -> Path:
+    """An HF checkpoint directory (``src_dir``'s config.json) holding the values a GGUF written
+    by ``write_gguf`` really stores (its ``expect``, dequantized): HF transformers loading it is
+    the reference for our reading of a quantized file."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True)
+    shutil.copy(Path(src_dir) / "config.json", out_dir / "config.json")
+    shapes = {k: v.shape for k, v in checkpoint_tensors(src_dir).items()}
+    save_file(split_moe_tensors(shapes, expect), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    return out_dir
+
+
+def moe_meta(arch: str, hf_cfg) -> list[tuple[str, int]]:
+    """The expert metadata the converter writes, as (key, uint32 value) pairs ([] for a dense
+    model): expert_count / expert_used_count; for qwen2moe / qwen3moe the expert width
+    ``expert_feed_forward_length``; for qwen2moe the shared expert's
+    ``expert_shared_feed_forward_length``. Mixtral (arch ``llama``) has only the counts: its
+    experts' width is ``feed_forward_length``."""
+    count = getattr(hf_cfg, "num_local_experts", None) or getattr(hf_cfg, "num_experts", None)
+    if not count:
+        return []
+    out = [(f"{arch}.expert_count", count), (f"{arch}.expert_used_count", hf_cfg.num_experts_per_tok)]
+    if arch in ("qwen2moe", "qwen3moe"):
+        out.append((f"{arch}.expert_feed_forward_length", hf_cfg.moe_intermediate_size))
+    if arch == "qwen2moe":
+        out.append((f"{arch}.expert_shared_feed_forward_length", hf_cfg.shared_expert_intermediate_size))
+    return out
+
+
+def file_qtype(name: str, a: np.ndarray, qtype_for):
+    """The GGUF type the writer gives tensor ``name`` (GGUF name, converter-shaped ``a``)."""
+    return qtype_for(name, a) if a.ndim >= 2 and not name.endswith(ALWAYS_F32) else Q.F32
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
@@ -125,8 +229,13 @@ def write_gguf(path, arch: str, hf_cfg, tensors: dict[str, np.ndarray], qtype_fo
         extra_tensors["rope_freqs.weight"] = llama3_rope_factors(
             theta, head_dim, rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"],
             rope["original_max_position_embeddings"])
-    for k, v in (extra_meta or {}).items():
-        w.add_key_value(k, v[0], v[1], *v[2:])
+    extra_meta = extra_meta or {}
+    for k, v in moe_meta(arch, hf_cfg):
+        if k not in extra_meta:
+            w.add_uint32(k, v)
+    for k, v in extra_meta.items():
+        if v is not None:  # None: leave the key out
+            w.add_key_value(k, v[0], v[1], *v[2:])
     if tokenizer:
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre(tokenizer.get("pre", "default"))
@@ -140,14 +249,16 @@ def write_gguf(path, arch: str, hf_cfg, tensors: dict[str, np.ndarray], qtype_fo
         if "chat_template" in tokenizer:
             w.add_chat_template(tokenizer["chat_template"])
     expect = {}
-    for hf_name, a in tensors.items():
-        name = gguf_name(hf_name)
+    for hf_name, a in stack_moe_tensors(tensors).items():
+        name = hf_name if hf_name.startswith("blk.") else gguf_name(hf_name)
         a = np.asarray(a, np.float32)
+        if a.ndim == 2 and 1 in a.shape:  # the converter squeezes size-1 axes
+            a = a.reshape(-1)
         if arch == "llama" and ".attn_q." in name:
             a = llama_cpp_permute(a, n_head, n_head)
         elif arch == "llama" and ".attn_k." in name:
             a = llama_cpp_permute(a, n_head, n_kv)
-        qt = qtype_for(name, a) if a.ndim == 2 else Q.F32
+        qt = file_qtype(name, a, qtype_for)
         if qt == Q.F32:
             data = a
             w.add_tensor(name, data)
@@ -155,7 +266,7 @@ def write_gguf(path, arch: str, hf_cfg, tensors: dict[str, np.ndarray], qtype_fo
             data = a.astype(np.float16)
             w.add_tensor(name, data)
         elif qt in _KQUANT_F16_OFFSETS:
-            data = random_kquant_bytes(a.shape[0], a.shape[1], qt, rng)
+            data = random_kquant_bytes(a.size // a.shape[-1], a.shape[-1], qt, rng).reshape(*a.shape[:-1], -1)
             w.add_tensor(name, data, raw_dtype=qt)
         else:
             data = gguf.quants.quantize(a, qt)

@@ -495,7 +495,11 @@ GGUF_CASES = [
      r"rope\.scaling\.type='yarn' is not supported"),
     ("rope-scaling-factor-negative", _meta(f"{L}.rope.scaling.factor", F32, -2.0), ConfigError,
      r"'llama\.rope\.scaling\.factor'.*-2"),
-    ("expert_count", _meta(f"{L}.expert_count", U32, 8), UnsupportedModelError, r"expert_count=8: mixture-of-experts"),
+    # a llama file with experts is Mixtral: the top-k key is required, then the expert tensors
+    ("expert_count", _meta(f"{L}.expert_count", U32, 8), ConfigError, r"missing 'llama\.expert_used_count'"),
+    ("expert_count-dense-tensors", lambda m, t: (set_meta(set_meta(m, f"{L}.expert_count", U32, 8),
+                                                          f"{L}.expert_used_count", U32, 2), t),
+     CheckpointError, r"missing tensor 'blk\.0\.ffn_gate_inp\.weight'"),
     ("split_count", _meta("split.count", U32, 2), UnsupportedModelError, r"split\.count=2"),
     ("architecture-gemma", _meta("general.architecture", STR, "gemma2"), UnsupportedModelError,
      r"general\.architecture 'gemma2' is not supported"),

@@ -175,8 +175,9 @@ def test_gguf_unsupported_options(tmp_path):
     base = dict(llama__block_count=(2, T.UINT32), llama__embedding_length=(64, T.UINT32),
                 llama__feed_forward_length=(96, T.UINT32), llama__attention__head_count=(4, T.UINT32),
                 llama__vocab_size=(97, T.UINT32))
-    _metadata_only(tmp_path / "moe.gguf", "llama", **base, llama__expert_count=(8, T.UINT32))
-    with pytest.raises(UnsupportedModelError, match=r"llama\.expert_count=8: mixture-of-experts"):
+    _metadata_only(tmp_path / "moe.gguf", "llama", **base, llama__expert_count=(8, T.UINT32),
+                   llama__expert_used_count=(2, T.UINT32), llama__expert_gating_func=(2, T.UINT32))
+    with pytest.raises(UnsupportedModelError, match=r"llama\.expert_gating_func=2 is not supported; supported: 1"):
         realm_jax.load(tmp_path / "moe.gguf", dtype="float32")
     _metadata_only(tmp_path / "yarn.gguf", "llama", **base, llama__rope__scaling__type=("yarn", T.STRING))
     with pytest.raises(UnsupportedModelError, match=r"rope\.scaling\.type='yarn' is not supported"):
