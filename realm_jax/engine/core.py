@@ -90,6 +90,17 @@ class Engine:
     admitted together cost; what is shared is the one prompt's prefill, exactly (the samples see
     the same cache, as ``generate``'s), and a group larger than the largest ``prefill_batch`` is
     prefilled once per call it spans. ``best_of=m`` runs m samples and returns the ``n`` best.
+
+    block_size: positions per block of a paged KV cache (None, the default: every slot holds
+    max_seq_len dense rows). num_blocks: blocks in its pool (default: max_slots x
+    ceil(max_seq_len / block_size), the dense cache's memory, so nothing is ever preempted; at
+    least one request of max_seq_len). Paged, admission is limited by free blocks rather than
+    slots x max_seq_len, and a request that does not fit mid-decode is preempted and recomputed
+    (the package doc); a group's samples each hold their own blocks (the prompt's are not shared
+    yet). It is an option, not the default, because its attention gathers every slot's blocks
+    into a dense view each step (the same bytes read as the dense cache, plus the gather; no
+    paged kernel yet), so its gain is memory, which matters when requests are much shorter than
+    max_seq_len; and it does not serve a draft, constraints or a mesh yet.
     """
 
     def __init__(self, model, *, max_slots: int = 8, max_seq_len: int | None = None,

@@ -68,6 +68,7 @@ class RequestHandle:
         self._constraint_key = constraint_key  # its grammar matcher (constraints.register), -1 = none
         self._tokens: list[int] = []
         self._resume = 0  # tokens made before a preemption, at its latest admission (0: none)
+        self.preemptions = 0  # times the paged engine preempted it (recomputed it later)
         self.logprobs = logprobs  # alternatives asked for (None: no log-probs)
         self._lps: list[TokenLogprob] = []  # one per token in _tokens (with logprobs)
         self.stop = tuple(stops)  # its stop strings (checked here, on the host, as tokens arrive)

@@ -1,6 +1,9 @@
 """The engine's scheduling: the request queue, which slot each request runs in, and the admission
 policy (first come, first served; the admitted grouped by prompt length; the prefill size and
-prompt bucket of each group).
+prompt bucket of each group). With a paged KV cache (``blocks.BlockPool``) admission also waits
+for free blocks, each decode call's blocks are taken before it is dispatched (``reserve``), and
+a pool that runs short preempts the youngest running request (recompute: back to the queue's
+front, prefilled again with the tokens it made).
 
 B = the engine's slots, P = rows per prefill call, T = a prompt bucket. The host arrays here are
 the kill flags, bool [B] (slots whose request was cancelled, to be marked done by the next decode
@@ -247,6 +250,7 @@ class Scheduler:
             s = max(running, key=lambda s: self.slots[s].id)
             running.remove(s)
             preempted.append(self.slots[s])
+            self.slots[s].preemptions += 1
             self._vacate(s)
             kill[s] = True
         for s in running:

@@ -30,6 +30,12 @@ Sampling is per row and batch-invariant: a slot's t-th token uses ``fold_in(key(
 exactly as ``generate`` does (speculative rounds use speculative's per-row keys), so a request's
 tokens do not depend on the other slots.
 
+Paged (``pages`` = (NB, bs)): the state's cache is a ``kv_cache.PagedKVCache``; ``admit`` still
+prefills into a fresh dense [P, T] cache and then writes its rows into their blocks
+(``insert_pages``; the table rows travel in the ints, ``PAGE_COLS``), and rows that come back
+from a preemption skip their first draw (``_resume``); ``decode`` takes the host's block table
+[B, M] with each call.
+
 ``prepare_adapters`` is the one place that puts adapters (and, folded, the params) into the
 layout the params are served in.
 """
