@@ -1,9 +1,9 @@
 """The paged KV cache: the forward over a pool of blocks equals the dense cache path on the same
 inputs (both layouts, a sliding window, rows that do not advance); and the engine with
 ``block_size`` / ``num_blocks`` gives every request what ``generate`` gives it alone (greedy,
-seeded, penalties, mixed adapters, stop ids) with a pool small enough that requests are preempted
-and recomputed, admits by free blocks, frees every block after cancellations, refuses bad
-settings, and compiles nothing after warm-up."""
+seeded, penalties, mixed adapters, stop ids, ``n`` samples) with a pool small enough that
+requests are preempted and recomputed, admits by free blocks, frees every block after
+cancellations, refuses bad settings, and compiles nothing after warm-up."""
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ from realm_jax.model import forward_cached
 from realm_jax.runtime import prepare
 
 from compile_counter import CompileCounter
-from test_engine import CFG, PROCESSORS, SEQ, _prompts, host_params, make_workload, reference, submit
+from test_engine import CFG, PROCESSORS, SAMPLED, SEQ, _prompts, host_params, make_workload, reference, submit
 from test_engine import adapters, model  # noqa: F401  (the engine tests' fixtures)
 from test_engine_logprobs import _same as same_logprobs
 
@@ -191,6 +191,23 @@ def test_penalties_min_tokens_and_logprobs_survive_a_preemption(model, adapters,
     _all_free(engine)
 
 
+def test_samples_of_a_prompt_equal_generate_n_through_preemptions(model, engine):
+    """``n`` groups (one prefill each, its rows written into every sample's own blocks) whose
+    samples are preempted and come back alone, prefilling their own tokens: each group equals
+    ``generate(..., n=...)`` alone."""
+    prompts = _prompts(7, 3)
+    settings = [dict(n=3), dict(n=2, **SAMPLED, seed=4), dict(n=3, temperature=0.8, seed=2**32 - 2)]
+    refs = [generate(model, [p], 40, stop_ids=[], **st) for p, st in zip(prompts, settings)]
+    with CompileCounter() as cc:
+        groups = [engine.submit(p, 40, stop_ids=[], **st) for p, st in zip(prompts, settings)]
+        engine.run_until_idle()
+    assert cc.count == 0
+    assert any(h.preemptions for g in groups for h in g), "a sample was meant to be preempted"
+    for i, (g, ref) in enumerate(zip(groups, refs)):
+        assert [h.result().tokens for h in g] == ref.tokens, f"group {i}"
+    _all_free(engine)
+
+
 def test_admission_is_limited_by_free_blocks(model):
     """Four slots but a pool of 16 blocks: a 16-token prompt needs 5 blocks for its prefill and
     first decode call (19 positions), so three are admitted and the fourth waits for blocks."""
@@ -200,6 +217,9 @@ def test_admission_is_limited_by_free_blocks(model):
     with eng._lock:
         groups, _ = eng._plan()
     assert sum(len(g) for _, _, g in groups) == 3 and list(eng._queue) == hs[3:]
+    with pytest.raises(RealmError, match="n: 4 samples of this prompt need 20 blocks to start together, over the "
+                                         "engine's num_blocks=16"):
+        eng.submit(list(range(3, 19)), 30, stop_ids=[], n=4)
     assert eng._sched.pages.in_use == 3 * blocks_for(16, BS)
     with eng._lock:  # the decode call's blocks: 19 positions each
         assert eng._sched.reserve(np.zeros(4, bool)) == []
