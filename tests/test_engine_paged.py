@@ -255,6 +255,23 @@ def test_cancellations_free_every_block(model, adapters, engine):
     _all_free(engine)
 
 
+def test_the_background_loop_serves_with_preemptions(model, adapters, engine):
+    work = make_workload(model, adapters, 8, seed=4)
+    before = engine.stats().preemptions
+    with CompileCounter() as cc:
+        engine.start()
+        try:
+            handles = [submit(engine, req) for req, _ in work]
+            results = [h.result(timeout=120) for h in handles]
+            engine.run_until_idle(timeout=120)
+        finally:
+            engine.stop()
+    assert cc.count == 0 and engine.stats().preemptions > before
+    for i, (r, (_, ref)) in enumerate(zip(results, work)):
+        assert (r.tokens, r.finish_reason) == ref, f"request {i}"
+    _all_free(engine)
+
+
 @pytest.mark.slow
 def test_per_layer_layout_with_preemptions_equals_generate_alone(model, adapters):
     served = Model(CFG, model.params, None)
