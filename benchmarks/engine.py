@@ -22,6 +22,10 @@ budget (random weights would hit eos by chance only). Greedy.
   for device results. While the wait is well above zero the host keeps the device fed; a large
   dispatch time means the calls block on the device (it is the bottleneck).
 
+- **paged** (``--block-size``): the same engine with ``Engine(block_size=, num_blocks=--num-blocks)``
+  (default: the dense cache's memory, so no preemption), one more row per ``--steps-per-call``;
+  ``preemptions`` counts the requests that gave their blocks back and were recomputed.
+
 Both are warm: the engine's ``warmup()`` compiles its programs; the static pass runs the whole
 workload once untimed (compiling every batch's shapes) before the timed passes; each method
 reports its median of ``--repeats`` passes. Throughput =
@@ -99,7 +103,8 @@ def run_engine(eng: Engine, prompts, news, **settings) -> dict:
             "host_ms_per_call": 1e3 * host / calls, "wait_ms_per_call": 1e3 * wait / calls,
             "dispatch_ms_per_call": 1e3 * dispatch / calls,
             "latency_p50_s": float(np.percentile(lat, 50)), "latency_p90_s": float(np.percentile(lat, 90)),
-            "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p90_s": float(np.percentile(ttft, 90))}
+            "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p90_s": float(np.percentile(ttft, 90)),
+            "preemptions": st.preemptions - before.preemptions}
 
 
 def host_profile(fn, top: int) -> None:
@@ -187,6 +192,10 @@ def main(argv=None) -> int:
                          "program and the idle gaps between kernels")
     ap.add_argument("--logprobs", type=int, default=None, metavar="N",
                     help="also run each engine with max_logprobs=N, every request asking for N alternatives")
+    ap.add_argument("--block-size", type=int, default=None, metavar="N",
+                    help="also run the engine with a paged KV cache of blocks of N positions")
+    ap.add_argument("--num-blocks", type=int, default=None, metavar="N",
+                    help="blocks in the paged pool (default: slots x max_seq_len / block size)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -217,18 +226,22 @@ def main(argv=None) -> int:
           flush=True)
 
     rows = []
-    runs = [(steps, None) for steps in args.steps_per_call]
+    runs = [(steps, None, None) for steps in args.steps_per_call]
     if args.logprobs is not None:
-        runs += [(steps, args.logprobs) for steps in args.steps_per_call]
-    for steps, lp in runs:
+        runs += [(steps, args.logprobs, None) for steps in args.steps_per_call]
+    if args.block_size is not None:
+        runs += [(steps, None, args.block_size) for steps in args.steps_per_call]
+    for steps, lp, bs in runs:
         eng = Engine(model, max_slots=slots, max_seq_len=max_seq_len, prefill_buckets=buckets,
-                     prefill_batch=pbatch, decode_steps_per_call=steps, max_logprobs=lp)
+                     prefill_batch=pbatch, decode_steps_per_call=steps, max_logprobs=lp, block_size=bs,
+                     num_blocks=None if bs is None else args.num_blocks)
         t = time.perf_counter()
         eng.warmup()
-        label = f"engine ({steps} steps/call{'' if lp is None else f', logprobs={lp}'})"
+        extra = ("" if lp is None else f", logprobs={lp}") + ("" if bs is None else f", paged {bs}x{eng.num_blocks}")
+        label = f"engine ({steps} steps/call{extra})"
         print(f"{label} warm-up (compile): {time.perf_counter() - t:.1f} s", flush=True)
         settings = {} if lp is None else {"logprobs": lp}
-        rows.append({"method": label, "steps_per_call": steps, "logprobs": lp,
+        rows.append({"method": label, "steps_per_call": steps, "logprobs": lp, "block_size": bs,
                      **median_run(lambda e=eng, s=settings: run_engine(e, prompts, news, **s), args.repeats)})
         print(f"{rows[-1]['method']}: {rows[-1]['tokens_per_s']:.0f} tok/s", flush=True)
         if args.host_profile:
@@ -252,6 +265,8 @@ def main(argv=None) -> int:
             ("ttft_p50_s", "TTFT p50 s"), ("latency_p50_s", "latency p50 s"), ("latency_p90_s", "latency p90 s"),
             ("decode_calls", "decode calls"), ("host_ms_per_call", "host ms/call"),
             ("wait_ms_per_call", "wait ms/call"), ("dispatch_ms_per_call", "dispatch ms/call")]
+    if args.block_size is not None:
+        cols.append(("preemptions", "preemptions"))
     print()
     print(common.markdown_table(rows, cols))
     print(f"\n{common.environment_line(env)}; {name}, {n} requests, {slots} slots")

@@ -1,13 +1,22 @@
-"""KV cache pytree: keys/values ``[L, B, S, K, H]`` plus per-row valid lengths ``[B]``.
+"""KV caches: the dense ``KVCache`` (keys/values ``[L, B, S, K, H]``) and the paged
+``PagedKVCache`` (fixed-size blocks of one pool, found through a block table), each with
+per-row valid lengths ``[B]``.
 
 Slot s of row b holds the key/value of absolute position s. ``lengths[b]`` slots are valid;
 anything beyond is garbage that masks exclude and later writes overwrite. Rolling back
 (speculative decoding) is just lowering ``lengths``.
+
+Paged (NB = blocks in the pool, bs = block size, M = blocks a row may hold): position s of row
+b lives in block ``block_table[b, s // bs]`` at offset ``s % bs``; a row's blocks need not be
+contiguous or in order, so memory is held per token written, not per row at its longest.
+``layer_io`` gives the forward one way to write and read a layer of either kind: writes scatter
+into the pool through the table, and reads gather a row's blocks into the dense view
+``[B, M * bs, K, H]`` that the attention of the dense cache takes unchanged.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -123,3 +132,127 @@ def extend(cache: KVCache, slots: int) -> KVCache:
     if cache.per_layer:
         return KVCache(tuple(pad(x, 1) for x in cache.k), tuple(pad(x, 1) for x in cache.v), cache.lengths)
     return KVCache(pad(cache.k, 2), pad(cache.v, 2), cache.lengths)
+
+
+# ------------------------------------------------------------------------------ paged
+class PagedKVCache(NamedTuple):
+    """k, v: the pool, stacked ``[L, NB, bs, K, H]`` or (per-layer layout) tuples of L
+    ``[NB, bs, K, H]``; block_table [B, M] int32 (an entry outside [0, NB) = no block: writes to
+    it are dropped, reads give zeros); lengths [B] int32."""
+
+    k: jax.Array
+    v: jax.Array
+    block_table: jax.Array
+    lengths: jax.Array
+
+    @property
+    def per_layer(self) -> bool:
+        return isinstance(self.k, (tuple, list))
+
+    @property
+    def _pool_shape(self) -> tuple:
+        """[NB, bs, K, H]."""
+        return self.k[0].shape if self.per_layer else self.k.shape[1:]
+
+    @property
+    def block_size(self) -> int:
+        return self._pool_shape[1]
+
+    @property
+    def num_blocks(self) -> int:
+        return self._pool_shape[0]
+
+    @property
+    def max_len(self) -> int:
+        """S of the dense view: M * bs."""
+        return self.block_table.shape[1] * self.block_size
+
+    @property
+    def batch(self) -> int:
+        return self.lengths.shape[0]
+
+
+def init_paged_cache(cfg: ModelConfig, batch: int, num_blocks: int, block_size: int, max_blocks: int,
+                     dtype=jnp.bfloat16, *, per_layer: bool = False) -> PagedKVCache:
+    """A zeroed pool of ``num_blocks`` blocks of ``block_size`` positions, and ``batch`` rows
+    holding no block yet (table [B, max_blocks] all ``num_blocks``)."""
+    shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+    table = jnp.full((batch, max_blocks), num_blocks, jnp.int32)
+    lengths = jnp.zeros((batch,), jnp.int32)
+    if per_layer:
+        n = cfg.num_layers
+        return PagedKVCache(tuple(jnp.zeros(shape, dtype) for _ in range(n)),
+                            tuple(jnp.zeros(shape, dtype) for _ in range(n)), table, lengths)
+    return PagedKVCache(jnp.zeros((cfg.num_layers,) + shape, dtype), jnp.zeros((cfg.num_layers,) + shape, dtype),
+                        table, lengths)
+
+
+def page_slots(table: jax.Array, num_blocks: int, block_size: int, start: jax.Array, lengths: jax.Array,
+               t: int) -> tuple[jax.Array, jax.Array]:
+    """Where the T tokens of a call land: (block, offset) [B, T] of positions start[b] + t.
+    Tokens t >= lengths[b] (padding; rows that do not advance) and positions without a block get
+    block ``num_blocks``: their writes are dropped, so a row never writes into blocks it does not
+    hold, whatever its table still says."""
+    pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    j = pos // block_size
+    m = table.shape[1]
+    blk = jnp.take_along_axis(table, jnp.clip(j, 0, m - 1), axis=1)
+    ok = (jnp.arange(t)[None, :] < lengths[:, None]) & (j < m) & (blk >= 0) & (blk < num_blocks)
+    return jnp.where(ok, blk, num_blocks), pos % block_size
+
+
+def _lead(layer) -> tuple:
+    return () if layer is None else (layer,)
+
+
+def write_pages(buf: jax.Array, layer, new: jax.Array, blocks: jax.Array, offsets: jax.Array) -> jax.Array:
+    """Scatter new [B, T, K, H] (or [L, B, T, K, H] with ``layer`` a slice) into the pool
+    ``buf`` at (blocks, offsets) [B, T] (``page_slots``); ``layer``: the index into a stacked
+    pool, None for one layer's [NB, bs, K, H]. Out-of-range blocks are dropped."""
+    return buf.at[_lead(layer) + (blocks, offsets)].set(new.astype(buf.dtype), mode="drop")
+
+
+def gather_pages(buf: jax.Array, layer, table: jax.Array) -> jax.Array:
+    """The dense view [B, M * bs, K, H] of the rows' blocks (table [B, M]) in one layer of the
+    pool (``layer`` as in ``write_pages``); positions without a block read zeros."""
+    view = buf.at[_lead(layer) + (table,)].get(mode="fill", fill_value=0)  # [B, M, bs, K, H]
+    b, m, bs = view.shape[:3]
+    return view.reshape((b, m * bs) + view.shape[3:])
+
+
+def layer_io(cache, start: jax.Array, lengths: jax.Array, t: int) -> tuple[Callable, Callable]:
+    """``(write(buf, layer, new) -> buf, read(buf, layer) -> [B, S, K, H])`` for one call that
+    appends T tokens [B, T, K, H] at positions start[b] + t (the first lengths[b] of them real)
+    to one k or v buffer of ``cache``: a ``KVCache`` (dense rows) or a ``PagedKVCache`` (the
+    pool, through its block table; S = M * bs). ``layer``: the layer index into a stacked
+    buffer, None for a per-layer one."""
+    if isinstance(cache, PagedKVCache):
+        blocks, offsets = page_slots(cache.block_table, cache.num_blocks, cache.block_size, start, lengths, t)
+        nb = cache.num_blocks
+        table = jnp.where((cache.block_table >= 0) & (cache.block_table < nb), cache.block_table, nb)
+        return (lambda buf, layer, new: write_pages(buf, layer, new, blocks, offsets),
+                lambda buf, layer: gather_pages(buf, layer, table))
+    if cache.per_layer:
+        return lambda buf, layer, new: write_rows(buf, new, start), lambda buf, layer: buf
+    return lambda buf, layer, new: write_layer(buf, layer, new, start), lambda buf, layer: buf[layer]
+
+
+def insert_pages(cache: PagedKVCache, rows: KVCache, slots: jax.Array, tables: jax.Array) -> PagedKVCache:
+    """``insert_rows`` for a pool: the P dense rows of ``rows`` (``[L, P, T, K, H]``, or per-layer
+    tuples; its first rows.lengths[p] positions) are written into the blocks of their tables
+    [P, M], which become rows ``slots`` [P] of the block table, with their lengths. A slot
+    outside ``[0, B)`` drops that row's table and length (its blocks should be none: length 0)."""
+    if rows.per_layer != cache.per_layer:
+        raise ValueError("insert_pages: rows and cache must share a layout (both stacked or both per-layer)")
+    slots = slots.astype(jnp.int32)
+    zero = jnp.zeros_like(rows.lengths)
+    blocks, offsets = page_slots(tables.astype(jnp.int32), cache.num_blocks, cache.block_size, zero,
+                                 rows.lengths, rows.max_len)
+    if cache.per_layer:
+        k = tuple(write_pages(c, None, r, blocks, offsets) for c, r in zip(cache.k, rows.k))
+        v = tuple(write_pages(c, None, r, blocks, offsets) for c, r in zip(cache.v, rows.v))
+    else:
+        k = write_pages(cache.k, slice(None), rows.k, blocks, offsets)
+        v = write_pages(cache.v, slice(None), rows.v, blocks, offsets)
+    return PagedKVCache(k, v, cache.block_table.at[slots].set(tables.astype(jnp.int32), mode="drop"),
+                        cache.lengths.at[slots].set(rows.lengths, mode="drop"))

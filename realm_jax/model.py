@@ -19,7 +19,7 @@ import numpy as np
 from .attention import attention_mask, fused_attention, gqa_attention
 from .config import ModelConfig
 from .errors import RealmError
-from .kv_cache import KVCache, write_layer, write_rows
+from .kv_cache import KVCache, layer_io
 from .layers import apply_rope, embed_tokens, gate, norm, rope_cos_sin, softcap
 from .moe import ragged_experts, route, shared_expert_scale
 from .runtime import Runtime, expert_projections, head_logits, projections
@@ -235,8 +235,11 @@ def forward_cached_hidden(rt: Runtime, cfg: ModelConfig, tokens: jax.Array, leng
     (0 = the row does not advance). Token t of row b sits at position ``cache.lengths[b] + t``.
     Returns hidden [B, T, D] and the cache with ``lengths += lengths``. The cache is per-layer
     (a tuple of [B, S, K, H]) for a per-layer runtime and stacked [L, B, S, K, H] for a stacked
-    one (``generation.new_cache`` makes the right one). Local (sliding-window) layers keep every
-    position too: their window is a mask over the full cache.
+    one (``generation.new_cache`` makes the right one). A ``kv_cache.PagedKVCache`` (a pool of
+    blocks and a block table, same two layouts) works the same way: each layer's new keys are
+    scattered into the rows' blocks and attention runs over the gathered dense view [B, M * bs]
+    (``kv_cache.layer_io``), the same attention code, fused kernel included, as the dense cache.
+    Local (sliding-window) layers keep every position too: their window is a mask over the full cache.
     ``num_layers`` runs only the first layers (self-speculative draft); the cache must have
     that many layers. ``empty_cache=True`` promises every ``cache.lengths`` is 0 (a prompt pass):
     where the fused kernel is available, attention then runs over this call's keys alone through it.
@@ -254,17 +257,19 @@ def forward_cached_hidden(rt: Runtime, cfg: ModelConfig, tokens: jax.Array, leng
                    num_layers=num_layers)
     x = embed_tokens(cfg, rt.embed, tokens)
 
+    write, read = layer_io(cache, start, lengths, t)  # dense rows, or the pool through the block table
+
     if not rt.stacked:  # a Python loop, each layer's weights and cache its own buffers
         ks, vs = list(cache.k), list(cache.v)
         for i, (lp, ll, local) in enumerate(_layer_slices(rt, cfg, num_layers)):
             cos, sin, core = _kind_of(kinds, local)
 
             def attend(q, k, v, i=i, core=core):
-                ks[i], vs[i] = write_rows(ks[i], k, start), write_rows(vs[i], v, start)
-                return core(q, k, v, ks[i], vs[i])
+                ks[i], vs[i] = write(ks[i], None, k), write(vs[i], None, v)
+                return core(q, k, v, read(ks[i], None), read(vs[i], None))
 
             x = _layer(cfg, x, lp, ll, adapter_ids, cos, sin, attend)
-        return x, KVCache(tuple(ks), tuple(vs), kv_len)
+        return x, cache._replace(k=tuple(ks), v=tuple(vs), lengths=kv_len)
 
     def body(carry, xs):
         x, ck, cv, i = carry
@@ -273,14 +278,14 @@ def forward_cached_hidden(rt: Runtime, cfg: ModelConfig, tokens: jax.Array, leng
         box = {}
 
         def attend(q, k, v):
-            box["k"], box["v"] = write_layer(ck, i, k, start), write_layer(cv, i, v, start)
-            return core(q, k, v, box["k"][i], box["v"][i])
+            box["k"], box["v"] = write(ck, i, k), write(cv, i, v)
+            return core(q, k, v, read(box["k"], i), read(box["v"], i))
 
         x = _layer(cfg, x, lp, ll, adapter_ids, cos, sin, attend)
         return (x, box["k"], box["v"], i + 1), None
 
     (x, ck, cv, _), _ = jax.lax.scan(body, (x, cache.k, cache.v, jnp.int32(0)), _layer_slices(rt, cfg, num_layers))
-    return x, KVCache(ck, cv, kv_len)
+    return x, cache._replace(k=ck, v=cv, lengths=kv_len)
 
 
 _forward_jit = jax.jit(forward, static_argnums=1)

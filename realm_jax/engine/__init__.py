@@ -39,6 +39,22 @@ rows of one prefill call, where only the first row holds the prompt and the othe
 cache and first-token logits; sample j draws with seed + j, so the group equals
 ``generate(model, [prompt], ..., n=4)``. Same programs for any n: nothing compiles per n.
 
+**Paged KV cache** (``Engine(..., block_size=16, num_blocks=N)``; the default ``block_size=None``
+keeps B x S dense rows): the cache is one pool of N blocks of ``block_size`` positions and each
+slot a row of a block table [B, M] (M = ceil(S / block_size)), so memory is held per token
+written. The host keeps the free list (``blocks``) and the table: admission takes a request only
+while the pool holds its prefill and first decode call besides the next call of every request
+already running, and each decode call's blocks (W positions per running slot) are taken before
+it is dispatched. When they do not fit, the youngest running request is **preempted by
+recompute**: its blocks go back, it returns to the front of the queue, and once re-admitted it is
+prefilled with its prompt and the tokens it had made (all delivered by then) and continues where
+it was: the same token count, so the same ``fold_in(key(seed), t)`` draws, and the same
+penalties' history; nothing is delivered twice. Its output still equals ``generate`` alone.
+A preempted sample of an ``n`` group comes back alone, prefilling its own tokens.
+Attention gathers each slot's blocks into the dense view [B, M * block_size] and runs the
+existing attention over it (the fused kernel on GPU too; no paged kernel yet). ``stats()`` has
+``blocks_in_use``, ``blocks_free`` and ``preemptions``. Not yet with a draft, constraints or a mesh.
+
 Threads: ``submit``/``cancel`` are safe from any thread. Requests advance when someone drives
 the loop: ``start()`` runs it on a background thread; otherwise ``run_until_idle()``,
 ``generate_many``, ``handle.result()`` and ``handle.stream()`` drive it from the caller.
@@ -49,9 +65,12 @@ The parts, B = slots, P = rows per prefill call, T = a prompt bucket, E = stop-i
 W = tokens per slot a decode call hands back:
 
 - ``core``: the ``Engine`` (settings, submission, the loop wiring the three below);
-- ``scheduler``: the queue, slot owners, kill flags [B], admission policy and bucket choice;
-- ``state``: the device state [B, ...], its jitted ``admit`` ([P, T + E + L + 9] + [P, 6 + L] -> [P, 2])
-  and ``decode`` ([B] kill flags -> [B, W + 6]), and ``Device``, which makes those calls;
+- ``scheduler``: the queue, slot owners, kill flags [B], admission policy and bucket choice,
+  preemption;
+- ``blocks``: the paged cache's free list, the blocks of each slot and the block table [B, M];
+- ``state``: the device state [B, ...], its jitted ``admit`` ([P, T + E + L + 9] + [P, 6 + L] -> [P, 2];
+  paged, the ints also carry [2 + M]) and ``decode`` ([B] kill flags (+ paged, the table [B, M])
+  -> [B, W + 6]), and ``Device``, which makes those calls;
 - ``delivery``: request handles and results, handing device results to them, statistics.
 """
 

@@ -25,6 +25,7 @@ from ..generation import GenerationResult, default_stop_ids, prepare_prompts, va
 from . import delivery
 from . import state as es
 from .adapters import AdapterSlots
+from .blocks import BlockPool, check_pages
 from .delivery import CANCELLED, EngineStats, RequestGroup, RequestHandle, Stats
 from .scheduler import Call, Scheduler, _check_pos_int
 
@@ -89,6 +90,17 @@ class Engine:
     admitted together cost; what is shared is the one prompt's prefill, exactly (the samples see
     the same cache, as ``generate``'s), and a group larger than the largest ``prefill_batch`` is
     prefilled once per call it spans. ``best_of=m`` runs m samples and returns the ``n`` best.
+
+    block_size: positions per block of a paged KV cache (None, the default: every slot holds
+    max_seq_len dense rows). num_blocks: blocks in its pool (default: max_slots x
+    ceil(max_seq_len / block_size), the dense cache's memory, so nothing is ever preempted; at
+    least one request of max_seq_len). Paged, admission is limited by free blocks rather than
+    slots x max_seq_len, and a request that does not fit mid-decode is preempted and recomputed
+    (the package doc); a group's samples each hold their own blocks (the prompt's are not shared
+    yet). It is an option, not the default, because its attention gathers every slot's blocks
+    into a dense view each step (the same bytes read as the dense cache, plus the gather; no
+    paged kernel yet), so its gain is memory, which matters when requests are much shorter than
+    max_seq_len; and it does not serve a draft, constraints or a mesh yet.
     """
 
     def __init__(self, model, *, max_slots: int = 8, max_seq_len: int | None = None,
@@ -97,7 +109,7 @@ class Engine:
                  adapters: Mapping[str, Any] | None = None, fold_adapters: bool = False, draft=None,
                  k: int = 4, constrained: bool = False, adapter_slots: int | None = None,
                  adapter_rank: int | None = None, adapter_targets: Sequence[str] | None = None,
-                 max_logprobs: int | None = None):
+                 max_logprobs: int | None = None, block_size: int | None = None, num_blocks: int | None = None):
         cfg = model.config
         self.model = model
         self.max_slots = _check_pos_int("max_slots", max_slots)
@@ -107,8 +119,18 @@ class Engine:
         if self.max_seq_len > cfg.max_position_embeddings:
             raise RealmError(f"max_seq_len: expected at most the model's max_position_embeddings="
                              f"{cfg.max_position_embeddings}, got {max_seq_len}")
+        paging = check_pages(block_size, num_blocks, self.max_slots, self.max_seq_len)
+        self.block_size, self.num_blocks = paging or (None, None)
+        if paging is not None:
+            unserved = [n for n, on in (("draft", draft is not None), ("constrained", constrained),
+                                        ("a mesh", model.runtime.mesh is not None)) if on]
+            if unserved:
+                raise RealmError(f"block_size: the paged KV cache does not serve {', '.join(unserved)} yet "
+                                 f"(use block_size=None)")
+        pages = None if paging is None else BlockPool(self.num_blocks, self.block_size, self.max_slots,
+                                                      self.max_seq_len)
         self._sched = Scheduler(self.max_slots, self.max_seq_len, prefill_buckets, prefill_batch,
-                                decode_steps_per_call)
+                                decode_steps_per_call, pages)
         self.prefill_buckets = self._sched.prefill_buckets
         self.max_prompt_len = self._sched.max_prompt_len
         self.prefill_rows = self._sched.prefill_rows
@@ -158,7 +180,8 @@ class Engine:
         self._device = es.Device(params, cfg, slots=self.max_slots, max_len=self.max_seq_len,
                                  stop_width=self.stop_width, bias_width=self.bias_width,
                                  steps=self.decode_steps_per_call,
-                                 draft=self.draft, k=self.k, constrained=constrained, top_logprobs=max_logprobs)
+                                 draft=self.draft, k=self.k, constrained=constrained, top_logprobs=max_logprobs,
+                                 pages=None if paging is None else (self.num_blocks, self.block_size))
         self.window = self._device.window
 
         self._lock = threading.Lock()
@@ -240,6 +263,13 @@ class Engine:
         aid = self._adapter_slot(adapter)
         limit = int(req.max_new_tokens[0])
         rows = req.rows  # R = samples; sample j draws with seed + j (validate_request)
+        pages = self._sched.pages
+        if pages is not None and rows > 1:  # admitted together: their first blocks at once
+            need = rows * pages.need(n + self.decode_steps_per_call, n + limit - 1)
+            if need > pages.num_blocks:
+                field = "n" if st.best_of is None else "best_of"
+                raise RealmError(f"{field}: {rows} samples of this prompt need {need} blocks to start together, "
+                                 f"over the engine's num_blocks={pages.num_blocks}")
         keys = [-1] * rows
         if req.constraints[0] is not None:  # last: nothing can refuse the request after this
             from ..constraints import compile_rows, register
@@ -439,11 +469,22 @@ class Engine:
         with self._drive:
             return self._step()
 
-    def _admission(self, p: int, slots: list[int], hs: list[RequestHandle]) -> tuple[np.ndarray, np.ndarray]:
-        """The host tables of one prefill call (``state.admission``) in the scheduler's bucket."""
-        return es.admission(p, self._sched.bucket_for(hs), self.stop_width, self.bias_width, self.max_slots,
-                            [(s, h.prompt_ids, h._settings, h._floats, src)
-                             for s, h, src in zip(slots, hs, self._sched.sources(hs))])
+    def _admission(self, p: int, slots: list[int], hs: list[RequestHandle],
+                   tables: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The host tables of one prefill call (``state.admission``) in the scheduler's bucket;
+        paged, with the slots' rows of the block ``tables`` [B, M] and a preempted request's
+        tokens (``RequestHandle._resume``) after its prompt."""
+        if tables is None and self._sched.pages is not None:
+            tables = self._sched.pages.table
+        fill = []
+        for s, h, src in zip(slots, hs, self._sched.sources(hs)):
+            row = (s, h.prompt_ids, h._settings, h._floats, src)
+            if tables is not None:
+                made = h._tokens[:h._resume]
+                row = (s, h.prompt_ids + made[:-1]) + row[2:] + ((h._resume, made[-1] if made else 0, tables[s]),)
+            fill.append(row)
+        return es.admission(p, self._sched.bucket_for(hs), self.stop_width, self.bias_width, self.max_slots, fill,
+                            self._device.page_cols)
 
     def _step(self) -> bool:
         """Caller holds ``_drive``. Admit, dispatch decode N, then (while it runs) deliver decode
@@ -454,13 +495,16 @@ class Engine:
             if not sched.has_work():
                 return False
             groups, kill = sched.plan()
+            preempted = sched.reserve(kill)  # paged: the blocks of this decode call
             owners = list(sched.slots)
             run = sched.needs_decode(kill, owners)
+            tables = None if sched.pages is None else sched.pages.table.copy()
+            self._stats.n["preemptions"] += len(preempted)
         try:
-            admitted = [(slots, hs, dev.admit(*self._admission(rows, slots, hs))) for rows, slots, hs in groups]
+            admitted = [(slots, hs, dev.admit(*self._admission(rows, slots, hs, tables))) for rows, slots, hs in groups]
             call = None
             if run:
-                call = Call(dev.decode(kill if kill.any() else dev.no_kill), owners)
+                call = Call(dev.decode(kill if kill.any() else dev.no_kill, tables), owners)
             if sched.inflight is not None:
                 self._deliver_decode(sched.inflight.owners, dev.fetch(sched.inflight.out))
             sched.inflight = call
@@ -606,10 +650,14 @@ class Engine:
                 self._check_alive()
                 if self._sched.has_work():
                     raise RealmError("warmup: the engine is busy; call it before submitting requests")
-            self._device.warmup(self.prefill_rows, self.prefill_buckets, self._sched.kill.copy())
+            pages = self._sched.pages
+            self._device.warmup(self.prefill_rows, self._sched.buckets, self._sched.kill.copy(),
+                                None if pages is None else pages.table.copy())
 
     def stats(self) -> EngineStats:
         with self._lock:
+            pages = self._sched.pages
             return self._stats.snapshot(queue_length=len(self._sched.queue), active=self._sched.active(),
                                         max_slots=self.max_slots, wait_s=self._device.wait_s,
-                                        dispatch_s=self._device.dispatch_s)
+                                        dispatch_s=self._device.dispatch_s,
+                                        blocks=(0, 0) if pages is None else (pages.in_use, len(pages.free)))

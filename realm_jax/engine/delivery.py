@@ -67,6 +67,8 @@ class RequestHandle:
         self._floats = floats  # float32 [6 + L]: state.FLOAT_COLS, then logit-bias values
         self._constraint_key = constraint_key  # its grammar matcher (constraints.register), -1 = none
         self._tokens: list[int] = []
+        self._resume = 0  # tokens made before a preemption, at its latest admission (0: none)
+        self.preemptions = 0  # times the paged engine preempted it (recomputed it later)
         self.logprobs = logprobs  # alternatives asked for (None: no log-probs)
         self._lps: list[TokenLogprob] = []  # one per token in _tokens (with logprobs)
         self.stop = tuple(stops)  # its stop strings (checked here, on the host, as tokens arrive)
@@ -365,10 +367,13 @@ def _logprobs_of(h: RequestHandle, trace, row: int, tokens: list[int]) -> list[T
 
 
 def admit_items(slots: list[int], handles: list, out: np.ndarray, top_logprobs: int | None) -> list:
-    """An admission's answer [P, 2 (+ 2 + 2N)] as ``push`` items (each row's first token)."""
+    """An admission's answer [P, 2 (+ 2 + 2N)] as ``push`` items (each row's first token; none
+    for a request that came back from a preemption: its tokens were delivered before)."""
     trace = None if top_logprobs is None else es.unpack_logprobs(out[:, len(es.ADMIT_COLS):], top_logprobs)
     items = []
     for i, (s, h) in enumerate(zip(slots, handles)):
+        if h._resume:
+            continue
         first = [int(out[i, 0])]
         items.append((s, h, first, int(out[i, 1]), _logprobs_of(h, trace, i, first)))
     return items
@@ -401,7 +406,9 @@ class EngineStats:
     device is the bottleneck); the rest is host bookkeeping, which overlaps the device's work.
     ``mean_occupancy`` = slots running at the start of a decode
     call / max_slots, averaged over decode calls; TTFT and latency over finished (not cancelled)
-    requests; speculative counts are 0 without a draft."""
+    requests; speculative counts are 0 without a draft. With the paged KV cache (``block_size``):
+    ``blocks_in_use`` / ``blocks_free`` of the pool now, and ``preemptions``: running requests
+    that gave their blocks back to be prefilled again later (all 0 without paging)."""
 
     queue_length: int
     active_slots: int
@@ -428,6 +435,9 @@ class EngineStats:
     accepted: int = 0
     wait_s: float = 0.0
     dispatch_s: float = 0.0
+    blocks_in_use: int = 0
+    blocks_free: int = 0
+    preemptions: int = 0
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -443,6 +453,8 @@ class EngineStats:
              f"ttft p50={ms(self.ttft_p50_s)} latency p50={ms(self.latency_p50_s)}")
         if self.drafted:
             s += f" acceptance={self.acceptance_rate:.2f}"
+        if self.blocks_in_use or self.blocks_free:
+            s += f" blocks={self.blocks_in_use}/{self.blocks_in_use + self.blocks_free} preemptions={self.preemptions}"
         return s
 
 
@@ -457,7 +469,7 @@ def _spread(xs: list[float]) -> tuple[float | None, float | None, float | None]:
 
 class Stats:
     """The engine's counters (``n``: submitted, rejected, cancelled, completed, generated_tokens,
-    prefill_calls, decode_calls, target_passes, drafted, accepted), the host seconds spent in steps
+    prefill_calls, decode_calls, target_passes, drafted, accepted, preemptions), the host seconds spent in steps
     (``busy``), the summed occupancy of decode calls, and the finished requests' TTFTs and
     latencies (the last 100,000). Updated under the engine's lock."""
 
@@ -486,7 +498,8 @@ class Stats:
         self.occupancy_sum += occupancy
 
     def snapshot(self, *, queue_length: int, active: int, max_slots: int, wait_s: float,
-                 dispatch_s: float) -> EngineStats:
+                 dispatch_s: float, blocks: tuple[int, int] = (0, 0)) -> EngineStats:
+        """``blocks``: the paged pool's blocks (in use, free)."""
         n = self.n
         calls = n["decode_calls"]
         ttft_mean, ttft_p50, ttft_p90 = _spread(list(self.ttfts))
@@ -501,4 +514,4 @@ class Stats:
             ttft_mean_s=ttft_mean, ttft_p50_s=ttft_p50, ttft_p90_s=ttft_p90,
             latency_mean_s=lat_mean, latency_p50_s=lat_p50, latency_p90_s=lat_p90,
             target_passes=n["target_passes"], drafted=n["drafted"], accepted=n["accepted"], wait_s=wait_s,
-            dispatch_s=dispatch_s)
+            dispatch_s=dispatch_s, blocks_in_use=blocks[0], blocks_free=blocks[1], preemptions=n["preemptions"])

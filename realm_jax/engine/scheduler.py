@@ -1,6 +1,9 @@
 """The engine's scheduling: the request queue, which slot each request runs in, and the admission
 policy (first come, first served; the admitted grouped by prompt length; the prefill size and
-prompt bucket of each group).
+prompt bucket of each group). With a paged KV cache (``blocks.BlockPool``) admission also waits
+for free blocks, each decode call's blocks are taken before it is dispatched (``reserve``), and
+a pool that runs short preempts the youngest running request (recompute: back to the queue's
+front, prefilled again with the tokens it made).
 
 B = the engine's slots, P = rows per prefill call, T = a prompt bucket. The host arrays here are
 the kill flags, bool [B] (slots whose request was cancelled, to be marked done by the next decode
@@ -21,6 +24,7 @@ import numpy as np
 from ..buckets import bucket_length
 from ..errors import RealmError
 from ..generation import _is_int
+from .blocks import BlockPool
 
 
 class Call(NamedTuple):
@@ -41,6 +45,12 @@ def default_buckets(max_seq_len: int) -> tuple[int, ...]:
     return tuple(out) + (max_seq_len,)
 
 
+def prefill_length(h) -> int:
+    """The tokens an admission prefills for ``h``: its prompt, and after a preemption the tokens
+    it had made but the last (which the next decode step feeds)."""
+    return h.prompt_length + max(h._resume - 1, 0)
+
+
 def _check_pos_int(name: str, value, low: int = 1) -> int:
     if not _is_int(value) or value < low:
         raise RealmError(f"{name}: expected an integer >= {low}, got {value!r}")
@@ -53,8 +63,9 @@ class Scheduler:
     per prefill call) and ``decode_steps_per_call`` (validated here, with the engine's errors)."""
 
     def __init__(self, max_slots: int, max_seq_len: int, prefill_buckets: Sequence[int] | None,
-                 prefill_batch, decode_steps_per_call):
+                 prefill_batch, decode_steps_per_call, pages: BlockPool | None = None):
         self.max_slots = max_slots
+        self.pages = pages  # the paged KV cache's blocks (None: every slot holds max_seq_len rows)
         buckets = default_buckets(max_seq_len) if prefill_buckets is None else prefill_buckets
         if (not isinstance(buckets, (list, tuple)) or not buckets
                 or not all(_is_int(b) and 1 <= b <= max_seq_len for b in buckets)):
@@ -62,6 +73,11 @@ class Scheduler:
                              f"{max_seq_len}], got {buckets!r}")
         self.prefill_buckets = tuple(sorted(set(int(b) for b in buckets)))
         self.max_prompt_len = min(self.prefill_buckets[-1], max_seq_len - 1)
+        # the prompt lengths compiled for: a preempted request comes back as its prompt and the
+        # tokens it had made, which may be longer than any prompt bucket
+        self.buckets = self.prefill_buckets
+        if pages is not None and self.buckets[-1] < max_seq_len:
+            self.buckets += (max_seq_len,)
         if prefill_batch is None:
             prefill_batch = tuple(sorted({1, min(max_slots, 8)}))
         sizes = prefill_batch if isinstance(prefill_batch, (list, tuple)) else (prefill_batch,)
@@ -90,6 +106,12 @@ class Scheduler:
     def active(self) -> int:
         return sum(h is not None for h in self.slots)
 
+    def _vacate(self, s: int) -> None:
+        """Slot ``s`` has no request now: its blocks go back to the pool."""
+        self.slots[s] = None
+        if self.pages is not None:
+            self.pages.release(s)
+
     def cancel(self, h) -> None:
         """Take ``h`` out of the queue, or out of its slot (marking the slot to kill)."""
         if h in self.queue:
@@ -97,13 +119,13 @@ class Scheduler:
         else:
             for s, owner in enumerate(self.slots):
                 if owner is h:
-                    self.slots[s] = None
+                    self._vacate(s)
                     self.kill[s] = True
 
     def release(self, s: int, h) -> None:
         """``h`` finished: free slot ``s`` unless it was already given to a new request."""
         if self.slots[s] is h:
-            self.slots[s] = None
+            self._vacate(s)
 
     def pending(self) -> list:
         """Every handle queued, in a slot or in the call in flight, and not yet finished."""
@@ -120,6 +142,8 @@ class Scheduler:
         self.queue.clear()
         self.slots = [None] * self.max_slots
         self.inflight = None
+        if self.pages is not None:
+            self.pages.release_all()
         return pending
 
     # ---------------------------------------------------------------- admission
@@ -147,41 +171,93 @@ class Scheduler:
         # first come, first served decides who is admitted; within the admitted, prompts of
         # similar length share a prefill call, so each call's bucket fits its group tightly (a
         # stable sort: the samples of one prompt stay together)
-        admitted = sorted(self.take(len(free)), key=lambda h: h.prompt_length)
+        admitted = sorted(self.take(free), key=prefill_length)
         while admitted:
             rows = self.rows_for(len(admitted))
             hs, admitted = admitted[:rows], admitted[rows:]
             slots, free = free[:len(hs)], free[len(hs):]
             for s, h in zip(slots, hs):
+                self._vacate(s)  # a request ending in the call in flight: its blocks are free after it
                 self.slots[s] = h
                 self.kill[s] = False  # the insert overwrites a cancelled row
+                if self.pages is not None:
+                    self.pages.assign(s, prefill_length(h), h.prompt_length + h.max_new_tokens - 1)
             groups.append((rows, slots, hs))
         kill = self.kill.copy()
         self.kill[:] = False
         return groups, kill
 
-    def take(self, free: int) -> list:
-        """Pop the queue's head while it fits in ``free`` slots. The samples of one prompt (a
+    def take(self, free: list[int]) -> list:
+        """Pop the queue's head while it fits: in the ``free`` slots and, paged, in the pool, which
+        must hold each one's prefill and first decode call besides the next decode call of every
+        request already running (a request taking the i-th free slot takes the blocks of that
+        slot's owner, which ends in the call in flight). The samples of one prompt (a
         ``RequestGroup``: queued together) are taken all or none, so a group waits, and the
-        queue behind it, until enough slots are free (validation keeps a group <= B)."""
+        queue behind it, until enough slots are free (validation keeps a group <= B). Sets each
+        one's ``_resume`` (tokens it made before a preemption; 0 = a new request)."""
+        if any(h.done for h in self.queue):  # preempted, then ended by the call in flight
+            self.queue = collections.deque(h for h in self.queue if not h.done)
+        pages, w = self.pages, self.decode_steps_per_call
+        if pages is not None:
+            avail = len(pages.free)
+            reserve = sum(pages.growth(s, w) for s, h in enumerate(self.slots) if h is not None)
         taken: list = []
         while self.queue:
             g = self.queue[0].group
             unit = 1 if g is None else sum(1 for _ in itertools.takewhile(lambda h: h.group is g, self.queue))
-            if len(taken) + unit > free:
+            if len(taken) + unit > len(free):
                 break
+            hs = list(itertools.islice(self.queue, unit))
+            for h in hs:
+                h._resume = len(h._tokens)
+            if pages is not None:
+                held = [s for s in free[len(taken):len(taken) + unit] if self.slots[s] is not None]
+                more = sum(len(pages.held[s]) for s in held)
+                less = sum(pages.growth(s, w) for s in held)
+                need = sum(pages.need(prefill_length(h) + w, h.prompt_length + h.max_new_tokens - 1) for h in hs)
+                if need + reserve - less > avail + more:
+                    break
+                avail, reserve = avail + more - need, reserve - less
             taken += [self.queue.popleft() for _ in range(unit)]
         return taken
 
     @staticmethod
     def sources(hs: list) -> list[int]:
         """The prefill row of each row of a call of ``hs``: its own, or the first row of its
-        ``RequestGroup`` in the call (the one row that prefills the group's prompt)."""
+        ``RequestGroup`` in the call (the one row that prefills the group's prompt). A request
+        back from a preemption prefills its own tokens, and no other row takes them."""
         out: list[int] = []
         for i, h in enumerate(hs):
-            same = i > 0 and h.group is not None and hs[i - 1].group is h.group
+            same = (i > 0 and h.group is not None and hs[i - 1].group is h.group
+                    and not h._resume and not hs[i - 1]._resume)
             out.append(out[-1] if same else i)
         return out
+
+    def reserve(self, kill: np.ndarray) -> list:
+        """Paged: take the blocks every running request needs for the next decode call. While the
+        pool is short, the youngest running request (the last to arrive) is preempted: it gives
+        its blocks back, its slot is marked in ``kill`` [B] (this call's flags) and it goes back
+        to the front of the queue, to be prefilled again with the tokens it made once they have
+        all been delivered (the call in flight's are, before the next ``plan``). The preempted,
+        oldest first."""
+        pages = self.pages
+        if pages is None:
+            return []
+        w = self.decode_steps_per_call
+        running = [s for s, h in enumerate(self.slots) if h is not None]
+        preempted = []
+        while sum(pages.growth(s, w) for s in running) > len(pages.free):
+            s = max(running, key=lambda s: self.slots[s].id)
+            running.remove(s)
+            preempted.append(self.slots[s])
+            self.slots[s].preemptions += 1
+            self._vacate(s)
+            kill[s] = True
+        for s in running:
+            pages.grow(s, w)
+        preempted.sort(key=lambda h: h.id)
+        self.queue.extendleft(reversed(preempted))
+        return preempted
 
     def rows_for(self, g: int) -> int:
         """The prefill size for ``g`` waiting prompts: the smallest size >= g unless more than
@@ -194,8 +270,8 @@ class Scheduler:
 
     def bucket_for(self, hs: list) -> int:
         """The prompt bucket (T) of a prefill call of ``hs``: the smallest that fits the longest."""
-        longest = max((h.prompt_length for h in hs), default=1)
-        return next(b for b in self.prefill_buckets if b >= longest)
+        longest = max((prefill_length(h) for h in hs), default=1)
+        return next(b for b in self.buckets if b >= longest)
 
     def needs_decode(self, kill: np.ndarray, owners: list) -> bool:
         """Whether a decode call is needed: unless every request in a slot ends at its admission

@@ -30,6 +30,12 @@ Sampling is per row and batch-invariant: a slot's t-th token uses ``fold_in(key(
 exactly as ``generate`` does (speculative rounds use speculative's per-row keys), so a request's
 tokens do not depend on the other slots.
 
+Paged (``pages`` = (NB, bs)): the state's cache is a ``kv_cache.PagedKVCache``; ``admit`` still
+prefills into a fresh dense [P, T] cache and then writes its rows into their blocks
+(``insert_pages``; the table rows travel in the ints, ``PAGE_COLS``), and rows that come back
+from a preemption skip their first draw (``_resume``); ``decode`` takes the host's block table
+[B, M] with each call.
+
 ``prepare_adapters`` is the one place that puts adapters (and, folded, the params) into the
 layout the params are served in.
 """
@@ -48,7 +54,7 @@ from ..config import ModelConfig
 from ..errors import RealmError
 from ..generation import (Controls, DecodeState, LogprobTrace, decode_step, emit, init_state, new_cache, new_history,
                           prefill)
-from ..kv_cache import KVCache, insert_rows, rows_of
+from ..kv_cache import KVCache, PagedKVCache, init_paged_cache, insert_pages, insert_rows, rows_of
 from ..sampling import History, SamplingParams
 
 
@@ -82,6 +88,9 @@ SETTINGS_COLS = ("limit", "top_k", "seed", "adapter", "min_tokens", "constraint"
 # source: the row of the same table whose prefill the row takes (itself, or the first row of its
 # ``n`` group in this call: that row alone holds the prompt, the others have length 0)
 PLACE_COLS = ("length", "slot", "source")
+# Paged, then: tokens the request had made before a preemption (0 = new; else its prompt columns
+# hold the prompt and those tokens but the last) and that last token; then its block table row [M].
+PAGE_COLS = ("resumed", "last")
 # The float32 table: these columns, then the logit-bias values [L]; a padding row's values.
 FLOAT_COLS = ("temperature", "top_p", "min_p", "repetition", "frequency", "presence")
 FLOAT_PAD = (0.0, 1.0, 0.0, 1.0, 0.0, 0.0)
@@ -121,46 +130,59 @@ def request_settings(stop_ids, stop_width: int, bias_width: int, limit: int, ada
 
 
 def admission(rows: int, bucket: int, stop_width: int, bias_width: int, slots: int,
-              fill=()) -> tuple[np.ndarray, np.ndarray]:
+              fill=(), pages: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Host tables for a prefill call of ``rows`` (P) prompts padded to ``bucket`` (T), every row
     padding (length 0, limit 0, slot B = dropped, its own source): ints [P, T + E + L + 9] =
     prompt [T] | stop ids [E] | bias ids [L] | ``SETTINGS_COLS`` | ``PLACE_COLS``; floats
     [P, 6 + L]. ``fill``: the first rows' (slot, prompt ids [<= T], ``request_settings``' ints and
-    floats, source row). A row whose source is another row carries no prompt (length 0): it takes
-    that row's prefill (cache and first-token logits), so a prompt's ``n`` samples share one."""
+    floats, source row; paged, also (resumed, last, block table row [M])). A row whose source is
+    another row carries no prompt (length 0): it takes that row's prefill (cache and first-token
+    logits), so a prompt's ``n`` samples share one. ``pages`` = (M, NB) for a paged cache: ints
+    then end with ``PAGE_COLS`` and the block table row [M] (padding: no blocks, NB)."""
     fixed = stop_width + bias_width + len(SETTINGS_COLS)
-    ints = np.zeros((rows, bucket + fixed + len(PLACE_COLS)), np.int32)
-    ints[:, bucket:bucket + stop_width + bias_width] = -1
     e = bucket + fixed
+    m, nb = (0, 0) if pages is None else pages
+    extra = 0 if pages is None else len(PAGE_COLS) + m
+    ints = np.zeros((rows, e + len(PLACE_COLS) + extra), np.int32)
+    ints[:, bucket:bucket + stop_width + bias_width] = -1
     ints[:, e + 1] = slots
     ints[:, e + 2] = np.arange(rows)
+    ints[:, ints.shape[1] - m:] = nb
     floats = np.zeros((rows, len(FLOAT_COLS) + bias_width), np.float32)
     floats[:, :len(FLOAT_COLS)] = FLOAT_PAD
-    for i, (s, ids, settings, row_floats, src) in enumerate(fill):
+    for i, (s, ids, settings, row_floats, src, *page) in enumerate(fill):
         ids = ids if src == i else ()
         ints[i, :len(ids)] = ids
         ints[i, bucket:e] = settings
-        ints[i, e:] = (len(ids), s, src)
+        ints[i, e:e + len(PLACE_COLS)] = (len(ids), s, src)
+        if page:
+            resumed, last, table = page[0]
+            ints[i, e + len(PLACE_COLS):] = (resumed, last, *table)
         floats[i] = row_floats
     return ints, floats
 
 
-def _columns(ints: jax.Array, floats: jax.Array, stop_width: int, constrained: bool):
+def _columns(ints: jax.Array, floats: jax.Array, stop_width: int, constrained: bool, pages: int = 0):
     """An admission's tables by column: prompts [P, T], the rows' ``Controls`` [P] (stop ids
     [P, E], every optional sampling setting; the constraint keys when ``constrained``), adapter
-    ids, lengths, slots and source rows [P]."""
+    ids, lengths, slots and source rows [P], and paged (``pages`` = M > 0) (resumed [P], last
+    [P], block tables [P, M]), else None."""
     from ..sampling import LogitBias, Penalties
 
     lb = floats.shape[1] - len(FLOAT_COLS)
-    t = ints.shape[1] - stop_width - lb - len(SETTINGS_COLS) - len(PLACE_COLS)
+    extra = len(PAGE_COLS) + pages if pages else 0
+    t = ints.shape[1] - stop_width - lb - len(SETTINGS_COLS) - len(PLACE_COLS) - extra
     e = t + stop_width + lb
     limits, top_k, seed, adapter_ids, min_tokens, keys = (ints[:, e + j] for j in range(len(SETTINGS_COLS)))
     sp = SamplingParams(floats[:, 0], top_k, floats[:, 1], jax.lax.bitcast_convert_type(seed, jnp.uint32),
                         floats[:, 2], Penalties(floats[:, 3], floats[:, 4], floats[:, 5]),
                         LogitBias(ints[:, t + stop_width:e], floats[:, len(FLOAT_COLS):]), min_tokens)
     ctl = Controls(sp, limits, ints[:, t:t + stop_width], keys if constrained else None)
-    lengths, slots, sources = (ints[:, e + len(SETTINGS_COLS) + j] for j in range(len(PLACE_COLS)))
-    return ints[:, :t], ctl, adapter_ids, lengths, slots, sources
+    q = e + len(SETTINGS_COLS)
+    lengths, slots, sources = (ints[:, q + j] for j in range(len(PLACE_COLS)))
+    q += len(PLACE_COLS)
+    paged = (ints[:, q], ints[:, q + 1], ints[:, q + 2:]) if pages else None
+    return ints[:, :t], ctl, adapter_ids, lengths, slots, sources, paged
 
 
 def _status(done: jax.Array, stopped: jax.Array) -> jax.Array:
@@ -192,18 +214,25 @@ def _window(x: jax.Array, start: jax.Array, width: int) -> jax.Array:
 
 # ------------------------------------------------------------------------------ device programs
 def empty_state(params, cfg: ModelConfig, slots: int, max_len: int, stop_width: int, bias_width: int, *,
-                spec=None, dparams=None, constrained: bool = False, top_logprobs: int | None = None) -> EngineState:
-    """Every slot empty (done, limit 0); the cache [B, S] in the params dtype and layout.
-    ``constrained``: the programs ask the host for grammar masks (``constraints``);
-    ``top_logprobs``: N, to keep a ``LogprobTrace`` [B, S] of every slot's tokens."""
+                spec=None, dparams=None, constrained: bool = False, top_logprobs: int | None = None,
+                pages: tuple[int, int] | None = None) -> EngineState:
+    """Every slot empty (done, limit 0); the cache [B, S] in the params dtype and layout, or with
+    ``pages`` = (NB, bs) a pool of NB blocks of bs positions (``kv_cache.PagedKVCache``, every
+    slot holding none). ``constrained``: the programs ask the host for grammar masks
+    (``constraints``); ``top_logprobs``: N, to keep a ``LogprobTrace`` [B, S] of every slot's tokens."""
     b = slots
     zi = jnp.zeros((b,), jnp.int32)
     history = History(jnp.zeros((b, cfg.vocab_size), jnp.int32), jnp.zeros((b, cfg.vocab_size), bool))
-    dec = DecodeState(new_cache(cfg, params, b, max_len), zi, zi, jnp.ones((b,), bool), jnp.zeros((b,), bool),
+    if pages is None:
+        cache = new_cache(cfg, params, b, max_len)
+    else:
+        nb, bs = pages
+        cache = init_paged_cache(cfg, b, nb, bs, -(-max_len // bs), params.dtype, per_layer=not params.stacked)
+    dec = DecodeState(cache, zi, zi, jnp.ones((b,), bool), jnp.zeros((b,), bool),
                       jnp.zeros((b, max_len), jnp.int32), history,
                       None if top_logprobs is None else LogprobTrace.empty(b, max_len, top_logprobs))
     ints, floats = admission(b, 0, stop_width, bias_width, b)  # B padding rows: greedy, limit 0, no stop ids
-    _, ctl, _, _, _, _ = _columns(jnp.asarray(ints), jnp.asarray(floats), stop_width, constrained)
+    _, ctl, *_ = _columns(jnp.asarray(ints), jnp.asarray(floats), stop_width, constrained)
     state = EngineState(dec, ctl, jnp.full((b,), -1, jnp.int32), zi, zi)
     if spec is None:
         return state
@@ -233,22 +262,29 @@ def admit(params, cfg: ModelConfig, state: EngineState, ints: jax.Array, floats:
     row's prefill: its cache rows, first-token logits and prompt (each sample of an ``n`` group
     then draws with its own settings, seed + j). Returns the state and [P, 2] (``ADMIT_COLS``)."""
     p = ints.shape[0]
-    tokens, ctl, adapter_ids, lengths, slots, src = _columns(ints, floats, state.ctl.stop_ids.shape[1],
-                                                             state.ctl.constraint is not None)
+    d = state.dec
+    paged = isinstance(d.cache, PagedKVCache)
+    tokens, ctl, adapter_ids, lengths, slots, src, page = _columns(ints, floats, state.ctl.stop_ids.shape[1],
+                                                                   state.ctl.constraint is not None,
+                                                                   d.cache.block_table.shape[1] if paged else 0)
     t = tokens.shape[1]
     aid = adapter_ids if params.num_adapters else None
     logits, cache = prefill(params, cfg, tokens, lengths, new_cache(cfg, params, p, t), adapter_ids=aid,
                             empty_cache=True)
     # each row takes its source row's prefill (a sample of a group: the prompt's cache and logits)
     logits, cache, tokens, lengths = logits[src], rows_of(cache, src), tokens[src], lengths[src]
-    d = state.dec
     top = None if d.logprobs is None else d.logprobs.top.shape[-1]
     rows = emit(init_state(cache, ctl.limits, 1, history=new_history(tokens, lengths, cfg.vocab_size),
                            top_logprobs=top), logits, ctl)
+    if paged:
+        rows = _resume(rows, tokens, lengths, ctl.limits, page[0], page[1], cfg.vocab_size)
+        inserted = insert_pages(d.cache, rows.cache, slots, page[2])
+    else:
+        inserted = insert_rows(d.cache, rows.cache, slots)
     trace = None
     if top is not None:  # the first token's log-probs at index 0 of the slots' traces
         trace = LogprobTrace(*(old.at[slots, 0].set(x[:, 0], mode="drop") for old, x in zip(d.logprobs, rows.logprobs)))
-    dec = DecodeState(insert_rows(d.cache, rows.cache, slots), _put(d.last, rows.last, slots),
+    dec = DecodeState(inserted, _put(d.last, rows.last, slots),
                       _put(d.num_new, rows.num_new, slots), _put(d.done, rows.done, slots),
                       _put(d.stopped, rows.stopped, slots), d.out.at[slots, 0].set(rows.last, mode="drop"),
                       jax.tree.map(lambda a, b: _put(a, b, slots), d.history, rows.history), trace)
@@ -269,17 +305,44 @@ def admit(params, cfg: ModelConfig, state: EngineState, ints: jax.Array, floats:
     return new, answer
 
 
-def decode(params, cfg: ModelConfig, state: EngineState, kill: jax.Array, *, steps: int, window: int,
-           dparams=None, spec=None, k: int = 0) -> tuple[EngineState, jax.Array]:
+def _resume(rows: DecodeState, tokens: jax.Array, lengths: jax.Array, limits: jax.Array, resumed: jax.Array,
+            last: jax.Array, vocab: int) -> DecodeState:
+    """An admission's rows [P] after their prefill and first draw, with the rows that come back
+    from a preemption (resumed [P] > 0: the tokens they had made; their prefill was the prompt
+    and those tokens but the ``last``) set to where they were: ``last`` to feed next,
+    ``resumed`` tokens made (so the next draw uses ``fold_in(key(seed), resumed)``, as it
+    would have), running, and the penalties' history of those tokens (counts) and the prompt."""
+    back = resumed > 0
+    if rows.history is not None:
+        p, t = tokens.shape
+        prompt = jnp.where(back, lengths - resumed + 1, lengths)
+        pos = jnp.arange(t)[None, :]
+        made = jnp.where((pos >= prompt[:, None]) & (pos < lengths[:, None]), tokens, vocab)
+        counts = jnp.zeros((p, vocab), jnp.int32).at[jnp.arange(p)[:, None], made].add(1, mode="drop")
+        counts = counts.at[jnp.arange(p), last].add(1, mode="drop")
+        sel = lambda new, old: jnp.where(back[:, None], new, old)  # noqa: E731
+        history = History(sel(counts, rows.history.counts),
+                          sel(new_history(tokens, prompt, vocab).in_prompt, rows.history.in_prompt))
+        rows = rows._replace(history=history)
+    return rows._replace(last=jnp.where(back, last, rows.last), num_new=jnp.where(back, resumed, rows.num_new),
+                         done=jnp.where(back, resumed >= limits, rows.done), stopped=rows.stopped & ~back)
+
+
+def decode(params, cfg: ModelConfig, state: EngineState, kill: jax.Array, table: jax.Array | None = None, *,
+           steps: int, window: int, dparams=None, spec=None, k: int = 0) -> tuple[EngineState, jax.Array]:
     """Mark ``kill`` [B] slots done (cancelled), run up to ``steps`` steps (rounds, with a draft)
     while any slot is live; returns the state and [B, W + 6]: the tokens each slot made since the
     last call, then ``DECODE_COLS`` (this call's counts per slot; ``live``: running at its start).
+    ``table`` [B, M]: a paged cache's block table for this call (the host's, with the blocks of
+    every position the call may write).
 
     A slot running at the start makes at least one token per step until it ends, so one whose
     token budget has at most ``steps`` tokens left is certain to have ended after the call."""
     from ..speculative import SpecState, speculative_round
 
     dec = state.dec._replace(done=state.dec.done | kill)
+    if table is not None:
+        dec = dec._replace(cache=dec.cache._replace(block_table=table.astype(jnp.int32)))
     ctl = state.ctl
     aid = state.adapter_ids if params.num_adapters else None
 
@@ -319,7 +382,7 @@ def decode(params, cfg: ModelConfig, state: EngineState, kill: jax.Array, *, ste
 
 
 empty_state_jit = jax.jit(empty_state, static_argnames=("cfg", "slots", "max_len", "stop_width", "bias_width", "spec",
-                                                     "constrained", "top_logprobs"))
+                                                     "constrained", "top_logprobs", "pages"))
 admit_jit = jax.jit(admit, static_argnames=("cfg", "spec"), donate_argnames=("state",))
 decode_jit = jax.jit(decode, static_argnames=("cfg", "steps", "window", "spec", "k"), donate_argnames=("state",))
 
@@ -365,7 +428,7 @@ class Device:
 
     def __init__(self, params, cfg: ModelConfig, *, slots: int, max_len: int, stop_width: int, steps: int,
                  bias_width: int = 4, draft=None, k: int = 0, constrained: bool = False,
-                 top_logprobs: int | None = None):
+                 top_logprobs: int | None = None, pages: tuple[int, int] | None = None):
         self.params = params  # the target's params as served (folded with fold_adapters)
         self.cfg = cfg
         self.slots = slots
@@ -377,9 +440,12 @@ class Device:
         self.k = k
         self.window = steps * (k + 1)  # W
         self.top_logprobs = top_logprobs  # N (None: no log-probs)
+        self.pages = pages  # (NB, bs) of a paged cache, or None
+        # admission tables' paged columns: (M, NB)
+        self.page_cols = None if pages is None else (-(-max_len // pages[1]), pages[0])
         self.state = empty_state_jit(params, cfg, slots=slots, max_len=max_len, stop_width=stop_width,
                                      bias_width=bias_width, spec=self.spec, dparams=self.dparams,
-                                     constrained=constrained, top_logprobs=top_logprobs)
+                                     constrained=constrained, top_logprobs=top_logprobs, pages=pages)
         self.no_kill = jax.device_put(np.zeros((slots,), bool))  # passed when nothing was cancelled
         self.dispatch_s = 0.0
         self.wait_s = 0.0
@@ -396,9 +462,10 @@ class Device:
         """Prefill and insert one admission (``admission``'s tables); its [P, 2] (``ADMIT_COLS``)."""
         return self._dispatch(admit_jit, ints, floats)
 
-    def decode(self, kill) -> jax.Array:
-        """One decode call over all slots, ``kill`` [B] cancelled first; its [B, W + 6]."""
-        return self._dispatch(decode_jit, kill, steps=self.steps, window=self.window, k=self.k)
+    def decode(self, kill, table: np.ndarray | None = None) -> jax.Array:
+        """One decode call over all slots, ``kill`` [B] cancelled first (paged: with the block
+        table [B, M]); its [B, W + 6]."""
+        return self._dispatch(decode_jit, kill, table, steps=self.steps, window=self.window, k=self.k)
 
     def fetch(self, out: jax.Array) -> np.ndarray:
         t = time.perf_counter()
@@ -406,12 +473,14 @@ class Device:
         self.wait_s += time.perf_counter() - t
         return host
 
-    def warmup(self, prefill_rows: Sequence[int], buckets: Sequence[int], kill: np.ndarray) -> None:
+    def warmup(self, prefill_rows: Sequence[int], buckets: Sequence[int], kill: np.ndarray,
+               table: np.ndarray | None = None) -> None:
         """Compile every program now: one (padding) admission per (rows, bucket), and a decode with
-        each kind of kill flags (``no_kill`` and a host [B] ``kill``). Not counted as dispatch time."""
+        each kind of kill flags (``no_kill`` and a host [B] ``kill``; paged, with the host's
+        block ``table``). Not counted as dispatch time."""
         dispatched = self.dispatch_s
-        outs = [self.admit(*admission(p, t, self.stop_width, self.bias_width, self.slots))
+        outs = [self.admit(*admission(p, t, self.stop_width, self.bias_width, self.slots, pages=self.page_cols))
                 for p, t in itertools.product(prefill_rows, buckets)]
-        outs += [self.decode(self.no_kill), self.decode(kill)]
+        outs += [self.decode(self.no_kill, table), self.decode(kill, table)]
         jax.block_until_ready(outs)
         self.dispatch_s = dispatched  # compilation is not serving time
