@@ -31,7 +31,7 @@ import numpy as np
 from .config import ModelConfig, check_even, check_float, check_int, check_token_id, head_dim_of
 from .errors import CheckpointError, ConfigError, RealmError, UnsupportedModelError
 from .gguf_file import GGUFFile, GGUFTensor, open_gguf
-from .checkpoint import check_file_tensor_shape, file_shape, leaf_path, tensor_names
+from .checkpoint import check_file_tensor_shape, file_shape, leaf_path, part_rows, tensor_names
 from .params import leaf_shape
 
 __all__ = ["GGUFFile", "GGUFTensor", "open_gguf", "config_from_gguf", "read_gguf_params", "load_gguf",
@@ -319,14 +319,14 @@ def _check_tensors(path, cfg: ModelConfig, table: Mapping[str, GGUFTensor]) -> d
     extra = [n for n in table if n not in expected and n not in _IGNORED_TENSORS]
     if extra:
         raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r} for a {cfg.arch} model")
-    for name, (leaf, _) in expected.items():
+    for name, (parts, _) in expected.items():
         t = table[name]
         qname = t.qtype.name
         if qname not in SUPPORTED_QUANT_TYPES:
             raise UnsupportedModelError(
                 f"{path}: tensor {name!r} has quantization type {qname}, which is not supported; "
                 f"supported: {', '.join(SUPPORTED_QUANT_TYPES)}")
-        check_file_tensor_shape(str(path), name, leaf, cfg, t.shape, "gguf",
+        check_file_tensor_shape(str(path), name, parts, cfg, t.shape, "gguf",
                                 f"key {_GGUF_ARCH_OF[cfg.arch] + '.expert_count'!r}")
     return expected
 
@@ -350,19 +350,22 @@ def read_gguf_params(gf: GGUFFile, cfg: ModelConfig, dtype=np.float32,
 
     np_dtype = np.dtype(dtype)
     by_leaf: dict = {}
-    for name, (leaf, i) in expected.items():
-        by_leaf.setdefault(leaf, []).append((i, name))
+    for name, (parts, i) in expected.items():
+        for leaf, start, stop in part_rows(parts, cfg, "gguf"):
+            by_leaf.setdefault(leaf, []).append((i, name, slice(start, stop) if len(parts) > 1 else None))
     permuted = _GGUF_ARCH_OF[cfg.arch] == "llama"  # llama-arch files (Mixtral's too) reorder Q/K rows
     heads_of = {"wq": cfg.num_heads, "bq": cfg.num_heads, "wk": cfg.num_kv_heads, "bk": cfg.num_kv_heads}
     params: dict = {"layers": {}}
     for leaf, items in by_leaf.items():
         buf = np.empty(leaf_shape(leaf, cfg), np_dtype)
-        for i, name in items:
+        for i, name, rows in items:
             t = table[name]
             try:
                 w = dequantize(t.data, t.qtype).reshape(t.shape)
             except Exception as e:
                 raise CheckpointError(f"{path}: tensor {name!r} cannot be read ({type(e).__name__}: {e})") from None
+            if rows is not None:  # one part of a fused tensor (Phi-3's attn_qkv, ffn_up)
+                w = w[rows]
             if permuted and leaf.name in heads_of:
                 w = unpermute_rope_rows(w, heads_of[leaf.name])
             if leaf.hf_transposed:  # GGUF stores matmul weights [(E,) D_out, D_in], as HF does

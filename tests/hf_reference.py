@@ -52,8 +52,21 @@ ARCH_CASES = {
     "qwen3_moe_norm_topk": ("qwen3_moe", dict(
         num_attention_heads=6, num_key_value_heads=3, head_dim=16, num_experts=7, num_experts_per_tok=3,
         moe_intermediate_size=10, norm_topk_prob=True)),
+    # Phi-3: fused qkv_proj / gate_up_proj; longrope with an original context (8) that the longer
+    # prompts cross (long factors) and the short one does not, partial rotary (6 of 8 dims), a
+    # window (5) below the prompt lengths
+    "phi3_longrope_window": ("phi3", dict(
+        hidden_size=48, num_attention_heads=6, num_key_value_heads=2, sliding_window=5,
+        original_max_position_embeddings=8, partial_rotary_factor=0.75,
+        rope_scaling={"type": "longrope", "short_factor": [1.0, 1.7, 2.9], "long_factor": [3.0, 9.0, 23.0]})),
+    # Phi-3 mini's shape: multi-head attention (H=6), longrope whose original context (32) no
+    # prompt reaches (short factors, attention factor sqrt(1 + ln 8 / ln 32)), no window
+    "phi3_mha_short": ("phi3", dict(
+        num_attention_heads=5, num_key_value_heads=5, original_max_position_embeddings=32,
+        rope_scaling={"type": "longrope", "short_factor": [1.3, 2.1, 4.0], "long_factor": [5.0, 11.0, 17.0]})),
 }
 GEMMA_CASES = ("gemma_mqa", "gemma2_softcap_window", "gemma3_pattern_rope")
+PHI3_CASES = ("phi3_longrope_window", "phi3_mha_short")
 MOE_CASES = ("mixtral_top2_window", "qwen2_moe_shared", "qwen3_moe_norm_topk")
 
 BASE = dict(vocab_size=97, hidden_size=30, intermediate_size=56, num_hidden_layers=3,
@@ -68,7 +81,8 @@ def hf_config(model_type: str, **overrides):
            "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
            "gemma": transformers.GemmaConfig, "gemma2": transformers.Gemma2Config,
            "gemma3_text": transformers.Gemma3TextConfig, "mixtral": transformers.MixtralConfig,
-           "qwen2_moe": transformers.Qwen2MoeConfig, "qwen3_moe": transformers.Qwen3MoeConfig}[model_type]
+           "qwen2_moe": transformers.Qwen2MoeConfig, "qwen3_moe": transformers.Qwen3MoeConfig,
+           "phi3": transformers.Phi3Config}[model_type]
     kw = dict(BASE)
     kw.update(overrides)
     return cls(**kw)
