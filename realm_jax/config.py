@@ -662,11 +662,13 @@ def phi3_fields(d: Mapping[str, Any], k: "_Keys", head_dim: int) -> dict:
     ``longrope``, or its older names ``su`` / ``yarn``, as transformers reads them), whose factor
     lists must have one entry a rotated pair. The fused ``qkv_proj`` / ``gate_up_proj`` tensors
     are a checkpoint matter (``ModelConfig.fused_checkpoint``)."""
-    params = d.get("rope_parameters")
-    inner = isinstance(params, Mapping) and params.get("partial_rotary_factor") is not None
-    key = "rope_parameters.partial_rotary_factor" if inner else "partial_rotary_factor"
-    factor = check_float(f"{k.source}: key {key!r}", params["partial_rotary_factor"]) if inner \
-        else k.float("partial_rotary_factor", 1.0)
+    key, factor = "partial_rotary_factor", d.get("partial_rotary_factor")
+    for name in ("rope_scaling", "rope_parameters"):  # the rope dict's value first, as transformers reads it
+        inner = d.get(name)
+        if isinstance(inner, Mapping) and inner.get("partial_rotary_factor") is not None:
+            key, factor = f"{name}.partial_rotary_factor", inner["partial_rotary_factor"]
+            break
+    factor = 1.0 if factor is None else check_float(f"{k.source}: key {key!r}", factor)
     rotary = int(head_dim * factor)
     if factor > 1.0 or rotary < 2 or rotary % 2:
         raise ConfigError(f"{k.source}: key {key!r}: expected a factor in (0, 1] giving an even number of rotated "

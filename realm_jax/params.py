@@ -196,6 +196,13 @@ def file_name(leaf: Leaf, cfg: ModelConfig, fmt: str = "hf") -> str:
     return getattr(leaf, fmt)
 
 
+def fused_parts(leaf: Leaf, cfg: ModelConfig, fmt: str = "hf") -> tuple[str, ...]:
+    """The leaves of the file tensor that holds ``leaf``, in table order (their rows' order):
+    the leaf alone, or every part of a fused tensor (Phi-3's wq, wk, wv in ``qkv_proj``)."""
+    name = file_name(leaf, cfg, fmt)
+    return tuple(other.name for other in model_leaves(cfg) if file_name(other, cfg, fmt) == name)
+
+
 def experts_stacked(leaf: Leaf, cfg: ModelConfig, fmt: str = "hf") -> bool:
     """A per-expert leaf that the file holds as one tensor per layer, every expert stacked on
     its first axis (GGUF's ``*_exps`` tensors), not one tensor per layer and expert."""

@@ -139,6 +139,15 @@ def hf_logits(model, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return out.float().numpy()
 
 
+def hf_logits_alone(model, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """HF logits of each row of a right-padded batch run alone, as [B, T, V] (zeros past each
+    length)."""
+    out = np.zeros(tokens.shape + (model.config.vocab_size,), np.float32)
+    for b, n in enumerate(lengths):
+        out[b, :n] = hf_logits(model, tokens[b:b + 1, :n], lengths[b:b + 1])[0]
+    return out
+
+
 def random_batch(rng: np.random.Generator, vocab: int, lengths, pad_id: int = 0):
     """Right-padded int32 tokens [B, max(lengths)] and lengths [B]."""
     lengths = np.asarray(lengths, np.int32)

@@ -47,6 +47,9 @@ PEFT_CASES = {
                                                          target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])),
     "qwen3_moe_attention_rslora": ("qwen3_moe_norm_topk", dict(r=4, lora_alpha=4, use_rslora=True,
                                                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
+    # Phi-3: LoRA on the fused qkv_proj / gate_up_proj (A shared by the parts, B split by rows)
+    "phi3_fused": ("phi3_mha_short", dict(r=4, lora_alpha=8,
+                                          target_modules=["qkv_proj", "gate_up_proj", "o_proj", "down_proj"])),
 }
 SLOW_PEFT_CASES = {"gemma_all7", "gemma3_all_linear_rslora", "qwen3_moe_attention_rslora"}  # ~30 s each on a 2-core CPU
 
