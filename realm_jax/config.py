@@ -674,6 +674,8 @@ def phi3_fields(d: Mapping[str, Any], k: "_Keys", head_dim: int) -> dict:
         raise ConfigError(f"{k.source}: key {key!r}: expected a factor in (0, 1] giving an even number of rotated "
                           f"dims (of the head dim {head_dim}), got {factor} ({rotary} dims)")
     out: dict = {"rope": _rope_from_hf(d, k.source, model_type="phi3", rotary_dim=rotary)}
+    if d.get("original_max_position_embeddings") is not None:  # kept (and written back) without longrope too
+        out["rope"].setdefault("rope_original_max_positions", k.int("original_max_position_embeddings"))
     if rotary != head_dim:
         out["rotary_dim"] = rotary
     return out

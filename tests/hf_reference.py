@@ -139,6 +139,15 @@ def hf_logits(model, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return out.float().numpy()
 
 
+def randomize_lora(peft_model, seed=0, std=0.3):
+    """PEFT initialises B = 0 (a no-op adapter): give A and B random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+
+
 def hf_logits_alone(model, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """HF logits of each row of a right-padded batch run alone, as [B, T, V] (zeros past each
     length)."""

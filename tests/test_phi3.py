@@ -10,6 +10,7 @@ transformers; each feature shown to matter; bad configs and fused tensors refuse
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -23,7 +24,8 @@ from realm_jax.reference import forward_reference_jit
 from family_checks import (DECODE_PROMPTS, DECODE_STEPS, LENGTHS, batch, cached_decode, check_cached_decode,
                            check_greedy_matches_hf, check_int8_twin, check_logits_alone_and_padded,
                            check_mesh_speculative_and_engine, check_written_checkpoint, rows_max_diff)
-from hf_reference import ARCH_CASES, PHI3_CASES, hf_config, hf_logits_alone, make_hf_model
+from hf_reference import (ARCH_CASES, PHI3_CASES, hf_config, hf_logits_alone, make_hf_model, randomize_lora,
+                          realm_logits)
 
 TOL = 1e-4  # float32 rounding at these logit sizes (|logit| up to ~4)
 CLEAR = 1e-2  # a feature matters: switched off, the logits move 100x the tolerance at least
@@ -173,6 +175,62 @@ def test_mesh_speculative_and_engine_equal_generate(phi3):
     if case != "phi3_mha_short":
         pytest.skip("rows cross the original context")
     check_mesh_speculative_and_engine(model)
+
+
+# ------------------------------------------------------------------ LoRA on the fused modules
+PHI3_PEFT = dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj", "o_proj", "down_proj"])
+
+
+def test_peft_lora_on_the_fused_modules_matches_peft_and_saves_back(tmp_path):
+    """A PEFT adapter on qkv_proj / gate_up_proj / o_proj / down_proj of the longrope / window /
+    partial-rotary model: its A is each part's, its B split by rows; our logits (merged and
+    served) equal PEFT's on each row alone. ``save_peft`` joins the parts back (A shared: one A,
+    B joined), and an adapter whose parts differ (own ranks, own layers) is saved exactly as a
+    block-diagonal fused LoRA: PEFT reads both to our logits."""
+    import peft
+
+    from realm_jax import lora, runtime
+    from realm_jax.model import forward_jit
+
+    base, hf = make_hf_model("phi3_longrope_window", tmp_path / "base")
+    pm = peft.get_peft_model(hf, peft.LoraConfig(**PHI3_PEFT)).eval()
+    randomize_lora(pm)
+    pm.save_pretrained(tmp_path / "adapter")
+    model = realm_jax.load(base, dtype="float32")
+    cfg = model.config
+    adapter = lora.load_peft(tmp_path / "adapter", cfg)
+    assert sorted(adapter["layers"]) == ["w_down", "w_gate", "w_up", "wk", "wo", "wq", "wv"]
+    mod = pm.base_model.model.model.layers[1].self_attn.qkv_proj
+    a, b = mod.lora_A["default"].weight.detach().numpy(), mod.lora_B["default"].weight.detach().numpy()
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    for name, rows in (("wq", slice(0, q)), ("wk", slice(q, q + kv)), ("wv", slice(q + kv, None))):
+        np.testing.assert_array_equal(np.asarray(adapter["layers"][name]["a"][1]), a.T)
+        np.testing.assert_array_equal(np.asarray(adapter["layers"][name]["b"][1]), b[rows].T)
+    tokens, lengths = batch(cfg)
+
+    def ours(ad):
+        return np.asarray(forward_jit(runtime.prepare(model.params, cfg, adapters=ad), cfg, tokens, lengths))
+
+    want = hf_logits_alone(pm, tokens, lengths)
+    with pm.disable_adapter():
+        assert rows_max_diff(hf_logits_alone(pm, tokens, lengths), want, lengths) > 0.1  # the adapter matters
+    merged = forward_reference_jit(lora.merge(model.params, adapter), cfg, tokens, lengths)
+    assert rows_max_diff(np.asarray(merged), want, lengths) <= TOL
+    assert rows_max_diff(ours(adapter), want, lengths) <= TOL
+
+    mixed = lora.stack_adapters([  # parts of one fused module with their own ranks, scales and layers
+        lora.init_adapter(cfg, 3, rank=2, targets=("wq", "wv", "w_up"), b_std=0.3),
+        lora.init_adapter(cfg, 4, rank=3, targets=("wk", "w_gate"), layers=(0, 2), alpha=2.0, b_std=0.3)])
+    mixed = jax.tree.map(lambda x: x[:, 0] + x[:, 1], mixed)
+    for name, ad in (("joined", adapter), ("block-diagonal", mixed)):
+        out = lora.save_peft(tmp_path / name, ad, cfg)
+        saved = json.loads((out / "adapter_config.json").read_text())
+        assert sorted(saved["target_modules"]) == sorted(
+            ["qkv_proj", "gate_up_proj"] + (["o_proj", "down_proj"] if name == "joined" else [])), saved
+        back = peft.PeftModel.from_pretrained(make_hf_model("phi3_longrope_window", tmp_path / f"b{name}")[1], out)
+        got = hf_logits_alone(back.eval(), tokens, lengths)
+        assert rows_max_diff(got, ours(ad), lengths) <= TOL, name
+        assert rows_max_diff(ours(lora.load_peft(out, cfg)), ours(ad), lengths) <= TOL, name
 
 
 # ------------------------------------------------------------------ each feature matters
@@ -338,3 +396,105 @@ def test_partial_rotary_leaves_the_other_dims_alone():
     y = apply_rope(x, cos, sin)
     np.testing.assert_array_equal(np.asarray(y[..., cfg.rotary_dim:]), np.asarray(x[..., cfg.rotary_dim:]))
     assert float(jnp.abs(y[:, 1:, :, :cfg.rotary_dim] - x[:, 1:, :, :cfg.rotary_dim]).max()) > 0.1
+
+
+# ------------------------------------------------------------------ GGUF (llama.cpp's phi3)
+# phi3_longrope_window at sizes whose rows are whole Q8_0 blocks (32): D = 64 (8 heads of 8), F = 64
+GGUF_SIZES = dict(hidden_size=64, num_attention_heads=8, intermediate_size=64)
+NO_TOKENIZER = dict(bos_token_id=None, eos_token_ids=(), pad_token_id=None, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def phi3_gguf(tmp_path_factory):
+    """(HF model, checkpoint dir, {"F32" / "Q8_0": (path, the file's dequantized tensors)}): the
+    fused attn_qkv / ffn_up, the longrope factor tensors and phi3's metadata as the converter
+    writes them."""
+    from gguf_reference import Q, checkpoint_tensors, write_gguf
+
+    tmp = tmp_path_factory.mktemp("phi3_gguf")
+    directory, hf = make_hf_model("phi3_longrope_window", tmp / "hf", **GGUF_SIZES)
+    tensors = checkpoint_tensors(directory)
+    files = {}
+    for qname, qtype_for in (("F32", None), ("Q8_0", lambda name, a: Q.Q8_0 if a.shape[-1] % 32 == 0 else Q.F32)):
+        path = tmp / f"{qname}.gguf"
+        files[qname] = path, write_gguf(path, "phi3", hf.config, tensors, qtype_for=qtype_for)
+    return hf, directory, files
+
+
+def _gguf_logits_diff(model, hf):
+    tokens, lengths = batch(model.config)
+    got = realm_logits(model.params, model.config, tokens, lengths, ("stacked",))["stacked"]
+    return rows_max_diff(got, hf_logits_alone(hf, tokens, lengths), lengths)
+
+
+def test_f32_gguf_matches_hf(phi3_gguf):
+    """The config of HF's config.json (the attention factor as the file's float32), the fused
+    tensors split into the checkpoint's leaves, logits within TOL of HF's."""
+    from gguf_reference import checkpoint_tensors
+
+    hf, directory, files = phi3_gguf
+    m = realm_jax.load(files["F32"][0], dtype="float32")
+    want = ModelConfig.from_hf_dict(hf.config.to_dict())
+    assert m.config.rope_attention_factor == pytest.approx(want.rope_attention_factor, rel=1e-7)
+    assert m.config.replace(**NO_TOKENIZER) == want.replace(**NO_TOKENIZER,
+                                                            rope_attention_factor=m.config.rope_attention_factor)
+    ckpt = realm_jax.load(directory, dtype="float32").params
+    for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
+        np.testing.assert_array_equal(np.asarray(m.params["layers"][name]), np.asarray(ckpt["layers"][name]))
+    assert "model.layers.0.self_attn.qkv_proj.weight" in checkpoint_tensors(directory)
+    diff = _gguf_logits_diff(m, hf)
+    print(f"phi3 F32 GGUF vs HF: max |dlogit| {diff:.1e}")
+    assert diff <= TOL
+
+
+def test_q8_0_gguf_matches_hf_on_the_dequantized_file_and_converts_back(phi3_gguf, tmp_path):
+    """Q8_0 attn_qkv / ffn_up: our params equal the file's dequantized values split by rows;
+    logits match HF on a checkpoint of those values, and ``gguf_to_hf`` (fused again) is read
+    by transformers to the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from gguf_reference import Q, write_file_as_checkpoint
+    from realm_jax.gguf import gguf_to_hf, open_gguf
+
+    _, directory, files = phi3_gguf
+    path, expect = files["Q8_0"]
+    assert open_gguf(path).tensors["blk.0.attn_qkv.weight"].qtype == Q.Q8_0
+    m = realm_jax.load(path, dtype="float32")
+    cfg, lp = m.config, m.params["layers"]
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    qkv, gate_up = expect["blk.2.attn_qkv.weight"], expect["blk.2.ffn_up.weight"]
+    for got, want in ((lp["wq"][2], qkv[:q]), (lp["wk"][2], qkv[q:q + kv]), (lp["wv"][2], qkv[q + kv:]),
+                      (lp["w_gate"][2], gate_up[:cfg.intermediate_size]),
+                      (lp["w_up"][2], gate_up[cfg.intermediate_size:])):
+        np.testing.assert_array_equal(np.asarray(got), want.T)
+    ref_dir = write_file_as_checkpoint(directory, expect, tmp_path / "dequantized")
+    hfq = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
+    assert _gguf_logits_diff(m, hfq) <= TOL
+    back = AutoModelForCausalLM.from_pretrained(gguf_to_hf(path, tmp_path / "converted"), dtype=torch.float32).eval()
+    tokens, lengths = batch(cfg)
+    assert rows_max_diff(hf_logits_alone(back, tokens, lengths), hf_logits_alone(hfq, tokens, lengths), lengths) <= 1e-5
+
+
+@pytest.mark.parametrize("edit,pattern", [
+    ("no long factors", r"has 'rope_factors_short\.weight' but not 'rope_factors_long\.weight'"),
+    ("short factors", r"tensor 'rope_factors_short\.weight' has 2 values .*expected 3 positive"),
+    ("qkv rows", r"tensor 'blk\.1\.attn_qkv\.weight' has shape \(88, 64\) \(numpy order\), expected \(96, 64\) "
+                 r"\(the fused wq \| wk \| wv: 64 wq \+ 16 wk \+ 16 wv rows"),
+])
+def test_bad_phi3_gguf_is_refused_naming_the_problem(phi3_gguf, tmp_path, edit, pattern):
+    from gguf_reference import checkpoint_tensors, write_gguf
+
+    hf, directory, _ = phi3_gguf
+    tensors = checkpoint_tensors(directory)
+    extra = {}
+    if edit == "qkv rows":
+        name = "model.layers.1.self_attn.qkv_proj.weight"
+        tensors[name] = tensors[name][:-8]
+    if edit == "no long factors":
+        extra["rope_factors_long.weight"] = None  # left out
+    if edit == "short factors":
+        extra["rope_factors_short.weight"] = np.ones(2, np.float32)
+    path = tmp_path / "bad.gguf"
+    write_gguf(path, "phi3", hf.config, tensors, extra_tensors=extra)
+    with pytest.raises(CheckpointError, match=pattern):
+        realm_jax.load(path, dtype="float32")
