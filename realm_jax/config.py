@@ -1,12 +1,13 @@
 """ModelConfig: a frozen, hashable description of a decoder-only model (static under jit).
 
 Built from an HF ``config.json`` (``from_hf_dict``) for llama, mistral, qwen2, qwen3 (SmolLM2 is
-llama), gemma, gemma2, gemma3_text and the mixture-of-experts families mixtral, qwen2_moe and
-qwen3_moe, in both dialects: classic ``rope_theta``/``rope_scaling``/
+llama), gemma, gemma2, gemma3_text, phi3 and the mixture-of-experts families mixtral, qwen2_moe
+and qwen3_moe, in both dialects: classic ``rope_theta``/``rope_scaling``/
 ``torch_dtype`` and transformers-5 ``rope_parameters``/``dtype``. A family is a set of feature
 fields (``hidden_act``, ``norm_plus_one``, ``post_norms``, soft-caps, per-layer sliding windows,
-...), read by the one forward; ``gemma_fields`` maps the Gemma keys onto them and ``moe_fields``
-the mixture-of-experts keys (expert count, top-k, expert width, shared expert). GGUF metadata
+...), read by the one forward; ``gemma_fields`` maps the Gemma keys onto them, ``phi3_fields``
+Phi-3's (longrope, partial rotary) and ``moe_fields`` the mixture-of-experts keys (expert count,
+top-k, expert width, shared expert). GGUF metadata
 maps onto the same fields (see ``gguf.py``). Anything we cannot honour raises ``UnsupportedModelError`` naming it.
 
 Validation happens here, on the host, before any tensor is read: every key of a config.json is

@@ -11,13 +11,18 @@ Layout notes:
 - llama.cpp's converter reorders the rows of Q and K (weights and biases) of ``llama``-arch
   models, within each head, from HF's half-split rotary layout to its interleaved one:
   HF row ``j * H/2 + i`` (half ``j``, pair ``i``) is stored at row ``2 * i + j``.
-  ``unpermute_rope_rows`` undoes it. ``qwen2``/``qwen3`` (and their MoE) files are stored in HF order.
+  ``unpermute_rope_rows`` undoes it. ``qwen2``/``qwen3`` (and their MoE) and ``phi3`` files are
+  stored in HF order.
+- ``phi3``: q|k|v fused in ``attn_qkv`` and gate|up in ``ffn_up`` (HF's ``qkv_proj`` /
+  ``gate_up_proj``), split by rows into the canonical leaves (``checkpoint.part_rows``); longrope's
+  factor lists are the tensors ``rope_factors_short`` / ``rope_factors_long`` (``_phi3_from_gguf``).
 - Mixture of experts (Mixtral: a ``llama`` file with ``llama.expert_count``; ``qwen2moe``;
   ``qwen3moe``): each layer's experts are one tensor ``blk.N.ffn_{gate,up,down}_exps`` holding
   every expert, numpy ``[E, D_out, D_in]``; the router is ``ffn_gate_inp`` ``[E, D]``; Qwen2-MoE's
   shared expert is ``ffn_{gate,up,down}_shexp`` (our dense MLP) and its gate
-  ``ffn_gate_inp_shexp`` (``[D]``). The names are rows of ``params.LEAVES``. A GGUF has no
-  sliding window, so Mixtral from GGUF runs without one (llama.cpp does the same).
+  ``ffn_gate_inp_shexp`` (``[D]``). The names are rows of ``params.LEAVES``. A llama-arch GGUF has
+  no sliding window, so Mixtral from GGUF runs without one (llama.cpp does the same); a phi3 file
+  has ``phi3.attention.sliding_window``.
 """
 
 from __future__ import annotations
