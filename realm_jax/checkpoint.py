@@ -26,20 +26,58 @@ from .params import LEAVES, Leaf, axis_sizes, experts_stacked, file_name, leaf_s
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def tensor_names(cfg: ModelConfig, fmt: str = "hf") -> dict[str, tuple[Leaf, int | tuple | None]]:
+def tensor_names(cfg: ModelConfig, fmt: str = "hf") -> dict[str, tuple[tuple[Leaf, ...], int | tuple | None]]:
     """Every tensor name this config has in a file (``fmt``: ``"hf"`` or ``"gguf"``, the ``Leaf``
-    field) -> (leaf, where the tensor sits in the leaf: the layer index, (layer, expert) for a
-    per-expert leaf stored one tensor per expert, or None), in the leaf's order (layer-major,
-    then expert)."""
-    out = {}
+    field) -> (the leaves it holds, where the tensor sits in them: the layer index, (layer,
+    expert) for a per-expert leaf stored one tensor per expert, or None), in the leaves' order
+    (layer-major, then expert). A tensor holds one leaf's slice, or several leaves' slices side
+    by side on its first (output) axis when they name one tensor (``part_rows``: Phi-3's fused
+    ``qkv_proj`` / ``gate_up_proj``)."""
+    out: dict = {}
     for leaf in model_leaves(cfg):
         pattern = file_name(leaf, cfg, fmt)
         if leaf.per_expert and not experts_stacked(leaf, cfg, fmt):
-            for i in range(cfg.num_layers):
-                out.update({pattern.format(i=i, e=e): (leaf, (i, e)) for e in range(cfg.num_experts)})
+            slots = [(pattern.format(i=i, e=e), (i, e)) for i in range(cfg.num_layers) for e in range(cfg.num_experts)]
         else:
-            out.update({pattern.format(i=i): (leaf, i) for i in (range(cfg.num_layers) if leaf.is_layer else (None,))})
+            slots = [(pattern.format(i=i), i) for i in (range(cfg.num_layers) if leaf.is_layer else (None,))]
+        for name, where in slots:
+            out[name] = (out[name][0] + (leaf,) if name in out else (leaf,), where)
     return out
+
+
+def part_rows(parts: tuple[Leaf, ...], cfg: ModelConfig, fmt: str = "hf") -> list[tuple[Leaf, int, int]]:
+    """(leaf, start, stop): the rows of a file tensor's first axis that each of its parts holds."""
+    out, start = [], 0
+    for leaf in parts:
+        stop = start + file_shape(leaf, cfg, fmt)[0]
+        out.append((leaf, start, stop))
+        start = stop
+    return out
+
+
+def tensor_shape(parts: tuple[Leaf, ...], cfg: ModelConfig, fmt: str = "hf") -> tuple[int, ...]:
+    """The shape of a file tensor holding ``parts`` (``tensor_names``): one leaf's ``file_shape``,
+    or the parts' rows together."""
+    shape = file_shape(parts[0], cfg, fmt)
+    return (part_rows(parts, cfg, fmt)[-1][2],) + shape[1:]
+
+
+def fused_note(parts: tuple[Leaf, ...], cfg: ModelConfig, fmt: str = "hf") -> str:
+    """For a fused tensor's shape error: which leaves its rows should hold, from the config."""
+    if len(parts) == 1:
+        return ""
+    rows = " + ".join(f"{stop - start} {leaf.name}" for leaf, start, stop in part_rows(parts, cfg, fmt))
+    return f" (the fused {' | '.join(p.name for p in parts)}: {rows} rows, from the config)"
+
+
+def file_tensor(params: dict, parts: tuple[Leaf, ...], where, cfg: ModelConfig) -> np.ndarray:
+    """The file tensor (numpy) holding ``parts`` at ``where`` (``tensor_names``), from params."""
+    arrays = []
+    for leaf in parts:
+        a = (params["layers"] if leaf.is_layer else params)[leaf.name]
+        a = np.asarray(a[where] if where is not None else a)
+        arrays.append(a.T if leaf.hf_transposed else a)
+    return np.ascontiguousarray(arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0))
 
 
 def leaf_path(leaf: Leaf) -> tuple[str, ...]:
@@ -62,16 +100,21 @@ def file_shape(leaf: Leaf, cfg: ModelConfig, fmt: str = "hf") -> tuple[int, ...]
     return tuple(sizes[a] for a in file_axes(leaf, cfg, fmt))
 
 
-def check_file_tensor_shape(where: str, name: str, leaf: Leaf, cfg: ModelConfig, got: tuple, fmt: str = "hf",
-                            expert_count_key: str = "num_experts") -> None:
+def check_file_tensor_shape(where: str, name: str, parts: tuple[Leaf, ...], cfg: ModelConfig, got: tuple,
+                            fmt: str = "hf", expert_count_key: str = "num_experts") -> None:
     """A ``CheckpointError`` naming the tensor unless its shape ``got`` (numpy order) is the one
-    ``cfg`` expects. A tensor with an expert axis (stacked experts, the router) whose expert
+    ``cfg`` expects for the leaves ``parts`` it holds (a fused tensor's error says how its rows
+    should split). A tensor with an expert axis (stacked experts, the router) whose expert
     count alone is off says that the expert count (``expert_count_key``, where it came from)
     disagrees with the tensor. A leaf with a size-1 axis (the shared-expert gate ``[1, D]``)
     may be stored squeezed (``[D]``), as llama.cpp's converter writes it."""
-    axes, want = file_axes(leaf, cfg, fmt), file_shape(leaf, cfg, fmt)
+    leaf = parts[0]
+    axes, want = file_axes(leaf, cfg, fmt), tensor_shape(parts, cfg, fmt)
     if got == want or ("one" in axes and got == tuple(d for d in want if d != 1)):
         return
+    if len(parts) > 1:
+        raise CheckpointError(f"{where}: tensor {name!r} has shape {got} (numpy order), expected {want}"
+                              f"{fused_note(parts, cfg, fmt)}")
     if "experts" in axes and len(got) == len(want):
         e = axes.index("experts")
         if got[:e] + got[e + 1:] == want[:e] + want[e + 1:]:
@@ -145,17 +188,21 @@ class _TensorIndex:
     def dtype(self, name: str) -> str:
         return str(self.handles[self.where[name]].get_slice(name).get_dtype())
 
-    def get(self, name: str) -> jax.Array:
+    def get(self, name: str, start: int = 0, stop: int | None = None) -> jax.Array:
+        """The tensor, or only its rows [start, stop) of the first axis (one part of a fused tensor)."""
         fname = self.where[name]
         try:
-            return self.handles[fname].get_tensor(name)
+            h = self.handles[fname]
+            return h.get_tensor(name) if start == 0 and stop in (None, self.shape(name)[0]) \
+                else h.get_slice(name)[start:stop]
         except Exception as e:
             raise CheckpointError(f"tensor {name!r} in {fname}: cannot be read ({e})") from None
 
 
 def check_hf_headers(directory: str | os.PathLike, cfg: ModelConfig) -> tuple[_TensorIndex, dict]:
     """Every safetensors header of the checkpoint against ``cfg``, before any tensor is read:
-    names (missing, unexpected, duplicated), shapes and dtypes. Returns (index, {leaf: names})."""
+    names (missing, unexpected, duplicated), shapes and dtypes. Returns (index, {leaf: [(name,
+    start, stop)]}: the tensors holding the leaf, in order, and the rows of each that are its own)."""
     directory = Path(directory)
     idx = _TensorIndex(directory)
     needed = tensor_names(cfg)
@@ -168,17 +215,18 @@ def check_hf_headers(directory: str | os.PathLike, cfg: ModelConfig) -> tuple[_T
     if extra:
         raise CheckpointError(f"{directory}: unexpected tensor {extra[0]!r} for a {cfg.arch} model "
                               f"(the config does not describe this checkpoint)")
-    by_leaf: dict[Leaf, list[str]] = {}
-    for name, (leaf, _) in needed.items():
-        expect, got = file_shape(leaf, cfg), idx.shape(name)
+    by_leaf: dict[Leaf, list[tuple[str, int, int]]] = {}
+    for name, (parts, _) in needed.items():
+        expect, got = tensor_shape(parts, cfg), idx.shape(name)
         if got != expect:
             raise CheckpointError(f"tensor {name!r} in {idx.where[name]} has shape {got}, expected {expect} "
-                                  f"(from config.json)")
+                                  f"{fused_note(parts, cfg)[1:] or '(from config.json)'}")
         dt = idx.dtype(name)
         if dt not in FLOAT_DTYPES:
             raise CheckpointError(f"tensor {name!r} in {idx.where[name]} has dtype {dt}; expected a float "
                                   f"({', '.join(FLOAT_DTYPES)})")
-        by_leaf.setdefault(leaf, []).append(name)
+        for leaf, start, stop in part_rows(parts, cfg):
+            by_leaf.setdefault(leaf, []).append((name, start, stop))
     return idx, by_leaf
 
 
@@ -196,8 +244,8 @@ def read_hf_params(directory: str | os.PathLike, cfg: ModelConfig, dtype=jnp.flo
     for leaf, names in by_leaf.items():
         tr = leaf.hf_transposed
         pieces = []
-        for name in names:
-            t = idx.get(name).astype(dtype)
+        for name, start, stop in names:
+            t = idx.get(name, start, stop).astype(dtype)
             pieces.append(t.T if tr else t)
         arr = jnp.stack(pieces).reshape(leaf_shape(leaf, cfg)) if leaf.is_layer else pieces[0]  # [L(, E), ...]
         del pieces
@@ -218,12 +266,9 @@ def write_hf_checkpoint(directory: str | os.PathLike, cfg: ModelConfig, params: 
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-" + directory.name, dir=directory.parent))
     try:
         tensors = {}
-        for name, (leaf, i) in tensor_names(cfg).items():
-            a = (params["layers"] if leaf.is_layer else params)[leaf.name]
-            a = a[i] if i is not None else a
-            a = jnp.asarray(a, dtype=dtype) if dtype is not None else a
-            a = np.asarray(a)
-            tensors[name] = np.ascontiguousarray(a.T if leaf.hf_transposed else a)
+        for name, (parts, i) in tensor_names(cfg).items():
+            a = file_tensor(params, parts, i, cfg)
+            tensors[name] = np.asarray(jnp.asarray(a, dtype=dtype)) if dtype is not None else a
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         hf = cfg.to_hf_dict()
         if dtype is not None:

@@ -1,12 +1,13 @@
 """ModelConfig: a frozen, hashable description of a decoder-only model (static under jit).
 
 Built from an HF ``config.json`` (``from_hf_dict``) for llama, mistral, qwen2, qwen3 (SmolLM2 is
-llama), gemma, gemma2, gemma3_text and the mixture-of-experts families mixtral, qwen2_moe and
-qwen3_moe, in both dialects: classic ``rope_theta``/``rope_scaling``/
+llama), gemma, gemma2, gemma3_text, phi3 and the mixture-of-experts families mixtral, qwen2_moe
+and qwen3_moe, in both dialects: classic ``rope_theta``/``rope_scaling``/
 ``torch_dtype`` and transformers-5 ``rope_parameters``/``dtype``. A family is a set of feature
 fields (``hidden_act``, ``norm_plus_one``, ``post_norms``, soft-caps, per-layer sliding windows,
-...), read by the one forward; ``gemma_fields`` maps the Gemma keys onto them and ``moe_fields``
-the mixture-of-experts keys (expert count, top-k, expert width, shared expert). GGUF metadata
+...), read by the one forward; ``gemma_fields`` maps the Gemma keys onto them, ``phi3_fields``
+Phi-3's (longrope, partial rotary) and ``moe_fields`` the mixture-of-experts keys (expert count,
+top-k, expert width, shared expert). GGUF metadata
 maps onto the same fields (see ``gguf.py``). Anything we cannot honour raises ``UnsupportedModelError`` naming it.
 
 Validation happens here, on the host, before any tensor is read: every key of a config.json is
@@ -30,15 +31,17 @@ import numpy as np
 from .errors import CheckpointError, ConfigError, UnsupportedModelError
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-                           "mixtral", "qwen2_moe", "qwen3_moe")
+                           "mixtral", "qwen2_moe", "qwen3_moe", "phi3")
 GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3_text")
 MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
 HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
               "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
               "gemma3_text": "Gemma3ForCausalLM", "mixtral": "MixtralForCausalLM",
-              "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+              "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM"}
 ACTIVATIONS = ("silu", "gelu_tanh")  # the MLP gate: SwiGLU, GeGLU with the tanh approximation
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+# older names of longrope in Phi-3 configs (transformers' Phi3Config reads them as longrope too)
+ROPE_TYPE_ALIASES = {"phi3": {"su": "longrope", "yarn": "longrope"}}
 INT_LIMIT = 2 ** 31  # sizes, positions and token ids are int32 on the device
 
 _MISSING = object()
@@ -89,6 +92,15 @@ def check_token_id(where: str, v, vocab_size: int) -> int:
     if not _is_int(v) or not 0 <= int(v) < vocab_size:
         raise ConfigError(f"{where}: expected a token id in [0, {vocab_size}) (the vocabulary), got {_shown(v)}")
     return int(v)
+
+
+def check_factors(where: str, v, count: int) -> tuple[float, ...]:
+    """A list of ``count`` finite positive numbers (longrope's per-frequency factors) as a tuple."""
+    if not isinstance(v, (list, tuple)) or len(v) != count or not all(
+            _is_number(x) and math.isfinite(float(x)) and 0 < float(x) < 3.4e38 for x in v):
+        got = f"{len(v)} entries" if isinstance(v, (list, tuple)) else _shown(v)
+        raise ConfigError(f"{where}: expected a list of {count} positive numbers (one a rotated pair), got {got}")
+    return tuple(float(x) for x in v)
 
 
 def check_dtype_name(where: str, v) -> str:
@@ -168,6 +180,10 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_positions: int = 8192
+    rope_short_factor: tuple[float, ...] | None = None  # longrope: per-frequency divisors [R/2] (short sequences)
+    rope_long_factor: tuple[float, ...] | None = None  # longrope: those of a sequence past rope_original_max_positions
+    rope_attention_factor: float = 1.0  # longrope: cos and sin scaled by this (sqrt(1 + ln s / ln orig) by default)
+    rotary_dim: int | None = None  # R: partial rotary, only the first R of each head's H dims rotate (None: all)
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # qwen2; llama attention_bias=True
@@ -201,6 +217,7 @@ class ModelConfig:
 
         def put(name, value):
             object.__setattr__(self, name, value)
+            return value
 
         if self.arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
@@ -213,8 +230,10 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                      "head_dim", "max_position_embeddings", "rope_original_max_positions"):
             put(name, check_int(where(name), getattr(self, name)))
-        for name in ("rms_norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+        for name in ("rms_norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                     "rope_attention_factor"):
             put(name, check_float(where(name), getattr(self, name)))
+        self._check_rotary(where, put)
         for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "qk_norm", "embed_scale", "norm_plus_one",
                      "post_norms", "norm_topk_prob", "shared_expert"):
             put(name, check_bool(where(name), getattr(self, name)))
@@ -256,6 +275,23 @@ class ModelConfig:
         if not isinstance(self.dtype, str):
             raise ConfigError(f"{where('dtype')}: expected a dtype name, got {_shown(self.dtype)}")
 
+    def _check_rotary(self, where, put) -> None:
+        """Partial rotary (an even ``rotary_dim`` in [2, H]) and longrope's factor lists: one
+        positive number per rotated pair (R/2) each, present exactly when the type is longrope."""
+        if self.rotary_dim is not None:
+            r = put("rotary_dim", check_int(where("rotary_dim"), self.rotary_dim, high=self.head_dim + 1))
+            if r % 2:
+                raise ConfigError(f"{where('rotary_dim')}: expected an even number (rotary embeddings rotate pairs), "
+                                  f"got {r}")
+        for name in ("rope_short_factor", "rope_long_factor"):
+            v = getattr(self, name)
+            if self.rope_type != "longrope":
+                if v is not None:
+                    raise ConfigError(f"{where(name)}: only longrope rope scaling has factor lists; the rope type is "
+                                      f"{self.rope_type!r}, got {_shown(v)}")
+                continue
+            put(name, check_factors(where(name), v, self.rope_dims // 2))
+
     def _check_experts(self, where, put) -> None:
         """The mixture-of-experts fields: all zero / off for a dense family; for a MoE family
         E >= 1, 1 <= k <= E and a positive expert width; a shared expert only beside experts."""
@@ -293,6 +329,17 @@ class ModelConfig:
         """The checkpoint names the experts' block ``block_sparse_moe`` and their weights w1 / w3 /
         w2 (Mixtral), not ``mlp`` and gate_proj / up_proj / down_proj (Qwen)."""
         return self.arch == "mixtral"
+
+    @property
+    def fused_checkpoint(self) -> bool:
+        """The checkpoint holds q|k|v as one ``qkv_proj`` and gate|up as one ``gate_up_proj``
+        (Phi-3; GGUF ``attn_qkv`` and a fused ``ffn_up``), split into the canonical leaves at load."""
+        return self.arch == "phi3"
+
+    @property
+    def rope_dims(self) -> int:
+        """R: the dims of each head that rotate (``rotary_dim``, else all H)."""
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
 
     @property
     def groups(self) -> int:  # G = N / K
@@ -371,10 +418,16 @@ class ModelConfig:
         if _is_int(pad) and pad < 0:  # some published configs say -1 for "no padding token"
             pad = None
 
-        attention_bias = k.bool("attention_bias", False) if model_type != "mixtral" else False  # mixtral: no biases
-        sliding = k.int("sliding_window", None) if model_type in ("mistral", "mixtral") else None
+        # mixtral and phi3 have no biases (whatever attention_bias says)
+        attention_bias = k.bool("attention_bias", False) if model_type not in ("mixtral", "phi3") else False
+        sliding = k.int("sliding_window", None) if model_type in ("mistral", "mixtral", "phi3") else None
         num_layers = k.int("num_hidden_layers")
-        family = gemma_fields(d, k, model_type, num_layers) if gemma else {"rope": _rope_from_hf(d, source)}
+        if gemma:
+            family = gemma_fields(d, k, model_type, num_layers)
+        elif model_type == "phi3":
+            family = phi3_fields(d, k, head_dim)
+        else:
+            family = {"rope": _rope_from_hf(d, source, model_type=model_type)}
         if model_type in MOE_ARCHITECTURES:
             family.update(moe_fields(d, k, model_type, num_layers))
         qkv_bias = k.bool("qkv_bias", True) if model_type == "qwen2_moe" else \
@@ -434,8 +487,12 @@ class ModelConfig:
         }
         if self.arch in ("llama", "mistral", "qwen3", "qwen3_moe") + GEMMA_ARCHITECTURES:
             d["attention_bias"] = self.o_bias
-        if self.arch in ("mistral", "mixtral"):
+        if self.arch in ("mistral", "mixtral", "phi3"):
             d["sliding_window"] = self.sliding_window
+        if self.arch == "phi3":
+            d["original_max_position_embeddings"] = self.rope_original_max_positions
+            if self.rotary_dim is not None:
+                d["partial_rotary_factor"] = self.rotary_dim / self.head_dim
         if self.moe:
             d.update(num_experts_per_tok=self.num_experts_per_tok, moe_intermediate_size=self.moe_intermediate_size,
                      norm_topk_prob=self.norm_topk_prob)
@@ -464,6 +521,12 @@ class ModelConfig:
             d["rope_scaling"] = {
                 "rope_type": "llama3", "factor": self.rope_factor,
                 "low_freq_factor": self.rope_low_freq_factor, "high_freq_factor": self.rope_high_freq_factor,
+                "original_max_position_embeddings": self.rope_original_max_positions,
+            }
+        elif self.rope_type == "longrope":
+            d["rope_scaling"] = {
+                "rope_type": "longrope", "short_factor": list(self.rope_short_factor),
+                "long_factor": list(self.rope_long_factor), "attention_factor": self.rope_attention_factor,
                 "original_max_position_embeddings": self.rope_original_max_positions,
             }
         return d
@@ -559,7 +622,7 @@ def gemma_fields(d: Mapping[str, Any], k: "_Keys", model_type: str, num_layers: 
                                     f"supported: {', '.join(accepted)}")
     out: dict = dict(hidden_act="gelu_tanh", embed_scale=True, norm_plus_one=True)
     if model_type == "gemma":
-        out["rope"] = _rope_from_hf(d, source)
+        out["rope"] = _rope_from_hf(d, source, model_type=model_type)
         return out
     out.update(post_norms=True, query_pre_attn_scalar=k.float("query_pre_attn_scalar", 256.0),
                sliding_window=k.int("sliding_window", None) if "sliding_window" in d else 4096)
@@ -576,9 +639,9 @@ def gemma_fields(d: Mapping[str, Any], k: "_Keys", model_type: str, num_layers: 
                           f"{', '.join(LAYER_TYPES)}, got {_shown(types)}")
     out["sliding_layers"] = tuple(t == "sliding_attention" for t in types)
     if model_type == "gemma2":
-        out["rope"] = _rope_from_hf(d, source)
+        out["rope"] = _rope_from_hf(d, source, model_type=model_type)
         return out
-    out["rope"] = _rope_from_hf(d, source, default_theta=1_000_000.0)
+    out["rope"] = _rope_from_hf(d, source, default_theta=1_000_000.0, model_type=model_type)
     params = d.get("rope_parameters")
     local = params.get("sliding_attention") if isinstance(params, Mapping) else None
     if local is not None:
@@ -593,7 +656,56 @@ def gemma_fields(d: Mapping[str, Any], k: "_Keys", model_type: str, num_layers: 
     return out
 
 
-def _rope_from_hf(d: Mapping[str, Any], source: str = "config.json", default_theta: float = 10000.0) -> dict:
+def phi3_fields(d: Mapping[str, Any], k: "_Keys", head_dim: int) -> dict:
+    """Phi-3's feature fields (and ``rope``) from a config.json: partial rotary
+    (``partial_rotary_factor``, in ``rope_parameters`` or beside it: the first
+    ``int(H * factor)`` dims of each head rotate) and longrope scaling (``rope_scaling`` of type
+    ``longrope``, or its older names ``su`` / ``yarn``, as transformers reads them), whose factor
+    lists must have one entry a rotated pair. The fused ``qkv_proj`` / ``gate_up_proj`` tensors
+    are a checkpoint matter (``ModelConfig.fused_checkpoint``)."""
+    key, factor = "partial_rotary_factor", d.get("partial_rotary_factor")
+    for name in ("rope_scaling", "rope_parameters"):  # the rope dict's value first, as transformers reads it
+        inner = d.get(name)
+        if isinstance(inner, Mapping) and inner.get("partial_rotary_factor") is not None:
+            key, factor = f"{name}.partial_rotary_factor", inner["partial_rotary_factor"]
+            break
+    factor = 1.0 if factor is None else check_float(f"{k.source}: key {key!r}", factor)
+    rotary = int(head_dim * factor)
+    if factor > 1.0 or rotary < 2 or rotary % 2:
+        raise ConfigError(f"{k.source}: key {key!r}: expected a factor in (0, 1] giving an even number of rotated "
+                          f"dims (of the head dim {head_dim}), got {factor} ({rotary} dims)")
+    out: dict = {"rope": _rope_from_hf(d, k.source, model_type="phi3", rotary_dim=rotary)}
+    if d.get("original_max_position_embeddings") is not None:  # kept (and written back) without longrope too
+        out["rope"].setdefault("rope_original_max_positions", k.int("original_max_position_embeddings"))
+    if rotary != head_dim:
+        out["rotary_dim"] = rotary
+    return out
+
+
+def _longrope_from_hf(d: Mapping[str, Any], sk: "_Keys", rotary_dim: int) -> dict:
+    """longrope's fields: the short / long factor lists (R/2 numbers each), the original context
+    (transformers prefers the top-level ``original_max_position_embeddings`` of Phi-3 configs
+    over the one in the scaling dict, else ``max_position_embeddings``) and the attention factor:
+    ``attention_factor`` if given, else sqrt(1 + ln s / ln orig) with s = ``factor`` or
+    max_position_embeddings / orig (1 when s <= 1)."""
+    k = _Keys(d, sk.source)
+    if d.get("original_max_position_embeddings") is not None:
+        orig = k.int("original_max_position_embeddings")
+    else:
+        orig = sk.int("original_max_position_embeddings", None) or k.int("max_position_embeddings", 4096)
+    out = {name: check_factors(sk.where(key), sk.get(key), rotary_dim // 2)
+           for name, key in (("rope_short_factor", "short_factor"), ("rope_long_factor", "long_factor"))}
+    s = sk.float("factor", None)
+    s = k.int("max_position_embeddings", 4096) / orig if s is None else s
+    att = sk.float("attention_factor", None)
+    if att is None:
+        att = 1.0 if s <= 1.0 or orig == 1 else math.sqrt(1 + math.log(s) / math.log(orig))
+    out.update(rope_original_max_positions=orig, rope_attention_factor=att)
+    return out
+
+
+def _rope_from_hf(d: Mapping[str, Any], source: str = "config.json", default_theta: float = 10000.0,
+                  model_type: str | None = None, rotary_dim: int | None = None) -> dict:
     """Rope settings from either dialect: classic (rope_theta + rope_scaling) or
     transformers 5 (rope_parameters holding rope_theta and the scaling keys; for a per-layer-type
     dict, its ``full_attention`` entry). ``default_theta``: the base when none is given."""
@@ -622,12 +734,17 @@ def _rope_from_hf(d: Mapping[str, Any], source: str = "config.json", default_the
         raise ConfigError(f"{source}: key {key!r}: expected an object, got {_shown(scaling)}")
     sk = _Keys(scaling, source, key + ".")
     rtype = scaling.get("rope_type", scaling.get("type", "default"))
-    if rtype not in SUPPORTED_ROPE_TYPES:
+    rtype = ROPE_TYPE_ALIASES.get(model_type, {}).get(rtype, rtype)
+    if rtype not in SUPPORTED_ROPE_TYPES or (rtype == "longrope" and model_type != "phi3"):
+        supported = [t for t in SUPPORTED_ROPE_TYPES if t != "longrope" or model_type == "phi3"]
         raise UnsupportedModelError(
-            f"{source}: key {key + '.rope_type'!r}: rope scaling type {rtype!r} is not supported; "
-            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            f"{source}: key {key + '.rope_type'!r}: rope scaling type {rtype!r} is not supported for "
+            f"{model_type or 'this model'}; supported: {', '.join(supported)}"
+            + ("" if model_type == "phi3" else " (longrope: phi3)")
         )
     out["rope_type"] = rtype
+    if rtype == "longrope":
+        out.update(_longrope_from_hf(d, sk, rotary_dim))
     if rtype in ("linear", "llama3"):
         out["rope_factor"] = sk.float("factor")
     if rtype == "llama3":

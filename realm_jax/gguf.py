@@ -11,17 +11,23 @@ Layout notes:
 - llama.cpp's converter reorders the rows of Q and K (weights and biases) of ``llama``-arch
   models, within each head, from HF's half-split rotary layout to its interleaved one:
   HF row ``j * H/2 + i`` (half ``j``, pair ``i``) is stored at row ``2 * i + j``.
-  ``unpermute_rope_rows`` undoes it. ``qwen2``/``qwen3`` (and their MoE) files are stored in HF order.
+  ``unpermute_rope_rows`` undoes it. ``qwen2``/``qwen3`` (and their MoE) and ``phi3`` files are
+  stored in HF order.
+- ``phi3``: q|k|v fused in ``attn_qkv`` and gate|up in ``ffn_up`` (HF's ``qkv_proj`` /
+  ``gate_up_proj``), split by rows into the canonical leaves (``checkpoint.part_rows``); longrope's
+  factor lists are the tensors ``rope_factors_short`` / ``rope_factors_long`` (``_phi3_from_gguf``).
 - Mixture of experts (Mixtral: a ``llama`` file with ``llama.expert_count``; ``qwen2moe``;
   ``qwen3moe``): each layer's experts are one tensor ``blk.N.ffn_{gate,up,down}_exps`` holding
   every expert, numpy ``[E, D_out, D_in]``; the router is ``ffn_gate_inp`` ``[E, D]``; Qwen2-MoE's
   shared expert is ``ffn_{gate,up,down}_shexp`` (our dense MLP) and its gate
-  ``ffn_gate_inp_shexp`` (``[D]``). The names are rows of ``params.LEAVES``. A GGUF has no
-  sliding window, so Mixtral from GGUF runs without one (llama.cpp does the same).
+  ``ffn_gate_inp_shexp`` (``[D]``). The names are rows of ``params.LEAVES``. A llama-arch GGUF has
+  no sliding window, so Mixtral from GGUF runs without one (llama.cpp does the same); a phi3 file
+  has ``phi3.attention.sliding_window``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -31,20 +37,22 @@ import numpy as np
 from .config import ModelConfig, check_even, check_float, check_int, check_token_id, head_dim_of
 from .errors import CheckpointError, ConfigError, RealmError, UnsupportedModelError
 from .gguf_file import GGUFFile, GGUFTensor, open_gguf
-from .checkpoint import check_file_tensor_shape, file_shape, leaf_path, tensor_names
+from .checkpoint import check_file_tensor_shape, file_shape, leaf_path, part_rows, tensor_names
 from .params import leaf_shape
 
 __all__ = ["GGUFFile", "GGUFTensor", "open_gguf", "config_from_gguf", "read_gguf_params", "load_gguf",
            "gguf_to_hf", "unpermute_rope_rows", "SUPPORTED_GGUF_ARCHITECTURES", "SUPPORTED_QUANT_TYPES"]
 
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe")  # Mistral, Mixtral: "llama"
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "phi3")  # Mistral, Mixtral: "llama"
 # our architecture of a GGUF one (a "llama" file with experts is Mixtral), and back
-_ARCH_OF_GGUF = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+_ARCH_OF_GGUF = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe",
+                 "phi3": "phi3"}
 _GGUF_ARCH_OF = {**{v: k for k, v in _ARCH_OF_GGUF.items()}, "mixtral": "llama"}
 SUPPORTED_QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                          "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 _IGNORED_TENSORS = ("rope_freqs.weight",)  # folded into the config (llama3 rope scaling)
+LONGROPE_TENSORS = ("rope_factors_short.weight", "rope_factors_long.weight")  # folded into the config (phi3)
 _LLAMA3_CANDIDATE_ORIGINAL_CONTEXTS = (8192, 4096, 2048, 16384, 32768, 65536, 131072)  # when the band is empty
 
 
@@ -116,10 +124,10 @@ def config_from_gguf(meta: Mapping[str, Any], tensors: Mapping[str, GGUFTensor] 
         raise UnsupportedModelError(
             f"{source}: GGUF {arch}.attention.value_length={value_dim} != key_length={head_dim}: not supported")
     rope_dims = integer("rope.dimension_count")
-    if rope_dims is not None and rope_dims != head_dim:
+    if rope_dims is not None and rope_dims != head_dim and arch != "phi3":
         raise UnsupportedModelError(
             f"{source}: GGUF {arch}.rope.dimension_count={rope_dims} != head dim {head_dim}: "
-            f"partial rotary is not supported")
+            f"partial rotary is not supported for {arch} (phi3 has it)")
 
     tokens = meta.get("tokenizer.ggml.tokens")
     if tokens is not None:
@@ -134,6 +142,8 @@ def config_from_gguf(meta: Mapping[str, Any], tensors: Mapping[str, GGUFTensor] 
 
     theta = number("rope.freq_base", 10000.0)
     rope = _rope_from_gguf(arch, raw, theta, head_dim, tensors, source)
+    if arch == "phi3":
+        rope.update(_phi3_from_gguf(integer, number, rope_dims or head_dim, head_dim, tensors, source))
 
     qkv_bias = "blk.0.attn_q.bias" in tensors
     o_bias = "blk.0.attn_output.bias" in tensors
@@ -234,6 +244,43 @@ def _moe_from_gguf(arch, raw, integer, number, tensors, source) -> dict:
     return out
 
 
+def _phi3_from_gguf(integer, number, rope_dims: int, head_dim: int, tensors, source) -> dict:
+    """Phi-3's fields from GGUF, as llama.cpp's converter writes them: partial rotary
+    (``rope.dimension_count`` below the head dim), the window (``attention.sliding_window``, 0 =
+    none) and longrope: the factor lists as the tensors ``rope_factors_short`` / ``_long``
+    (R/2 values each), ``rope.scaling.original_context_length`` (required with them) and
+    ``rope.scaling.attn_factor`` (default sqrt(1 + ln s / ln orig), s = context_length / orig).
+    llama.cpp chooses the factors from the context size it runs with; we choose them as HF
+    does, per sequence (``layers.rope_cos_sin``)."""
+    from gguf.quants import dequantize
+
+    out: dict = {}
+    if rope_dims != head_dim:
+        out["rotary_dim"] = rope_dims
+    window = integer("attention.sliding_window", 0, low=0)
+    out["sliding_window"] = window or None
+    present = [n for n in LONGROPE_TENSORS if n in tensors]
+    if not present:
+        return out
+    if len(present) == 1:
+        missing = next(n for n in LONGROPE_TENSORS if n not in tensors)
+        raise CheckpointError(f"{source}: GGUF has {present[0]!r} but not {missing!r} (longrope needs both)")
+    factors = {}
+    for name, field in zip(LONGROPE_TENSORS, ("rope_short_factor", "rope_long_factor")):
+        t = tensors[name]
+        v = np.asarray(dequantize(t.data, t.qtype), np.float32).reshape(-1)
+        if v.shape != (rope_dims // 2,) or not (np.isfinite(v).all() and (v > 0).all()):
+            raise CheckpointError(f"{source}: tensor {name!r} has {v.size} values (finite and positive: "
+                                  f"{bool(np.isfinite(v).all() and (v > 0).all())}), expected {rope_dims // 2} "
+                                  f"positive ones (one a rotated pair)")
+        factors[field] = tuple(_f32(x) for x in v)
+    orig = integer("rope.scaling.original_context_length", required=True)
+    s = integer("context_length", 4096) / orig
+    default = 1.0 if s <= 1.0 or orig == 1 else math.sqrt(1 + math.log(s) / math.log(orig))
+    return {**out, **factors, "rope_type": "longrope", "rope_original_max_positions": orig,
+            "rope_attention_factor": number("rope.scaling.attn_factor", default)}
+
+
 def _f32(v) -> float:
     """A float32 metadata value as the shortest decimal that round-trips (1e-05, not 9.99e-06)."""
     return float(str(np.float32(v)))
@@ -316,17 +363,18 @@ def _check_tensors(path, cfg: ModelConfig, table: Mapping[str, GGUFTensor]) -> d
     if missing:
         raise CheckpointError(f"{path}: missing tensor {missing[0]!r}" +
                               (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    extra = [n for n in table if n not in expected and n not in _IGNORED_TENSORS]
+    ignored = _IGNORED_TENSORS + (LONGROPE_TENSORS if cfg.rope_type == "longrope" else ())
+    extra = [n for n in table if n not in expected and n not in ignored]
     if extra:
         raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r} for a {cfg.arch} model")
-    for name, (leaf, _) in expected.items():
+    for name, (parts, _) in expected.items():
         t = table[name]
         qname = t.qtype.name
         if qname not in SUPPORTED_QUANT_TYPES:
             raise UnsupportedModelError(
                 f"{path}: tensor {name!r} has quantization type {qname}, which is not supported; "
                 f"supported: {', '.join(SUPPORTED_QUANT_TYPES)}")
-        check_file_tensor_shape(str(path), name, leaf, cfg, t.shape, "gguf",
+        check_file_tensor_shape(str(path), name, parts, cfg, t.shape, "gguf",
                                 f"key {_GGUF_ARCH_OF[cfg.arch] + '.expert_count'!r}")
     return expected
 
@@ -350,19 +398,22 @@ def read_gguf_params(gf: GGUFFile, cfg: ModelConfig, dtype=np.float32,
 
     np_dtype = np.dtype(dtype)
     by_leaf: dict = {}
-    for name, (leaf, i) in expected.items():
-        by_leaf.setdefault(leaf, []).append((i, name))
+    for name, (parts, i) in expected.items():
+        for leaf, start, stop in part_rows(parts, cfg, "gguf"):
+            by_leaf.setdefault(leaf, []).append((i, name, slice(start, stop) if len(parts) > 1 else None))
     permuted = _GGUF_ARCH_OF[cfg.arch] == "llama"  # llama-arch files (Mixtral's too) reorder Q/K rows
     heads_of = {"wq": cfg.num_heads, "bq": cfg.num_heads, "wk": cfg.num_kv_heads, "bk": cfg.num_kv_heads}
     params: dict = {"layers": {}}
     for leaf, items in by_leaf.items():
         buf = np.empty(leaf_shape(leaf, cfg), np_dtype)
-        for i, name in items:
+        for i, name, rows in items:
             t = table[name]
             try:
                 w = dequantize(t.data, t.qtype).reshape(t.shape)
             except Exception as e:
                 raise CheckpointError(f"{path}: tensor {name!r} cannot be read ({type(e).__name__}: {e})") from None
+            if rows is not None:  # one part of a fused tensor (Phi-3's attn_qkv, ffn_up)
+                w = w[rows]
             if permuted and leaf.name in heads_of:
                 w = unpermute_rope_rows(w, heads_of[leaf.name])
             if leaf.hf_transposed:  # GGUF stores matmul weights [(E,) D_out, D_in], as HF does

@@ -1,5 +1,6 @@
-"""Building blocks: RMSNorm, rotary embedding (default / linear / llama3 scaling), the MLP gate,
-scaled embeddings and tanh soft-capping; each takes the config's feature fields.
+"""Building blocks: RMSNorm, rotary embedding (default / linear / llama3 / longrope scaling,
+partial rotary), the MLP gate, scaled embeddings and tanh soft-capping; each takes the config's
+feature fields.
 
 Numerics (documented choice, matching HF transformers):
 - RMSNorm computes in float32 and casts back to the input dtype before the weight multiply;
@@ -51,14 +52,18 @@ def softcap(x: jax.Array, cap: float | None) -> jax.Array:
     return x if cap is None else jnp.tanh(x / cap) * cap
 
 
-def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> np.ndarray:
-    """Inverse frequencies [H/2] float32, with the config's scaling applied (as HF computes them).
-    ``local``: for a local layer, plain rope with base ``rope_local_theta`` when the config has one."""
-    h = cfg.head_dim
+def rope_inv_freq(cfg: ModelConfig, local: bool = False, long: bool = False) -> np.ndarray:
+    """Inverse frequencies [R/2] float32 (R = ``cfg.rope_dims``), with the config's scaling applied
+    (as HF computes them). ``local``: for a local layer, plain rope with base ``rope_local_theta``
+    when the config has one. ``long``: longrope's long factors (else its short ones)."""
+    h = cfg.rope_dims
     local = local and cfg.rope_local_theta is not None
     theta = cfg.rope_local_theta if local else cfg.rope_theta
-    inv = 1.0 / (np.float32(theta) ** (np.arange(0, h, 2, dtype=np.int64).astype(np.float32) / np.float32(h)))
-    inv = inv.astype(np.float32)
+    base = np.float32(theta) ** (np.arange(0, h, 2, dtype=np.int64).astype(np.float32) / np.float32(h))
+    if cfg.rope_type == "longrope" and not local:  # each frequency divided by its factor
+        ext = np.asarray(cfg.rope_long_factor if long else cfg.rope_short_factor, np.float32)
+        return (1.0 / (ext * base)).astype(np.float32)
+    inv = (1.0 / base).astype(np.float32)
     if local:
         return inv
     if cfg.rope_type == "linear":
@@ -76,20 +81,38 @@ def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> np.ndarray:
     return inv
 
 
-def rope_cos_sin(cfg: ModelConfig, positions: jax.Array, local: bool = False) -> tuple[jax.Array, jax.Array]:
-    """positions [B, T] int -> cos, sin [B, T, H] float32 (halves repeated, HF layout); ``local``
-    as in ``rope_inv_freq``."""
-    inv = jnp.asarray(rope_inv_freq(cfg, local))
-    ang = positions.astype(jnp.float32)[..., None] * inv  # [B, T, H/2]
+def rope_cos_sin(cfg: ModelConfig, positions: jax.Array, local: bool = False,
+                 seq_lens: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """positions [B, T] int -> cos, sin [B, T, R] float32 (halves repeated, HF layout); ``local``
+    as in ``rope_inv_freq``.
+
+    longrope picks its factors per row, as HF does per forward call: the long ones for a row
+    whose sequence (``seq_lens`` [B]: the keys valid after this call, i.e. its last position + 1)
+    is longer than ``rope_original_max_positions``, else the short ones; cos and sin are then
+    scaled by ``rope_attention_factor``. A cached decode that crosses that length thus rotates the
+    new keys with the long factors while the cached ones keep the short ones, as HF's cache does."""
+    if cfg.rope_type == "longrope" and not (local and cfg.rope_local_theta is not None):
+        if seq_lens is None:
+            raise ValueError("rope_cos_sin: longrope needs seq_lens (each row's sequence length)")
+        long = (jnp.asarray(seq_lens) > cfg.rope_original_max_positions)[:, None, None]
+        inv = jnp.where(long, jnp.asarray(rope_inv_freq(cfg, long=True)), jnp.asarray(rope_inv_freq(cfg)))
+        scale = np.float32(cfg.rope_attention_factor)
+    else:
+        inv, scale = jnp.asarray(rope_inv_freq(cfg, local)), None
+    ang = positions.astype(jnp.float32)[..., None] * inv  # [B, T, R/2]
     ang = jnp.concatenate([ang, ang], axis=-1)
-    return jnp.cos(ang), jnp.sin(ang)
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    return (cos, sin) if scale is None else (cos * scale, sin * scale)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [B, T, heads, H]; cos/sin [B, T, H]. Rotate-half convention (HF / non-interleaved)."""
+    """x [B, T, heads, H]; cos/sin [B, T, R] (R <= H: partial rotary leaves dims R.. as they are).
+    Rotate-half convention (HF / non-interleaved) over the first R dims."""
     xf = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    r = cos.shape[-1]
+    xr, rest = xf[..., :r], xf[..., r:]
+    half = r // 2
+    rot = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
     c, s = cos[:, :, None, :], sin[:, :, None, :]
-    return (xf * c + rot * s).astype(x.dtype)
-
+    out = xr * c + rot * s
+    return (out if r == x.shape[-1] else jnp.concatenate([out, rest], axis=-1)).astype(x.dtype)

@@ -20,7 +20,7 @@ import numpy as np
 from .config import ModelConfig
 from .errors import CheckpointError, UnsupportedModelError
 from .adapter_checks import Adapter, check_adapter, lora_scale
-from .params import LEAVES, PROJECTIONS, file_name, model_leaves, projection_dims
+from .params import LEAVES, PROJECTIONS, file_name, fused_parts, model_leaves, projection_dims
 
 # adapter_config.json fields with no effect on inference.
 _PEFT_HARMLESS = {
@@ -69,7 +69,8 @@ def _hf_modules(cfg: ModelConfig) -> list[tuple[str, str | None, int | None]]:
             out += [(f"{block}.shared_expert", None, None), (f"{block}.shared_expert_gate", None, None)]
         out += [(_module_path(p, i, cfg), p, i) for p in dense]
         if dense:
-            out += [(_module_path("w_gate", i, cfg).rsplit(".", 1)[0] + ".act_fn", None, None)]
+            act = "activation_fn" if cfg.fused_checkpoint else "act_fn"  # Phi-3's MLP names it activation_fn
+            out += [(_module_path("w_gate", i, cfg).rsplit(".", 1)[0] + "." + act, None, None)]
         out += [(file_name(leaf, cfg).format(i=i).removesuffix(".weight"), None, None)  # the layer's norms
                 for leaf in model_leaves(cfg) if leaf.is_layer and leaf.init == "norm"]
     out += [("model.norm", None, None), ("model.rotary_emb", None, None), ("lm_head", None, None)]
@@ -77,8 +78,18 @@ def _hf_modules(cfg: ModelConfig) -> list[tuple[str, str | None, int | None]]:
 
 
 def _peft_names(cfg: ModelConfig) -> list[str]:
-    """The PEFT module names of this model's LoRA targets (q_proj ... down_proj)."""
-    return [LEAVES[p].peft for p in projection_dims(cfg)]
+    """The PEFT module names of this model's LoRA targets (q_proj ... down_proj; Phi-3's fused
+    qkv_proj and gate_up_proj)."""
+    return list(dict.fromkeys(_module_path(p, 0, cfg).rsplit(".", 1)[1] for p in projection_dims(cfg)))
+
+
+def _fused_rows(proj: str, cfg: ModelConfig) -> tuple[int, int, int]:
+    """(start, stop, total): the rows of ``proj``'s output in its HF module's (one part of a
+    fused module: LoRA B's rows split as the weight's; A is shared by the parts)."""
+    dims = projection_dims(cfg)
+    parts = fused_parts(LEAVES[proj], cfg)
+    start = sum(dims[p][1] for p in parts[:parts.index(proj)])
+    return start, start + dims[proj][1], sum(dims[p][1] for p in parts)
 
 
 def _peft_is_target(c: Mapping, key: str) -> bool:
@@ -246,7 +257,7 @@ def load_peft(path: str | os.PathLike, config: ModelConfig, dtype=jnp.float32) -
     dims = projection_dims(config)
     wanted = []
     for (proj, layer), (key, r, _) in sorted(targets.items(), key=lambda kv: (kv[0][1], PROJECTIONS.index(kv[0][0]))):
-        din, dout = dims[proj]
+        din, dout = dims[proj][0], _fused_rows(proj, config)[2]
         for part, shape in (("lora_A", (r, din)), ("lora_B", (dout, r))):
             name = f"{key}.{part}.weight"
             if name not in by_key:
@@ -276,11 +287,37 @@ def load_peft(path: str | os.PathLike, config: ModelConfig, dtype=jnp.float32) -
             if (proj, layer) not in targets:
                 continue
             key, r, scale = targets[(proj, layer)]
+            start, stop, _ = _fused_rows(proj, config)
             a[layer, :, :r] = np.asarray(h.get_tensor(by_key[f"{key}.lora_A.weight"]), np.float32).T
-            b[layer, :r, :] = np.asarray(h.get_tensor(by_key[f"{key}.lora_B.weight"]), np.float32).T
+            b[layer, :r, :] = np.asarray(h.get_slice(by_key[f"{key}.lora_B.weight"])[start:stop], np.float32).T
             s[layer] = scale
         out[proj] = {"a": jnp.asarray(a, dtype), "b": jnp.asarray(b, dtype), "scale": jnp.asarray(s)}
     return {"layers": out}
+
+
+def _module_factors(layers: Mapping, parts: tuple[str, ...], cfg: ModelConfig):
+    """(a [L, D_in, R], b [L, R, D_out], scale [L]) of one HF module's LoRA, from the adapter's
+    leaves of its ``parts``. A fused module (Phi-3's qkv_proj, gate_up_proj) whose parts all
+    share A and the scale (as PEFT's do) gets that A and B joined on the output axis; otherwise
+    the parts' A are concatenated on the rank axis and B is block-diagonal with each part's scale
+    folded in (scale 1): exact either way."""
+    f32 = {p: {k: np.asarray(v, np.float64 if k == "scale" else np.float32) for k, v in layers[p].items()}
+           for p in parts if p in layers}
+    first = next(iter(f32.values()))
+    if len(parts) == 1:
+        return first["a"], first["b"], first["scale"]
+    if len(f32) == len(parts) and all(np.array_equal(f["a"], first["a"]) and np.array_equal(f["scale"], first["scale"])
+                                      for f in f32.values()):
+        return first["a"], np.concatenate([f32[p]["b"] for p in parts], axis=-1), first["scale"]
+    a = np.concatenate([f["a"] for f in f32.values()], axis=-1)
+    b = np.zeros((cfg.num_layers, a.shape[-1], _fused_rows(parts[0], cfg)[2]), np.float32)
+    r0 = 0
+    for p, f in f32.items():
+        start, stop, _ = _fused_rows(p, cfg)
+        r = f["a"].shape[-1]
+        b[:, r0:r0 + r, start:stop] = f["b"] * f["scale"][:, None, None]
+        r0 += r
+    return a, b, np.ones((cfg.num_layers,))
 
 
 def save_peft(path: str | os.PathLike, adapter: Adapter, config: ModelConfig,
@@ -288,8 +325,9 @@ def save_peft(path: str | os.PathLike, adapter: Adapter, config: ModelConfig,
     """Write a single adapter as a PEFT LoRA directory that PEFT and ``load_peft`` read back.
 
     Every targeted module of every layer is written at its padded rank R with ``alpha_pattern``
-    entries reproducing the per-layer scale (so the result is exact, not minimal). The
-    directory must not exist; it appears complete or not at all.
+    entries reproducing the per-layer scale (so the result is exact, not minimal); a fused
+    module's parts are joined (``_module_factors``). The directory must not exist; it appears
+    complete or not at all.
     """
     from safetensors.numpy import save_file
 
@@ -298,22 +336,24 @@ def save_peft(path: str | os.PathLike, adapter: Adapter, config: ModelConfig,
     if path.exists():
         raise FileExistsError(f"{path}: already exists; refusing to overwrite")
     tensors, rank_pattern, alpha_pattern = {}, {}, {}
-    R0 = max(int(leaf["a"].shape[-1]) for leaf in adapter["layers"].values())
-    for proj, leaf in adapter["layers"].items():
-        a, b = np.asarray(leaf["a"], np.float32), np.asarray(leaf["b"], np.float32)
-        scale = np.asarray(leaf["scale"], np.float64)
+    modules = {fused_parts(LEAVES[p], config): None for p in PROJECTIONS if p in adapter["layers"]}
+    factors = {parts: _module_factors(adapter["layers"], parts, config) for parts in modules}
+    R0 = max(a.shape[-1] for a, _, _ in factors.values())
+    names = []
+    for parts, (a, b, scale) in factors.items():
         R = a.shape[-1]
+        names.append(_module_path(parts[0], 0, config).rsplit(".", 1)[1])
         if R != R0:
-            rank_pattern[LEAVES[proj].peft] = R
+            rank_pattern[names[-1]] = R
         for i in range(config.num_layers):
-            key = _module_path(proj, i, config)
+            key = _module_path(parts[0], i, config)
             tensors[f"base_model.model.{key}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
             tensors[f"base_model.model.{key}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
             alpha_pattern["^" + re.escape(key)] = float(scale[i]) * R
     cfg = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "r": R0, "lora_alpha": R0, "use_rslora": False, "bias": "none", "lora_dropout": 0.0,
-        "target_modules": sorted(LEAVES[p].peft for p in adapter["layers"]), "init_lora_weights": True,
+        "target_modules": sorted(names), "init_lora_weights": True,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "inference_mode": True,
     }
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -113,7 +113,7 @@ def _kinds(cfg: ModelConfig, impl: str, positions, kv_len, lengths, num_keys: in
     out = {}
     for local in sorted(set(cfg.layer_local[:num_layers])):
         window = cfg.window(local)
-        cos, sin = rope_cos_sin(cfg, positions, local)
+        cos, sin = rope_cos_sin(cfg, positions, local, kv_len)
         mask = attention_mask(positions, kv_len, num_keys, window)
         out[local] = (cos, sin, _attention_core(cfg, impl, positions.shape[1], mask, kv_len, lengths, num_keys,
                                                 fresh=fresh, window=window))

@@ -20,7 +20,9 @@ Canonical params (what files, PEFT, merge, save, quantize and the reference forw
 Matmul weights are ``[D_in, D_out]`` (applied as ``x @ W``); layer leaves carry L first, and
 expert leaves E second (an HF checkpoint holds one tensor per layer and expert: ``{i}`` / ``{e}``
 in the names; a GGUF file one tensor per layer holding every expert, ``[E, D_out, D_in]``; they
-are stacked at load time).
+are stacked at load time). Several leaves may name one file tensor (Phi-3's ``qkv_proj`` holds
+wq | wk | wv and ``gate_up_proj`` w_gate | w_up): the tensor is their parts side by side on its
+output axis, in table order, split at load time and joined when written.
 
 ``LEAVES`` holds, for every leaf, everything the rest of the package needs to know about it:
 its logical axes (which give its shape and its sharding), its HF and GGUF tensor names, and
@@ -89,11 +91,15 @@ class Leaf:
         return self.peft is not None
 
 
-def _proj(name, axes, module, gguf, hf_block="self_attn", when=None, hf_if=(), gguf_if=()):
+def _proj(name, axes, module, gguf, hf_block="self_attn", when=None, hf_if=(), gguf_if=(), fused=None):
+    """A layer projection; ``fused``: (HF module, GGUF name) of the fused tensor holding it in a
+    ``fused_checkpoint`` (Phi-3)."""
+    fused_hf = (("fused_checkpoint", f"model.layers.{{i}}.{hf_block}.{fused[0]}.weight"),) if fused else ()
+    fused_gguf = (("fused_checkpoint", f"blk.{{i}}.{fused[1]}.weight"),) if fused else ()
     return Leaf(name, ("layers",) + axes, f"model.layers.{{i}}.{hf_block}.{module}.weight", f"blk.{{i}}.{gguf}.weight",
                 hf_transposed=True, matmul=True, quantizable=True, peft=module, when=when,
-                hf_if=tuple((flag, f"model.layers.{{i}}.{n}.{module}.weight") for flag, n in hf_if),
-                gguf_if=tuple((flag, f"blk.{{i}}.{n}.weight") for flag, n in gguf_if))
+                hf_if=fused_hf + tuple((flag, f"model.layers.{{i}}.{n}.{module}.weight") for flag, n in hf_if),
+                gguf_if=fused_gguf + tuple((flag, f"blk.{{i}}.{n}.weight") for flag, n in gguf_if))
 
 
 def _expert(name, axes, module, mixtral_module, gguf):
@@ -115,15 +121,20 @@ _SHARED = (("shared_expert", "mlp.shared_expert"),)  # qwen2_moe: the dense MLP 
 def _shexp(gguf):
     return (("shared_expert", f"{gguf}_shexp"),)  # ... named ffn_*_shexp in GGUF
 
+
+# Phi-3 stores q|k|v and gate|up fused, each as one tensor (HF module, GGUF name): the leaves naming
+# one tensor are its parts, in table order, side by side on its output axis
+_QKV, _GATE_UP = ("qkv_proj", "attn_qkv"), ("gate_up_proj", "ffn_up")
+
 LEAVES: dict[str, Leaf] = {leaf.name: leaf for leaf in (
     Leaf("embed", ("vocab", "embed"), "model.embed_tokens.weight", "token_embd.weight", init="embed"),
     Leaf("final_norm", ("embed",), "model.norm.weight", "output_norm.weight", init="norm"),
     Leaf("lm_head", ("embed", "vocab"), "lm_head.weight", "output.weight", hf_transposed=True, matmul=True,
          quantizable=True, when="untied"),
     _vec("attn_norm", ("embed",), "input_layernorm.weight", "attn_norm.weight"),
-    _proj("wq", ("embed", "q_heads"), "q_proj", "attn_q"),
-    _proj("wk", ("embed", "kv_heads"), "k_proj", "attn_k"),
-    _proj("wv", ("embed", "kv_heads"), "v_proj", "attn_v"),
+    _proj("wq", ("embed", "q_heads"), "q_proj", "attn_q", fused=_QKV),
+    _proj("wk", ("embed", "kv_heads"), "k_proj", "attn_k", fused=_QKV),
+    _proj("wv", ("embed", "kv_heads"), "v_proj", "attn_v", fused=_QKV),
     _proj("wo", ("q_heads", "embed"), "o_proj", "attn_output"),
     _vec("bq", ("q_heads",), "self_attn.q_proj.bias", "attn_q.bias", "qkv_bias", "bias"),
     _vec("bk", ("kv_heads",), "self_attn.k_proj.bias", "attn_k.bias", "qkv_bias", "bias"),
@@ -136,8 +147,9 @@ LEAVES: dict[str, Leaf] = {leaf.name: leaf for leaf in (
     _vec("mlp_norm", ("embed",), "post_attention_layernorm.weight", "ffn_norm.weight",
          hf_if=(("post_norms", "pre_feedforward_layernorm.weight"),)),
     _vec("post_mlp_norm", ("embed",), "post_feedforward_layernorm.weight", "post_ffw_norm.weight", "post_norms"),
-    _proj("w_gate", ("embed", "mlp"), "gate_proj", "ffn_gate", "mlp", "dense_mlp", _SHARED, _shexp("ffn_gate")),
-    _proj("w_up", ("embed", "mlp"), "up_proj", "ffn_up", "mlp", "dense_mlp", _SHARED, _shexp("ffn_up")),
+    _proj("w_gate", ("embed", "mlp"), "gate_proj", "ffn_gate", "mlp", "dense_mlp", _SHARED, _shexp("ffn_gate"),
+          _GATE_UP),
+    _proj("w_up", ("embed", "mlp"), "up_proj", "ffn_up", "mlp", "dense_mlp", _SHARED, _shexp("ffn_up"), _GATE_UP),
     _proj("w_down", ("mlp", "embed"), "down_proj", "ffn_down", "mlp", "dense_mlp", _SHARED, _shexp("ffn_down")),
     # GGUF stores the shared-expert gate [1, D] squeezed to [D] (``file_shape`` accepts both)
     Leaf("shared_gate", ("layers", "embed", "one"), "model.layers.{i}.mlp.shared_expert_gate.weight",
@@ -182,6 +194,13 @@ def file_name(leaf: Leaf, cfg: ModelConfig, fmt: str = "hf") -> str:
         if getattr(cfg, flag):
             return name
     return getattr(leaf, fmt)
+
+
+def fused_parts(leaf: Leaf, cfg: ModelConfig, fmt: str = "hf") -> tuple[str, ...]:
+    """The leaves of the file tensor that holds ``leaf``, in table order (their rows' order):
+    the leaf alone, or every part of a fused tensor (Phi-3's wq, wk, wv in ``qkv_proj``)."""
+    name = file_name(leaf, cfg, fmt)
+    return tuple(other.name for other in model_leaves(cfg) if file_name(other, cfg, fmt) == name)
 
 
 def experts_stacked(leaf: Leaf, cfg: ModelConfig, fmt: str = "hf") -> bool:

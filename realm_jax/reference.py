@@ -40,7 +40,7 @@ def forward_reference(params, cfg: ModelConfig, tokens: jax.Array, lengths: jax.
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     lengths = lengths.astype(jnp.int32)
-    rope = {local: rope_cos_sin(cfg, positions, local) for local in (False, True)}
+    rope = {local: rope_cos_sin(cfg, positions, local, lengths) for local in (False, True)}
     masks = {local: attention_mask(positions, lengths, t, cfg.window(local)) for local in (False, True)}
     H = cfg.head_dim
     ids = None if adapter_ids is None else jnp.asarray(adapter_ids, jnp.int32)

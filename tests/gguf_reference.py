@@ -39,6 +39,8 @@ _NAMES = [
     (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "blk.{}.ffn_gate.weight"),
     (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "blk.{}.ffn_up.weight"),
     (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "blk.{}.ffn_down.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.qkv_proj\.weight", "blk.{}.attn_qkv.weight"),  # phi3: fused as in HF
+    (r"model\.layers\.(\d+)\.mlp\.gate_up_proj\.weight", "blk.{}.ffn_up.weight"),
     (r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.gate\.weight", "blk.{}.ffn_gate_inp.weight"),
     (r"model\.layers\.(\d+)\.mlp\.shared_expert\.(gate|up|down)_proj\.weight", "blk.{}.ffn_{}_shexp.weight"),
     (r"model\.layers\.(\d+)\.mlp\.shared_expert_gate\.weight", "blk.{}.ffn_gate_inp_shexp.weight"),
@@ -179,6 +181,24 @@ def llama3_rope_factors(theta, head_dim, factor, low, high, original) -> np.ndar
     return np.asarray(out, np.float32)
 
 
+def phi3_meta(w, hf_cfg, head_dim: int, extra_tensors: dict) -> None:
+    """What the converter adds for phi3: the rotated dims, the window (0 = none) and, with
+    longrope, the original context, the attention factor (sqrt(1 + ln s / ln orig), s =
+    max_position_embeddings / orig) and the factor lists as ``rope_factors_{short,long}``
+    (unless ``extra_tensors`` already has them)."""
+    rope = hf_cfg.rope_parameters
+    w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+    w.add_sliding_window(hf_cfg.sliding_window or 0)
+    if rope.get("rope_type") != "longrope":
+        return
+    orig = hf_cfg.original_max_position_embeddings
+    scale = hf_cfg.max_position_embeddings / orig
+    w.add_rope_scaling_orig_ctx_len(orig)
+    w.add_rope_scaling_attn_factors(1.0 if scale <= 1 else math.sqrt(1 + math.log(scale) / math.log(orig)))
+    extra_tensors.setdefault("rope_factors_long.weight", np.asarray(rope["long_factor"], np.float32))
+    extra_tensors.setdefault("rope_factors_short.weight", np.asarray(rope["short_factor"], np.float32))
+
+
 def random_kquant_bytes(rows: int, cols: int, qtype, rng: np.random.Generator) -> np.ndarray:
     """Random blocks of a K-quant type (which the gguf package cannot quantize to), with
     finite, modest float16 scales: uint8 [rows, cols / 256 * block bytes]."""
@@ -225,6 +245,8 @@ def write_gguf(path, arch: str, hf_cfg, tensors: dict[str, np.ndarray], qtype_fo
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(rope["factor"])
     extra_tensors = dict(extra_tensors or {})
+    if arch == "phi3":
+        phi3_meta(w, hf_cfg, head_dim, extra_tensors)
     if rope.get("rope_type") == "llama3":
         extra_tensors["rope_freqs.weight"] = llama3_rope_factors(
             theta, head_dim, rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"],
@@ -278,6 +300,8 @@ def write_gguf(path, arch: str, hf_cfg, tensors: dict[str, np.ndarray], qtype_fo
             back = llama_cpp_unpermute(back, n_kv)
         expect[name] = back
     for name, a in extra_tensors.items():
+        if a is None:  # left out (a caller's override of what the converter would add)
+            continue
         if isinstance(a, tuple):  # (raw uint8 bytes, qtype)
             w.add_tensor(name, a[0], raw_dtype=a[1])
         else:

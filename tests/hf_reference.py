@@ -52,8 +52,21 @@ ARCH_CASES = {
     "qwen3_moe_norm_topk": ("qwen3_moe", dict(
         num_attention_heads=6, num_key_value_heads=3, head_dim=16, num_experts=7, num_experts_per_tok=3,
         moe_intermediate_size=10, norm_topk_prob=True)),
+    # Phi-3: fused qkv_proj / gate_up_proj; longrope with an original context (8) that the longer
+    # prompts cross (long factors) and the short one does not, partial rotary (6 of 8 dims), a
+    # window (5) below the prompt lengths
+    "phi3_longrope_window": ("phi3", dict(
+        hidden_size=48, num_attention_heads=6, num_key_value_heads=2, sliding_window=5,
+        original_max_position_embeddings=8, partial_rotary_factor=0.75,
+        rope_scaling={"type": "longrope", "short_factor": [1.0, 1.7, 2.9], "long_factor": [3.0, 9.0, 23.0]})),
+    # Phi-3 mini's shape: multi-head attention (H=6), longrope whose original context (32) no
+    # prompt reaches (short factors, attention factor sqrt(1 + ln 8 / ln 32)), no window
+    "phi3_mha_short": ("phi3", dict(
+        num_attention_heads=5, num_key_value_heads=5, original_max_position_embeddings=32,
+        rope_scaling={"type": "longrope", "short_factor": [1.3, 2.1, 4.0], "long_factor": [5.0, 11.0, 17.0]})),
 }
 GEMMA_CASES = ("gemma_mqa", "gemma2_softcap_window", "gemma3_pattern_rope")
+PHI3_CASES = ("phi3_longrope_window", "phi3_mha_short")
 MOE_CASES = ("mixtral_top2_window", "qwen2_moe_shared", "qwen3_moe_norm_topk")
 
 BASE = dict(vocab_size=97, hidden_size=30, intermediate_size=56, num_hidden_layers=3,
@@ -68,7 +81,8 @@ def hf_config(model_type: str, **overrides):
            "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
            "gemma": transformers.GemmaConfig, "gemma2": transformers.Gemma2Config,
            "gemma3_text": transformers.Gemma3TextConfig, "mixtral": transformers.MixtralConfig,
-           "qwen2_moe": transformers.Qwen2MoeConfig, "qwen3_moe": transformers.Qwen3MoeConfig}[model_type]
+           "qwen2_moe": transformers.Qwen2MoeConfig, "qwen3_moe": transformers.Qwen3MoeConfig,
+           "phi3": transformers.Phi3Config}[model_type]
     kw = dict(BASE)
     kw.update(overrides)
     return cls(**kw)
@@ -123,6 +137,24 @@ def hf_logits(model, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         out = model(input_ids=torch.tensor(tokens, dtype=torch.long),
                     attention_mask=torch.tensor(mask)).logits
     return out.float().numpy()
+
+
+def randomize_lora(peft_model, seed=0, std=0.3):
+    """PEFT initialises B = 0 (a no-op adapter): give A and B random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+
+
+def hf_logits_alone(model, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """HF logits of each row of a right-padded batch run alone, as [B, T, V] (zeros past each
+    length)."""
+    out = np.zeros(tokens.shape + (model.config.vocab_size,), np.float32)
+    for b, n in enumerate(lengths):
+        out[b, :n] = hf_logits(model, tokens[b:b + 1, :n], lengths[b:b + 1])[0]
+    return out
 
 
 def random_batch(rng: np.random.Generator, vocab: int, lengths, pad_id: int = 0):

@@ -24,7 +24,7 @@ from safetensors.numpy import load_file, save_file
 
 import realm_jax
 from realm_jax import cli
-from realm_jax.checkpoint import file_shape, tensor_names, write_hf_checkpoint
+from realm_jax.checkpoint import file_tensor, tensor_names, tensor_shape, write_hf_checkpoint
 from realm_jax.compilation_cache import CacheDirError
 from realm_jax.config import ModelConfig
 from realm_jax.drafts import MAX_K, DraftError
@@ -111,11 +111,9 @@ def base_gguf_meta(cfg=CFG) -> list:
 
 def base_gguf_tensors(params, cfg=CFG) -> list:
     out = []
-    for name, (leaf, i) in tensor_names(cfg, "gguf").items():
-        a = np.asarray((params["layers"] if leaf.is_layer else params)[leaf.name])
-        a = a[i] if i is not None else a
-        a = a.T if leaf.hf_transposed else a
-        assert a.shape == file_shape(leaf, cfg)
+    for name, (parts, i) in tensor_names(cfg, "gguf").items():
+        a = file_tensor(params, parts, i, cfg)
+        assert a.shape == tensor_shape(parts, cfg)
         out.append((name, a, 0, None))
     return out
 

@@ -51,12 +51,15 @@ def test_both_dialects_give_the_same_config(case):
     rope = _global_rope(d5)
     assert cfg.dtype == "bfloat16" and cfg.rope_theta == rope["rope_theta"]
     assert cfg.rope_type == rope.get("rope_type", "default")
-    if cfg.rope_type != "default":
+    if cfg.rope_type in ("linear", "llama3"):
         assert cfg.rope_factor == rope["factor"]
+    if cfg.rope_type == "longrope":
+        assert (cfg.rope_short_factor, cfg.rope_long_factor, cfg.rope_original_max_positions) == \
+            (tuple(rope["short_factor"]), tuple(rope["long_factor"]), rope["original_max_position_embeddings"])
     if cfg.rope_type == "llama3":
         assert (cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_positions) == \
             (rope["low_freq_factor"], rope["high_freq_factor"], rope["original_max_position_embeddings"])
-    windowed = d5["model_type"] in ("mistral", "gemma2", "gemma3_text", "mixtral")
+    windowed = d5["model_type"] in ("mistral", "gemma2", "gemma3_text", "mixtral", "phi3")
     assert cfg.sliding_window == (d5["sliding_window"] if windowed else None)
     if d5.get("layer_types"):
         assert cfg.layer_local == tuple(t == "sliding_attention" for t in d5["layer_types"])

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import realm_jax
 from realm_jax import lora, runtime
@@ -17,7 +16,7 @@ from realm_jax.errors import CheckpointError, RealmError, UnsupportedModelError
 from realm_jax.model import forward_jit
 from realm_jax.reference import forward_reference_jit
 
-from hf_reference import hf_logits, make_hf_model, random_batch
+from hf_reference import hf_logits, make_hf_model, random_batch, randomize_lora
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -47,17 +46,11 @@ PEFT_CASES = {
                                                          target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])),
     "qwen3_moe_attention_rslora": ("qwen3_moe_norm_topk", dict(r=4, lora_alpha=4, use_rslora=True,
                                                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
+    # Phi-3: LoRA on the fused qkv_proj / gate_up_proj (A shared by the parts, B split by rows)
+    "phi3_fused": ("phi3_mha_short", dict(r=4, lora_alpha=8,
+                                          target_modules=["qkv_proj", "gate_up_proj", "o_proj", "down_proj"])),
 }
-SLOW_PEFT_CASES = {"gemma_all7", "gemma3_all_linear_rslora", "qwen3_moe_attention_rslora"}  # ~30 s each on a 2-core CPU
-
-
-def randomize_lora(peft_model, seed=0, std=0.3):
-    """PEFT initialises B = 0 (a no-op adapter): give A and B random values."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                p.copy_(std * torch.randn(p.shape, generator=g))
+SLOW_PEFT_CASES = {"gemma_all7", "gemma3_all_linear_rslora", "qwen3_moe_attention_rslora", "phi3_fused"}  # ~30 s each on a 2-core CPU
 
 
 def peft_adapter(case, tmp_path, seed=0):
