@@ -392,6 +392,37 @@ def test_load_with_disconnects_loses_nothing_and_leaks_nothing(setup, server):
     assert _metric(after, "realm_http_requests_in_progress") == 0
 
 
+def test_a_paged_server_preempts_and_still_equals_generate(setup):
+    """``--block-size``/``--num-blocks``: a pool of 8 blocks of 8 (one 64-token request) under 8
+    concurrent streams on 4 slots must preempt; every answer still equals ``generate`` alone,
+    and /metrics shows the pool whole again and the preemptions."""
+    import concurrent.futures
+
+    proc, url = start_server(setup, "--max-seq-len", "64", "--block-size", "8", "--num-blocks", "8")
+    try:
+        c = client(url)
+        jobs = [(p, s) for p in ("The quick", "yes no", "red green", "0123") for s in (None, 3)]
+
+        def one(job):
+            p, s = job
+            sampling = {"temperature": 0.0} if s is None else dict(temperature=0.9, seed=s)
+            chunks = c.completions.create(model="m", prompt=p, max_tokens=40, stream=True, **sampling)
+            return "".join(ch.choices[0].text for ch in chunks if ch.choices)
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(one, jobs))
+        for (p, s), text in zip(jobs, got):
+            sampling = {"temperature": 0.0} if s is None else dict(temperature=0.9, seed=s)
+            assert text == ref(setup, p, 40, **sampling).texts[0], (p, s)
+        time.sleep(0.5)
+        m = httpx.get(url + "/metrics").text
+        assert _metric(m, "realm_kv_blocks_free") == 8 and _metric(m, "realm_kv_blocks_in_use") == 0
+        assert _metric(m, "realm_engine_preemptions_total") > 0
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
 def test_sigterm_finishes_running_streams_and_exits_0(setup):
     import signal
     import threading

@@ -30,6 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-slots", type=int, default=8, help="sequences decoded together")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="prompt + new tokens of one request (default: min(1024, the model's context))")
+    p.add_argument("--block-size", type=int, default=None, metavar="N",
+                   help="a paged KV cache of N positions per block: memory per used token, admission by free "
+                        "blocks, preemption by recompute (default: none, every slot holds --max-seq-len; "
+                        "paging turns response_format decoding off, and takes no --draft yet)")
+    p.add_argument("--num-blocks", type=int, default=None, metavar="N",
+                   help="blocks in the paged pool (default: the dense cache's memory)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests waiting for a slot before new ones get 429")
     p.add_argument("--no-constrained", action="store_true",
@@ -74,7 +80,7 @@ def run(args) -> int:
     adapters = _adapters(args.adapter)
     tenants = Tenants.from_file(args.tenants) if args.tenants else None
     source = args.model or DEFAULT_MODEL
-    constrained = not args.no_constrained and args.draft is None
+    constrained = not args.no_constrained and args.draft is None and args.block_size is None
     if constrained:
         try:
             import llguidance  # noqa: F401
@@ -87,7 +93,8 @@ def run(args) -> int:
         raise RealmError(f"--max-logprobs: expected -1 (none) or an integer in [0, 20], got {args.max_logprobs}")
     max_logprobs = None if args.max_logprobs == -1 or args.draft is not None else args.max_logprobs
     opts = dict(max_slots=args.max_slots, max_seq_len=args.max_seq_len, constrained=constrained,
-                adapter_slots=args.adapter_slots, adapter_rank=args.adapter_rank, max_logprobs=max_logprobs)
+                adapter_slots=args.adapter_slots, adapter_rank=args.adapter_rank, max_logprobs=max_logprobs,
+                block_size=args.block_size, num_blocks=args.num_blocks)
     if args.draft is not None:
         opts["draft"] = args.draft if args.draft in ("lookup",) or args.draft.startswith("self:") else load(
             args.draft, dtype=args.dtype)

@@ -9,7 +9,8 @@ with ``n`` choices is ``n``) and ``realm_engine_prefill_calls_total``. Histogram
 ``realm_request_latency_seconds`` (server side, per response). Gauges read at scrape time from
 the engine: ``realm_queue_length``, ``realm_running_requests``, ``realm_engine_tokens_per_second``,
 ``realm_slots``, ``realm_tenant_running_requests{tenant}``; and
-``realm_http_requests_in_progress``.
+``realm_http_requests_in_progress``. With a paged KV cache (``--block-size``), also
+``realm_kv_blocks_in_use``, ``realm_kv_blocks_free`` and ``realm_engine_preemptions_total``.
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ class _EngineCollector:
         yield CounterMetricFamily("realm_engine_requests", "requests submitted to the engine (one per sample)",
                                   value=s.submitted)
         yield CounterMetricFamily("realm_engine_prefill_calls", "the engine's prefill calls", value=s.prefill_calls)
+        if self.engine.block_size is not None:
+            yield GaugeMetricFamily("realm_kv_blocks_in_use", "paged KV blocks held by requests", value=s.blocks_in_use)
+            yield GaugeMetricFamily("realm_kv_blocks_free", "paged KV blocks free", value=s.blocks_free)
+            yield CounterMetricFamily("realm_engine_preemptions", "running requests preempted (recomputed later) "
+                                      "because the paged KV pool ran short", value=s.preemptions)
         if self.tenants is not None:
             g = GaugeMetricFamily("realm_tenant_running_requests", "requests a tenant has running", labels=["tenant"])
             for t in self.tenants.tenants.values():
