@@ -24,7 +24,6 @@ import numpy as np
 from ..buckets import bucket_length
 from ..errors import RealmError
 from ..generation import _is_int
-from .blocks import BlockPool
 
 
 class Call(NamedTuple):
@@ -63,9 +62,9 @@ class Scheduler:
     per prefill call) and ``decode_steps_per_call`` (validated here, with the engine's errors)."""
 
     def __init__(self, max_slots: int, max_seq_len: int, prefill_buckets: Sequence[int] | None,
-                 prefill_batch, decode_steps_per_call, pages: BlockPool | None = None):
+                 prefill_batch, decode_steps_per_call, pages=None):
         self.max_slots = max_slots
-        self.pages = pages  # the paged KV cache's blocks (None: every slot holds max_seq_len rows)
+        self.pages = pages  # the paged KV cache's blocks.BlockPool (None: every slot holds max_seq_len rows)
         buckets = default_buckets(max_seq_len) if prefill_buckets is None else prefill_buckets
         if (not isinstance(buckets, (list, tuple)) or not buckets
                 or not all(_is_int(b) and 1 <= b <= max_seq_len for b in buckets)):
