@@ -24,7 +24,7 @@ import numpy as np
 from ..buckets import bucket_length
 from ..errors import RealmError
 from ..generation import _is_int
-from .blocks import BlockPool
+from .blocks import BlockPool, chain_keys
 
 
 class Call(NamedTuple):
@@ -46,9 +46,23 @@ def default_buckets(max_seq_len: int) -> tuple[int, ...]:
 
 
 def prefill_length(h) -> int:
-    """The tokens an admission prefills for ``h``: its prompt, and after a preemption the tokens
-    it had made but the last (which the next decode step feeds)."""
+    """The tokens of ``h``'s context at an admission: its prompt, and after a preemption the
+    tokens it had made but the last (which the next decode step feeds)."""
     return h.prompt_length + max(h._resume - 1, 0)
+
+
+def context(h) -> list[int]:
+    """Those tokens (``prefill_length``)."""
+    return h.prompt_ids + h._tokens[:max(h._resume - 1, 0)]
+
+
+def prefix_start(h, block_size: int | None) -> int:
+    """Where ``h``'s prefill starts: after the cached blocks its admission shares (0 without)."""
+    return len(h._shared) * block_size if h._shared else 0
+
+
+def _cap(h) -> int:
+    return h.prompt_length + h.max_new_tokens - 1
 
 
 def _check_pos_int(name: str, value, low: int = 1) -> int:
@@ -106,11 +120,18 @@ class Scheduler:
     def active(self) -> int:
         return sum(h is not None for h in self.slots)
 
+    def _keys(self, h, tokens: list[int], blocks: int) -> list[bytes]:
+        return chain_keys(tokens, self.pages.block_size, h.cache_tag, blocks) if self.pages.prefix_caching else []
+
     def _vacate(self, s: int) -> None:
-        """Slot ``s`` has no request now: its blocks go back to the pool."""
-        self.slots[s] = None
-        if self.pages is not None:
-            self.pages.release(s)
+        """Slot ``s`` has no request now: its blocks go back to the pool, those fully written
+        (its prompt, and the tokens delivered but the last, whose calls have run) entered in the
+        prefix cache first."""
+        h, self.slots[s] = self.slots[s], None
+        if self.pages is not None and self.pages.held[s]:
+            seq = h.prompt_ids + h._tokens
+            written = max(h.prompt_length + len(h._tokens) - 1, prefill_length(h))
+            self.pages.release(s, self._keys(h, seq, written // self.pages.block_size))
 
     def cancel(self, h) -> None:
         """Take ``h`` out of the queue, or out of its slot (marking the slot to kill)."""
@@ -171,7 +192,8 @@ class Scheduler:
         # first come, first served decides who is admitted; within the admitted, prompts of
         # similar length share a prefill call, so each call's bucket fits its group tightly (a
         # stable sort: the samples of one prompt stay together)
-        admitted = sorted(self.take(free), key=prefill_length)
+        admitted = sorted(self.take(free), key=self.remaining)
+        placed = []
         while admitted:
             rows = self.rows_for(len(admitted))
             hs, admitted = admitted[:rows], admitted[rows:]
@@ -181,11 +203,21 @@ class Scheduler:
                 self.slots[s] = h
                 self.kill[s] = False  # the insert overwrites a cancelled row
                 if self.pages is not None:
-                    self.pages.assign(s, prefill_length(h), h.prompt_length + h.max_new_tokens - 1)
+                    self.pages.assign(s, prefill_length(h), _cap(h), h._shared)
+                    placed.append((s, h))
             groups.append((rows, slots, hs))
+        # the prompts' full blocks are cached once this step's prefills are dispatched: a request
+        # admitted later reads them after they are written (none of this step shares them)
+        for s, h in placed:
+            n = prefill_length(h) // self.pages.block_size
+            self.pages.register(s, self._keys(h, context(h), n))
         kill = self.kill.copy()
         self.kill[:] = False
         return groups, kill
+
+    def remaining(self, h) -> int:
+        """The tokens an admission of ``h`` prefills: its context after the shared blocks."""
+        return prefill_length(h) - prefix_start(h, self.pages and self.pages.block_size)
 
     def take(self, free: list[int]) -> list:
         """Pop the queue's head while it fits: in the ``free`` slots and, paged, in the pool, which
@@ -198,9 +230,7 @@ class Scheduler:
         if any(h.done for h in self.queue):  # preempted, then ended by the call in flight
             self.queue = collections.deque(h for h in self.queue if not h.done)
         pages, w = self.pages, self.decode_steps_per_call
-        if pages is not None:
-            avail = len(pages.free)
-            reserve = sum(pages.growth(s, w) for s, h in enumerate(self.slots) if h is not None)
+        owed = 0  # new blocks of the requests taken so far (``plan`` assigns them)
         taken: list = []
         while self.queue:
             g = self.queue[0].group
@@ -210,14 +240,23 @@ class Scheduler:
             hs = list(itertools.islice(self.queue, unit))
             for h in hs:
                 h._resume = len(h._tokens)
+                h._shared = []
             if pages is not None:
                 held = [s for s in free[len(taken):len(taken) + unit] if self.slots[s] is not None]
-                more = sum(len(pages.held[s]) for s in held)
-                less = sum(pages.growth(s, w) for s in held)
-                need = sum(pages.need(prefill_length(h) + w, h.prompt_length + h.max_new_tokens - 1) for h in hs)
-                if need + reserve - less > avail + more:
+                for h in hs:  # the cached blocks it shares; at least one token is left to prefill
+                    n = prefill_length(h)
+                    h._shared = pages.lookup(self._keys(h, context(h), (n - 1) // pages.block_size))
+                shared = [b for h in hs for b in h._shared]
+                need = sum(pages.need(prefill_length(h) + w, _cap(h)) - len(h._shared) for h in hs)
+                reserve = sum(pages.growth(s, w) for s, o in enumerate(self.slots) if o is not None and s not in held)
+                if need + owed + reserve > pages.available + pages.gain(held, shared):
+                    for h in hs:
+                        h._shared = []
                     break
-                avail, reserve = avail + more - need, reserve - less
+                for s in held:  # they end in the call in flight: their blocks are free after it
+                    self._vacate(s)
+                pages.pin(shared)
+                owed += need
             taken += [self.queue.popleft() for _ in range(unit)]
         return taken
 
@@ -246,7 +285,7 @@ class Scheduler:
         w = self.decode_steps_per_call
         running = [s for s, h in enumerate(self.slots) if h is not None]
         preempted = []
-        while sum(pages.growth(s, w) for s in running) > len(pages.free):
+        while sum(pages.growth(s, w) for s in running) > pages.available:
             s = max(running, key=lambda s: self.slots[s].id)
             running.remove(s)
             preempted.append(self.slots[s])
@@ -269,8 +308,9 @@ class Scheduler:
         return down[-1] if down else self.prefill_rows[-1]
 
     def bucket_for(self, hs: list) -> int:
-        """The prompt bucket (T) of a prefill call of ``hs``: the smallest that fits the longest."""
-        longest = max((prefill_length(h) for h in hs), default=1)
+        """The prompt bucket (T) of a prefill call of ``hs``: the smallest that fits the longest
+        ``remaining``."""
+        longest = max((self.remaining(h) for h in hs), default=1)
         return next(b for b in self.buckets if b >= longest)
 
     def needs_decode(self, kill: np.ndarray, owners: list) -> bool:
