@@ -88,10 +88,10 @@ def test_the_pool_shares_evicts_least_recent_first_and_counts_truthfully():
 # ------------------------------------------------------------------------------ the engine
 
 
-def _engine(model, adapters, pool=None):
+def _engine(model, adapters, pool=None, chunk=None):
     eng = Engine(model, max_slots=4, max_seq_len=SEQ, prefill_buckets=(16, 32), prefill_batch=2,
                  decode_steps_per_call=3, max_stop_ids=4, adapters=adapters, block_size=BS,
-                 num_blocks=pool, prefix_caching=True)
+                 num_blocks=pool, prefix_caching=True, prefill_chunk=chunk)
     eng.warmup()
     return eng
 
@@ -107,6 +107,15 @@ def engine(model, adapters):
 def small(model, adapters):
     """A warm engine whose pool runs short: requests are preempted and blocks evicted."""
     return _engine(model, adapters, POOL)
+
+
+CHUNK = 5  # tokens per chunk of the chunked engine's prefills (not a whole number of blocks)
+
+
+@pytest.fixture(scope="module")
+def chunked(model, adapters):
+    """``small`` with chunked prefill: a context longer than CHUNK is prefilled CHUNK tokens per step."""
+    return _engine(model, adapters, POOL, CHUNK)
 
 
 def _no_leaks(engine, pool):
@@ -221,11 +230,13 @@ def test_samples_of_a_cached_prompt_equal_generate_n(model, engine):
     _no_leaks(engine, engine.num_blocks)
 
 
-def test_preemptions_and_cancellations_with_shared_prefixes(model, adapters, small):
+@pytest.mark.parametrize("which", ["small", "chunked"])
+def test_preemptions_and_cancellations_with_shared_prefixes(model, adapters, which, request):
     """A small pool, a workload whose prompts share prefixes (and one adapter's prompts the same
     text as the base model's): requests are preempted (and may hit their own cached blocks when
     they come back), some cancelled; the others equal ``generate`` alone, the cache was hit,
-    nothing compiles, and at the end no block is referenced."""
+    nothing compiles, and at the end no block is referenced. Also with chunked prefill."""
+    small = request.getfixturevalue(which)
     work = make_workload(model, adapters, 10, seed=5)
     rng = np.random.default_rng(26)
     system = rng.integers(3, 61, 9).tolist()
@@ -263,6 +274,8 @@ def test_preemptions_and_cancellations_with_shared_prefixes(model, adapters, sma
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(prefix_caching=True), r"prefix_caching: needs the paged KV cache \(set block_size"),
+    (dict(prefill_chunk=8), r"prefill_chunk: needs the paged KV cache \(set block_size"),
+    (dict(prefill_chunk=0, block_size=4), "prefill_chunk: expected an integer >= 1, got 0"),
     (dict(prefix_caching="yes", block_size=4), "prefix_caching: expected True or False, got 'yes'"),
     (dict(prefix_caching=1, block_size=4), "prefix_caching: expected True or False, got 1"),
 ])
@@ -274,3 +287,46 @@ def test_bad_prefix_settings_are_refused(model, kwargs, match):
 def test_dense_and_uncached_engines_report_no_hits(model):
     st = Engine(model, max_slots=2, max_seq_len=SEQ, prefill_buckets=(16,), block_size=4).stats()
     assert (st.blocks_cached, st.cached_prompt_tokens, st.prefix_hit_rate) == (0, 0, None)
+
+
+# ------------------------------------------------------------------------------ chunked prefill
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_calls(model, adapters, chunked):
+    """A 14-token prompt on the chunked engine takes ceil(14 / 5) = 3 prefill calls, one per step;
+    a request already running gets tokens from the decode calls of those steps; both equal
+    ``generate`` alone."""
+    rng = np.random.default_rng(31)
+    short, long_ = rng.integers(3, 61, 3).tolist(), rng.integers(3, 61, 14).tolist()
+    refs = [reference(model, adapters, p, 20) for p in (short, long_)]
+    before = chunked.stats()
+    with CompileCounter() as cc:
+        a = chunked.submit(short, 20, stop_ids=[])
+        chunked.step()
+        b = chunked.submit(long_, 20, stop_ids=[])
+        seen = []
+        while chunked.step():
+            seen.append((len(a.tokens), len(b.tokens)))
+    assert cc.count == 0
+    assert [(h.result().tokens, h.result().finish_reason) for h in (a, b)] == refs
+    assert chunked.stats().prefill_calls - before.prefill_calls == 1 + 3
+    first = next(i for i, (_, nb) in enumerate(seen) if nb)  # the long request's first token
+    assert first >= 2 and seen[first - 1][0] > seen[0][0], f"no decode between the chunks: {seen}"
+    _no_leaks(chunked, POOL)
+
+
+def test_chunks_continue_after_a_cached_prefix(model, adapters, chunked):
+    """The chunks of a prompt start after its cached blocks: a 16-token prompt whose first 8
+    tokens are cached is prefilled in 2 calls (5 + 3), not 4, and equals ``generate``."""
+    rng = np.random.default_rng(32)
+    head = rng.integers(3, 61, 9).tolist()
+    p1, p2 = head + [3], head + [4] + rng.integers(3, 61, 6).tolist()
+    before = chunked.stats()
+    h1, = _run(chunked, [dict(prompt=p1, max_new_tokens=3, stop_ids=[])])
+    mid = chunked.stats()
+    h2, = _run(chunked, [dict(prompt=p2, max_new_tokens=12, stop_ids=[])])
+    assert (h2.result().tokens, h2.result().finish_reason) == reference(model, adapters, p2, 12)
+    assert mid.prefill_calls - before.prefill_calls == 2  # 10 tokens: 5 + 5
+    assert chunked.stats().prefill_calls - mid.prefill_calls == 2
+    assert _delta(chunked, mid) == (16, 8)
+    _no_leaks(chunked, POOL)

@@ -76,6 +76,15 @@ Cost: the prefill attends over the gathered view of the row's blocks with the ei
 (not the fused prompt kernel), and the admission table carries each row's whole context (the
 penalties' history needs the cached tokens too).
 
+**Chunked prefill** (``Engine(..., block_size=16, prefill_chunk=N)``): a request's context is
+prefilled at most N tokens per step, with the same prefill at an offset: it holds its slot and
+blocks from its first chunk, each step's plan gives it its next chunk (in a prefill call with
+other admissions; a chunk before the last goes to no slot, so nothing is inserted and no token
+is drawn), the decode calls of the running requests go on between the chunks (its own slot
+idles, it is no decode call's owner and cannot be preempted while its prefill goes on), and its
+last chunk samples the first token and inserts its row as any admission. Its blocks are cached
+as its chunks are dispatched. A group's samples are prefilled whole.
+
 Threads: ``submit``/``cancel`` are safe from any thread. Requests advance when someone drives
 the loop: ``start()`` runs it on a background thread; otherwise ``run_until_idle()``,
 ``generate_many``, ``handle.result()`` and ``handle.stream()`` drive it from the caller.

@@ -27,7 +27,7 @@ from . import state as es
 from .adapters import AdapterSlots
 from .blocks import BlockPool, check_pages
 from .delivery import CANCELLED, EngineStats, RequestGroup, RequestHandle, Stats
-from .scheduler import Call, Scheduler, _check_pos_int, context, prefix_start
+from .scheduler import Call, Scheduler, _check_pos_int, context, filling, prefix_start
 
 
 # ``Sampling`` settings a request may set: all of them per row on the device, the same programs
@@ -106,6 +106,10 @@ class Engine:
     context's blocks under its adapter, and a finished request's blocks stay cached until the
     pool needs them (the package doc). Outputs are unchanged (each still equals ``generate``
     alone); ``stats()`` reports the hit rate.
+    prefill_chunk: with block_size, prefill a long context at most this many tokens per step,
+    between the decode calls of the running requests, so a long prompt does not stall them for
+    a whole prefill (the package doc; ``n`` samples are prefilled whole). Each chunk is one
+    prefill call (``stats().prefill_calls``); pick a size among ``prefill_buckets``.
     """
 
     def __init__(self, model, *, max_slots: int = 8, max_seq_len: int | None = None,
@@ -115,7 +119,7 @@ class Engine:
                  k: int = 4, constrained: bool = False, adapter_slots: int | None = None,
                  adapter_rank: int | None = None, adapter_targets: Sequence[str] | None = None,
                  max_logprobs: int | None = None, block_size: int | None = None, num_blocks: int | None = None,
-                 prefix_caching: bool = False):
+                 prefix_caching: bool = False, prefill_chunk: int | None = None):
         cfg = model.config
         self.model = model
         self.max_slots = _check_pos_int("max_slots", max_slots)
@@ -139,10 +143,16 @@ class Engine:
             raise RealmError("prefix_caching: needs the paged KV cache (set block_size, e.g. block_size=16); "
                              "cached prompt blocks are shared between requests by reference")
         self.prefix_caching = prefix_caching
+        if prefill_chunk is not None:
+            prefill_chunk = _check_pos_int("prefill_chunk", prefill_chunk)
+            if paging is None:
+                raise RealmError("prefill_chunk: needs the paged KV cache (set block_size, e.g. block_size=16); "
+                                 "a chunk is prefilled at an offset into the request's blocks")
+        self.prefill_chunk = prefill_chunk
         pages = None if paging is None else BlockPool(self.num_blocks, self.block_size, self.max_slots,
                                                       self.max_seq_len, prefix_caching)
         self._sched = Scheduler(self.max_slots, self.max_seq_len, prefill_buckets, prefill_batch,
-                                decode_steps_per_call, pages)
+                                decode_steps_per_call, pages, prefill_chunk)
         self.prefill_buckets = self._sched.prefill_buckets
         self.max_prompt_len = self._sched.max_prompt_len
         self.prefill_rows = self._sched.prefill_rows
@@ -194,7 +204,7 @@ class Engine:
                                  steps=self.decode_steps_per_call,
                                  draft=self.draft, k=self.k, constrained=constrained, top_logprobs=max_logprobs,
                                  pages=None if paging is None else (self.num_blocks, self.block_size),
-                                 prefix_caching=prefix_caching)
+                                 offset_prefill=prefix_caching or prefill_chunk is not None)
         self.window = self._device.window
 
         self._lock = threading.Lock()
@@ -504,10 +514,11 @@ class Engine:
         fill = []
         for s, h, src in zip(slots, hs, self._sched.sources(hs)):
             row = (s, h.prompt_ids, h._settings, h._floats, src)
-            if tables is not None:
+            if tables is not None:  # its context from where this call starts, to where it ends
                 made, ctx = h._tokens[:h._resume], context(h)
-                start = prefix_start(h, self.block_size)
-                row = (s, ctx[start:]) + row[2:] + ((h._resume, made[-1] if made else 0, start, tables[s], ctx),)
+                to = self.max_slots if filling(h) else s  # a chunk before the last: nothing to insert
+                row = (to, ctx[h._start:h._filled]) + row[2:] + ((h._resume, made[-1] if made else 0, h._start,
+                                                                 tables[s], ctx),)
             fill.append(row)
         return es.admission(p, self._sched.bucket_for(hs), self.stop_width, self.bias_width, self.max_slots, fill,
                             self._device.page_cols)
@@ -521,18 +532,24 @@ class Engine:
             if not sched.has_work():
                 return False
             groups, kill = sched.plan()
+            # the admissions write the blocks planned for them, even for a request that the
+            # reserve below preempts at once (its prompt blocks are cached: they must be written)
+            planned = None if sched.pages is None else sched.pages.table.copy()
             preempted = sched.reserve(kill)  # paged: the blocks of this decode call
-            owners = list(sched.slots)
+            owners = [None if filling(h) else h for h in sched.slots]  # a chunked prefill is not decoding
             run = sched.needs_decode(kill, owners)
+            # the rows whose prefill ends in this step's calls (the others get no first token yet)
+            ends = [[None if filling(h) else s for s, h in zip(slots, hs)] for _, slots, hs in groups]
             tables = None if sched.pages is None else sched.pages.table.copy()
             self._stats.n["preemptions"] += len(preempted)
             for _, _, hs in groups:  # the contexts prefilled, and how much of them came from the cache
                 for i, (h, src) in enumerate(zip(hs, sched.sources(hs))):
-                    if src == i:
+                    if src == i and h._start == prefix_start(h, self.block_size):  # its first call
                         self._stats.n["prompt_tokens"] += len(context(h))
                         self._stats.n["cached_prompt_tokens"] += prefix_start(h, self.block_size)
         try:
-            admitted = [(slots, hs, dev.admit(*self._admission(rows, slots, hs, tables))) for rows, slots, hs in groups]
+            admitted = [(to, hs, dev.admit(*self._admission(rows, slots, hs, planned)))
+                        for (rows, slots, hs), to in zip(groups, ends)]
             call = None
             if run:
                 call = Call(dev.decode(kill if kill.any() else dev.no_kill, tables), owners)

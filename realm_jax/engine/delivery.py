@@ -71,6 +71,8 @@ class RequestHandle:
         self.preemptions = 0  # times the paged engine preempted it (recomputed it later)
         self.cache_tag = b""  # prefix caching: its adapter's tag in the block keys (set when queued)
         self._shared: list[int] = []  # prefix caching: the cached blocks its latest admission shares
+        self._filled = 0  # context tokens in its blocks once the prefill calls dispatched have run
+        self._start = 0  # where its latest prefill call started
         self.logprobs = logprobs  # alternatives asked for (None: no log-probs)
         self._lps: list[TokenLogprob] = []  # one per token in _tokens (with logprobs)
         self.stop = tuple(stops)  # its stop strings (checked here, on the host, as tokens arrive)
@@ -374,7 +376,7 @@ def admit_items(slots: list[int], handles: list, out: np.ndarray, top_logprobs: 
     trace = None if top_logprobs is None else es.unpack_logprobs(out[:, len(es.ADMIT_COLS):], top_logprobs)
     items = []
     for i, (s, h) in enumerate(zip(slots, handles)):
-        if h._resume:
+        if h._resume or s is None:  # s None: a chunk of its prefill before the last
             continue
         first = [int(out[i, 0])]
         items.append((s, h, first, int(out[i, 1]), _logprobs_of(h, trace, i, first)))

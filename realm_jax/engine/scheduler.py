@@ -61,6 +61,11 @@ def prefix_start(h, block_size: int | None) -> int:
     return len(h._shared) * block_size if h._shared else 0
 
 
+def filling(h) -> bool:
+    """Whether ``h`` holds a slot while its prefill goes on in chunks (it is not decoding yet)."""
+    return h is not None and h._filled < prefill_length(h)
+
+
 def _cap(h) -> int:
     return h.prompt_length + h.max_new_tokens - 1
 
@@ -77,8 +82,9 @@ class Scheduler:
     per prefill call) and ``decode_steps_per_call`` (validated here, with the engine's errors)."""
 
     def __init__(self, max_slots: int, max_seq_len: int, prefill_buckets: Sequence[int] | None,
-                 prefill_batch, decode_steps_per_call, pages: BlockPool | None = None):
+                 prefill_batch, decode_steps_per_call, pages: BlockPool | None = None, chunk: int | None = None):
         self.max_slots = max_slots
+        self.chunk = chunk  # chunked prefill: at most this many context tokens per request and step
         self.pages = pages  # the paged KV cache's blocks (None: every slot holds max_seq_len rows)
         buckets = default_buckets(max_seq_len) if prefill_buckets is None else prefill_buckets
         if (not isinstance(buckets, (list, tuple)) or not buckets
@@ -130,7 +136,7 @@ class Scheduler:
         h, self.slots[s] = self.slots[s], None
         if self.pages is not None and self.pages.held[s]:
             seq = h.prompt_ids + h._tokens
-            written = max(h.prompt_length + len(h._tokens) - 1, prefill_length(h))
+            written = h._filled if filling(h) else max(h.prompt_length + len(h._tokens) - 1, prefill_length(h))
             self.pages.release(s, self._keys(h, seq, written // self.pages.block_size))
 
     def cancel(self, h) -> None:
@@ -192,32 +198,44 @@ class Scheduler:
         # first come, first served decides who is admitted; within the admitted, prompts of
         # similar length share a prefill call, so each call's bucket fits its group tightly (a
         # stable sort: the samples of one prompt stay together)
-        admitted = sorted(self.take(free), key=self.remaining)
+        # (chunked prefill: the requests whose prefill goes on keep their slots and come first)
+        going = [(s, h) for s, h in enumerate(self.slots) if filling(h)]
+        taken = self.take(free)
+        for h in taken:
+            h._filled = prefix_start(h, self.pages and self.pages.block_size)
+        rows_in = going + list(zip(free, taken))
+        rows_in.sort(key=lambda sh: self.remaining(sh[1]))
         placed = []
-        while admitted:
-            rows = self.rows_for(len(admitted))
-            hs, admitted = admitted[:rows], admitted[rows:]
-            slots, free = free[:len(hs)], free[len(hs):]
-            for s, h in zip(slots, hs):
-                self._vacate(s)  # a request ending in the call in flight: its blocks are free after it
-                self.slots[s] = h
-                self.kill[s] = False  # the insert overwrites a cancelled row
+        while rows_in:
+            rows = self.rows_for(len(rows_in))
+            call, rows_in = rows_in[:rows], rows_in[rows:]
+            for s, h in call:
+                if self.slots[s] is not h:  # admitted now
+                    self._vacate(s)  # a request ending in the call in flight: its blocks are free after it
+                    self.slots[s] = h
+                    if self.pages is not None:
+                        self.pages.assign(s, prefill_length(h), _cap(h), h._shared)
+                h._start = h._filled
+                h._filled += self.remaining(h)  # this call's part of its context
+                if not filling(h):
+                    self.kill[s] = False  # the insert overwrites a cancelled row
                 if self.pages is not None:
-                    self.pages.assign(s, prefill_length(h), _cap(h), h._shared)
                     placed.append((s, h))
-            groups.append((rows, slots, hs))
+            groups.append((rows, [s for s, _ in call], [h for _, h in call]))
         # the prompts' full blocks are cached once this step's prefills are dispatched: a request
         # admitted later reads them after they are written (none of this step shares them)
         for s, h in placed:
-            n = prefill_length(h) // self.pages.block_size
-            self.pages.register(s, self._keys(h, context(h), n))
+            self.pages.register(s, self._keys(h, context(h), h._filled // self.pages.block_size))
         kill = self.kill.copy()
         self.kill[:] = False
         return groups, kill
 
     def remaining(self, h) -> int:
-        """The tokens an admission of ``h`` prefills: its context after the shared blocks."""
-        return prefill_length(h) - prefix_start(h, self.pages and self.pages.block_size)
+        """The tokens the next prefill call of ``h`` (queued, or holding its slot while its
+        prefill goes on) covers: its context after the shared blocks and the chunks done, at
+        most ``chunk`` of them unless it is one of a group's samples (prefilled whole)."""
+        left = prefill_length(h) - h._filled
+        return left if self.chunk is None or h.group is not None else min(left, self.chunk)
 
     def take(self, free: list[int]) -> list:
         """Pop the queue's head while it fits: in the ``free`` slots and, paged, in the pool, which
@@ -241,6 +259,7 @@ class Scheduler:
             for h in hs:
                 h._resume = len(h._tokens)
                 h._shared = []
+                h._filled = 0
             if pages is not None:
                 held = [s for s in free[len(taken):len(taken) + unit] if self.slots[s] is not None]
                 for h in hs:  # the cached blocks it shares; at least one token is left to prefill
@@ -283,7 +302,7 @@ class Scheduler:
         if pages is None:
             return []
         w = self.decode_steps_per_call
-        running = [s for s, h in enumerate(self.slots) if h is not None]
+        running = [s for s, h in enumerate(self.slots) if h is not None and not filling(h)]
         preempted = []
         while sum(pages.growth(s, w) for s in running) > pages.available:
             s = max(running, key=lambda s: self.slots[s].id)
@@ -308,13 +327,13 @@ class Scheduler:
         return down[-1] if down else self.prefill_rows[-1]
 
     def bucket_for(self, hs: list) -> int:
-        """The prompt bucket (T) of a prefill call of ``hs``: the smallest that fits the longest
-        ``remaining``."""
-        longest = max((self.remaining(h) for h in hs), default=1)
+        """The prompt bucket (T) of a prefill call of ``hs`` (planned: each covers its context
+        from ``_start`` to ``_filled``): the smallest that fits the longest."""
+        longest = max((h._filled - h._start for h in hs), default=1)
         return next(b for b in self.buckets if b >= longest)
 
     def needs_decode(self, kill: np.ndarray, owners: list) -> bool:
         """Whether a decode call is needed: unless every request in a slot ends at its admission
         (a budget of one token) or within the call in flight, and no slot is to be killed."""
         return bool(kill.any()) or any(h is not None and h.max_new_tokens > 1 and not self.ends_in_flight(s, h)
-                                       for s, h in enumerate(owners))
+                                       and not filling(h) for s, h in enumerate(owners))

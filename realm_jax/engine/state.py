@@ -34,7 +34,7 @@ Paged (``pages`` = (NB, bs)): the state's cache is a ``kv_cache.PagedKVCache``; 
 prefills into a fresh dense [P, T] cache and then writes its rows into their blocks
 (``insert_pages``; the table rows travel in the ints, ``PAGE_COLS``), and rows that come back
 from a preemption skip their first draw (``_resume``); ``decode`` takes the host's block table
-[B, M] with each call. With prefix caching (``admit(..., prefix_caching=True)``) ``admit``
+[B, M] with each call. With prefix caching or chunked prefill (``admit(..., offset_prefill=True)``) ``admit``
 instead prefills each row's context from its ``start`` (after the cached blocks it shares)
 straight into its blocks (``kv_cache.rows_view``), a group's samples copy the prompt's blocks
 they do not share (``kv_cache.copy_pages``), and the penalties' history comes from the whole
@@ -272,7 +272,7 @@ def _insert_draft(dst, src, slots):
 
 
 def admit(params, cfg: ModelConfig, state: EngineState, ints: jax.Array, floats: jax.Array, *,
-          dparams=None, spec=None, prefix_caching: bool = False) -> tuple[EngineState, jax.Array]:
+          dparams=None, spec=None, offset_prefill: bool = False) -> tuple[EngineState, jax.Array]:
     """Prefill the prompts of an admission (``admission``'s tables: ints [P, T + E + L + 9], floats
     [P, 6 + L]; length 0 = padding row), sample the first tokens with the rows' settings and insert
     everything into the rows' slots (B = drop). A row whose ``source`` is another row takes that
@@ -281,7 +281,7 @@ def admit(params, cfg: ModelConfig, state: EngineState, ints: jax.Array, floats:
     p = ints.shape[0]
     d = state.dec
     paged = isinstance(d.cache, PagedKVCache)
-    prefix = paged and prefix_caching
+    prefix = paged and offset_prefill
     tokens, ctl, adapter_ids, lengths, slots, src, page = _columns(
         ints, floats, state.ctl.stop_ids.shape[1], state.ctl.constraint is not None,
         (d.cache.block_table.shape[1], d.out.shape[1] if prefix else 0) if paged else (0, 0))
@@ -412,7 +412,7 @@ def decode(params, cfg: ModelConfig, state: EngineState, kill: jax.Array, table:
 
 empty_state_jit = jax.jit(empty_state, static_argnames=("cfg", "slots", "max_len", "stop_width", "bias_width", "spec",
                                                      "constrained", "top_logprobs", "pages"))
-admit_jit = jax.jit(admit, static_argnames=("cfg", "spec", "prefix_caching"), donate_argnames=("state",))
+admit_jit = jax.jit(admit, static_argnames=("cfg", "spec", "offset_prefill"), donate_argnames=("state",))
 decode_jit = jax.jit(decode, static_argnames=("cfg", "steps", "window", "spec", "k"), donate_argnames=("state",))
 
 
@@ -458,7 +458,7 @@ class Device:
     def __init__(self, params, cfg: ModelConfig, *, slots: int, max_len: int, stop_width: int, steps: int,
                  bias_width: int = 4, draft=None, k: int = 0, constrained: bool = False,
                  top_logprobs: int | None = None, pages: tuple[int, int] | None = None,
-                 prefix_caching: bool = False):
+                 offset_prefill: bool = False):
         self.params = params  # the target's params as served (folded with fold_adapters)
         self.cfg = cfg
         self.slots = slots
@@ -471,9 +471,9 @@ class Device:
         self.window = steps * (k + 1)  # W
         self.top_logprobs = top_logprobs  # N (None: no log-probs)
         self.pages = pages  # (NB, bs) of a paged cache, or None
-        self.prefix_caching = prefix_caching  # admissions prefill at an offset, over cached blocks
+        self.offset_prefill = offset_prefill  # admissions prefill at an offset into their blocks
         # admission tables' paged columns: (M, NB, C)
-        self.page_cols = None if pages is None else (-(-max_len // pages[1]), pages[0], max_len if prefix_caching else 0)
+        self.page_cols = None if pages is None else (-(-max_len // pages[1]), pages[0], max_len if offset_prefill else 0)
         self.state = empty_state_jit(params, cfg, slots=slots, max_len=max_len, stop_width=stop_width,
                                      bias_width=bias_width, spec=self.spec, dparams=self.dparams,
                                      constrained=constrained, top_logprobs=top_logprobs, pages=pages)
@@ -491,7 +491,7 @@ class Device:
 
     def admit(self, ints: np.ndarray, floats: np.ndarray) -> jax.Array:
         """Prefill and insert one admission (``admission``'s tables); its [P, 2] (``ADMIT_COLS``)."""
-        return self._dispatch(admit_jit, ints, floats, prefix_caching=self.prefix_caching)
+        return self._dispatch(admit_jit, ints, floats, offset_prefill=self.offset_prefill)
 
     def decode(self, kill, table: np.ndarray | None = None) -> jax.Array:
         """One decode call over all slots, ``kill`` [B] cancelled first (paged: with the block
