@@ -230,7 +230,7 @@ def test_samples_of_a_cached_prompt_equal_generate_n(model, engine):
     _no_leaks(engine, engine.num_blocks)
 
 
-@pytest.mark.parametrize("which", ["small", "chunked"])
+@pytest.mark.parametrize("which", [pytest.param("small", marks=pytest.mark.slow), "chunked"])
 def test_preemptions_and_cancellations_with_shared_prefixes(model, adapters, which, request):
     """A small pool, a workload whose prompts share prefixes (and one adapter's prompts the same
     text as the base model's): requests are preempted (and may hit their own cached blocks when

@@ -100,8 +100,9 @@ W = tokens per slot a decode call hands back:
 - ``blocks``: the paged cache's free list, the blocks of each slot and the block table [B, M],
   reference counts and the prefix cache (keys, LRU);
 - ``state``: the device state [B, ...], its jitted ``admit`` ([P, T + E + L + 9] + [P, 6 + L] -> [P, 2];
-  paged, the ints also carry [2 + M]) and ``decode`` ([B] kill flags (+ paged, the table [B, M])
-  -> [B, W + 6]), and ``Device``, which makes those calls;
+  paged, the ints also carry [3 + M], and [S] more with prefix caching or chunked prefill) and
+  ``decode`` ([B] kill flags (+ paged, the table [B, M]) -> [B, W + 6]), and ``Device``, which
+  makes those calls;
 - ``delivery``: request handles and results, handing device results to them, statistics.
 """
 

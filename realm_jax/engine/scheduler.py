@@ -3,7 +3,10 @@ policy (first come, first served; the admitted grouped by prompt length; the pre
 prompt bucket of each group). With a paged KV cache (``blocks.BlockPool``) admission also waits
 for free blocks, each decode call's blocks are taken before it is dispatched (``reserve``), and
 a pool that runs short preempts the youngest running request (recompute: back to the queue's
-front, prefilled again with the tokens it made).
+front, prefilled again with the tokens it made). With prefix caching an admission first shares
+the cached blocks of its context's longest cached run (``take``), and its prefill covers only
+the rest; with chunked prefill (``chunk``) a request holds its slot while its context is
+prefilled ``chunk`` tokens per step (``filling``), and it decodes only after its last chunk.
 
 B = the engine's slots, P = rows per prefill call, T = a prompt bucket. The host arrays here are
 the kill flags, bool [B] (slots whose request was cancelled, to be marked done by the next decode
