@@ -140,10 +140,6 @@ class BlockPool:
             self.refs[b] += 1
             self.lru.pop(b, None)
 
-    def unpin(self, blocks: list[int]) -> None:
-        for b in reversed(blocks):
-            self._drop(b)
-
     def gain(self, slots: list[int], shared: list[int]) -> int:
         """Blocks ``available`` would gain if ``slots`` let go of theirs and then the blocks
         ``shared`` were pinned (a request taking the slots of requests that end)."""
