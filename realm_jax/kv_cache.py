@@ -11,7 +11,10 @@ b lives in block ``block_table[b, s // bs]`` at offset ``s % bs``; a row's block
 contiguous or in order, so memory is held per token written, not per row at its longest.
 ``layer_io`` gives the forward one way to write and read a layer of either kind: writes scatter
 into the pool through the table, and reads gather a row's blocks into the dense view
-``[B, M * bs, K, H]`` that the attention of the dense cache takes unchanged.
+``[B, M * bs, K, H]`` that the attention of the dense cache takes unchanged. Rows may share
+blocks by reference (a cached prompt prefix): ``rows_view`` lets a prefill append at an offset
+into its own blocks while attending over shared ones, and ``copy_pages`` gives rows their own
+copies of the blocks they do not share.
 """
 
 from __future__ import annotations
@@ -254,5 +257,39 @@ def insert_pages(cache: PagedKVCache, rows: KVCache, slots: jax.Array, tables: j
     else:
         k = write_pages(cache.k, slice(None), rows.k, blocks, offsets)
         v = write_pages(cache.v, slice(None), rows.v, blocks, offsets)
-    return PagedKVCache(k, v, cache.block_table.at[slots].set(tables.astype(jnp.int32), mode="drop"),
-                        cache.lengths.at[slots].set(rows.lengths, mode="drop"))
+    return place_rows(cache._replace(k=k, v=v), slots, tables, rows.lengths)
+
+
+def place_rows(cache: PagedKVCache, slots: jax.Array, tables: jax.Array, lengths: jax.Array) -> PagedKVCache:
+    """Rows ``slots`` [P] of the block table and lengths become ``tables`` [P, M] and
+    ``lengths`` [P] (their blocks already written); a slot outside ``[0, B)`` is dropped."""
+    slots = slots.astype(jnp.int32)
+    return cache._replace(block_table=cache.block_table.at[slots].set(tables.astype(jnp.int32), mode="drop"),
+                          lengths=cache.lengths.at[slots].set(lengths.astype(jnp.int32), mode="drop"))
+
+
+def rows_view(cache: PagedKVCache, tables: jax.Array, lengths: jax.Array) -> PagedKVCache:
+    """The pool seen as P other rows: block tables [P, M] and lengths [P] (the positions those
+    rows hold already, e.g. a cached prefix). ``forward_cached`` over it appends a call's tokens
+    at positions lengths[p] + t into the rows' blocks and attends over their whole view: a
+    prefill at an offset, its first positions read from blocks other requests wrote."""
+    return PagedKVCache(cache.k, cache.v, tables.astype(jnp.int32), lengths.astype(jnp.int32))
+
+
+def copy_pages(cache: PagedKVCache, src: jax.Array, dst: jax.Array) -> PagedKVCache:
+    """Copy block ``src[p, j]`` of the pool into block ``dst[p, j]`` wherever the two differ
+    (tables [P, M]; an entry outside [0, NB) on either side copies nothing): rows that share
+    some blocks by reference get their own copies of the others."""
+    nb = cache.num_blocks
+    ok = (src != dst) & (src >= 0) & (src < nb) & (dst >= 0) & (dst < nb)
+    to = jnp.where(ok, dst, nb)
+    frm = jnp.where(ok, src, nb)
+
+    def one(buf, layer):
+        lead = _lead(layer)
+        blocks = buf.at[lead + (frm,)].get(mode="fill", fill_value=0)  # [(L,) P, M, bs, K, H]
+        return buf.at[lead + (to,)].set(blocks, mode="drop")
+
+    if cache.per_layer:
+        return cache._replace(k=tuple(one(x, None) for x in cache.k), v=tuple(one(x, None) for x in cache.v))
+    return cache._replace(k=one(cache.k, slice(None)), v=one(cache.v, slice(None)))

@@ -392,32 +392,41 @@ def test_load_with_disconnects_loses_nothing_and_leaks_nothing(setup, server):
     assert _metric(after, "realm_http_requests_in_progress") == 0
 
 
-def test_a_paged_server_preempts_and_still_equals_generate(setup):
-    """``--block-size``/``--num-blocks``: a pool of 8 blocks of 8 (one 64-token request) under 8
-    concurrent streams on 4 slots must preempt; every answer still equals ``generate`` alone,
-    and /metrics shows the pool whole again and the preemptions."""
+def test_a_paged_server_preempts_caches_prefixes_and_still_equals_generate(setup):
+    """``--block-size 8 --num-blocks 8 --prefix-caching``: a pool of one 64-token request under 8
+    concurrent streams on 4 slots must preempt, and prompts that share a 16-token start share
+    its blocks; every answer still equals ``generate`` alone, and /metrics shows the pool whole
+    again, the preemptions and the prefix hits."""
     import concurrent.futures
 
-    proc, url = start_server(setup, "--max-seq-len", "64", "--block-size", "8", "--num-blocks", "8")
+    proc, url = start_server(setup, "--max-seq-len", "64", "--block-size", "8", "--num-blocks", "8",
+                             "--prefix-caching")
     try:
         c = client(url)
-        jobs = [(p, s) for p in ("The quick", "yes no", "red green", "0123") for s in (None, 3)]
+        tok = setup.model.tokenizer
+        start = "the cat sat on a mat "  # 16 tokens: two full blocks shared by every prompt
+        assert len(tok.encode(start)) >= 16
+        jobs = [(start + p, s) for p in ("The quick", "yes no", "red green", "0123") for s in (None, 3)]
+        budget = 60 - max(len(tok.encode(p)) for p, _ in jobs)
+        assert budget >= 24
+
+        def sampling(s):
+            return {"temperature": 0.0} if s is None else dict(temperature=0.9, seed=s)
 
         def one(job):
             p, s = job
-            sampling = {"temperature": 0.0} if s is None else dict(temperature=0.9, seed=s)
-            chunks = c.completions.create(model="m", prompt=p, max_tokens=40, stream=True, **sampling)
+            chunks = c.completions.create(model="m", prompt=p, max_tokens=budget, stream=True, **sampling(s))
             return "".join(ch.choices[0].text for ch in chunks if ch.choices)
 
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             got = list(pool.map(one, jobs))
         for (p, s), text in zip(jobs, got):
-            sampling = {"temperature": 0.0} if s is None else dict(temperature=0.9, seed=s)
-            assert text == ref(setup, p, 40, **sampling).texts[0], (p, s)
+            assert text == ref(setup, p, budget, **sampling(s)).texts[0], (p, s)
         time.sleep(0.5)
         m = httpx.get(url + "/metrics").text
         assert _metric(m, "realm_kv_blocks_free") == 8 and _metric(m, "realm_kv_blocks_in_use") == 0
         assert _metric(m, "realm_engine_preemptions_total") > 0
+        assert _metric(m, "realm_prefix_cache_hit_rate") > 0
     finally:
         proc.terminate()
         proc.wait(60)

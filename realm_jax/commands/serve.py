@@ -36,6 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "paging turns response_format decoding off, and takes no --draft yet)")
     p.add_argument("--num-blocks", type=int, default=None, metavar="N",
                    help="blocks in the paged pool (default: the dense cache's memory)")
+    p.add_argument("--prefix-caching", action="store_true",
+                   help="share the KV blocks of prompt prefixes seen before (needs --block-size)")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="prefill long prompts N tokens per engine step, between decode calls (needs --block-size)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests waiting for a slot before new ones get 429")
     p.add_argument("--no-constrained", action="store_true",
@@ -94,7 +98,8 @@ def run(args) -> int:
     max_logprobs = None if args.max_logprobs == -1 or args.draft is not None else args.max_logprobs
     opts = dict(max_slots=args.max_slots, max_seq_len=args.max_seq_len, constrained=constrained,
                 adapter_slots=args.adapter_slots, adapter_rank=args.adapter_rank, max_logprobs=max_logprobs,
-                block_size=args.block_size, num_blocks=args.num_blocks)
+                block_size=args.block_size, num_blocks=args.num_blocks, prefix_caching=args.prefix_caching,
+                prefill_chunk=args.prefill_chunk)
     if args.draft is not None:
         opts["draft"] = args.draft if args.draft in ("lookup",) or args.draft.startswith("self:") else load(
             args.draft, dtype=args.dtype)

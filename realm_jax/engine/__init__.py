@@ -55,6 +55,36 @@ Attention gathers each slot's blocks into the dense view [B, M * block_size] and
 existing attention over it (the fused kernel on GPU too; no paged kernel yet). ``stats()`` has
 ``blocks_in_use``, ``blocks_free`` and ``preemptions``. Not yet with a draft, constraints or a mesh.
 
+**Prefix caching** (``Engine(..., block_size=16, prefix_caching=True)``): a full block is known
+by a chain key of its tokens, the tokens before it and the request's adapter (``blocks``), and
+blocks are shared by reference count. An admission looks the longest cached run of its
+context's full blocks up, shares it (those blocks are never written again: a request's own
+tokens start in blocks of its own, and a partly filled block is never shared), and prefills
+only the rest, at offset ``start``, straight into its blocks, attending over the shared ones
+(``kv_cache.rows_view``: the same paged forward as decode; the offset is data and the bucket is
+chosen by the tokens left, so nothing compiles per offset). At least one token is always
+prefilled: a prompt cached whole prefills its last block again. Its prompt's full blocks are
+cached once its prefill is dispatched (requests admitted in the same step do not share them
+yet), and when a request ends, is cancelled or preempted, its fully written blocks (prompt and
+tokens made but the last) stay cached, unreferenced, in an LRU, evicted only when the pool
+needs blocks, before anyone is preempted; a preempted request may come back to its own blocks.
+A group's samples share the cached blocks and copy the rest of the prompt's from the row that
+prefills it (``kv_cache.copy_pages``). ``stats()`` adds ``blocks_cached``, ``prompt_tokens``,
+``cached_prompt_tokens`` and ``prefix_hit_rate``; cached blocks no request holds count in
+``blocks_free`` (they are reclaimable), so ``blocks_in_use + blocks_free = num_blocks``.
+Cost: the prefill attends over the gathered view of the row's blocks with the einsum attention
+(not the fused prompt kernel), and the admission table carries each row's whole context (the
+penalties' history needs the cached tokens too).
+
+**Chunked prefill** (``Engine(..., block_size=16, prefill_chunk=N)``): a request's context is
+prefilled at most N tokens per step, with the same prefill at an offset: it holds its slot and
+blocks from its first chunk, each step's plan gives it its next chunk (in a prefill call with
+other admissions; a chunk before the last goes to no slot, so nothing is inserted and no token
+is drawn), the decode calls of the running requests go on between the chunks (its own slot
+idles, it is no decode call's owner and cannot be preempted while its prefill goes on), and its
+last chunk samples the first token and inserts its row as any admission. Its blocks are cached
+as its chunks are dispatched. A group's samples are prefilled whole.
+
 Threads: ``submit``/``cancel`` are safe from any thread. Requests advance when someone drives
 the loop: ``start()`` runs it on a background thread; otherwise ``run_until_idle()``,
 ``generate_many``, ``handle.result()`` and ``handle.stream()`` drive it from the caller.
@@ -67,10 +97,12 @@ W = tokens per slot a decode call hands back:
 - ``core``: the ``Engine`` (settings, submission, the loop wiring the three below);
 - ``scheduler``: the queue, slot owners, kill flags [B], admission policy and bucket choice,
   preemption;
-- ``blocks``: the paged cache's free list, the blocks of each slot and the block table [B, M];
+- ``blocks``: the paged cache's free list, the blocks of each slot and the block table [B, M],
+  reference counts and the prefix cache (keys, LRU);
 - ``state``: the device state [B, ...], its jitted ``admit`` ([P, T + E + L + 9] + [P, 6 + L] -> [P, 2];
-  paged, the ints also carry [2 + M]) and ``decode`` ([B] kill flags (+ paged, the table [B, M])
-  -> [B, W + 6]), and ``Device``, which makes those calls;
+  paged, the ints also carry [3 + M], and [S] more with prefix caching or chunked prefill) and
+  ``decode`` ([B] kill flags (+ paged, the table [B, M]) -> [B, W + 6]), and ``Device``, which
+  makes those calls;
 - ``delivery``: request handles and results, handing device results to them, statistics.
 """
 

@@ -25,9 +25,9 @@ from ..generation import GenerationResult, default_stop_ids, prepare_prompts, va
 from . import delivery
 from . import state as es
 from .adapters import AdapterSlots
-from .blocks import BlockPool, check_pages
+from .blocks import BlockPool
 from .delivery import CANCELLED, EngineStats, RequestGroup, RequestHandle, Stats
-from .scheduler import Call, Scheduler, _check_pos_int
+from .scheduler import Call, Scheduler, _check_pos_int, check_pages, context, filling, prefix_start
 
 
 # ``Sampling`` settings a request may set: all of them per row on the device, the same programs
@@ -101,6 +101,15 @@ class Engine:
     into a dense view each step (the same bytes read as the dense cache, plus the gather; no
     paged kernel yet), so its gain is memory, which matters when requests are much shorter than
     max_seq_len; and it does not serve a draft, constraints or a mesh yet.
+    prefix_caching: with block_size, share the cached full blocks of earlier prompts (and
+    answers) by reference: a request prefills only what follows the longest cached run of its
+    context's blocks under its adapter, and a finished request's blocks stay cached until the
+    pool needs them (the package doc). Outputs are unchanged (each still equals ``generate``
+    alone); ``stats()`` reports the hit rate.
+    prefill_chunk: with block_size, prefill a long context at most this many tokens per step,
+    between the decode calls of the running requests, so a long prompt does not stall them for
+    a whole prefill (the package doc; ``n`` samples are prefilled whole). Each chunk is one
+    prefill call (``stats().prefill_calls``); pick a size among ``prefill_buckets``.
     """
 
     def __init__(self, model, *, max_slots: int = 8, max_seq_len: int | None = None,
@@ -109,7 +118,8 @@ class Engine:
                  adapters: Mapping[str, Any] | None = None, fold_adapters: bool = False, draft=None,
                  k: int = 4, constrained: bool = False, adapter_slots: int | None = None,
                  adapter_rank: int | None = None, adapter_targets: Sequence[str] | None = None,
-                 max_logprobs: int | None = None, block_size: int | None = None, num_blocks: int | None = None):
+                 max_logprobs: int | None = None, block_size: int | None = None, num_blocks: int | None = None,
+                 prefix_caching: bool = False, prefill_chunk: int | None = None):
         cfg = model.config
         self.model = model
         self.max_slots = _check_pos_int("max_slots", max_slots)
@@ -127,10 +137,22 @@ class Engine:
             if unserved:
                 raise RealmError(f"block_size: the paged KV cache does not serve {', '.join(unserved)} yet "
                                  f"(use block_size=None)")
+        if not isinstance(prefix_caching, bool):
+            raise RealmError(f"prefix_caching: expected True or False, got {prefix_caching!r}")
+        if prefix_caching and paging is None:
+            raise RealmError("prefix_caching: needs the paged KV cache (set block_size, e.g. block_size=16); "
+                             "cached prompt blocks are shared between requests by reference")
+        self.prefix_caching = prefix_caching
+        if prefill_chunk is not None:
+            prefill_chunk = _check_pos_int("prefill_chunk", prefill_chunk)
+            if paging is None:
+                raise RealmError("prefill_chunk: needs the paged KV cache (set block_size, e.g. block_size=16); "
+                                 "a chunk is prefilled at an offset into the request's blocks")
+        self.prefill_chunk = prefill_chunk
         pages = None if paging is None else BlockPool(self.num_blocks, self.block_size, self.max_slots,
-                                                      self.max_seq_len)
+                                                      self.max_seq_len, prefix_caching)
         self._sched = Scheduler(self.max_slots, self.max_seq_len, prefill_buckets, prefill_batch,
-                                decode_steps_per_call, pages)
+                                decode_steps_per_call, pages, prefill_chunk)
         self.prefill_buckets = self._sched.prefill_buckets
         self.max_prompt_len = self._sched.max_prompt_len
         self.prefill_rows = self._sched.prefill_rows
@@ -181,7 +203,8 @@ class Engine:
                                  stop_width=self.stop_width, bias_width=self.bias_width,
                                  steps=self.decode_steps_per_call,
                                  draft=self.draft, k=self.k, constrained=constrained, top_logprobs=max_logprobs,
-                                 pages=None if paging is None else (self.num_blocks, self.block_size))
+                                 pages=None if paging is None else (self.num_blocks, self.block_size),
+                                 offset_prefill=prefix_caching or prefill_chunk is not None)
         self.window = self._device.window
 
         self._lock = threading.Lock()
@@ -192,6 +215,7 @@ class Engine:
         self._closed: str | None = None  # the reason, once close() was called
         self._error: BaseException | None = None
         self._stats = Stats()
+        self._adapter_loads: dict[int, int] = {}  # adapter slot -> adapters loaded into it (prefix-cache tags)
 
     # white-box views of the parts (tests read them)
     @property
@@ -334,6 +358,7 @@ class Engine:
             for h in handles:  # an adapter unloaded (or replaced) since the request was checked
                 if h.adapter is not None and self._adapter_slot(h.adapter) != h.adapter_slot:
                     raise RealmError(f"adapter {h.adapter!r} was unloaded while the request was being checked")
+                h.cache_tag = self._cache_tag(h.adapter_slot)
             self._sched.enqueue(handles)
             self._stats.n["submitted"] += len(handles)
             self._wake.notify_all()
@@ -406,6 +431,11 @@ class Engine:
             raise RealmError(f"adapter: unknown name {adapter!r}; expected one of {known} or None (base model)")
         return self._adapters.index(adapter)
 
+    def _cache_tag(self, slot: int) -> bytes:
+        """The adapter's part of a prefix-cache key: its slot and how many adapters were loaded
+        into that slot, so an adapter replaced under the same name or slot never matches."""
+        return f"{slot}:{self._adapter_loads.get(slot, 0)};".encode()
+
     def _served_with_adapters(self):
         from ..runtime import with_adapters
 
@@ -434,7 +464,12 @@ class Engine:
         """Serve a single adapter under ``name`` from the next step on (thread-safe); its slot.
         Refused (``RealmError``) for an adapter of another model, a rank over ``adapter_rank``,
         targets outside ``adapter_targets``, a name in use, or no free slot."""
-        return self._swap_adapters(lambda slots: slots.place(name, adapter))
+        def change(slots):
+            i = slots.place(name, adapter)
+            self._adapter_loads[i] = self._adapter_loads.get(i, 0) + 1
+            return i
+
+        return self._swap_adapters(change)
 
     def unload_adapter(self, name: str) -> int:
         """Stop serving ``name`` (thread-safe); its slot is free again. Refused while a queued or
@@ -479,9 +514,11 @@ class Engine:
         fill = []
         for s, h, src in zip(slots, hs, self._sched.sources(hs)):
             row = (s, h.prompt_ids, h._settings, h._floats, src)
-            if tables is not None:
-                made = h._tokens[:h._resume]
-                row = (s, h.prompt_ids + made[:-1]) + row[2:] + ((h._resume, made[-1] if made else 0, tables[s]),)
+            if tables is not None:  # its context from where this call starts, to where it ends
+                made, ctx = h._tokens[:h._resume], context(h)
+                to = self.max_slots if filling(h) else s  # a chunk before the last: nothing to insert
+                row = (to, ctx[h._start:h._filled]) + row[2:] + ((h._resume, made[-1] if made else 0, h._start,
+                                                                 tables[s], ctx),)
             fill.append(row)
         return es.admission(p, self._sched.bucket_for(hs), self.stop_width, self.bias_width, self.max_slots, fill,
                             self._device.page_cols)
@@ -495,13 +532,24 @@ class Engine:
             if not sched.has_work():
                 return False
             groups, kill = sched.plan()
+            # the admissions write the blocks planned for them, even for a request that the
+            # reserve below preempts at once (its prompt blocks are cached: they must be written)
+            planned = None if sched.pages is None else sched.pages.table.copy()
             preempted = sched.reserve(kill)  # paged: the blocks of this decode call
-            owners = list(sched.slots)
+            owners = [None if filling(h) else h for h in sched.slots]  # a chunked prefill is not decoding
             run = sched.needs_decode(kill, owners)
+            # the rows whose prefill ends in this step's calls (the others get no first token yet)
+            ends = [[None if filling(h) else s for s, h in zip(slots, hs)] for _, slots, hs in groups]
             tables = None if sched.pages is None else sched.pages.table.copy()
             self._stats.n["preemptions"] += len(preempted)
+            for _, _, hs in groups:  # the contexts prefilled, and how much of them came from the cache
+                for i, (h, src) in enumerate(zip(hs, sched.sources(hs))):
+                    if src == i and h._start == prefix_start(h, self.block_size):  # its first call
+                        self._stats.n["prompt_tokens"] += len(context(h))
+                        self._stats.n["cached_prompt_tokens"] += prefix_start(h, self.block_size)
         try:
-            admitted = [(slots, hs, dev.admit(*self._admission(rows, slots, hs, tables))) for rows, slots, hs in groups]
+            admitted = [(to, hs, dev.admit(*self._admission(rows, slots, hs, planned)))
+                        for (rows, slots, hs), to in zip(groups, ends)]
             call = None
             if run:
                 call = Call(dev.decode(kill if kill.any() else dev.no_kill, tables), owners)
@@ -660,4 +708,5 @@ class Engine:
             return self._stats.snapshot(queue_length=len(self._sched.queue), active=self._sched.active(),
                                         max_slots=self.max_slots, wait_s=self._device.wait_s,
                                         dispatch_s=self._device.dispatch_s,
-                                        blocks=(0, 0) if pages is None else (pages.in_use, len(pages.free)))
+                                        blocks=(0, 0, 0) if pages is None else (pages.in_use, pages.available,
+                                                                                len(pages.cached)))

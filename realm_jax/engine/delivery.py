@@ -69,6 +69,10 @@ class RequestHandle:
         self._tokens: list[int] = []
         self._resume = 0  # tokens made before a preemption, at its latest admission (0: none)
         self.preemptions = 0  # times the paged engine preempted it (recomputed it later)
+        self.cache_tag = b""  # prefix caching: its adapter's tag in the block keys (set when queued)
+        self._shared: list[int] = []  # prefix caching: the cached blocks its latest admission shares
+        self._filled = 0  # context tokens in its blocks once the prefill calls dispatched have run
+        self._start = 0  # where its latest prefill call started
         self.logprobs = logprobs  # alternatives asked for (None: no log-probs)
         self._lps: list[TokenLogprob] = []  # one per token in _tokens (with logprobs)
         self.stop = tuple(stops)  # its stop strings (checked here, on the host, as tokens arrive)
@@ -372,7 +376,7 @@ def admit_items(slots: list[int], handles: list, out: np.ndarray, top_logprobs: 
     trace = None if top_logprobs is None else es.unpack_logprobs(out[:, len(es.ADMIT_COLS):], top_logprobs)
     items = []
     for i, (s, h) in enumerate(zip(slots, handles)):
-        if h._resume:
+        if h._resume or s is None:  # s None: a chunk of its prefill before the last
             continue
         first = [int(out[i, 0])]
         items.append((s, h, first, int(out[i, 1]), _logprobs_of(h, trace, i, first)))
@@ -408,7 +412,12 @@ class EngineStats:
     call / max_slots, averaged over decode calls; TTFT and latency over finished (not cancelled)
     requests; speculative counts are 0 without a draft. With the paged KV cache (``block_size``):
     ``blocks_in_use`` / ``blocks_free`` of the pool now, and ``preemptions``: running requests
-    that gave their blocks back to be prefilled again later (all 0 without paging)."""
+    that gave their blocks back to be prefilled again later (all 0 without paging). With prefix
+    caching: ``blocks_cached`` (blocks holding a cached prefix, held by requests or not: those
+    held by none count in ``blocks_free``, being reclaimable), ``prompt_tokens`` (the contexts
+    admissions prefilled: prompts, and a preempted request's tokens when it comes back; a
+    group's prompt once per prefill call) and ``cached_prompt_tokens`` (of those, read from
+    cached blocks instead of being prefilled); ``prefix_hit_rate`` is their ratio."""
 
     queue_length: int
     active_slots: int
@@ -438,6 +447,14 @@ class EngineStats:
     blocks_in_use: int = 0
     blocks_free: int = 0
     preemptions: int = 0
+    blocks_cached: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+
+    @property
+    def prefix_hit_rate(self) -> float | None:
+        """Prompt tokens served from the prefix cache / prompt tokens admitted (None before any)."""
+        return self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else None
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -455,6 +472,8 @@ class EngineStats:
             s += f" acceptance={self.acceptance_rate:.2f}"
         if self.blocks_in_use or self.blocks_free:
             s += f" blocks={self.blocks_in_use}/{self.blocks_in_use + self.blocks_free} preemptions={self.preemptions}"
+        if self.blocks_cached:
+            s += f" cached_blocks={self.blocks_cached} prefix_hit_rate={self.prefix_hit_rate:.2f}"
         return s
 
 
@@ -469,7 +488,8 @@ def _spread(xs: list[float]) -> tuple[float | None, float | None, float | None]:
 
 class Stats:
     """The engine's counters (``n``: submitted, rejected, cancelled, completed, generated_tokens,
-    prefill_calls, decode_calls, target_passes, drafted, accepted, preemptions), the host seconds spent in steps
+    prefill_calls, decode_calls, target_passes, drafted, accepted, preemptions, prompt_tokens,
+    cached_prompt_tokens), the host seconds spent in steps
     (``busy``), the summed occupancy of decode calls, and the finished requests' TTFTs and
     latencies (the last 100,000). Updated under the engine's lock."""
 
@@ -498,8 +518,8 @@ class Stats:
         self.occupancy_sum += occupancy
 
     def snapshot(self, *, queue_length: int, active: int, max_slots: int, wait_s: float,
-                 dispatch_s: float, blocks: tuple[int, int] = (0, 0)) -> EngineStats:
-        """``blocks``: the paged pool's blocks (in use, free)."""
+                 dispatch_s: float, blocks: tuple[int, int, int] = (0, 0, 0)) -> EngineStats:
+        """``blocks``: the paged pool's blocks (in use, free or reclaimable, holding a cached prefix)."""
         n = self.n
         calls = n["decode_calls"]
         ttft_mean, ttft_p50, ttft_p90 = _spread(list(self.ttfts))
@@ -514,4 +534,5 @@ class Stats:
             ttft_mean_s=ttft_mean, ttft_p50_s=ttft_p50, ttft_p90_s=ttft_p90,
             latency_mean_s=lat_mean, latency_p50_s=lat_p50, latency_p90_s=lat_p90,
             target_passes=n["target_passes"], drafted=n["drafted"], accepted=n["accepted"], wait_s=wait_s,
-            dispatch_s=dispatch_s, blocks_in_use=blocks[0], blocks_free=blocks[1], preemptions=n["preemptions"])
+            dispatch_s=dispatch_s, blocks_in_use=blocks[0], blocks_free=blocks[1], preemptions=n["preemptions"],
+            blocks_cached=blocks[2], prompt_tokens=n["prompt_tokens"], cached_prompt_tokens=n["cached_prompt_tokens"])

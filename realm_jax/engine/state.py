@@ -34,7 +34,11 @@ Paged (``pages`` = (NB, bs)): the state's cache is a ``kv_cache.PagedKVCache``; 
 prefills into a fresh dense [P, T] cache and then writes its rows into their blocks
 (``insert_pages``; the table rows travel in the ints, ``PAGE_COLS``), and rows that come back
 from a preemption skip their first draw (``_resume``); ``decode`` takes the host's block table
-[B, M] with each call.
+[B, M] with each call. With prefix caching or chunked prefill (``admit(..., offset_prefill=True)``) ``admit``
+instead prefills each row's context from its ``start`` (after the cached blocks it shares)
+straight into its blocks (``kv_cache.rows_view``), a group's samples copy the prompt's blocks
+they do not share (``kv_cache.copy_pages``), and the penalties' history comes from the whole
+context the table carries.
 
 ``prepare_adapters`` is the one place that puts adapters (and, folded, the params) into the
 layout the params are served in.
@@ -54,7 +58,8 @@ from ..config import ModelConfig
 from ..errors import RealmError
 from ..generation import (Controls, DecodeState, LogprobTrace, decode_step, emit, init_state, new_cache, new_history,
                           prefill)
-from ..kv_cache import KVCache, PagedKVCache, init_paged_cache, insert_pages, insert_rows, rows_of
+from ..kv_cache import (KVCache, PagedKVCache, copy_pages, init_paged_cache, insert_pages, insert_rows, place_rows,
+                        rows_of, rows_view)
 from ..sampling import History, SamplingParams
 
 
@@ -88,9 +93,12 @@ SETTINGS_COLS = ("limit", "top_k", "seed", "adapter", "min_tokens", "constraint"
 # source: the row of the same table whose prefill the row takes (itself, or the first row of its
 # ``n`` group in this call: that row alone holds the prompt, the others have length 0)
 PLACE_COLS = ("length", "slot", "source")
-# Paged, then: tokens the request had made before a preemption (0 = new; else its prompt columns
-# hold the prompt and those tokens but the last) and that last token; then its block table row [M].
-PAGE_COLS = ("resumed", "last")
+# Paged, then: tokens the request had made before a preemption (0 = new; else its context is the
+# prompt and those tokens but the last) and that last token, where its prefill starts (prefix
+# caching: after the cached blocks it shares; its prompt columns then hold the context from
+# there); then its block table row [M] and, with prefix caching, its whole context [C] (C = S:
+# the penalties' history needs the tokens of the cached blocks too).
+PAGE_COLS = ("resumed", "last", "start")
 # The float32 table: these columns, then the logit-bias values [L]; a padding row's values.
 FLOAT_COLS = ("temperature", "top_p", "min_p", "repetition", "frequency", "presence")
 FLOAT_PAD = (0.0, 1.0, 0.0, 1.0, 0.0, 0.0)
@@ -130,24 +138,27 @@ def request_settings(stop_ids, stop_width: int, bias_width: int, limit: int, ada
 
 
 def admission(rows: int, bucket: int, stop_width: int, bias_width: int, slots: int,
-              fill=(), pages: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+              fill=(), pages: tuple[int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Host tables for a prefill call of ``rows`` (P) prompts padded to ``bucket`` (T), every row
     padding (length 0, limit 0, slot B = dropped, its own source): ints [P, T + E + L + 9] =
     prompt [T] | stop ids [E] | bias ids [L] | ``SETTINGS_COLS`` | ``PLACE_COLS``; floats
     [P, 6 + L]. ``fill``: the first rows' (slot, prompt ids [<= T], ``request_settings``' ints and
     floats, source row; paged, also (resumed, last, block table row [M])). A row whose source is
     another row carries no prompt (length 0): it takes that row's prefill (cache and first-token
-    logits), so a prompt's ``n`` samples share one. ``pages`` = (M, NB) for a paged cache: ints
-    then end with ``PAGE_COLS`` and the block table row [M] (padding: no blocks, NB)."""
+    logits), so a prompt's ``n`` samples share one. ``pages`` = (M, NB, C) for a paged cache:
+    ints then end with ``PAGE_COLS``, the block table row [M] (padding: no blocks, NB) and, C > 0
+    (prefix caching), the context [C]; a paged row's fill ends with (resumed, last, start, block
+    table row, context), its prompt ids being the context from ``start``."""
     fixed = stop_width + bias_width + len(SETTINGS_COLS)
     e = bucket + fixed
-    m, nb = (0, 0) if pages is None else pages
-    extra = 0 if pages is None else len(PAGE_COLS) + m
+    m, nb, c = (0, 0, 0) if pages is None else pages
+    extra = 0 if pages is None else len(PAGE_COLS) + m + c
     ints = np.zeros((rows, e + len(PLACE_COLS) + extra), np.int32)
     ints[:, bucket:bucket + stop_width + bias_width] = -1
     ints[:, e + 1] = slots
     ints[:, e + 2] = np.arange(rows)
-    ints[:, ints.shape[1] - m:] = nb
+    q = e + len(PLACE_COLS) + len(PAGE_COLS)
+    ints[:, q:q + m] = nb
     floats = np.zeros((rows, len(FLOAT_COLS) + bias_width), np.float32)
     floats[:, :len(FLOAT_COLS)] = FLOAT_PAD
     for i, (s, ids, settings, row_floats, src, *page) in enumerate(fill):
@@ -156,21 +167,24 @@ def admission(rows: int, bucket: int, stop_width: int, bias_width: int, slots: i
         ints[i, bucket:e] = settings
         ints[i, e:e + len(PLACE_COLS)] = (len(ids), s, src)
         if page:
-            resumed, last, table = page[0]
-            ints[i, e + len(PLACE_COLS):] = (resumed, last, *table)
+            resumed, last, start, table, ctx = page[0]
+            ints[i, q - len(PAGE_COLS):q + m] = (resumed, last, start, *table)
+            if c:
+                ints[i, q + m:q + m + len(ctx)] = ctx
         floats[i] = row_floats
     return ints, floats
 
 
-def _columns(ints: jax.Array, floats: jax.Array, stop_width: int, constrained: bool, pages: int = 0):
+def _columns(ints: jax.Array, floats: jax.Array, stop_width: int, constrained: bool, pages: tuple = (0, 0)):
     """An admission's tables by column: prompts [P, T], the rows' ``Controls`` [P] (stop ids
     [P, E], every optional sampling setting; the constraint keys when ``constrained``), adapter
-    ids, lengths, slots and source rows [P], and paged (``pages`` = M > 0) (resumed [P], last
-    [P], block tables [P, M]), else None."""
+    ids, lengths, slots and source rows [P], and paged (``pages`` = (M, C), M > 0) (resumed [P],
+    last [P], start [P], block tables [P, M], contexts [P, C] or None), else None."""
     from ..sampling import LogitBias, Penalties
 
     lb = floats.shape[1] - len(FLOAT_COLS)
-    extra = len(PAGE_COLS) + pages if pages else 0
+    m, c = pages
+    extra = len(PAGE_COLS) + m + c if m else 0
     t = ints.shape[1] - stop_width - lb - len(SETTINGS_COLS) - len(PLACE_COLS) - extra
     e = t + stop_width + lb
     limits, top_k, seed, adapter_ids, min_tokens, keys = (ints[:, e + j] for j in range(len(SETTINGS_COLS)))
@@ -181,7 +195,10 @@ def _columns(ints: jax.Array, floats: jax.Array, stop_width: int, constrained: b
     q = e + len(SETTINGS_COLS)
     lengths, slots, sources = (ints[:, q + j] for j in range(len(PLACE_COLS)))
     q += len(PLACE_COLS)
-    paged = (ints[:, q], ints[:, q + 1], ints[:, q + 2:]) if pages else None
+    paged = None
+    if m:
+        r = q + len(PAGE_COLS)
+        paged = (ints[:, q], ints[:, q + 1], ints[:, q + 2], ints[:, r:r + m], ints[:, r + m:] if c else None)
     return ints[:, :t], ctl, adapter_ids, lengths, slots, sources, paged
 
 
@@ -255,7 +272,7 @@ def _insert_draft(dst, src, slots):
 
 
 def admit(params, cfg: ModelConfig, state: EngineState, ints: jax.Array, floats: jax.Array, *,
-          dparams=None, spec=None) -> tuple[EngineState, jax.Array]:
+          dparams=None, spec=None, offset_prefill: bool = False) -> tuple[EngineState, jax.Array]:
     """Prefill the prompts of an admission (``admission``'s tables: ints [P, T + E + L + 9], floats
     [P, 6 + L]; length 0 = padding row), sample the first tokens with the rows' settings and insert
     everything into the rows' slots (B = drop). A row whose ``source`` is another row takes that
@@ -264,21 +281,33 @@ def admit(params, cfg: ModelConfig, state: EngineState, ints: jax.Array, floats:
     p = ints.shape[0]
     d = state.dec
     paged = isinstance(d.cache, PagedKVCache)
-    tokens, ctl, adapter_ids, lengths, slots, src, page = _columns(ints, floats, state.ctl.stop_ids.shape[1],
-                                                                   state.ctl.constraint is not None,
-                                                                   d.cache.block_table.shape[1] if paged else 0)
+    prefix = paged and offset_prefill
+    tokens, ctl, adapter_ids, lengths, slots, src, page = _columns(
+        ints, floats, state.ctl.stop_ids.shape[1], state.ctl.constraint is not None,
+        (d.cache.block_table.shape[1], d.out.shape[1] if prefix else 0) if paged else (0, 0))
     t = tokens.shape[1]
     aid = adapter_ids if params.num_adapters else None
-    logits, cache = prefill(params, cfg, tokens, lengths, new_cache(cfg, params, p, t), adapter_ids=aid,
-                            empty_cache=True)
-    # each row takes its source row's prefill (a sample of a group: the prompt's cache and logits)
-    logits, cache, tokens, lengths = logits[src], rows_of(cache, src), tokens[src], lengths[src]
+    if prefix:  # prefill at each row's offset straight into its blocks, over the cached ones it shares
+        _, _, start, tables, seq = page
+        logits, view = prefill(params, cfg, tokens, lengths, rows_view(d.cache, tables, start), adapter_ids=aid)
+        view = copy_pages(view, tables[src], tables)  # a group's sample: its own copy of the prompt's blocks
+        logits, seq, seq_len = logits[src], seq[src], view.lengths[src]
+        cache = view._replace(lengths=seq_len)
+    else:
+        logits, cache = prefill(params, cfg, tokens, lengths, new_cache(cfg, params, p, t), adapter_ids=aid,
+                                empty_cache=True)
+        # each row takes its source row's prefill (a sample of a group: the prompt's cache and logits)
+        logits, cache, tokens, lengths = logits[src], rows_of(cache, src), tokens[src], lengths[src]
+        seq, seq_len = tokens, lengths
     top = None if d.logprobs is None else d.logprobs.top.shape[-1]
-    rows = emit(init_state(cache, ctl.limits, 1, history=new_history(tokens, lengths, cfg.vocab_size),
+    rows = emit(init_state(cache, ctl.limits, 1, history=new_history(seq, seq_len, cfg.vocab_size),
                            top_logprobs=top), logits, ctl)
     if paged:
-        rows = _resume(rows, tokens, lengths, ctl.limits, page[0], page[1], cfg.vocab_size)
-        inserted = insert_pages(d.cache, rows.cache, slots, page[2])
+        rows = _resume(rows, seq, seq_len, ctl.limits, page[0], page[1], cfg.vocab_size)
+    if prefix:
+        inserted = place_rows(d.cache._replace(k=cache.k, v=cache.v), slots, page[3], seq_len)
+    elif paged:
+        inserted = insert_pages(d.cache, rows.cache, slots, page[3])
     else:
         inserted = insert_rows(d.cache, rows.cache, slots)
     trace = None
@@ -383,7 +412,7 @@ def decode(params, cfg: ModelConfig, state: EngineState, kill: jax.Array, table:
 
 empty_state_jit = jax.jit(empty_state, static_argnames=("cfg", "slots", "max_len", "stop_width", "bias_width", "spec",
                                                      "constrained", "top_logprobs", "pages"))
-admit_jit = jax.jit(admit, static_argnames=("cfg", "spec"), donate_argnames=("state",))
+admit_jit = jax.jit(admit, static_argnames=("cfg", "spec", "offset_prefill"), donate_argnames=("state",))
 decode_jit = jax.jit(decode, static_argnames=("cfg", "steps", "window", "spec", "k"), donate_argnames=("state",))
 
 
@@ -428,7 +457,8 @@ class Device:
 
     def __init__(self, params, cfg: ModelConfig, *, slots: int, max_len: int, stop_width: int, steps: int,
                  bias_width: int = 4, draft=None, k: int = 0, constrained: bool = False,
-                 top_logprobs: int | None = None, pages: tuple[int, int] | None = None):
+                 top_logprobs: int | None = None, pages: tuple[int, int] | None = None,
+                 offset_prefill: bool = False):
         self.params = params  # the target's params as served (folded with fold_adapters)
         self.cfg = cfg
         self.slots = slots
@@ -441,8 +471,9 @@ class Device:
         self.window = steps * (k + 1)  # W
         self.top_logprobs = top_logprobs  # N (None: no log-probs)
         self.pages = pages  # (NB, bs) of a paged cache, or None
-        # admission tables' paged columns: (M, NB)
-        self.page_cols = None if pages is None else (-(-max_len // pages[1]), pages[0])
+        self.offset_prefill = offset_prefill  # admissions prefill at an offset into their blocks
+        # admission tables' paged columns: (M, NB, C)
+        self.page_cols = None if pages is None else (-(-max_len // pages[1]), pages[0], max_len if offset_prefill else 0)
         self.state = empty_state_jit(params, cfg, slots=slots, max_len=max_len, stop_width=stop_width,
                                      bias_width=bias_width, spec=self.spec, dparams=self.dparams,
                                      constrained=constrained, top_logprobs=top_logprobs, pages=pages)
@@ -460,7 +491,7 @@ class Device:
 
     def admit(self, ints: np.ndarray, floats: np.ndarray) -> jax.Array:
         """Prefill and insert one admission (``admission``'s tables); its [P, 2] (``ADMIT_COLS``)."""
-        return self._dispatch(admit_jit, ints, floats)
+        return self._dispatch(admit_jit, ints, floats, offset_prefill=self.offset_prefill)
 
     def decode(self, kill, table: np.ndarray | None = None) -> jax.Array:
         """One decode call over all slots, ``kill`` [B] cancelled first (paged: with the block

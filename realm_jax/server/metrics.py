@@ -10,7 +10,8 @@ with ``n`` choices is ``n``) and ``realm_engine_prefill_calls_total``. Histogram
 the engine: ``realm_queue_length``, ``realm_running_requests``, ``realm_engine_tokens_per_second``,
 ``realm_slots``, ``realm_tenant_running_requests{tenant}``; and
 ``realm_http_requests_in_progress``. With a paged KV cache (``--block-size``), also
-``realm_kv_blocks_in_use``, ``realm_kv_blocks_free`` and ``realm_engine_preemptions_total``.
+``realm_kv_blocks_in_use``, ``realm_kv_blocks_free`` and ``realm_engine_preemptions_total``, and
+with prefix caching ``realm_prefix_cache_hit_rate`` (cached prompt tokens / prompt tokens).
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ class _EngineCollector:
             yield GaugeMetricFamily("realm_kv_blocks_free", "paged KV blocks free", value=s.blocks_free)
             yield CounterMetricFamily("realm_engine_preemptions", "running requests preempted (recomputed later) "
                                       "because the paged KV pool ran short", value=s.preemptions)
+        if self.engine.prefix_caching:
+            yield GaugeMetricFamily("realm_prefix_cache_hit_rate", "cached prompt tokens / prompt tokens admitted",
+                                    value=s.prefix_hit_rate or 0.0)
         if self.tenants is not None:
             g = GaugeMetricFamily("realm_tenant_running_requests", "requests a tenant has running", labels=["tenant"])
             for t in self.tenants.tenants.values():
