@@ -118,12 +118,11 @@ def test_cached_decode_equals_hf_cached_decode(phi3, layout, attention):
         assert float(np.abs(ref_steps[-1] - last).max()) > CLEAR
 
 
+@pytest.mark.parametrize("phi3", ["phi3_mha_short"], indirect=True)  # the other case crosses while decoding
 def test_cached_decode_equals_the_full_forward(phi3):
     """Where no row crosses the original context while decoding (phi3_mha_short's is 32), cached
     decode past the window equals the full forward (``family_checks.check_cached_decode``)."""
     case, _, _, model = phi3
-    if case != "phi3_mha_short":
-        pytest.skip("rows cross the original context while decoding: see test_cached_decode_equals_hf_cached_decode")
     assert int((DECODE_PROMPTS + DECODE_STEPS).max()) <= model.config.rope_original_max_positions
     check_cached_decode(case, model, "stacked", "xla", TOL)
 
@@ -144,10 +143,9 @@ def test_greedy_matches_hf_generate(phi3):
 @pytest.mark.xfail(strict=True, reason="HF generate drops its cache and recomputes the whole sequence with the "
                    "long factors at the step a sequence first passes the original context; our decode keeps the "
                    "cached keys (HF's own cached forward, test_cached_decode_equals_hf_cached_decode)")
+@pytest.mark.parametrize("phi3", ["phi3_longrope_window"], indirect=True)  # the only case that crosses
 def test_greedy_matches_hf_generate_across_the_original_context(phi3):
     case, _, hf, model = phi3
-    if case != "phi3_longrope_window":
-        pytest.skip("no row crosses the original context")
     check_greedy_matches_hf(case, hf, model, lengths=(7, 3))
 
 
@@ -167,13 +165,12 @@ def test_written_checkpoint_is_read_by_transformers(phi3, tmp_path):
 
 
 @pytest.mark.slow  # ~30 s on a 2-core CPU (three programs compiled)
+@pytest.mark.parametrize("phi3", ["phi3_mha_short"], indirect=True)
 def test_mesh_speculative_and_engine_equal_generate(phi3):
     """A (4, 1) mesh (5 heads), the self-speculative draft and the engine give generate's tokens.
     Only where no row crosses the original context: a verify pass over a chunk that crosses it
     rotates the whole chunk with the long factors, where one-token steps switch mid-chunk."""
     case, _, _, model = phi3
-    if case != "phi3_mha_short":
-        pytest.skip("rows cross the original context")
     check_mesh_speculative_and_engine(model)
 
 
@@ -362,12 +359,11 @@ def test_rotary_fields_are_checked_on_the_config():
     (dict(intermediate_size=50), "model.layers.0.mlp.gate_up_proj.weight",
      r"has shape \(112, 48\), expected \(100, 48\) \(the fused w_gate \| w_up: 50 w_gate \+ 50 w_up rows"),
 ])
+@pytest.mark.parametrize("phi3", ["phi3_longrope_window"], indirect=True)  # one case is enough
 def test_fused_tensors_that_disagree_with_the_config_are_refused(phi3, tmp_path, change, tensor, pattern):
     """A config.json whose heads or MLP width do not fit the fused tensors: a CheckpointError
     naming the tensor and how its rows should split, before any tensor is read."""
     case, directory, _, _ = phi3
-    if case != "phi3_longrope_window":
-        pytest.skip("one case is enough")
     bad = tmp_path / "bad"
     bad.mkdir()
     for f in directory.iterdir():
