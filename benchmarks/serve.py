@@ -81,6 +81,19 @@ async def _http(url: str, prompts, new: int, concurrency: int) -> dict:
     return _summary(rows, wall)
 
 
+def engine_delta(before, after, wall: float) -> dict:
+    """What the engine did between two ``stats()``: its calls, and per decode call the wall time,
+    the host's own time (``busy``, dispatch and waits included), its dispatch and its waits for
+    device results (while the wait stays above zero, the host keeps the device fed)."""
+    calls = max(1, after.decode_calls - before.decode_calls)
+    per = lambda a, b: round(1e3 * (a - b) / calls, 2)  # noqa: E731
+    return {"decode_calls": after.decode_calls - before.decode_calls,
+            "prefill_calls": after.prefill_calls - before.prefill_calls,
+            "wall_ms_per_call": round(1e3 * wall / calls, 2), "busy_ms_per_call": per(after.busy_s, before.busy_s),
+            "dispatch_ms_per_call": per(after.dispatch_s, before.dispatch_s),
+            "wait_ms_per_call": per(after.wait_s, before.wait_s)}
+
+
 def _summary(rows, wall: float) -> dict:
     ttft, lat, toks = zip(*rows)
     return {"requests": len(rows), "tokens": int(sum(toks)), "wall_s": round(wall, 3),
@@ -96,15 +109,19 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=None, help="engine slots (default: --concurrency)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prefill-batch", type=int, nargs="+", default=None,
+                    help="the engine's prefill call sizes (default: the engine's)")
+    ap.add_argument("--max-id", type=int, default=40000, help="prompt ids are drawn from [3, max-id)")
     ap.add_argument("--port", type=int, default=8123)
+    ap.add_argument("--switch-interval", type=float, default=None, metavar="S",
+                    help="the interpreter's thread switch interval for the server process (default: Python's 5 ms)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--client", default=None, metavar="URL",
                     help="(internal) run only the HTTP clients against URL and print their summary")
     args = ap.parse_args()
     if args.client:
         rng = np.random.default_rng(0)
-        prompts = rng.integers(3, 40000, (args.requests, args.prompt)).tolist()
-        asyncio.run(_http(args.client, prompts[:args.concurrency], args.new_tokens, args.concurrency))  # warm
+        prompts = rng.integers(3, args.max_id, (args.requests, args.prompt)).tolist()
         print(json.dumps(asyncio.run(_http(args.client, prompts, args.new_tokens, args.concurrency))))
         return
     import subprocess
@@ -112,24 +129,32 @@ def main() -> None:
 
     import uvicorn
 
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
+
     from realm_jax import bench
+    from realm_jax.compilation_cache import enable_compilation_cache
     from realm_jax.config import ModelConfig
     from realm_jax.engine import Engine
     from realm_jax.loading import Model
     from realm_jax.server import Server, build_app
     from realm_jax.tokenizer import Tokenizer
 
+    enable_compilation_cache()  # a second run (another code version, another setting) skips compiling
     cfg = ModelConfig(**bench.SHAPES[args.shape])
     model = Model(cfg, bench.random_params(cfg, jnp.bfloat16), Tokenizer.from_hf_dir(args.tokenizer))
     rng = np.random.default_rng(0)
-    prompts = rng.integers(3, 40000, (args.requests, args.prompt)).tolist()  # the client process draws the same
+    prompts = rng.integers(3, args.max_id, (args.requests, args.prompt)).tolist()  # the client process draws the same
     engine = Engine(model, max_slots=args.slots or args.concurrency, max_seq_len=args.prompt + args.new_tokens + 16,
-                    prefill_buckets=(args.prompt,))
+                    prefill_buckets=(args.prompt,), prefill_batch=args.prefill_batch)
     engine.warmup()
     engine.start()
     in_process(engine, prompts[:args.concurrency], args.new_tokens, args.concurrency)  # warm
     # (warm-up also reaches every prefill size a later admission uses)
+    s0 = engine.stats()
     direct = in_process(engine, prompts, args.new_tokens, args.concurrency)
+    s1 = engine.stats()
+    direct["engine"] = engine_delta(s0, s1, direct["wall_s"])
 
     server = Server(model, engine, name="base", max_queue=10 * args.requests)
     uv = uvicorn.Server(uvicorn.Config(build_app(server), host="127.0.0.1", port=args.port, log_level="warning"))
@@ -139,15 +164,25 @@ def main() -> None:
         time.sleep(0.05)
     url = f"http://127.0.0.1:{args.port}"
     # the clients run in a process of their own, as they would on other machines
-    cmd = [sys.executable, __file__, "--tokenizer", args.tokenizer, "--client", url, "--requests", str(args.requests),
-           "--concurrency", str(args.concurrency), "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens)]
-    http = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    cmd = [sys.executable, __file__, "--tokenizer", args.tokenizer, "--client", url,
+           "--concurrency", str(args.concurrency), "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens),
+           "--max-id", str(args.max_id)]
+
+    def clients(requests: int) -> dict:
+        out = subprocess.run(cmd + ["--requests", str(requests)], check=True, capture_output=True, text=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    clients(args.concurrency)  # warm: the app's own first requests
+    s2 = engine.stats()
+    http = clients(args.requests)
+    http["engine"] = engine_delta(s2, engine.stats(), http["wall_s"])
     uv.should_exit = True
     th.join(30)
     engine.close()
     out = {"shape": args.shape, "requests": args.requests, "concurrency": args.concurrency,
            "slots": args.slots or args.concurrency, "prompt": args.prompt,
-           "new_tokens": args.new_tokens, "in_process": direct, "http": http,
+           "new_tokens": args.new_tokens, "switch_interval_s": sys.getswitchinterval(),
+           "prefill_batch": engine.prefill_rows, "in_process": direct, "http": http,
            "http_throughput_cost": round(1 - http["tokens_per_s"] / direct["tokens_per_s"], 4)}
     print(json.dumps(out, indent=1))
     if args.out:

@@ -327,7 +327,7 @@ def test_cancel_frees_the_slot_and_loses_no_other_request(model, adapters, engin
         hs = [engine.submit(p, 30, stop_ids=[]) for p in prompts]
         engine.step()
         st = engine.stats()
-        assert st.active_slots == 4 and st.queue_length == 3
+        assert st.active_slots == 4 and st.queue_length == 3 == engine.queue_length
         running, queued = hs[1], hs[6]
         assert running.cancel() and queued.cancel()
         assert not running.cancel()  # already ended
@@ -335,7 +335,7 @@ def test_cancel_frees_the_slot_and_loses_no_other_request(model, adapters, engin
         assert st.active_slots == 3 and st.queue_length == 2  # the slot is free at once
         engine.step()
         st = engine.stats()
-        assert st.queue_length == 1 and st.active_slots == 4  # refilled from the queue
+        assert st.queue_length == 1 == engine.queue_length and st.active_slots == 4  # refilled from the queue
         engine.run_until_idle()
     assert cc.count == 0
     for i, h in enumerate(hs):

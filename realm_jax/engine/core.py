@@ -551,13 +551,17 @@ class Engine:
             admitted = [(to, hs, dev.admit(*self._admission(rows, slots, hs, planned)))
                         for (rows, slots, hs), to in zip(groups, ends)]
             call = None
-            if run:
-                call = Call(dev.decode(kill if kill.any() else dev.no_kill, tables), owners)
-            if sched.inflight is not None:
-                self._deliver_decode(sched.inflight.owners, dev.fetch(sched.inflight.out))
-            sched.inflight = call
-            for slots, hs, out in admitted:
-                self._deliver(delivery.admit_items(slots, hs, dev.fetch(out), self.max_logprobs))
+            if run:  # dispatched on the device's thread while this one delivers the last call
+                call = Call(dev.decode_async(kill if kill.any() else dev.no_kill, tables), owners)
+            try:
+                if sched.inflight is not None:
+                    self._deliver_decode(sched.inflight.owners, dev.fetch(sched.inflight.out))
+                sched.inflight = call
+                for slots, hs, out in admitted:
+                    self._deliver(delivery.admit_items(slots, hs, dev.fetch(out), self.max_logprobs))
+            finally:
+                if call is not None:  # the state is the dispatched call's once its dispatch returns
+                    sched.inflight = call._replace(out=call.out.result())
         except BaseException as e:  # the donated state is gone: fail everything in flight
             self._crash(e)
             raise
@@ -670,7 +674,7 @@ class Engine:
                     if h._push([], CANCELLED):
                         self._stats.n["cancelled"] += 1
                 self._wake.notify_all()
-            self._device.state = None  # the cache and slot buffers can be freed
+            self._device.close()  # the cache and slot buffers can be freed
 
     @property
     def closed(self) -> bool:
@@ -702,11 +706,19 @@ class Engine:
             self._device.warmup(self.prefill_rows, self._sched.buckets, self._sched.kill.copy(),
                                 None if pages is None else pages.table.copy())
 
+    @property
+    def queue_length(self) -> int:
+        """Requests submitted and not yet admitted (cheap: what a server checks per request)."""
+        with self._lock:
+            return len(self._sched.queue)
+
     def stats(self) -> EngineStats:
+        """A snapshot of the counters; the percentiles are computed after the engine's lock is let go."""
         with self._lock:
             pages = self._sched.pages
-            return self._stats.snapshot(queue_length=len(self._sched.queue), active=self._sched.active(),
-                                        max_slots=self.max_slots, wait_s=self._device.wait_s,
-                                        dispatch_s=self._device.dispatch_s,
-                                        blocks=(0, 0, 0) if pages is None else (pages.in_use, pages.available,
-                                                                                len(pages.cached)))
+            taken = self._stats.take(queue_length=len(self._sched.queue), active=self._sched.active(),
+                                     max_slots=self.max_slots, wait_s=self._device.wait_s,
+                                     dispatch_s=self._device.dispatch_s,
+                                     blocks=(0, 0, 0) if pages is None else (pages.in_use, pages.available,
+                                                                             len(pages.cached)))
+        return taken()

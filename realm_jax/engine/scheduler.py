@@ -19,9 +19,8 @@ from __future__ import annotations
 import collections
 import itertools
 import time
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
-import jax
 import numpy as np
 
 from ..buckets import bucket_length
@@ -31,10 +30,11 @@ from .blocks import BlockPool, blocks_for, chain_keys
 
 
 class Call(NamedTuple):
-    """A decode call dispatched and not yet fetched: its results [B, W + 6] (``state.decode``)
-    and the handles that owned the slots when it was dispatched."""
+    """A decode call dispatched and not yet fetched: its results [B, W + 6] (``state.decode``;
+    a future of them while its dispatch runs) and the handles that owned the slots when it was
+    dispatched."""
 
-    out: jax.Array
+    out: Any
     owners: list
 
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
@@ -452,8 +453,9 @@ class Device:
     device calls: ``admit`` (prefill + insert: tables [P, T + E + L + 9], [P, 6 + L] -> [P, 2]), ``decode``
     (one call of ``steps`` steps: kill flags [B] -> [B, W + 6]) and ``fetch`` (a result to the
     host). Dispatches are asynchronous; every result starts its copy to the host at once.
+    ``decode_async`` dispatches from a thread of the device's own (see there).
     ``dispatch_s`` / ``wait_s``: host seconds spent dispatching / waiting for results. Only the
-    thread driving the engine calls these."""
+    thread driving the engine calls these (and the dispatch thread, while it holds a decode)."""
 
     def __init__(self, params, cfg: ModelConfig, *, slots: int, max_len: int, stop_width: int, steps: int,
                  bias_width: int = 4, draft=None, k: int = 0, constrained: bool = False,
@@ -480,6 +482,7 @@ class Device:
         self.no_kill = jax.device_put(np.zeros((slots,), bool))  # passed when nothing was cancelled
         self.dispatch_s = 0.0
         self.wait_s = 0.0
+        self._dispatcher: ThreadPoolExecutor | None = None
 
     def _dispatch(self, program, *args, **static) -> jax.Array:
         t = time.perf_counter()
@@ -498,9 +501,27 @@ class Device:
         table [B, M]); its [B, W + 6]."""
         return self._dispatch(decode_jit, kill, table, steps=self.steps, window=self.window, k=self.k)
 
-    def fetch(self, out: jax.Array) -> np.ndarray:
+    def decode_async(self, kill, table: np.ndarray | None = None) -> Future:
+        """``decode`` dispatched from the device's dispatch thread; a future of its [B, W + 6].
+
+        XLA runs the call's ``while_loop`` from the host (it reads the loop predicate every
+        iteration), so dispatching it returns only once its last iteration has been launched:
+        nearly the whole call. Meanwhile the engine's thread fetches and delivers the previous
+        call's tokens, so they reach readers as that call ends, not as the next one does. The
+        caller must let the future finish before it touches ``state`` again."""
+        if self._dispatcher is None:
+            self._dispatcher = ThreadPoolExecutor(1, thread_name_prefix="realm-jax-dispatch")
+        return self._dispatcher.submit(self.decode, kill, table)
+
+    def close(self) -> None:
+        """Drop the state and end the dispatch thread."""
+        self.state = None
+        if self._dispatcher is not None:
+            self._dispatcher.shutdown(wait=False)
+
+    def fetch(self, out: jax.Array | Future) -> np.ndarray:
         t = time.perf_counter()
-        host = np.asarray(out)
+        host = np.asarray(out.result() if isinstance(out, Future) else out)
         self.wait_s += time.perf_counter() - t
         return host
 

@@ -36,6 +36,7 @@ from . import protocol as pr
 from .metrics import Metrics
 from .errors import ApiError, bearer as _bearer
 from .tenants import Refused, Tenants
+from .wakeup import LoopWaker
 
 
 class Server:
@@ -49,6 +50,7 @@ class Server:
         self.metrics = Metrics(engine, self.tenants)
         self.draining = False
         self._direct = ThreadPoolExecutor(1, thread_name_prefix="realm-jax-logprobs")
+        self._waker: LoopWaker | None = None
 
     # ------------------------------------------------------------------ checks
     def tenant(self, request: Request):
@@ -75,7 +77,7 @@ class Server:
             raise ApiError(503, "the server is shutting down")
         if not self.engine.alive:
             raise ApiError(503, "the engine is not running")
-        waiting = self.engine.stats().queue_length
+        waiting = self.engine.queue_length
         if waiting >= self.max_queue:
             raise ApiError(429, f"the queue is full ({waiting} requests waiting, max_queue={self.max_queue})",
                            retry_after=1)
@@ -175,17 +177,19 @@ class Server:
                            logprob_entries=sum((p[2] for p in parts[i]), []) if job.logprobs is not None else None)
                 for i in range(len(handles))]
 
+    def _waker_for(self, loop) -> LoopWaker:
+        """The serving loop's waker (made on first use, and again if the app moves to another loop)."""
+        if self._waker is None or self._waker.loop is not loop:
+            self._waker = LoopWaker(loop)
+        return self._waker
+
     async def _follow_raw(self, handles):
         """Yield (index, new tokens, new text, finish, their log-probs) from the handles as the
         engine delivers."""
-        loop = asyncio.get_running_loop()
-        wake = asyncio.Event()
+        waker, wake = self._waker_for(asyncio.get_running_loop()), asyncio.Event()
 
         def ping():
-            try:
-                loop.call_soon_threadsafe(wake.set)
-            except RuntimeError:  # the loop is closed
-                pass
+            waker.wake(wake)
 
         cursors = [h.cursor() for h in handles]
         for h in handles:
