@@ -5,7 +5,8 @@ expressions, choice lists and context-free (Lark) grammars, and answers each ste
 tokens as a bitmask over the vocabulary, computed on the host from the tokens so far. It has no
 token-level automaton to put on the device (its lexer is lazy and its parser an Earley parser),
 so the decode loop stays one jitted program and asks the host for the mask once per step
-through ``jax.experimental.io_callback`` (``step_masks``). docs/constrained.md says why this
+through ``jax.experimental.io_callback`` (``step_masks``); a speculative round asks once for
+the masks of all its verified positions (``draft_masks``). docs/constrained.md says why this
 engine and what a step costs.
 
 Flow: ``Constraint`` (what the user asks for) -> ``compile_rows`` on the host, before any device
@@ -242,56 +243,133 @@ def host_masks(keys: np.ndarray, last: np.ndarray, num_new: np.ndarray, done: np
     b = keys.shape[0]
     bits = np.full((b, width), -1, np.int32)
     finish = np.zeros((b,), bool)
+    rows = _live_rows(keys, done)
     todo = []
-    with _LOCK:
-        rows = [(_ROWS.get(int(k)) if k >= 0 and not d else None) for k, d in zip(keys, done)]
     for i, r in enumerate(rows):
-        if r is None:
-            continue
-        n = int(num_new[i])
-        if n == r.consumed + 1:
-            if not r.matcher.consume_token(int(last[i])):
-                r.error = r.error or f"token {int(last[i])} refused: {r.matcher.get_error()}"
-            r.consumed = n
-        elif n != r.consumed:
-            r.error = r.error or f"matcher out of step: it saw {r.consumed} tokens, the row has {n}"
-        if r.error or r.matcher.is_error():
-            r.error = r.error or r.matcher.get_error()
+        if r is not None and _catch_up(r, int(num_new[i]), [int(last[i])]):
+            todo.append((r.matcher, i))
+        elif r is not None:
             finish[i] = True
-            continue
-        todo.append((r.matcher, i))
-    if todo:
-        from llguidance.numpy import fill_next_token_bitmask_par
-
-        for _, i in todo:  # the ids past the grammar tokenizer's own stay refused
-            bits[i] = 0
-        fill_next_token_bitmask_par(_executor(), todo, bits)
-        words = bits.view(np.uint32)
-        for m, i in todo:
-            r, w = rows[i], words[i]
-            can_end = any((w[e >> 5] >> np.uint32(e & 31)) & 1 for e in r.eos)
-            for e in r.eos:  # the grammar's end of sequence stands for the row's stop ids
-                w[e >> 5] &= ~np.uint32(1 << (e & 31))
-            if can_end:
-                for s in r.stops:
-                    w[s >> 5] |= np.uint32(1 << (int(s) & 31))
-            finish[i] = not w.any()  # nothing may follow and the row has no stop id
+    finish[[i for _, i in todo]] = _fill_masks(rows, todo, bits)
     return bits, finish
+
+
+def host_draft_masks(keys: np.ndarray, window: np.ndarray, num_new: np.ndarray, drafts: np.ndarray,
+                     done: np.ndarray, width: int):
+    """The host half of a speculative round: keys / num_new [B] int32, window [B, k + 1] int32 (the
+    row's last k + 1 committed tokens), drafts [B, k] int32, done [B] bool -> (bits [B, k + 1, W]
+    int32, finish [B, k + 1] bool): the mask of each verified position.
+
+    A live constrained row first consumes the tokens committed since its matcher last saw it
+    (the window's tail), then gets the mask after 0, 1, ..., k of the drafts, consuming each
+    draft while the grammar allows it; past a refused draft or a stop id the masks are all ones
+    (those positions cannot be accepted). The drafts are rolled back afterwards: the matcher
+    keeps only committed tokens. Other rows get all ones."""
+    b, k = drafts.shape
+    bits = np.full((b, k + 1, width), -1, np.int32)
+    finish = np.zeros((b, k + 1), bool)
+    rows = _live_rows(keys, done)
+    going = []
+    for i, r in enumerate(rows):
+        behind = -1 if r is None else int(num_new[i]) - r.consumed
+        if r is not None and _catch_up(r, int(num_new[i]), [int(t) for t in window[i, k + 1 - behind:]]
+                                       if 0 < behind <= k + 1 else []):
+            going.append(i)
+        elif r is not None:
+            finish[i] = True
+    drafted = dict.fromkeys(going, 0)
+    for j in range(k + 1):
+        if not going:
+            break
+        todo = [(rows[i].matcher, i) for i in going]
+        layer = np.full((b, width), -1, np.int32)
+        ends = _fill_masks(rows, todo, layer)
+        going = []
+        for (m, i), end in zip(todo, ends):
+            bits[i, j], finish[i, j] = layer[i], end
+            d = int(drafts[i, j]) if j < k else -1
+            if (not end and 0 <= d < 32 * width and (int(layer[i, d >> 5]) >> (d & 31)) & 1
+                    and d not in rows[i].stops and m.consume_token(d)):
+                drafted[i] += 1
+                going.append(i)
+    for i, n in drafted.items():
+        if n:
+            rows[i].matcher.rollback(n)
+    return bits, finish
+
+
+def _live_rows(keys: np.ndarray, done: np.ndarray) -> list:
+    """Each row's ``_Row`` (None: unconstrained or done)."""
+    with _LOCK:
+        return [(_ROWS.get(int(k)) if k >= 0 and not d else None) for k, d in zip(keys, done)]
+
+
+def _catch_up(r: "_Row", n: int, tail: list[int]) -> bool:
+    """Bring a row's matcher to its ``n`` committed tokens (``tail``: the last of them, at least
+    the ones it has not seen); False if the row is in error (it ends)."""
+    behind = n - r.consumed
+    if 0 < behind <= len(tail):
+        for t in tail[len(tail) - behind:]:
+            if not r.matcher.consume_token(t):
+                r.error = r.error or f"token {t} refused: {r.matcher.get_error()}"
+                break
+        r.consumed = n
+    elif behind != 0:
+        r.error = r.error or f"matcher out of step: it saw {r.consumed} tokens, the row has {n}"
+    if r.error or r.matcher.is_error():
+        r.error = r.error or r.matcher.get_error()
+        return False
+    return True
+
+
+def _fill_masks(rows: list, todo: list, bits: np.ndarray) -> list[bool]:
+    """Write the grammar's masks of ``todo`` ((matcher, row) pairs) into rows of ``bits`` [B, W],
+    with the grammar's end standing for each row's stop ids; per pair, whether nothing may
+    follow (the row ends: its grammar is done and it has no stop id)."""
+    if not todo:
+        return []
+    from llguidance.numpy import fill_next_token_bitmask_par
+
+    for _, i in todo:  # the ids past the grammar tokenizer's own stay refused
+        bits[i] = 0
+    fill_next_token_bitmask_par(_executor(), todo, bits)
+    words = bits.view(np.uint32)
+    ends = []
+    for m, i in todo:
+        r, w = rows[i], words[i]
+        can_end = any((w[e >> 5] >> np.uint32(e & 31)) & 1 for e in r.eos)
+        for e in r.eos:  # the grammar's end of sequence stands for the row's stop ids
+            w[e >> 5] &= ~np.uint32(1 << (e & 31))
+        if can_end:
+            for s in r.stops:
+                w[s >> 5] |= np.uint32(1 << (int(s) & 31))
+        ends.append(not w.any())  # nothing may follow and the row has no stop id
+    return ends
 
 
 # -------------------------------------------------------------------------------- device side
 _CALLBACKS: dict = {}
 
 
-def _callback(width: int):
-    """One host function per mask width, so that a traced program always names the same one."""
-    fn = _CALLBACKS.get(width)
+def _callback(width: int, host=None):
+    """One host function per (mask width, host half), so that a traced program always names the
+    same one. host: ``host_masks`` (default) or ``host_draft_masks``."""
+    host = host or host_masks
+    fn = _CALLBACKS.get((width, host))
     if fn is None:
-        def fn(keys, last, num_new, done):
-            return host_masks(np.asarray(keys), np.asarray(last), np.asarray(num_new), np.asarray(done), width)
+        def fn(*args):
+            return host(*(np.asarray(a) for a in args), width)
 
-        _CALLBACKS[width] = fn
+        _CALLBACKS[(width, host)] = fn
     return fn
+
+
+def _unpack(bits, vocab: int):
+    """bits [..., W] int32 -> allowed [..., V] bool (bit v % 32 of word v // 32)."""
+    import jax.numpy as jnp
+
+    v = jnp.arange(vocab, dtype=jnp.int32)
+    return (jnp.right_shift(bits[..., v >> 5], v & 31) & 1) == 1
 
 
 def step_masks(keys, last, num_new, done, vocab: int):
@@ -311,6 +389,26 @@ def step_masks(keys, last, num_new, done, vocab: int):
         return jnp.full((b, w), -1, jnp.int32), jnp.zeros((b,), bool)
 
     bits, finish = jax.lax.cond(jnp.any((keys >= 0) & ~done), ask, skip, None)
-    v = jnp.arange(vocab, dtype=jnp.int32)
-    allowed = (jnp.right_shift(bits[:, v >> 5], v & 31) & 1) == 1
-    return allowed, finish
+    return _unpack(bits, vocab), finish
+
+
+def draft_masks(keys, window, num_new, drafts, done, vocab: int):
+    """Device half of a speculative round: keys / num_new [B] int32, window [B, k + 1] int32 (the
+    last k + 1 committed tokens), drafts [B, k] int32, done [B] bool -> (allowed [B, k + 1, V]
+    bool, finish [B, k + 1] bool), the mask of each position the target verifies, through one
+    host callback (``host_draft_masks``; skipped when no live row is constrained)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import io_callback
+
+    (b, k), w = drafts.shape, (vocab + 31) // 32
+    shapes = (jax.ShapeDtypeStruct((b, k + 1, w), jnp.int32), jax.ShapeDtypeStruct((b, k + 1), jnp.bool_))
+
+    def ask(_):
+        return io_callback(_callback(w, host_draft_masks), shapes, keys, window, num_new, drafts, done)
+
+    def skip(_):
+        return jnp.full((b, k + 1, w), -1, jnp.int32), jnp.zeros((b, k + 1), bool)
+
+    bits, finish = jax.lax.cond(jnp.any((keys >= 0) & ~done), ask, skip, None)
+    return _unpack(bits, vocab), finish

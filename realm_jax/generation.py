@@ -662,13 +662,17 @@ def _setup(model, prompts, max_new_tokens, **kw) -> _Call:
 
 
 def _release(call: _Call) -> None:
-    """Forget the call's grammar matchers; a matcher that met an error (a bug: the mask should
-    have kept every refused token out) is raised here."""
-    if call.constraint_keys is None:
+    release_constraint_keys(call.constraint_keys)
+
+
+def release_constraint_keys(keys: np.ndarray | None) -> None:
+    """Forget a call's grammar matchers (``constraints.register``'s keys, or None); a matcher that
+    met an error (a bug: the mask should have kept every refused token out) is raised here."""
+    if keys is None:
         return
     from .constraints import release
 
-    errors = release(call.constraint_keys)
+    errors = release(keys)
     if errors:
         raise RealmError(f"constraint: the grammar engine failed: {errors[0]}")
 

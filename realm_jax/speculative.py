@@ -38,7 +38,7 @@ import numpy as np
 from .drafts import MAX_K, Draft, check_k, make_draft
 from .errors import RealmError
 from .generation import (Controls, DecodeState, GenerationResult, bucket_cache, generate, new_cache, result_of, runtime_for,
-                         prepare_request, start)
+                         prepare_request, release_constraint_keys, start)
 from .kv_cache import KVCache, rollback
 from .model import forward_cached
 from .sampling import SamplingParams, processed_logits, sample
@@ -127,6 +127,10 @@ def speculative_round(tparams, dparams, tcfg, spec, k: int, lengths, ctl: Contro
     verify = jnp.concatenate([dec.last[:, None], drafts], axis=1)
     t_logits, cache = forward_cached(tparams, tcfg, verify, jnp.where(active, k + 1, 0), dec.cache,
                                      adapter_ids=adapter_ids)
+    grammar_end = None
+    if ctl.constraint is not None:  # each verified position under its grammar mask (``emit``'s order)
+        allowed, grammar_end = _grammar_masks(ctl.constraint, seq, n, dec, drafts, v)
+        t_logits = jnp.where(allowed, t_logits, -jnp.inf)
 
     def sampled(_):
         sp_rows = jax.tree_util.tree_map(lambda a: jnp.repeat(a, k + 1), ctl.sampling)
@@ -141,13 +145,19 @@ def speculative_round(tparams, dparams, tcfg, spec, k: int, lengths, ctl: Contro
     stop_at = jnp.where(hit, i, k + 1).min(axis=1)
     count = jnp.minimum(jnp.minimum(acc + 1, stop_at + 1), ctl.limits - dec.num_new)
     count = jnp.where(active, count, 0)
+    stopped = active & (stop_at < count)
+    if grammar_end is not None:  # the grammar allows nothing at a reached position: the row ends there
+        end_at = jnp.where(grammar_end, i, k + 1).min(axis=1)
+        ends = active & (end_at <= acc) & (end_at < count)
+        count = jnp.where(ends, end_at, count)
+        stopped = (active & (stop_at < count)) | ends
     keep = i < count[:, None]
     out = dec.out.at[rows[:, None], jnp.where(keep, dec.num_new[:, None] + i, dec.out.shape[1])].set(
         emitted, mode="drop")
     seq = seq.at[rows[:, None], jnp.where(keep, n[:, None] + i, seq.shape[1])].set(emitted, mode="drop")
     num_new = dec.num_new + count
     last = jnp.take_along_axis(emitted, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
-    stopped = active & (stop_at < count)
+    last = jnp.where(count > 0, last, dec.last)
     done = dec.done | stopped | (active & (num_new >= ctl.limits))
     # keep the KV of the committed text except its last token (the next round's first input)
     keep_len = jnp.maximum(lengths + num_new - 1, 0)
@@ -158,6 +168,19 @@ def speculative_round(tparams, dparams, tcfg, spec, k: int, lengths, ctl: Contro
     a_int = active.astype(jnp.int32)
     return SpecState(dec, seq, dstate, s.passes + a_int, s.drafted + k * a_int,
                      s.accepted + jnp.where(active, acc, 0))
+
+
+def _grammar_masks(keys, seq, n, dec, drafts, vocab: int):
+    """The grammar masks of a round's k + 1 verified positions ([B, k + 1, V] allowed, [B, k + 1]
+    ends) from the rows' last k + 1 committed tokens (``seq`` [B, S + 1], ``n`` [B] committed
+    lengths). A position where the grammar allows nothing keeps every logit (no row of -inf):
+    the round ends the row before it."""
+    from .constraints import draft_masks
+
+    k1 = drafts.shape[1] + 1
+    at = jnp.clip(n[:, None] - k1 + jnp.arange(k1)[None, :], 0, seq.shape[1] - 1)
+    allowed, ends = draft_masks(keys, jnp.take_along_axis(seq, at, axis=1), dec.num_new, drafts, dec.done, vocab)
+    return allowed | ends[..., None], ends
 
 
 def speculative_on_device(tparams, dparams, tokens, lengths, cache: KVCache, ctl: Controls, *,
@@ -368,7 +391,7 @@ def speculative_generate(target, draft, prompts, max_new_tokens, *, k: int | str
                          top_k=None, top_p=None, seed=0, stop_ids=None, max_len: int | None = None,
                          chat: bool = False, k_max: int = 8, costs: StepCosts | None = None,
                          acceptance: float | None = None, adapters=None, adapter_ids=None,
-                         sampling=None) -> SpeculativeResult:
+                         sampling=None, constraint=None) -> SpeculativeResult:
     """``generate`` with speculative decoding; the same output distribution (greedy: the same
     tokens), fewer target passes.
 
@@ -380,8 +403,11 @@ def speculative_generate(target, draft, prompts, max_new_tokens, *, k: int | str
     ``0..k_max`` by ``choose_k`` from ``costs`` (measured once per shape when None) and the
     acceptance rate (``acceptance``, else the draft's running rate).
     adapters / adapter_ids: per-row LoRA of the target, as ``generate`` (the draft runs without).
-    sampling: a ``Sampling`` with only the draw settings (temperature, top_k, top_p, seed);
-    the others are refused for now.
+    sampling: a ``Sampling`` with only the draw settings (temperature, top_k, top_p, seed) and
+    ``constraint``; the others are refused for now. constraint: one ``Constraint`` for every row
+    or one (or None) per prompt, as ``generate``'s: the target verifies each drafted position
+    under its grammar mask, so a draft that breaks the grammar is rejected and the output
+    distribution is ``generate``'s with that constraint (greedy: the same tokens).
     Returns a ``SpeculativeResult`` (a ``GenerationResult`` with ``stats``).
     """
     if k != "auto":
@@ -404,9 +430,10 @@ def speculative_generate(target, draft, prompts, max_new_tokens, *, k: int | str
         if unsupported:
             raise RealmError(f"speculative_generate: {', '.join(unsupported)} not supported yet (use generate)")
         temperature, top_k, top_p, seed = sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed
+        constraint = sampling.constraint if constraint is None else constraint
     req, pad = prepare_request(target, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                seed=seed, stop_ids=stop_ids, max_len=max_len, adapters=adapters,
-                               adapter_ids=adapter_ids, chat=chat)
+                               adapter_ids=adapter_ids, chat=chat, constraint=constraint)
     aid = None if pad.adapter_ids is None else jnp.asarray(pad.adapter_ids)
     b = pad.tokens.shape[0]
     k_room = k_max if k == "auto" else k
@@ -424,7 +451,7 @@ def speculative_generate(target, draft, prompts, max_new_tokens, *, k: int | str
     if chosen == 0:  # plain decoding is the faster choice (or was asked for)
         res = generate(target, req.prompt_ids, req.max_new_tokens.tolist(), temperature=temperature, top_k=top_k,
                        top_p=top_p, seed=seed, stop_ids=stop_ids, max_len=max_len, adapters=adapters,
-                       adapter_ids=adapter_ids)
+                       adapter_ids=adapter_ids, constraint=constraint)
         passes = np.asarray([max(len(t) - 1, 0) for t in res.tokens])
         zero = np.zeros_like(passes)
         stats = _stats(0, dr.name, dict(passes=passes, drafted=zero, accepted=zero, gen=passes + 1),
@@ -434,11 +461,19 @@ def speculative_generate(target, draft, prompts, max_new_tokens, *, k: int | str
     check_k(chosen, cache_len)
     rt = runtime_for(target, adapters)
     cache = new_cache(target.config, rt, b, cache_len)
-    final = speculative_jit(rt, dr.params, jnp.asarray(pad.tokens), jnp.asarray(pad.lengths), cache,
-                            Controls.of(pad), tcfg=target.config, spec=dr.spec, k=int(chosen), out_len=cache_len,
-                            adapter_ids=aid)
-    out, num_new, stopped, passes, drafted, accepted = jax.device_get(
-        (final.dec.out, final.dec.num_new, final.dec.stopped, final.passes, final.drafted, final.accepted))
+    keys = None
+    if req.matchers is not None:
+        from .constraints import register
+
+        keys = register(req.matchers)
+    try:
+        final = speculative_jit(rt, dr.params, jnp.asarray(pad.tokens), jnp.asarray(pad.lengths), cache,
+                                Controls.of(pad, keys), tcfg=target.config, spec=dr.spec, k=int(chosen),
+                                out_len=cache_len, adapter_ids=aid)
+        out, num_new, stopped, passes, drafted, accepted = jax.device_get(
+            (final.dec.out, final.dec.num_new, final.dec.stopped, final.passes, final.drafted, final.accepted))
+    finally:
+        release_constraint_keys(keys)
     rb = req.batch
     stats = _stats(int(chosen), dr.name, dict(passes=passes[:rb], drafted=drafted[:rb], accepted=accepted[:rb],
                                               gen=num_new[:rb]), alpha, speedup, costs)

@@ -89,6 +89,12 @@ def test_constraint_flags_match_generate(tmp_path, capsys):
         rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
         ref = generate(model, ["cat", "a b"], 30, temperature=1.0, constraint=c)
         assert [r["tokens"] for r in rows] == ref.tokens and [r["text"] for r in rows] == ref.texts
+    # with a draft (greedy): the verified tokens are generate's under the same constraint
+    greedy = base[:-2] + ["--draft", "self:1", "--k", "3", "--regex", "[a-c]{2}x"]
+    assert cli.main(greedy) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    ref = generate(model, ["cat", "a b"], 30, constraint=Constraint.regex("[a-c]{2}x"))
+    assert [r["tokens"] for r in rows] == ref.tokens and [r["text"] for r in rows] == ref.texts
 
 
 def test_single_prompt_streams_text(tiny_dir, capsys):

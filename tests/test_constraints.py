@@ -287,5 +287,6 @@ def test_engine_refuses_a_constraint_unless_built_for_it(gm):
     eng = Engine(model, max_slots=1, max_seq_len=64, prefill_buckets=(16,))
     with pytest.raises(RealmError, match=r"built without constrained=True"):
         eng.submit("a", 4, constraint=Constraint.regex("a+"))
-    with pytest.raises(RealmError, match=r"constrained: not available with a draft"):
-        Engine(model, max_slots=1, max_seq_len=64, draft="lookup", constrained=True)
+    drafted = Engine(model, max_slots=1, max_seq_len=64, prefill_buckets=(16,), draft="lookup")
+    with pytest.raises(RealmError, match=r"built without constrained=True"):
+        drafted.submit("a", 4, constraint=Constraint.regex("a+"))

@@ -157,8 +157,9 @@ def _run(args) -> int:
                  min_tokens=args.min_tokens, stop=args.stop or None, logprobs=args.logprobs, n=args.n,
                  constraint=_constraint(args))
     extra = {k: v for k, v in extra.items() if v is not None and not (k == "n" and v == 1)}
-    if extra and args.draft:
-        raise RealmError(f"--draft: not available with {', '.join('--' + k.replace('_', '-') for k in extra)} yet")
+    unserved = [k for k in extra if k != "constraint"]  # a draft serves constraints, not the others yet
+    if unserved and args.draft:
+        raise RealmError(f"--draft: not available with {', '.join('--' + k.replace('_', '-') for k in unserved)} yet")
     kw.update(extra)
     if plan is not None:
         kw.update(adapters=lora.load_adapters(plan.dirs, model), adapter_ids=plan.ids)

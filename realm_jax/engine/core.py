@@ -73,7 +73,8 @@ class Engine:
     ``drafts.Draft``), k tokens per round.
     constrained: serve requests with a ``constraint`` (JSON schema, regex, choice, grammar;
     ``realm_jax.constraints``). The programs then ask the host for the grammar masks once per
-    step whenever a live slot has a constraint (needs the ``constrained`` extra; no draft yet).
+    step (with a draft: once per round, for every verified position) whenever a live slot has a
+    constraint (needs the ``constrained`` extra).
     max_logprobs (N): serve ``logprobs=n`` (n <= N) on requests: every step then computes each
     slot's log-softmax and its N best alternatives on the device, as ``generate`` does (the same
     values: model and sampled log-probs, ``TokenLogprob``), and each token brings 2 + 2N values
@@ -164,8 +165,6 @@ class Engine:
         if not isinstance(constrained, bool):
             raise RealmError(f"constrained: expected True or False, got {constrained!r}")
         if constrained:
-            if draft is not None:
-                raise RealmError("constrained: not available with a draft yet (constraints need the one-token decode)")
             from ..constraints import _llguidance
 
             _llguidance()
@@ -246,7 +245,7 @@ class Engine:
         served += ("constraint",) if self.constrained else ()
         served += ("logprobs", "best_of") if self.max_logprobs is not None else ()
         other = [f for f in st.non_default() if f not in served]
-        if other == ["constraint"] and self.draft is None:
+        if other == ["constraint"]:
             raise RealmError("constraint: this engine was built without constrained=True")
         if other == ["logprobs"] and self.draft is None:
             raise RealmError("logprobs: this engine was built without max_logprobs (Engine(..., max_logprobs=N))")
