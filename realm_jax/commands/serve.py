@@ -84,7 +84,7 @@ def run(args) -> int:
     adapters = _adapters(args.adapter)
     tenants = Tenants.from_file(args.tenants) if args.tenants else None
     source = args.model or DEFAULT_MODEL
-    constrained = not args.no_constrained and args.draft is None and args.block_size is None
+    constrained = not args.no_constrained and args.block_size is None
     if constrained:
         try:
             import llguidance  # noqa: F401
