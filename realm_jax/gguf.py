@@ -16,6 +16,14 @@ Layout notes:
 - ``phi3``: q|k|v fused in ``attn_qkv`` and gate|up in ``ffn_up`` (HF's ``qkv_proj`` /
   ``gate_up_proj``), split by rows into the canonical leaves (``checkpoint.part_rows``); longrope's
   factor lists are the tensors ``rope_factors_short`` / ``rope_factors_long`` (``_phi3_from_gguf``).
+- Gemma (``gemma``, ``gemma2``, ``gemma3``): llama.cpp's converter stores every RMSNorm weight
+  (``*_norm``, Gemma 3's ``attn_q_norm`` / ``attn_k_norm`` too) as ``1 + w``, since llama.cpp's
+  norm multiplies by the stored weight; our forward scales by ``(1 + w)``, so 1 is subtracted
+  (in float32, before the cast). Q/K rows are in HF order; the head is ``token_embd`` (tied)
+  unless the file has ``output``. ``gemma2``/``gemma3`` add ``post_attention_norm`` /
+  ``post_ffw_norm`` (``ffn_norm`` is the pre-MLP norm); ``gemma3`` adds ``attn_q_norm`` /
+  ``attn_k_norm``. What the files do not record is taken as llama.cpp takes it
+  (``_gemma_from_gguf``).
 - Mixture of experts (Mixtral: a ``llama`` file with ``llama.expert_count``; ``qwen2moe``;
   ``qwen3moe``): each layer's experts are one tensor ``blk.N.ffn_{gate,up,down}_exps`` holding
   every expert, numpy ``[E, D_out, D_in]``; the router is ``ffn_gate_inp`` ``[E, D]``; Qwen2-MoE's
@@ -43,10 +51,15 @@ from .params import leaf_shape
 __all__ = ["GGUFFile", "GGUFTensor", "open_gguf", "config_from_gguf", "read_gguf_params", "load_gguf",
            "gguf_to_hf", "unpermute_rope_rows", "SUPPORTED_GGUF_ARCHITECTURES", "SUPPORTED_QUANT_TYPES"]
 
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "phi3")  # Mistral, Mixtral: "llama"
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "phi3",
+                                "gemma", "gemma2", "gemma3")  # Mistral, Mixtral: "llama"
 # our architecture of a GGUF one (a "llama" file with experts is Mixtral), and back
 _ARCH_OF_GGUF = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe",
-                 "phi3": "phi3"}
+                 "phi3": "phi3", "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}
+GEMMA_GGUF_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+# llama.cpp takes the layer count of Gemma 2 / 3 27B as the sign that queries are scaled by
+# (D / N) ** -0.5 instead of H ** -0.5 (the files carry no key for it)
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 _GGUF_ARCH_OF = {**{v: k for k, v in _ARCH_OF_GGUF.items()}, "mixtral": "llama"}
 SUPPORTED_QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                          "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -109,6 +122,8 @@ def config_from_gguf(meta: Mapping[str, Any], tensors: Mapping[str, GGUFTensor] 
         return _f32(check_float(where(name), scalar(name, raw(name, default))))
 
     moe = _moe_from_gguf(arch, raw, integer, number, tensors, source)
+    if moe and arch in GEMMA_GGUF_ARCHITECTURES:
+        raise UnsupportedModelError(f"{source}: GGUF {arch} file with experts ({arch}.expert_count): not supported")
 
     num_heads = integer("attention.head_count", required=True)
     num_kv = integer("attention.head_count_kv", num_heads)
@@ -144,6 +159,8 @@ def config_from_gguf(meta: Mapping[str, Any], tensors: Mapping[str, GGUFTensor] 
     rope = _rope_from_gguf(arch, raw, theta, head_dim, tensors, source)
     if arch == "phi3":
         rope.update(_phi3_from_gguf(integer, number, rope_dims or head_dim, head_dim, tensors, source))
+    gemma = _gemma_from_gguf(arch, raw, integer, number, hidden, num_heads, head_dim, source) \
+        if arch in GEMMA_GGUF_ARCHITECTURES else {}
 
     qkv_bias = "blk.0.attn_q.bias" in tensors
     o_bias = "blk.0.attn_output.bias" in tensors
@@ -179,14 +196,54 @@ def config_from_gguf(meta: Mapping[str, Any], tensors: Mapping[str, GGUFTensor] 
         tie_word_embeddings="output.weight" not in tensors,
         qkv_bias=qkv_bias,
         o_bias=o_bias and arch == "llama",
-        qk_norm=arch in ("qwen3", "qwen3moe"),
+        qk_norm=arch in ("qwen3", "qwen3moe", "gemma3"),
         bos_token_id=token_id("tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(dict.fromkeys(i for i in eos if i is not None)),
         pad_token_id=token_id("tokenizer.ggml.padding_token_id"),
         dtype={0: "float32", 1: "float16", 32: "bfloat16"}.get(file_type, "float32"),
         **rope,
     )
-    return ModelConfig(**{**fields, **moe})
+    return ModelConfig(**{**fields, **moe, **gemma})
+
+
+def _gemma_from_gguf(arch, raw, integer, number, hidden: int, num_heads: int, head_dim: int, source) -> dict:
+    """The Gemma family's fields from GGUF metadata, as llama.cpp reads them: GeGLU (gelu-tanh),
+    sqrt(D)-scaled embeddings and (1 + w) norms for all three. ``gemma2``: post-norms, soft-caps
+    ``attn_logit_softcapping`` / ``final_logit_softcapping`` (50 / 30 when absent), a window
+    ``attention.sliding_window`` (4096 when absent) on every other layer from the first.
+    ``gemma3``: post-norms, q/k norms, no attention soft-cap, an optional final soft-cap; with a
+    window (the key present and > 0) five local layers to one global (llama.cpp's fixed pattern)
+    and plain rope of base 10000 on the local layers (``rope.freq_base`` and any linear scaling
+    are the global layers'); without one every layer is global. Queries are scaled by
+    ``H ** -0.5``, or ``(D / N) ** -0.5`` for the layer count of the 27B models (46 for gemma2,
+    62 for gemma3), as llama.cpp decides it: the files carry no ``query_pre_attn_scalar``."""
+    out: dict = dict(hidden_act="gelu_tanh", embed_scale=True, norm_plus_one=True)
+    if arch == "gemma":
+        return out
+    layers = integer("block_count", required=True)
+    scalar = hidden / num_heads if layers == _GEMMA_27B_LAYERS[arch] else head_dim
+    out.update(post_norms=True, query_pre_attn_scalar=float(scalar))
+
+    def cap(name, default):
+        return default if raw(name) is None else number(name, None)  # finite and positive (check_float)
+
+    _check_gemma_fixed(arch, raw, number, layers, source)
+    if arch == "gemma2":
+        window = integer("attention.sliding_window", 4096)
+        out.update(attn_softcap=cap("attn_logit_softcapping", 50.0),
+                   final_softcap=cap("final_logit_softcapping", 30.0), sliding_window=window,
+                   sliding_layers=tuple(i % 2 == 0 for i in range(layers)))
+        return out
+    if raw("attn_logit_softcapping") is not None:
+        raise UnsupportedModelError(f"{source}: GGUF key {'gemma3.attn_logit_softcapping'!r}: gemma3 has no "
+                                    f"attention soft-cap (llama.cpp does not apply one)")
+    final = raw("final_logit_softcapping")
+    out["final_softcap"] = cap("final_logit_softcapping", None) if final not in (None, 0, 0.0) else None
+    window = integer("attention.sliding_window", 0, low=0)
+    if window:
+        out.update(sliding_window=window, sliding_layers=tuple(i % 6 < 5 for i in range(layers)),
+                   rope_local_theta=10000.0)
+    return out
 
 
 def _moe_from_gguf(arch, raw, integer, number, tensors, source) -> dict:
@@ -279,6 +336,27 @@ def _phi3_from_gguf(integer, number, rope_dims: int, head_dim: int, tensors, sou
     default = 1.0 if s <= 1.0 or orig == 1 else math.sqrt(1 + math.log(s) / math.log(orig))
     return {**out, **factors, "rope_type": "longrope", "rope_original_max_positions": orig,
             "rope_attention_factor": number("rope.scaling.attn_factor", default)}
+
+
+def _check_gemma_fixed(arch, raw, number, layers: int, source) -> None:
+    """llama.cpp fixes Gemma 2's and 3's local:global pattern (every 2nd / 6th layer global) and
+    their local rope base (Gemma 2: the global one; Gemma 3: 10000) and reads no key for them; a
+    file whose ``attention.sliding_window_pattern`` or ``rope.freq_base_swa`` says otherwise is
+    refused rather than run one way or the other."""
+    period = 2 if arch == "gemma2" else 6
+    pattern = raw("attention.sliding_window_pattern")
+    fixed = [i % period < period - 1 for i in range(layers)]
+    if pattern is not None and pattern != period and (not isinstance(pattern, list) or
+                                                      [bool(p) for p in pattern] != fixed):
+        raise UnsupportedModelError(
+            f"{source}: GGUF key {arch + '.attention.sliding_window_pattern'!r} = {pattern!r}: llama.cpp runs "
+            f"{arch} with every {period}th layer global whatever the key says; other patterns are not supported")
+    base = raw("rope.freq_base_swa")
+    fixed_base = number("rope.freq_base", 10000.0) if arch == "gemma2" else 10000.0
+    if base is not None and number("rope.freq_base_swa", None) != fixed_base:
+        raise UnsupportedModelError(
+            f"{source}: GGUF key {arch + '.rope.freq_base_swa'!r} = {base!r}: llama.cpp runs {arch}'s local layers "
+            f"with " + ("the global rope base" if arch == "gemma2" else "rope base 10000") + "; not supported")
 
 
 def _f32(v) -> float:
@@ -402,6 +480,7 @@ def read_gguf_params(gf: GGUFFile, cfg: ModelConfig, dtype=np.float32,
         for leaf, start, stop in part_rows(parts, cfg, "gguf"):
             by_leaf.setdefault(leaf, []).append((i, name, slice(start, stop) if len(parts) > 1 else None))
     permuted = _GGUF_ARCH_OF[cfg.arch] == "llama"  # llama-arch files (Mixtral's too) reorder Q/K rows
+    plus_one = cfg.norm_plus_one and _GGUF_ARCH_OF[cfg.arch] in GEMMA_GGUF_ARCHITECTURES  # stored as 1 + w
     heads_of = {"wq": cfg.num_heads, "bq": cfg.num_heads, "wk": cfg.num_kv_heads, "bk": cfg.num_kv_heads}
     params: dict = {"layers": {}}
     for leaf, items in by_leaf.items():
@@ -416,6 +495,8 @@ def read_gguf_params(gf: GGUFFile, cfg: ModelConfig, dtype=np.float32,
                 w = w[rows]
             if permuted and leaf.name in heads_of:
                 w = unpermute_rope_rows(w, heads_of[leaf.name])
+            if plus_one and leaf.init == "norm":
+                w = np.asarray(w, np.float32) - np.float32(1.0)
             if leaf.hf_transposed:  # GGUF stores matmul weights [(E,) D_out, D_in], as HF does
                 w = w.reshape(file_shape(leaf, cfg, "gguf")).swapaxes(-1, -2)
             if i is None:

@@ -3,10 +3,14 @@
 Built from an HF directory (tokenizer.json + tokenizer_config.json) or from GGUF metadata
 (``Tokenizer.from_gguf``), and written back as an HF directory's files (``to_hf_files``).
 
-GGUF tokenizers: only ``tokenizer.ggml.model == "gpt2"`` (byte-level BPE) is supported. The text is
-split before BPE the way llama.cpp splits it for the file's ``tokenizer.ggml.pre``
-(``PRE_TOKENIZER_SPLITS``); tokens the file marks CONTROL become special added tokens and
-USER_DEFINED ones plain added tokens, each keeping its id.
+GGUF tokenizers: ``tokenizer.ggml.model == "gpt2"`` (byte-level BPE) and ``"llama"`` (a
+SentencePiece vocabulary with scores: Llama 2, Gemma). gpt2: the text is split before BPE the way
+llama.cpp splits it for the file's ``tokenizer.ggml.pre`` (``PRE_TOKENIZER_SPLITS``). llama:
+llama.cpp's SPM tokenizer (spaces as U+2581, a leading one when ``tokenizer.ggml.add_space_prefix``,
+true when absent; adjacent pieces merged highest score first; a piece not in the vocabulary as its
+UTF-8 bytes ``<0xXX>``), as a BPE whose merges rank every pair of NORMAL pieces forming a NORMAL
+piece by that piece's score (``_sentencepiece_bpe``). Both: tokens the file marks CONTROL become
+special added tokens and USER_DEFINED ones plain added tokens, each keeping its id.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ PRE_TOKENIZER_SPLITS = {
     "dbrx": (_LLAMA3,), "falcon3": (_LLAMA3,),
     "qwen2": (_QWEN2,), "deepseek-r1-qwen": (_QWEN2,), "stablelm2": (_QWEN2,),
 }
-_CONTROL, _USER_DEFINED = 3, 4  # GGUF token types
+_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4  # GGUF token types
+_SPACE = "\u2581"  # SentencePiece's space
 
 
 class Tokenizer:
@@ -157,11 +162,12 @@ class Tokenizer:
         if not isinstance(meta, Mapping):
             raise RealmError(f"from_gguf expects a GGUFFile, a gguf.GGUFReader or a dict, got {type(meta).__name__}")
         model = meta.get("tokenizer.ggml.model")
-        if model != "gpt2":
+        if model not in ("gpt2", "llama"):
             raise UnsupportedModelError(
-                f"GGUF tokenizer.ggml.model {model!r} is not supported; supported: 'gpt2' (byte-level BPE)")
+                f"GGUF tokenizer.ggml.model {model!r} is not supported; supported: 'gpt2' (byte-level BPE), "
+                f"'llama' (SentencePiece)")
         pre = meta.get("tokenizer.ggml.pre", "default")
-        if pre not in PRE_TOKENIZER_SPLITS:
+        if model == "gpt2" and pre not in PRE_TOKENIZER_SPLITS:
             raise UnsupportedModelError(
                 f"GGUF tokenizer.ggml.pre {pre!r} is not supported; "
                 f"supported: {', '.join(sorted(PRE_TOKENIZER_SPLITS))}")
@@ -169,16 +175,28 @@ class Tokenizer:
         if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
             raise CheckpointError(f"GGUF key 'tokenizer.ggml.tokens': expected a non-empty list of strings, "
                                   f"got {type(tokens).__name__}")
-        merges = meta.get("tokenizer.ggml.merges")
-        if not merges:
-            raise CheckpointError("GGUF tokenizer has no tokenizer.ggml.merges (needed for byte-level BPE)")
-        if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
-            raise CheckpointError("GGUF key 'tokenizer.ggml.merges': expected a list of strings")
         types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
         if not isinstance(types, list) or len(types) != len(tokens):
             raise CheckpointError(f"GGUF key 'tokenizer.ggml.token_type': expected one type per token "
                                   f"({len(tokens)}), got {len(types) if isinstance(types, list) else types!r}")
-        tok = _byte_level_bpe(tokens, merges, types, PRE_TOKENIZER_SPLITS[pre])
+        if model == "llama":
+            scores = meta.get("tokenizer.ggml.scores")
+            if not isinstance(scores, list) or len(scores) != len(tokens) or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in scores):
+                raise CheckpointError(f"GGUF key 'tokenizer.ggml.scores': expected one number per token "
+                                      f"({len(tokens)}) for a SentencePiece ('llama') vocabulary, got "
+                                      f"{len(scores) if isinstance(scores, list) else scores!r}")
+            prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
+            if not isinstance(prefix, bool):
+                raise CheckpointError(f"GGUF key 'tokenizer.ggml.add_space_prefix': expected a bool, got {prefix!r}")
+            tok = _sentencepiece_bpe(tokens, scores, types, prefix)
+        else:
+            merges = meta.get("tokenizer.ggml.merges")
+            if not merges:
+                raise CheckpointError("GGUF tokenizer has no tokenizer.ggml.merges (needed for byte-level BPE)")
+            if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+                raise CheckpointError("GGUF key 'tokenizer.ggml.merges': expected a list of strings")
+            tok = _byte_level_bpe(tokens, merges, types, PRE_TOKENIZER_SPLITS[pre])
 
         def token(key):
             i = meta.get(f"tokenizer.ggml.{key}_token_id")
@@ -189,7 +207,7 @@ class Tokenizer:
                                       f"(0..{len(tokens) - 1})")
             return tokens[int(i)]
 
-        bos, add_bos = token("bos"), bool(meta.get("tokenizer.ggml.add_bos_token", False))
+        bos, add_bos = token("bos"), bool(meta.get("tokenizer.ggml.add_bos_token", model == "llama"))
         if meta.get("tokenizer.ggml.add_eos_token"):
             raise UnsupportedModelError("GGUF tokenizer.ggml.add_eos_token=True is not supported")
         if add_bos and bos is not None:
@@ -217,9 +235,54 @@ class Tokenizer:
                 "tokenizer_config.json": json.dumps(conf, indent=2, ensure_ascii=False)}
 
 
+def _added_tokens(tok, tokens: list[str], types: Sequence[int], vocab: Mapping[str, int]) -> None:
+    """CONTROL tokens as special added tokens, USER_DEFINED ones as plain ones, each keeping its id."""
+    from tokenizers import AddedToken
+
+    special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL]
+    plain = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
+    tok.add_special_tokens(special)
+    tok.add_tokens(plain)
+    for t in special + plain:
+        if tok.token_to_id(t.content) != vocab[t.content]:
+            raise CheckpointError(f"GGUF token {t.content!r} could not keep its id {vocab[t.content]}")
+
+
+def _sentencepiece_bpe(tokens: list[str], scores: Sequence[float], types: Sequence[int], add_space_prefix: bool):
+    """A ``tokenizers`` BPE that tokenizes as llama.cpp's SPM tokenizer does, ids unchanged.
+
+    llama.cpp merges, among adjacent pieces, the pair whose concatenation is the vocabulary's
+    highest-scoring piece; a BPE ranking each such pair (two NORMAL pieces forming a NORMAL one)
+    by the score of what it forms (then by the ids, as transformers ranks them) merges in the same
+    order. Pieces left outside the vocabulary fall back to their bytes (``<0xXX>`` tokens)."""
+    from tokenizers import decoders, models, normalizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    normal = {t: i for t, i in vocab.items() if types[i] == _NORMAL}
+    ranked = []
+    for piece, i in normal.items():
+        for cut in range(1, len(piece)):
+            a, b = piece[:cut], piece[cut:]
+            if a in normal and b in normal:
+                ranked.append((-float(scores[i]), normal[a], normal[b], a, b))
+    ranked.sort()
+    unk = next((t for t, k in zip(tokens, types) if k == 2), None)  # UNKNOWN
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in ranked], unk_token=unk,
+                                 fuse_unk=True, byte_fallback=True))
+    steps = [normalizers.Prepend(_SPACE)] if add_space_prefix else []
+    tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", _SPACE)])
+    steps = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if add_space_prefix else []))
+    _added_tokens(tok, tokens, types, vocab)
+    return tok
+
+
 def _byte_level_bpe(tokens: list[str], merges: Sequence[str], types: Sequence[int], splits):
     """A ``tokenizers`` byte-level BPE over the GGUF vocabulary, ids unchanged."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
     vocab: dict[str, int] = {}
@@ -236,11 +299,5 @@ def _byte_level_bpe(tokens: list[str], merges: Sequence[str], types: Sequence[in
     steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=splits[-1] is None))
     tok.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
     tok.decoder = decoders.ByteLevel()
-    special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL]
-    plain = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
-    tok.add_special_tokens(special)
-    tok.add_tokens(plain)
-    for t in special + plain:
-        if tok.token_to_id(t.content) != vocab[t.content]:
-            raise CheckpointError(f"GGUF token {t.content!r} could not keep its id {vocab[t.content]}")
+    _added_tokens(tok, tokens, types, vocab)
     return tok

@@ -1,7 +1,8 @@
 """The checks every model family's parity tests run against HF transformers (``test_gemma``,
 ``test_moe``): logits alone and in a padded batch, cached decode against the full forward,
 greedy tokens against HF ``generate``, int8 against its reference twin, and a checkpoint
-written back and read by transformers. Each takes the tiny HF model and our ``Model`` of it."""
+written back and read by transformers. Each takes the tiny HF model and our ``Model`` of it.
+``check_bad_gguf_refused``: a malformed GGUF is refused naming the problem and the file."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from functools import partial
 
 import jax
 import numpy as np
+import pytest
 import torch
 
+import realm_jax
 from realm_jax import runtime
 from realm_jax.checkpoint import write_hf_checkpoint
 from realm_jax.generation import generate, new_cache
@@ -152,3 +155,20 @@ def check_mesh_speculative_and_engine(model) -> None:
     handles = [eng.submit(p, 10, stop_ids=[]) for p in prompts]
     eng.run_until_idle()
     assert [h.result().tokens for h in handles] == ref, "engine"
+
+
+def bad_gguf_cases(cases, change: str = "edit"):
+    """``pytest.mark.parametrize`` over rows (id, change, meta, exc, match) of bad-file cases for
+    ``check_bad_gguf_refused`` (``change``: the name of the row's tensor change argument)."""
+    return pytest.mark.parametrize(f"{change},meta,exc,match", [c[1:] for c in cases], ids=[c[0] for c in cases])
+
+
+def check_bad_gguf_refused(path, arch: str, hf_cfg, tensors: dict, meta: dict | None, exc, match: str) -> None:
+    """``tensors`` (HF names) written as a GGUF of ``arch`` at ``path`` (``meta``: keys changed or,
+    as None, left out) is refused with ``exc`` matching ``match`` and naming the file."""
+    from gguf_reference import write_gguf
+
+    write_gguf(path, arch, hf_cfg, tensors, extra_meta=meta)
+    with pytest.raises(exc, match=match) as e:
+        realm_jax.load(path, dtype="float32")
+    assert path.name in str(e.value)

@@ -45,6 +45,14 @@ _NAMES = [
     (r"model\.layers\.(\d+)\.mlp\.shared_expert\.(gate|up|down)_proj\.weight", "blk.{}.ffn_{}_shexp.weight"),
     (r"model\.layers\.(\d+)\.mlp\.shared_expert_gate\.weight", "blk.{}.ffn_gate_inp_shexp.weight"),
 ]
+# Gemma 2 / 3: the norms around attention and the MLP (ahead of _NAMES, whose post_attention_layernorm
+# is the pre-MLP norm of the other families)
+_GEMMA_POST_NORM_NAMES = [
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.post_attention_norm.weight"),
+    (r"model\.layers\.(\d+)\.pre_feedforward_layernorm\.weight", "blk.{}.ffn_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_feedforward_layernorm\.weight", "blk.{}.post_ffw_norm.weight"),
+]
+GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
 # one tensor per layer and expert -> (layer, expert, GGUF name of the layer's stacked tensor)
 _EXPERT_NAMES = [
     (r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.w1\.weight", "blk.{}.ffn_gate_exps.weight"),
@@ -58,8 +66,8 @@ ALWAYS_F32 = (".ffn_gate_inp.weight",)  # the converter keeps the expert router 
 _KQUANT_F16_OFFSETS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
 
 
-def gguf_name(hf_name: str) -> str:
-    for pat, out in _NAMES:
+def gguf_name(hf_name: str, arch: str = "llama") -> str:
+    for pat, out in (_GEMMA_POST_NORM_NAMES if arch in ("gemma2", "gemma3") else []) + _NAMES:
         m = re.fullmatch(pat, hf_name)
         if m:
             return out.format(*m.groups())
@@ -199,6 +207,26 @@ def phi3_meta(w, hf_cfg, head_dim: int, extra_tensors: dict) -> None:
     extra_tensors.setdefault("rope_factors_short.weight", np.asarray(rope["short_factor"], np.float32))
 
 
+def gemma_meta(w, arch: str, hf_cfg) -> None:
+    """What the converter adds for Gemma 2 / 3 (Gemma 1: nothing). gemma2: both soft-caps and the
+    window. gemma3: the global layers' rope base (``rope_parameters.full_attention``) and linear
+    scaling factor, the final soft-cap when set, the window unless every layer is global."""
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(hf_cfg.attn_logit_softcapping)
+        w.add_final_logit_softcapping(hf_cfg.final_logit_softcapping)
+        w.add_sliding_window(hf_cfg.sliding_window)
+    elif arch == "gemma3":
+        full = hf_cfg.rope_parameters.get("full_attention", hf_cfg.rope_parameters)
+        w.add_rope_freq_base(full.get("rope_theta", 1_000_000.0))
+        if full.get("rope_type") == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(full["factor"])
+        if hf_cfg.final_logit_softcapping:
+            w.add_final_logit_softcapping(hf_cfg.final_logit_softcapping)
+        if "sliding_attention" in hf_cfg.layer_types:
+            w.add_sliding_window(hf_cfg.sliding_window)
+
+
 def random_kquant_bytes(rows: int, cols: int, qtype, rng: np.random.Generator) -> np.ndarray:
     """Random blocks of a K-quant type (which the gguf package cannot quantize to), with
     finite, modest float16 scales: uint8 [rows, cols / 256 * block bytes]."""
@@ -238,10 +266,13 @@ def write_gguf(path, arch: str, hf_cfg, tensors: dict[str, np.ndarray], qtype_fo
         w.add_rope_dimension_count(head_dim)
     rope = getattr(hf_cfg, "rope_parameters", None) or {}
     theta = rope.get("rope_theta", getattr(hf_cfg, "rope_theta", 10000.0))
-    w.add_rope_freq_base(theta)
+    if arch not in GEMMA_ARCHS:  # the Gemma converters write no rope base (gemma3: its global one, gemma_meta)
+        w.add_rope_freq_base(theta)
     w.add_layer_norm_rms_eps(hf_cfg.rms_norm_eps)
     w.add_file_type(0)
-    if rope.get("rope_type") == "linear":
+    if arch in GEMMA_ARCHS:
+        gemma_meta(w, arch, hf_cfg)
+    elif rope.get("rope_type") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(rope["factor"])
     extra_tensors = dict(extra_tensors or {})
@@ -256,9 +287,23 @@ def write_gguf(path, arch: str, hf_cfg, tensors: dict[str, np.ndarray], qtype_fo
         if k not in extra_meta:
             w.add_uint32(k, v)
     for k, v in extra_meta.items():
-        if v is not None:  # None: leave the key out
+        if v is None:  # None: leave the key out (the writer's own too)
+            w.kv_data[0].pop(k, None)
+        else:
             w.add_key_value(k, v[0], v[1], *v[2:])
-    if tokenizer:
+    if tokenizer and tokenizer.get("model") == "llama":  # SentencePiece, as the converter writes it
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokenizer["tokens"])
+        w.add_token_scores(tokenizer["scores"])
+        w.add_token_types(tokenizer["types"])
+        for k in ("bos", "eos", "unk", "padding", "eot"):
+            if k in tokenizer:
+                w.add_uint32(f"tokenizer.ggml.{k}_token_id", tokenizer[k])
+        w.add_add_bos_token(tokenizer.get("add_bos", True))
+        w.add_add_eos_token(False)
+        w.add_add_space_prefix(tokenizer.get("add_space_prefix", False))
+    elif tokenizer:
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre(tokenizer.get("pre", "default"))
         w.add_token_list(tokenizer["tokens"])
@@ -272,8 +317,10 @@ def write_gguf(path, arch: str, hf_cfg, tensors: dict[str, np.ndarray], qtype_fo
             w.add_chat_template(tokenizer["chat_template"])
     expect = {}
     for hf_name, a in stack_moe_tensors(tensors).items():
-        name = hf_name if hf_name.startswith("blk.") else gguf_name(hf_name)
+        name = hf_name if hf_name.startswith("blk.") else gguf_name(hf_name, arch)
         a = np.asarray(a, np.float32)
+        if arch in GEMMA_ARCHS and hf_name.endswith("norm.weight"):  # the file holds 1 + w
+            a = a + np.float32(1.0)
         if a.ndim == 2 and 1 in a.shape:  # the converter squeezes size-1 axes
             a = a.reshape(-1)
         if arch == "llama" and ".attn_q." in name:
@@ -337,6 +384,24 @@ def tiny_byte_level_vocab(n_merges: int = 12):
             "bos": 1, "eos": 2, "chat_template": (
                 "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")}
+
+
+def tiny_sentencepiece_vocab():
+    """A small Gemma-like SentencePiece vocabulary (as the converter writes one: pieces, scores,
+    types): <pad> <eos> <bos> <unk>, two chat control tokens, a USER_DEFINED run of two spaces,
+    the 256 byte pieces <0xXX>, merged pieces (scores falling with the id: the file's order and
+    the scores agree), then single characters (U+2581 the space)."""
+    special = [("<pad>", 3), ("<eos>", 3), ("<bos>", 3), ("<unk>", 2), ("<start_of_turn>", 3),
+               ("<end_of_turn>", 3), ("  ", 4)]
+    merged = ["\u2581t", "he", "\u2581the", "in", "\u2581a", "er", "on", "\u2581s", "re", "at", "\u2581w", "en",
+              "an", "\u2581i", "is", "\u2581is", "ing", "\u2581c", "\u2581ca", "\u2581cat", "at\u2581", "af", "caf",
+              "ca", "user", "us", "use", "\u2581wat", "ter", "\u2581water", "\n\n"]
+    chars = list("\u2581abcdefghijklmnopqrstuvwxyzéO,.!?\n")
+    tokens = [t for t, _ in special] + [f"<0x{b:02X}>" for b in range(256)] + merged + chars
+    types = [k for _, k in special] + [6] * 256 + [1] * (len(merged) + len(chars))
+    scores = [0.0] * len(special) + [0.0] * 256 + [-float(i) for i in range(len(merged) + len(chars))]
+    return {"model": "llama", "tokens": tokens, "scores": scores, "types": types,
+            "padding": 0, "eos": 1, "bos": 2, "unk": 3, "eot": 5, "add_bos": True, "add_space_prefix": False}
 
 
 def write_tiny_gguf(path, arch="llama", seed=0, qtype_for=None, tokenizer=None, **cfg_over):

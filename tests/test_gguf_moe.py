@@ -17,7 +17,7 @@ from realm_jax.config import ModelConfig
 from realm_jax.errors import CheckpointError, ConfigError, UnsupportedModelError
 from realm_jax.gguf import open_gguf
 
-from family_checks import batch, check_greedy_matches_hf, rows_max_diff
+from family_checks import bad_gguf_cases, batch, check_bad_gguf_refused, check_greedy_matches_hf, rows_max_diff
 from gguf_reference import Q, checkpoint_tensors, expert_slot, gguf_name, write_file_as_checkpoint, write_gguf
 from hf_reference import ARCH_CASES, MOE_CASES, hf_load_kwargs, hf_logits, make_hf_model, realm_logits
 
@@ -185,14 +185,10 @@ BAD_FILES = [
 ]
 
 
-@pytest.mark.parametrize("edit,meta,exc,match", [c[1:] for c in BAD_FILES], ids=[c[0] for c in BAD_FILES])
+@bad_gguf_cases(BAD_FILES)
 def test_bad_moe_gguf_is_refused_naming_the_problem(mixtral, tmp_path, edit, meta, exc, match):
     hf_cfg, tensors = mixtral
     tensors = dict(tensors)
     if edit:
         edit(tensors)
-    path = tmp_path / "bad.gguf"
-    write_gguf(path, "llama", hf_cfg, tensors, extra_meta=meta)
-    with pytest.raises(exc, match=match) as e:
-        realm_jax.load(path, dtype="float32")
-    assert "bad.gguf" in str(e.value)
+    check_bad_gguf_refused(tmp_path / "bad.gguf", "llama", hf_cfg, tensors, meta, exc, match)

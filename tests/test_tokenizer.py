@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from realm_jax.errors import UnsupportedModelError
+from realm_jax.errors import CheckpointError, UnsupportedModelError
 from realm_jax.tokenizer import Tokenizer
 
 TEXTS = [
@@ -188,8 +188,10 @@ def test_other_pre_tokenizers_match_hf(smollm2_vocab, tmp_path, pre, add_bos):
 
 
 def test_unsupported_tokenizer_models_are_named(smollm2_vocab):
-    with pytest.raises(UnsupportedModelError, match=r"tokenizer\.ggml\.model 'llama'.*'gpt2'"):
-        Tokenizer.from_gguf({**smollm2_vocab, "tokenizer.ggml.model": "llama"})
+    with pytest.raises(UnsupportedModelError, match=r"tokenizer\.ggml\.model 'bert'.*'gpt2'.*'llama'"):
+        Tokenizer.from_gguf({**smollm2_vocab, "tokenizer.ggml.model": "bert"})
+    with pytest.raises(CheckpointError, match=r"'tokenizer\.ggml\.scores': expected one number per token"):
+        Tokenizer.from_gguf({**smollm2_vocab, "tokenizer.ggml.model": "llama"})  # SentencePiece needs scores
     with pytest.raises(UnsupportedModelError, match=r"tokenizer\.ggml\.pre 'mystery'.*smollm"):
         Tokenizer.from_gguf({**smollm2_vocab, "tokenizer.ggml.pre": "mystery"})
 
