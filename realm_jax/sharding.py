@@ -32,8 +32,9 @@ process takes its share of the items (``process_shard``), runs on a mesh of its 
 
 The API: ``make_mesh``; ``param_specs`` / ``shard_params`` / ``param_placer`` (loading);
 ``adapter_specs`` / ``shard_adapters`` (LoRA); ``cache_specs`` / ``shard_cache``;
-``shard_batch``; for code that builds arrays next to sharded params, ``init_cache_like`` and
-``place_batch``; ``initialize_distributed`` / ``process_shard`` / ``gather_in_order``.
+``paged_cache_specs`` (the engine's paged pool); ``shard_batch``; for code that builds arrays
+next to sharded params, ``init_cache_like`` / ``init_paged_cache_like`` and ``place_batch``;
+``keep_cache`` (inside a program); ``initialize_distributed`` / ``process_shard`` / ``gather_in_order``.
 See docs/sharding.md.
 """
 
@@ -49,7 +50,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from .config import ModelConfig
 from .errors import RealmError
-from .kv_cache import KVCache
+from .kv_cache import KVCache, PagedKVCache
 from .params import LEAVES, model_leaves, param_shapes
 
 DATA = "data"
@@ -69,6 +70,17 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {name: leaf.axes for name, leaf in LEAV
 CACHE_AXES: dict[str, tuple[str, ...]] = {
     "k": ("layers", "batch", "cache_len", "kv_heads", "head_dim"),
     "v": ("layers", "batch", "cache_len", "kv_heads", "head_dim"),
+    "lengths": ("batch",),
+}
+
+# Logical axes of the paged KV cache leaves (``kv_cache.PagedKVCache``): the pool's block axis is
+# never split (blocks are shared across sequences: any row may hold any block, so they cannot
+# follow the batch's ``data`` split), its K axis is split like the dense cache's; the block table
+# and lengths are per row, B on ``data`` like the dense cache's lengths.
+PAGED_CACHE_AXES: dict[str, tuple[str, ...]] = {
+    "k": ("layers", "blocks", "block_pos", "kv_heads", "head_dim"),
+    "v": ("layers", "blocks", "block_pos", "kv_heads", "head_dim"),
+    "block_table": ("batch", "table_blocks"),
     "lengths": ("batch",),
 }
 
@@ -322,6 +334,41 @@ def cache_specs(cache: KVCache, mesh: Mesh, strict: bool = True) -> KVCache:
     return KVCache(k if n is None else (k,) * n, k if n is None else (k,) * n, _spec(CACHE_AXES["lengths"], rules))
 
 
+def paged_cache_specs(cache: PagedKVCache, mesh: Mesh) -> PagedKVCache:
+    """PartitionSpecs for a ``PagedKVCache`` (arrays or ``jax.ShapeDtypeStruct``s; stacked, or per
+    layer): the pool's K on ``model`` when the model axis divides K, else replicated; its block
+    axis NB never split (every row may hold any block); the block table [B, M] and lengths [B]
+    with B on ``data`` when the data axis divides B, else replicated."""
+    _check_mesh(mesh)
+    per_layer = isinstance(cache.k, (tuple, list))
+    k0 = cache.k[0] if per_layer else cache.k
+    b, kv, data, model = cache.lengths.shape[0], k0.shape[-2], _axis_size(mesh, DATA), _axis_size(mesh, MODEL)
+    rules = {"batch": DATA if data > 1 and b % data == 0 else None,
+             "kv_heads": MODEL if model > 1 and kv % model == 0 else None}
+    k = _spec(PAGED_CACHE_AXES["k"][1:] if per_layer else PAGED_CACHE_AXES["k"], rules)
+    n = len(cache.k) if per_layer else None
+    pool = k if n is None else (k,) * n
+    return PagedKVCache(pool, pool, _spec(PAGED_CACHE_AXES["block_table"], rules),
+                        _spec(PAGED_CACHE_AXES["lengths"], rules))
+
+
+def cache_shardings(cache, mesh: Mesh):
+    """``NamedSharding``s of a ``KVCache`` (``cache_specs``, B replicated when the data axis does
+    not divide it) or a ``PagedKVCache`` (``paged_cache_specs``) on ``mesh``."""
+    paged = isinstance(cache, PagedKVCache)
+    specs = paged_cache_specs(cache, mesh) if paged else cache_specs(cache, mesh, strict=False)
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def keep_cache(cache, rt):
+    """Inside a jitted program: the cache constrained to its sharding on the runtime ``rt``'s mesh
+    (``cache_shardings``), so a program that takes the cache and hands it back keeps its layout
+    (the next call then finds the sharding it was compiled for); unchanged without a mesh."""
+    if rt.mesh is None:
+        return cache
+    return jax.lax.with_sharding_constraint(cache, cache_shardings(cache, rt.mesh))
+
+
 def shard_cache(cache: KVCache, mesh: Mesh) -> KVCache:
     """The cache placed per ``cache_specs``."""
     specs = cache_specs(cache, mesh)
@@ -385,6 +432,19 @@ def init_cache_like(rt, cfg: ModelConfig, batch: int, max_len: int, dtype=None) 
     specs = cache_specs(jax.eval_shape(make), rt.mesh, strict=False)
     out = jax.tree_util.tree_map(lambda s: NamedSharding(rt.mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
     return jax.jit(make, out_shardings=out)()
+
+
+def init_paged_cache_like(rt, cfg: ModelConfig, batch: int, num_blocks: int, block_size: int, max_blocks: int,
+                          dtype=None) -> PagedKVCache:
+    """``init_cache_like`` for a paged cache (``kv_cache.init_paged_cache``): on the runtime's
+    mesh laid out per ``paged_cache_specs``, each device allocating only its shard of the pool."""
+    from .kv_cache import init_paged_cache
+
+    dtype = dtype if dtype is not None else rt.dtype
+    make = partial(init_paged_cache, cfg, batch, num_blocks, block_size, max_blocks, dtype, per_layer=not rt.stacked)
+    if rt.mesh is None:
+        return make()
+    return jax.jit(make, out_shardings=cache_shardings(jax.eval_shape(make), rt.mesh))()
 
 
 def place_batch(x, params, strict: bool = True):

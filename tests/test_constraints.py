@@ -230,12 +230,15 @@ def test_a_model_without_tokenizer_is_refused(gm):
 
 
 # ---------------------------------------------------------------- the engine
-def test_engine_serves_constrained_and_plain_requests_each_equal_to_generate(gm):
+def _mixed_engine_batch(model, **paging):
+    """Constrained and plain requests, greedy and sampled, in one batch of an engine (``paging``:
+    its block_size / num_blocks), each checked against ``generate(..., constraint=...)`` alone,
+    nothing compiled after warm-up and every matcher released; (engine, requests, handles)."""
+    from realm_jax import constraints
     from realm_jax.engine import Engine
 
-    model, _ = gm
     eng = Engine(model, max_slots=3, max_seq_len=128, prefill_buckets=(16,), prefill_batch=2,
-                 decode_steps_per_call=4, constrained=True)
+                 decode_steps_per_call=4, constrained=True, **paging)
     rng = np.random.default_rng(7)
     reqs = []
     for i in range(8):
@@ -253,9 +256,12 @@ def test_engine_serves_constrained_and_plain_requests_each_equal_to_generate(gm)
         alone = realm_jax.generate(model, [p], 80, max_len=128, constraint=c, **kw)
         assert r.tokens == alone.tokens[0], (p, kw, c)
         assert r.text == alone.texts[0] and r.finish_reason == alone.finish_reasons[0]
-    from realm_jax import constraints
-
     assert not constraints._ROWS  # every matcher released
+    return eng, reqs, handles
+
+
+def test_engine_serves_constrained_and_plain_requests_each_equal_to_generate(gm):
+    _mixed_engine_batch(gm[0])
 
 
 def test_engine_n_samples_of_a_constrained_prompt_equal_generate_n(gm):
@@ -290,3 +296,14 @@ def test_engine_refuses_a_constraint_unless_built_for_it(gm):
     drafted = Engine(model, max_slots=1, max_seq_len=64, prefill_buckets=(16,), draft="lookup")
     with pytest.raises(RealmError, match=r"built without constrained=True"):
         drafted.submit("a", 4, constraint=Constraint.regex("a+"))
+
+
+def test_a_paged_engine_serves_constraints_through_preemptions(gm):
+    """Paged (``block_size``) with a pool small enough that requests are preempted: constrained
+    and plain requests in one batch each equal ``generate(..., constraint=...)`` alone. A
+    request back from a preemption discards its admission's draw without asking its grammar
+    matcher (which has consumed the tokens it made), so its matcher stays in step."""
+    eng, reqs, handles = _mixed_engine_batch(gm[0], block_size=8, num_blocks=20)
+    assert any(h.preemptions for h, (_, _, c) in zip(handles, reqs) if c is not None), \
+        "a constrained request was meant to be preempted"
+    assert eng.stats().blocks_free == 20

@@ -302,8 +302,7 @@ def test_dense_engines_report_no_blocks(model):
     (dict(block_size=4, num_blocks=0), "num_blocks: expected an integer >= 1, got 0"),
     (dict(block_size=4, num_blocks=15),
      r"num_blocks: the pool must hold at least one request of max_seq_len=64 \(16 blocks of block_size=4\), got 15"),
-    (dict(block_size=4, draft="lookup"), "block_size: the paged KV cache does not serve draft yet"),
-    (dict(block_size=4, constrained=True), "does not serve constrained yet"),
+    (dict(block_size=4, draft="lookup"), "block_size: the paged KV cache does not serve a draft yet"),
 ])
 def test_bad_paging_settings_are_refused(model, kwargs, match):
     with pytest.raises(RealmError, match=match):

@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=None, metavar="N",
                    help="a paged KV cache of N positions per block: memory per used token, admission by free "
                         "blocks, preemption by recompute (default: none, every slot holds --max-seq-len; "
-                        "paging turns response_format decoding off, and takes no --draft yet)")
+                        "paging takes no --draft yet)")
     p.add_argument("--num-blocks", type=int, default=None, metavar="N",
                    help="blocks in the paged pool (default: the dense cache's memory)")
     p.add_argument("--prefix-caching", action="store_true",
@@ -84,7 +84,7 @@ def run(args) -> int:
     adapters = _adapters(args.adapter)
     tenants = Tenants.from_file(args.tenants) if args.tenants else None
     source = args.model or DEFAULT_MODEL
-    constrained = not args.no_constrained and args.block_size is None
+    constrained = not args.no_constrained
     if constrained:
         try:
             import llguidance  # noqa: F401

@@ -58,7 +58,9 @@ penalties' history; nothing is delivered twice. Its output still equals ``genera
 A preempted sample of an ``n`` group comes back alone, prefilling its own tokens.
 Attention gathers each slot's blocks into the dense view [B, M * block_size] and runs the
 existing attention over it (the fused kernel on GPU too; no paged kernel yet). ``stats()`` has
-``blocks_in_use``, ``blocks_free`` and ``preemptions``. Not yet with a draft, constraints or a mesh.
+``blocks_in_use``, ``blocks_free`` and ``preemptions``. It serves constraints and a mesh (the pool's
+K axis on ``model``, its blocks on no axis: any row may hold any block, so the pool cannot
+follow the ``data`` split of the slots; ``sharding.paged_cache_specs``); not yet a draft.
 
 **Prefix caching** (``Engine(..., block_size=16, prefix_caching=True)``): a full block is known
 by a chain key of its tokens, the tokens before it and the request's adapter (``blocks``), and

@@ -101,7 +101,12 @@ class Engine:
     yet). It is an option, not the default, because its attention gathers every slot's blocks
     into a dense view each step (the same bytes read as the dense cache, plus the gather; no
     paged kernel yet), so its gain is memory, which matters when requests are much shorter than
-    max_seq_len; and it does not serve a draft, constraints or a mesh yet.
+    max_seq_len; and it does not serve a draft yet. It serves constraints (a request back from a
+    preemption skips its admission's draw without asking its grammar matcher) and a model on a
+    mesh: the pool's K axis on ``model`` (replicated when the axis does not divide K), its block
+    axis on no mesh axis (blocks are shared across sequences, so they cannot follow the batch's
+    ``data`` split: every data replica holds the whole pool and every write), the block table and
+    slot state with B on ``data`` (``sharding.paged_cache_specs``).
     prefix_caching: with block_size, share the cached full blocks of earlier prompts (and
     answers) by reference: a request prefills only what follows the longest cached run of its
     context's blocks under its adapter, and a finished request's blocks stay cached until the
@@ -133,11 +138,8 @@ class Engine:
         paging = check_pages(block_size, num_blocks, self.max_slots, self.max_seq_len)
         self.block_size, self.num_blocks = paging or (None, None)
         if paging is not None:
-            unserved = [n for n, on in (("draft", draft is not None), ("constrained", constrained),
-                                        ("a mesh", model.runtime.mesh is not None)) if on]
-            if unserved:
-                raise RealmError(f"block_size: the paged KV cache does not serve {', '.join(unserved)} yet "
-                                 f"(use block_size=None)")
+            if draft is not None:
+                raise RealmError("block_size: the paged KV cache does not serve a draft yet (use block_size=None)")
         if not isinstance(prefix_caching, bool):
             raise RealmError(f"prefix_caching: expected True or False, got {prefix_caching!r}")
         if prefix_caching and paging is None:

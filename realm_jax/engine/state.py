@@ -54,14 +54,15 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ..config import ModelConfig
 from ..errors import RealmError
 from ..generation import (Controls, DecodeState, LogprobTrace, decode_step, emit, init_state, new_cache, new_history,
                           prefill)
-from ..kv_cache import (KVCache, PagedKVCache, copy_pages, init_paged_cache, insert_pages, insert_rows, place_rows,
-                        rows_of, rows_view)
+from ..kv_cache import KVCache, PagedKVCache, copy_pages, insert_pages, insert_rows, place_rows, rows_of, rows_view
 from ..sampling import History, SamplingParams
+from ..sharding import DATA, batch_spec, init_paged_cache_like, keep_cache
 
 
 class EngineState(NamedTuple):
@@ -245,7 +246,7 @@ def empty_state(params, cfg: ModelConfig, slots: int, max_len: int, stop_width: 
         cache = new_cache(cfg, params, b, max_len)
     else:
         nb, bs = pages
-        cache = init_paged_cache(cfg, b, nb, bs, -(-max_len // bs), params.dtype, per_layer=not params.stacked)
+        cache = init_paged_cache_like(params, cfg, b, nb, bs, -(-max_len // bs))
     dec = DecodeState(cache, zi, zi, jnp.ones((b,), bool), jnp.zeros((b,), bool),
                       jnp.zeros((b, max_len), jnp.int32), history,
                       None if top_logprobs is None else LogprobTrace.empty(b, max_len, top_logprobs))
@@ -253,10 +254,34 @@ def empty_state(params, cfg: ModelConfig, slots: int, max_len: int, stop_width: 
     _, ctl, *_ = _columns(jnp.asarray(ints), jnp.asarray(floats), stop_width, constrained)
     state = EngineState(dec, ctl, jnp.full((b,), -1, jnp.int32), zi, zi)
     if spec is None:
-        return state
+        return keep_state(state, params)
     draft = spec.init(dparams, jnp.zeros((b, 1), jnp.int32), zi, max_len)
-    return state._replace(seq=jnp.zeros((b, max_len + 1), jnp.int32), draft=draft, passes=zi, drafted=zi,
-                          accepted=zi)
+    return keep_state(state._replace(seq=jnp.zeros((b, max_len + 1), jnp.int32), draft=draft, passes=zi, drafted=zi,
+                                     accepted=zi), params)
+
+
+def keep_state(state: EngineState, params) -> EngineState:
+    """Inside a program: on the params' mesh, the state constrained to the one layout every
+    program takes and hands back, so a warm engine never meets a new input sharding (without
+    it the layouts that ``empty_state``, ``admit`` and ``decode`` hand back differ on a mesh
+    with a ``data`` axis, and each new pairing compiles a program again): the cache per
+    ``sharding.cache_shardings`` (dense: B on ``data``, K on ``model``; paged: the pool's K on
+    ``model``, its blocks never split, the block table's B on ``data``), every other per-slot
+    leaf [B, ...] with B on ``data`` (replicated when the data axis does not divide B). The
+    draft's state is left as its programs make it. Unchanged without a mesh."""
+    mesh = params.mesh
+    if mesh is None:
+        return state
+    b, data = state.reported.shape[0], int(mesh.shape[DATA])
+
+    def one(x):
+        split = x.ndim and x.shape[0] == b and b % data == 0
+        return NamedSharding(mesh, batch_spec(x.ndim, mesh) if split else P())
+
+    dec = state.dec._replace(cache=None)
+    rest = state._replace(dec=dec, draft=None)
+    rest = jax.lax.with_sharding_constraint(rest, jax.tree.map(one, rest))
+    return rest._replace(dec=rest.dec._replace(cache=keep_cache(state.dec.cache, params)), draft=state.draft)
 
 
 def _put(dst: jax.Array, src: jax.Array, slots: jax.Array) -> jax.Array:
@@ -301,8 +326,13 @@ def admit(params, cfg: ModelConfig, state: EngineState, ints: jax.Array, floats:
         logits, cache, tokens, lengths = logits[src], rows_of(cache, src), tokens[src], lengths[src]
         seq, seq_len = tokens, lengths
     top = None if d.logprobs is None else d.logprobs.top.shape[-1]
+    drawn = ctl
+    if paged and ctl.constraint is not None:
+        # a row back from a preemption discards this draw (``_resume``): it must not ask its grammar
+        # matcher, which has consumed the tokens the row made and waits for the last of them
+        drawn = ctl._replace(constraint=jnp.where(page[0] > 0, -1, ctl.constraint))
     rows = emit(init_state(cache, ctl.limits, 1, history=new_history(seq, seq_len, cfg.vocab_size),
-                           top_logprobs=top), logits, ctl)
+                           top_logprobs=top), logits, drawn)
     if paged:
         rows = _resume(rows, seq, seq_len, ctl.limits, page[0], page[1], cfg.vocab_size)
     if prefix:
@@ -332,7 +362,7 @@ def admit(params, cfg: ModelConfig, state: EngineState, ints: jax.Array, floats:
     answer = jnp.stack([rows.last, _status(rows.done, rows.stopped)], axis=1)
     if top is not None:
         answer = jnp.concatenate([answer, logprob_cols(rows.logprobs)], axis=1)
-    return new, answer
+    return keep_state(new, params), answer
 
 
 def _resume(rows: DecodeState, tokens: jax.Array, lengths: jax.Array, limits: jax.Array, resumed: jax.Array,
@@ -372,7 +402,7 @@ def decode(params, cfg: ModelConfig, state: EngineState, kill: jax.Array, table:
 
     dec = state.dec._replace(done=state.dec.done | kill)
     if table is not None:
-        dec = dec._replace(cache=dec.cache._replace(block_table=table.astype(jnp.int32)))
+        dec = dec._replace(cache=keep_cache(dec.cache._replace(block_table=table.astype(jnp.int32)), params))
     ctl = state.ctl
     aid = state.adapter_ids if params.num_adapters else None
 
@@ -408,7 +438,7 @@ def decode(params, cfg: ModelConfig, state: EngineState, kill: jax.Array, table:
     cols = [tokens, jnp.stack([count, _status(dec.done, dec.stopped), live, *counts], axis=1).astype(jnp.int32)]
     if dec.logprobs is not None:
         cols.append(logprob_cols(LogprobTrace(*(_window(x, state.reported, window) for x in dec.logprobs))))
-    return new, jnp.concatenate(cols, axis=1)
+    return keep_state(new, params), jnp.concatenate(cols, axis=1)
 
 
 empty_state_jit = jax.jit(empty_state, static_argnames=("cfg", "slots", "max_len", "stop_width", "bias_width", "spec",
