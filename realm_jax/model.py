@@ -21,14 +21,14 @@ from .config import ModelConfig
 from .errors import RealmError
 from .kv_cache import KVCache, layer_io
 from .layers import apply_rope, embed_tokens, gate, norm, rope_cos_sin, softcap
-from .moe import ragged_experts, route, shared_expert_scale
-from .runtime import Runtime, expert_projections, head_logits, projections
+from .moe import expert_parallel_experts, ragged_experts, route, shared_expert_scale
+from .runtime import Experts, Runtime, expert_projections, head_logits, projections
 
 
-def _layer(cfg: ModelConfig, x, lp, ll, ids, cos, sin, attend):
+def _layer(cfg: ModelConfig, x, lp, ll, ids, cos, sin, attend, ep=None):
     """One decoder layer. x [B, T, D]; lp / ll: the layer's leaves and adapters (or None);
     cos, sin [B, T, H]: its rope; ``attend(q, k, v) -> o`` hides cache vs no cache (and the
-    layer's mask)."""
+    layer's mask); ``ep``: the mesh when the experts are split over it (``_expert_mesh``)."""
     b, t, _ = x.shape
     H = cfg.head_dim
     h = norm(cfg, x, lp["attn_norm"])
@@ -49,16 +49,23 @@ def _layer(cfg: ModelConfig, x, lp, ll, ids, cos, sin, attend):
     if cfg.post_norms:
         o = norm(cfg, o, lp["post_attn_norm"])
     x = x + o
-    y = _mlp(cfg, norm(cfg, x, lp["mlp_norm"]), lp, ll, ids)
+    y = _mlp(cfg, norm(cfg, x, lp["mlp_norm"]), lp, ll, ids, ep)
     if cfg.post_norms:
         y = norm(cfg, y, lp["post_mlp_norm"])
     return x + y
 
 
-def _mlp(cfg: ModelConfig, h, lp, ll, ids):
+def _expert_mesh(rt: Runtime):
+    """The runtime's mesh when its experts are split over the ``model`` axis (expert parallel), else None."""
+    opts = rt.options
+    return opts.mesh if opts is not None and dict(opts.rules).get("experts") else None
+
+
+def _mlp(cfg: ModelConfig, h, lp, ll, ids, ep=None):
     """One layer's MLP, h [B, T, D] -> [B, T, D]: the dense gated MLP, the routed experts
     (``cfg.moe``: routed per token, run through ``jax.lax.ragged_dot`` on each expert's tokens
-    only), or both (Qwen2-MoE: the dense MLP is the shared expert, scaled by its sigmoid gate)."""
+    only; expert parallel over ``ep``'s ``model`` axis when given), or both (Qwen2-MoE: the dense
+    MLP is the shared expert, scaled by its sigmoid gate)."""
     y = None
     if cfg.dense_mlp:
         gu = projections(h, lp, ll, ids, ("w_gate", "w_up"))
@@ -68,12 +75,16 @@ def _mlp(cfg: ModelConfig, h, lp, ll, ids):
     if not cfg.moe:
         return y
 
-    def expert_mlp(rows, sizes, which):
-        gu = expert_projections(rows, lp, ("we_gate", "we_up"), sizes, which)
-        return expert_projections(gate(cfg, gu["we_gate"]) * gu["we_up"], lp, ("we_down",), sizes, which)["we_down"]
+    def expert_mlp(rows, sizes, which, leaves):
+        gu = expert_projections(rows, leaves, ("we_gate", "we_up"), sizes, which)
+        return expert_projections(gate(cfg, gu["we_gate"]) * gu["we_up"], leaves, ("we_down",), sizes, which)["we_down"]
 
     weights, experts = route(cfg, h, lp["router"])
-    routed = ragged_experts(h, weights, experts, cfg.num_experts, expert_mlp)
+    if ep is None:
+        routed = ragged_experts(h, weights, experts, cfg.num_experts, lambda r, g, w: expert_mlp(r, g, w, lp))
+    else:
+        leaves = {k: v for k, v in lp.items() if isinstance(v, Experts)}
+        routed = expert_parallel_experts(h, weights, experts, cfg.num_experts, expert_mlp, leaves, ep)
     return routed if y is None else routed + y
 
 
@@ -205,10 +216,11 @@ def forward_hidden(rt: Runtime, cfg: ModelConfig, tokens: jax.Array, lengths: ja
     lengths = lengths.astype(jnp.int32)
     kinds = _kinds(cfg, rt.attention, positions, lengths, lengths, t, fresh=True)
     x = embed_tokens(cfg, rt.embed, tokens)
+    ep = _expert_mesh(rt)
 
     def layer(x, lp, ll, local):
         cos, sin, core = _kind_of(kinds, local)
-        return _layer(cfg, x, lp, ll, adapter_ids, cos, sin, lambda q, k, v: core(q, k, v, k, v))
+        return _layer(cfg, x, lp, ll, adapter_ids, cos, sin, lambda q, k, v: core(q, k, v, k, v), ep)
 
     if not rt.stacked:
         for lp, ll, local in _layer_slices(rt, cfg, None):
@@ -258,6 +270,7 @@ def forward_cached_hidden(rt: Runtime, cfg: ModelConfig, tokens: jax.Array, leng
     x = embed_tokens(cfg, rt.embed, tokens)
 
     write, read = layer_io(cache, start, lengths, t)  # dense rows, or the pool through the block table
+    ep = _expert_mesh(rt)
 
     if not rt.stacked:  # a Python loop, each layer's weights and cache its own buffers
         ks, vs = list(cache.k), list(cache.v)
@@ -268,7 +281,7 @@ def forward_cached_hidden(rt: Runtime, cfg: ModelConfig, tokens: jax.Array, leng
                 ks[i], vs[i] = write(ks[i], None, k), write(vs[i], None, v)
                 return core(q, k, v, read(ks[i], None), read(vs[i], None))
 
-            x = _layer(cfg, x, lp, ll, adapter_ids, cos, sin, attend)
+            x = _layer(cfg, x, lp, ll, adapter_ids, cos, sin, attend, ep)
         return x, cache._replace(k=tuple(ks), v=tuple(vs), lengths=kv_len)
 
     def body(carry, xs):
@@ -281,7 +294,7 @@ def forward_cached_hidden(rt: Runtime, cfg: ModelConfig, tokens: jax.Array, leng
             box["k"], box["v"] = write(ck, i, k), write(cv, i, v)
             return core(q, k, v, read(box["k"], i), read(box["v"], i))
 
-        x = _layer(cfg, x, lp, ll, adapter_ids, cos, sin, attend)
+        x = _layer(cfg, x, lp, ll, adapter_ids, cos, sin, attend, ep)
         return (x, box["k"], box["v"], i + 1), None
 
     (x, ck, cv, _), _ = jax.lax.scan(body, (x, cache.k, cache.v, jnp.int32(0)), _layer_slices(rt, cfg, num_layers))

@@ -528,6 +528,8 @@ def runtime_specs(rt, cfg: ModelConfig):
     output) axes (grouped output axes on ``model``), norms and biases by their table axes."""
     from jax.sharding import PartitionSpec as P
 
+    from .sharding import PARAM_AXES  # the sharding table's axes (the router's E is never split)
+
     opts = rt.options
     rules = dict(opts.rules)
     lead = (None,) if opts.stacked else ()
@@ -551,7 +553,7 @@ def runtime_specs(rt, cfg: ModelConfig):
         out = {}
         for k, v in lp.items():
             out[k] = weight(v) if isinstance(v, Weight) else experts(v) if isinstance(v, Experts) else \
-                P(*lead, *(ax(a) for a in LEAVES[k].axes[1:]))
+                P(*lead, *(ax(a) for a in PARAM_AXES[k][1:]))
         return out
 
     def lora_layer(ll, lp):

@@ -6,6 +6,12 @@ wq/wk/wv and w_gate/w_up by output columns, wo and w_down by input rows), so eac
 whole heads and the only communication per layer is one all-reduce after wo and one after w_down.
 XLA's SPMD partitioner inserts the collectives: ``forward``, ``forward_cached`` and everything
 built on them run unchanged on sharded inputs.
+Expert parallel (mixture of experts): the stacked expert weights (we_gate, we_up [L, E, D, Fe],
+we_down [L, E, Fe, D]) are split on their E axis (logical ``"experts"``) over ``model``, each
+device holding E / m whole experts. The router stays whole (its E columns are the logical
+``"router_experts"``, never split): every device routes every token over all E experts, runs the
+(token, expert) pairs routed to its own experts in a ``shard_map`` (``moe.expert_parallel_experts``)
+and one all-reduce (``psum``) over ``model`` per MoE layer adds the devices' partial sums.
 
 The rules are data, in two tables:
 
@@ -21,8 +27,9 @@ Policy when a mesh does not fit the model:
 - K (KV heads) not divisible by the ``model`` axis: wk, wv, bk, bv and the cache's K axis are
   replicated on ``model`` (each device keeps all KV heads; GQA usually has few).
 - V (vocab) not divisible by the ``model`` axis: embed and lm_head are replicated.
-- Mixture of experts: the router and the experts' weights are replicated (no expert parallelism
-  yet); the attention and a shared expert are split as above.
+- E (``num_experts``) not divisible by the ``model`` axis: the expert stacks are replicated on
+  ``model`` (each device runs every expert, as on one device); the attention and a shared expert
+  are still split as above. The router is always replicated.
 - B (batch) not divisible by the ``data`` axis: ``ShardingError`` naming the batch; no padding
   (choose a batch size that is a multiple of the data axis).
 
@@ -64,7 +71,12 @@ class ShardingError(RealmError):
 
 # ---------------------------------------------------------------------------------- rule tables
 # Logical axes of every params leaf (from the leaf table, params.LEAVES; layer leaves carry L first).
-PARAM_AXES: dict[str, tuple[str, ...]] = {name: leaf.axes for name, leaf in LEAVES.items()}
+# The router's E output columns are named apart from the expert stacks' E axis ("experts", split
+# for expert parallelism): the router stays whole, so every device routes every token over all E.
+ROUTER_EXPERTS = "router_experts"
+PARAM_AXES: dict[str, tuple[str, ...]] = {
+    name: tuple(ROUTER_EXPERTS if name == "router" and a == "experts" else a for a in leaf.axes)
+    for name, leaf in LEAVES.items()}
 
 # Logical axes of the KV cache leaves.
 CACHE_AXES: dict[str, tuple[str, ...]] = {
@@ -92,11 +104,12 @@ AXIS_RULES: dict[str, tuple[str, str]] = {
     "mlp": (MODEL, "error"),
     "kv_heads": (MODEL, "replicate"),
     "vocab": (MODEL, "replicate"),
+    "experts": (MODEL, "replicate"),
 }
 
 # The config field that counts each sharded logical axis (in whole units: heads, not columns).
 _AXIS_FIELDS = {"q_heads": "num_heads", "kv_heads": "num_kv_heads", "mlp": "intermediate_size",
-                "vocab": "vocab_size"}
+                "vocab": "vocab_size", "experts": "num_experts"}
 
 
 # ---------------------------------------------------------------------------------- mesh
