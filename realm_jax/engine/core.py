@@ -717,9 +717,8 @@ class Engine:
         """A snapshot of the counters; the percentiles are computed after the engine's lock is let go."""
         with self._lock:
             pages = self._sched.pages
-            taken = self._stats.take(queue_length=len(self._sched.queue), active=self._sched.active(),
-                                     max_slots=self.max_slots, wait_s=self._device.wait_s,
-                                     dispatch_s=self._device.dispatch_s,
-                                     blocks=(0, 0, 0) if pages is None else (pages.in_use, pages.available,
-                                                                             len(pages.cached)))
-        return taken()
+            counters = self._stats.copy()
+            now = dict(queue_length=len(self._sched.queue), active=self._sched.active(), max_slots=self.max_slots,
+                       wait_s=self._device.wait_s, dispatch_s=self._device.dispatch_s,
+                       blocks=(0, 0, 0) if pages is None else (pages.in_use, pages.available, len(pages.cached)))
+        return counters.snapshot(**now)

@@ -15,7 +15,7 @@ import collections
 import dataclasses
 import threading
 import time
-from typing import Callable, Iterator, NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
@@ -517,28 +517,28 @@ class Stats:
         self.n["accepted"] += accepted
         self.occupancy_sum += occupancy
 
-    def take(self, *, queue_length: int, active: int, max_slots: int, wait_s: float,
-             dispatch_s: float, blocks: tuple[int, int, int] = (0, 0, 0)) -> Callable[[], EngineStats]:
-        """Copy the counters (under the engine's lock: cheap); the returned function builds the
-        ``EngineStats`` from the copy, percentiles included (outside the lock: they cost O(samples)).
-        ``blocks``: the paged pool's blocks (in use, free or reclaimable, holding a cached prefix)."""
-        n = collections.Counter(self.n)
-        calls, busy, occupancy_sum = n["decode_calls"], self.busy, self.occupancy_sum
-        ttfts, latencies = list(self.ttfts), list(self.latencies)
-        return lambda: self._build(n, calls, busy, occupancy_sum, ttfts, latencies, queue_length, active, max_slots,
-                                   wait_s, dispatch_s, blocks)
+    def copy(self) -> "Stats":
+        """A copy to build a snapshot from (cheap: taken under the engine's lock, so that
+        ``snapshot``'s percentiles, O(samples), are computed after the lock is let go)."""
+        c = Stats()
+        c.n, c.busy, c.occupancy_sum = collections.Counter(self.n), self.busy, self.occupancy_sum
+        c.ttfts.extend(self.ttfts)
+        c.latencies.extend(self.latencies)
+        return c
 
-    @staticmethod
-    def _build(n, calls, busy, occupancy_sum, ttfts, latencies, queue_length, active, max_slots, wait_s, dispatch_s,
-               blocks) -> EngineStats:
-        ttft_mean, ttft_p50, ttft_p90 = _spread(ttfts)
-        lat_mean, lat_p50, lat_p90 = _spread(latencies)
+    def snapshot(self, *, queue_length: int, active: int, max_slots: int, wait_s: float,
+                 dispatch_s: float, blocks: tuple[int, int, int] = (0, 0, 0)) -> EngineStats:
+        """``blocks``: the paged pool's blocks (in use, free or reclaimable, holding a cached prefix)."""
+        n = self.n
+        calls = n["decode_calls"]
+        ttft_mean, ttft_p50, ttft_p90 = _spread(list(self.ttfts))
+        lat_mean, lat_p50, lat_p90 = _spread(list(self.latencies))
         return EngineStats(
             queue_length=queue_length, active_slots=active, max_slots=max_slots,
-            occupancy=active / max_slots, mean_occupancy=occupancy_sum / calls if calls else 0.0,
+            occupancy=active / max_slots, mean_occupancy=self.occupancy_sum / calls if calls else 0.0,
             submitted=n["submitted"], completed=n["completed"], cancelled=n["cancelled"], rejected=n["rejected"],
-            generated_tokens=n["generated_tokens"], busy_s=busy,
-            tokens_per_s=n["generated_tokens"] / busy if busy > 0 else 0.0,
+            generated_tokens=n["generated_tokens"], busy_s=self.busy,
+            tokens_per_s=n["generated_tokens"] / self.busy if self.busy > 0 else 0.0,
             prefill_calls=n["prefill_calls"], decode_calls=calls,
             ttft_mean_s=ttft_mean, ttft_p50_s=ttft_p50, ttft_p90_s=ttft_p90,
             latency_mean_s=lat_mean, latency_p50_s=lat_p50, latency_p90_s=lat_p90,
