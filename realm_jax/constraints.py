@@ -244,12 +244,7 @@ def host_masks(keys: np.ndarray, last: np.ndarray, num_new: np.ndarray, done: np
     bits = np.full((b, width), -1, np.int32)
     finish = np.zeros((b,), bool)
     rows = _live_rows(keys, done)
-    todo = []
-    for i, r in enumerate(rows):
-        if r is not None and _catch_up(r, int(num_new[i]), [int(last[i])]):
-            todo.append((r.matcher, i))
-        elif r is not None:
-            finish[i] = True
+    todo = [(rows[i].matcher, i) for i in _catch_up_rows(rows, num_new, last[:, None], finish)]
     finish[[i for _, i in todo]] = _fill_masks(rows, todo, bits)
     return bits, finish
 
@@ -269,14 +264,7 @@ def host_draft_masks(keys: np.ndarray, window: np.ndarray, num_new: np.ndarray, 
     bits = np.full((b, k + 1, width), -1, np.int32)
     finish = np.zeros((b, k + 1), bool)
     rows = _live_rows(keys, done)
-    going = []
-    for i, r in enumerate(rows):
-        behind = -1 if r is None else int(num_new[i]) - r.consumed
-        if r is not None and _catch_up(r, int(num_new[i]), [int(t) for t in window[i, k + 1 - behind:]]
-                                       if 0 < behind <= k + 1 else []):
-            going.append(i)
-        elif r is not None:
-            finish[i] = True
+    going = _catch_up_rows(rows, num_new, window, finish)
     drafted = dict.fromkeys(going, 0)
     for j in range(k + 1):
         if not going:
@@ -304,12 +292,26 @@ def _live_rows(keys: np.ndarray, done: np.ndarray) -> list:
         return [(_ROWS.get(int(k)) if k >= 0 and not d else None) for k, d in zip(keys, done)]
 
 
-def _catch_up(r: "_Row", n: int, tail: list[int]) -> bool:
+def _catch_up_rows(rows: list, num_new: np.ndarray, tails: np.ndarray, finish: np.ndarray) -> list[int]:
+    """The live constrained rows, each matcher brought to its row's ``num_new`` committed tokens
+    (``tails`` [B, T]: the last T of them); a row in error is marked ended in ``finish``."""
+    going = []
+    for i, r in enumerate(rows):
+        if r is None:
+            continue
+        if _catch_up(r, int(num_new[i]), tails[i]):
+            going.append(i)
+        else:
+            finish[i] = True
+    return going
+
+
+def _catch_up(r: "_Row", n: int, tail: np.ndarray) -> bool:
     """Bring a row's matcher to its ``n`` committed tokens (``tail``: the last of them, at least
     the ones it has not seen); False if the row is in error (it ends)."""
     behind = n - r.consumed
     if 0 < behind <= len(tail):
-        for t in tail[len(tail) - behind:]:
+        for t in (int(x) for x in tail[len(tail) - behind:]):
             if not r.matcher.consume_token(t):
                 r.error = r.error or f"token {t} refused: {r.matcher.get_error()}"
                 break

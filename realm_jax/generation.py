@@ -653,12 +653,18 @@ def _setup(model, prompts, max_new_tokens, **kw) -> _Call:
                    ("generate", model.config, rt.options, pad.tokens.shape, pad.cache_len))
     cache = new_cache(model.config, rt, pad.limits.shape[0], pad.cache_len)
     aid = None if pad.adapter_ids is None else jnp.asarray(pad.adapter_ids)
-    keys = None
-    if req.matchers is not None:
-        from .constraints import register
-
-        keys = register(req.matchers)
+    keys = register_constraints(req)
     return _Call(req, pad, Controls.of(pad, keys), cache, aid, rt, keys)
+
+
+def register_constraints(req: Request) -> np.ndarray | None:
+    """Register a checked request's grammar matchers for a call: their keys [R] (None without);
+    ``release_constraint_keys`` forgets them."""
+    if req.matchers is None:
+        return None
+    from .constraints import register
+
+    return register(req.matchers)
 
 
 def _release(call: _Call) -> None:

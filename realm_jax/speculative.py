@@ -38,7 +38,7 @@ import numpy as np
 from .drafts import MAX_K, Draft, check_k, make_draft
 from .errors import RealmError
 from .generation import (Controls, DecodeState, GenerationResult, bucket_cache, generate, new_cache, result_of, runtime_for,
-                         prepare_request, release_constraint_keys, start)
+                         prepare_request, register_constraints, release_constraint_keys, start)
 from .kv_cache import KVCache, rollback
 from .model import forward_cached
 from .sampling import SamplingParams, processed_logits, sample
@@ -145,12 +145,12 @@ def speculative_round(tparams, dparams, tcfg, spec, k: int, lengths, ctl: Contro
     stop_at = jnp.where(hit, i, k + 1).min(axis=1)
     count = jnp.minimum(jnp.minimum(acc + 1, stop_at + 1), ctl.limits - dec.num_new)
     count = jnp.where(active, count, 0)
-    stopped = active & (stop_at < count)
+    ends = jnp.zeros_like(active)
     if grammar_end is not None:  # the grammar allows nothing at a reached position: the row ends there
         end_at = jnp.where(grammar_end, i, k + 1).min(axis=1)
         ends = active & (end_at <= acc) & (end_at < count)
         count = jnp.where(ends, end_at, count)
-        stopped = (active & (stop_at < count)) | ends
+    stopped = (active & (stop_at < count)) | ends
     keep = i < count[:, None]
     out = dec.out.at[rows[:, None], jnp.where(keep, dec.num_new[:, None] + i, dec.out.shape[1])].set(
         emitted, mode="drop")
@@ -461,11 +461,7 @@ def speculative_generate(target, draft, prompts, max_new_tokens, *, k: int | str
     check_k(chosen, cache_len)
     rt = runtime_for(target, adapters)
     cache = new_cache(target.config, rt, b, cache_len)
-    keys = None
-    if req.matchers is not None:
-        from .constraints import register
-
-        keys = register(req.matchers)
+    keys = register_constraints(req)
     try:
         final = speculative_jit(rt, dr.params, jnp.asarray(pad.tokens), jnp.asarray(pad.lengths), cache,
                                 Controls.of(pad, keys), tcfg=target.config, spec=dr.spec, k=int(chosen),
