@@ -20,9 +20,17 @@ from realm_jax.generation import generate, new_cache
 from realm_jax.model import forward_cached_hidden, forward_jit, lm_head
 from realm_jax.reference import forward_reference_jit
 
-from hf_reference import dequantized, hf_load_kwargs, hf_logits, hf_logits_alone, random_batch, realm_logits
+from hf_reference import (dequantized, hf_load_kwargs, hf_logits, hf_logits_alone, make_hf_model, random_batch,
+                          realm_logits)
 
 LENGTHS = [11, 4, 9]  # the tiny windows (4, 5) cut the longer prompts, not the short one
+
+
+def family_case(case: str, tmp_path_factory):
+    """A family test module's model: (case, checkpoint dir, HF model, our Model loaded from the
+    dir, float32)."""
+    directory, hf = make_hf_model(case, tmp_path_factory.mktemp(case))
+    return case, directory, hf, realm_jax.load(directory, dtype="float32")
 
 
 def batch(cfg, seed=1, lengths=LENGTHS):

@@ -11,7 +11,7 @@ import pytest
 import realm_jax
 from realm_jax.reference import forward_reference_jit
 
-from family_checks import (LENGTHS, batch, check_cached_decode, check_mesh_speculative_and_engine, check_greedy_matches_hf, check_int8_twin,
+from family_checks import (family_case, LENGTHS, batch, check_cached_decode, check_mesh_speculative_and_engine, check_greedy_matches_hf, check_int8_twin,
                            check_logits_alone_and_padded, check_written_checkpoint, rows_max_diff)
 from hf_reference import GEMMA_CASES, hf_logits, make_hf_model, random_batch
 
@@ -21,9 +21,7 @@ CLEAR = 1e-2  # a feature matters: switched off, the logits move 100x the tolera
 
 @pytest.fixture(scope="module", params=GEMMA_CASES)
 def gemma(request, tmp_path_factory):
-    """(case, checkpoint dir, HF model, our Model loaded from the dir, float32)."""
-    directory, hf = make_hf_model(request.param, tmp_path_factory.mktemp(request.param))
-    return request.param, directory, hf, realm_jax.load(directory, dtype="float32")
+    return family_case(request.param, tmp_path_factory)
 
 
 def test_logits_match_hf_alone_and_in_a_padded_batch(gemma):

@@ -21,7 +21,7 @@ from realm_jax.config import ModelConfig
 from realm_jax.errors import CheckpointError, ConfigError, UnsupportedModelError
 from realm_jax.reference import forward_reference_jit
 
-from family_checks import (DECODE_PROMPTS, DECODE_STEPS, LENGTHS, batch, cached_decode, check_cached_decode,
+from family_checks import (family_case, DECODE_PROMPTS, DECODE_STEPS, LENGTHS, batch, cached_decode, check_cached_decode,
                            check_greedy_matches_hf, check_int8_twin, check_logits_alone_and_padded,
                            check_mesh_speculative_and_engine, check_written_checkpoint, rows_max_diff)
 from hf_reference import (ARCH_CASES, PHI3_CASES, hf_config, hf_logits_alone, make_hf_model, randomize_lora,
@@ -33,9 +33,7 @@ CLEAR = 1e-2  # a feature matters: switched off, the logits move 100x the tolera
 
 @pytest.fixture(scope="module", params=PHI3_CASES)
 def phi3(request, tmp_path_factory):
-    """(case, checkpoint dir, HF model, our Model loaded from the dir, float32)."""
-    directory, hf = make_hf_model(request.param, tmp_path_factory.mktemp(request.param))
-    return request.param, directory, hf, realm_jax.load(directory, dtype="float32")
+    return family_case(request.param, tmp_path_factory)
 
 
 def crosses(cfg, lengths) -> bool:
